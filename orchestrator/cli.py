@@ -1,0 +1,68 @@
+"""``orchestrator`` command line (DESIGN.md 3.1). Exit codes: 0 ok, 2 bad input, 1 run failure."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from orchestrator.errors import ConfigError, OrchestratorError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="orchestrator",
+        description="Distributed training and compression search on Ray.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def job_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help_text, description=help_text)
+        c.add_argument("job", metavar="JOB.yaml", help="job file")
+        c.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="dotted overrides, e.g. train.lr=1e-4 train.num_workers=2")
+        return c
+
+    job_command("validate", "print the resolved job, or every problem in it (exit 2)")
+    t = job_command("train", "one Ray Train run of the job (DDP or DeepSpeed workers)")
+    t.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    return p
+
+
+
+def _summary(metrics: dict[str, float]) -> str:
+    width = max(len(k) for k in metrics)
+    rows = [f"  {k:<{width}}  {v:.4f}" if abs(v) < 1e5 else f"  {k:<{width}}  {v:.4g}"
+            for k, v in sorted(metrics.items())]
+    return "\n".join(["final metrics:", *rows])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse exits 2 on usage errors, 0 on --help
+        return int(e.code or 0)
+    try:
+        from orchestrator.config import dump_job, load_job
+
+        spec = load_job(args.job, args.overrides)
+        if args.command == "validate":
+            sys.stdout.write(dump_job(spec))
+            return 0
+        if args.command == "train":
+            from orchestrator import launch
+
+            metrics = launch.train(spec, address=args.address)
+            print(_summary(metrics))
+            print(f"run directory: {launch.run_dir(launch.resolve_paths(spec))}")
+            return 0
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except OrchestratorError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 1

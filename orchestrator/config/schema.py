@@ -1,0 +1,301 @@
+"""The job spec: one typed, frozen config tree (pydantic v2, unknown keys rejected).
+
+Every field's description says its unit and range. Cross-field checks live in the lowest model
+that owns the fields and report the exact dotted key through ``cross_field_error``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+
+def cross_field_error(problems: list[tuple[str, Any, str, str]]) -> PydanticCustomError:
+    """Build the error a model validator raises for one or more cross-field problems.
+
+    Each problem is ``(field, value, message, fix)`` with ``field`` relative to the model that
+    raises; the loader prefixes the model's own dotted location.
+    """
+    return PydanticCustomError(
+        "cross_field",
+        "; ".join(p[2] for p in problems),
+        {"problems": [list(p) for p in problems]},
+    )
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# Short names of models that ship with the project's dependencies (no download ever happens).
+PACKAGED_MODELS = ("minilm-l6",)
+# Small from-config architectures, for fast tests and debug jobs.
+CONFIG_MODELS = ("tiny-bert", "tiny-gpt2")
+
+
+class ModelConfig(_Section):
+    """Which network to fine-tune and compress: a packaged one, a local folder, or a tiny config."""
+
+    name: str | None = Field(
+        default=None,
+        description=f"short name: packaged pretrained {PACKAGED_MODELS} or from-config "
+        f"{CONFIG_MODELS}; exclusive with model.path",
+    )
+    path: str | None = Field(
+        default=None,
+        description="local folder in Hugging Face format (config.json, weights, tokenizer); "
+        "exclusive with model.name",
+    )
+    tokenizer_path: str | None = Field(
+        default=None,
+        description="local tokenizer folder; default: the model's own folder (from-config "
+        "models use the packaged MiniLM WordPiece tokenizer)",
+    )
+    num_layers: Annotated[int, Field(ge=1)] | None = Field(
+        default=None,
+        description="keep only the first N transformer blocks (>= 1); default all",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if (self.name is None) == (self.path is None):
+            raise cross_field_error(
+                [
+                    (
+                        "name",
+                        self.name,
+                        "exactly one of model.name and model.path must be set",
+                        f"set model.name to one of {PACKAGED_MODELS + CONFIG_MODELS} "
+                        "or model.path to a local Hugging Face folder",
+                    )
+                ]
+            )
+        known = PACKAGED_MODELS + CONFIG_MODELS
+        if self.name is not None and self.name not in known:
+            hub = "/" in self.name
+            why = (
+                "looks like a Hugging Face hub id; this tool never downloads"
+                if hub
+                else "is not a known short name"
+            )
+            raise cross_field_error(
+                [
+                    (
+                        "name",
+                        self.name,
+                        why,
+                        f"use one of {known}, or download the model elsewhere (e.g. "
+                        "`huggingface-cli download ...`) and set model.path to that local folder",
+                    )
+                ]
+            )
+        return self
+
+
+PACKAGED_CORPORA = ("mr", "sms_spam", "trec", "bbc_news", "rotten_tomatoes")
+
+
+class DataConfig(_Section):
+    """Labelled text: a packaged corpus by name, or local CSV / JSON lines / Parquet files."""
+
+    name: str | None = Field(
+        default=None,
+        description=f"packaged corpus: one of {PACKAGED_CORPORA}; exclusive with data.path",
+    )
+    path: str | None = Field(
+        default=None,
+        description="a .csv/.tsv/.jsonl/.json/.parquet file (split by the tool), or a folder "
+        "holding train.* and test.* (and optionally validation.*) files; exclusive with data.name",
+    )
+    format: Literal["csv", "tsv", "json", "parquet"] | None = Field(
+        default=None, description="file format; default: from the file suffix"
+    )
+    text_column: str = Field(default="text", description="column holding the input text")
+    label_column: str = Field(
+        default="label", description="column holding the label (strings or integers)"
+    )
+    max_length: int = Field(default=64, ge=8, le=4096, description="tokens per example, 8-4096")
+    limit: Annotated[int, Field(ge=10)] | None = Field(
+        default=None,
+        description="use at most this many examples in total (seeded subset, >= 10); default all",
+    )
+    val_fraction: float = Field(
+        default=0.1, ge=0.0, lt=0.5, description="fraction held out for validation, [0, 0.5)"
+    )
+    test_fraction: float = Field(
+        default=0.2, gt=0.0, lt=0.5, description="fraction held out for test, (0, 0.5)"
+    )
+    seed: int = Field(default=0, ge=0, description="seed of the split and the subset")
+    cache_dir: str | None = Field(
+        default=None,
+        description="where tokenized splits are cached; default ~/.cache/orchestrator/data",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if (self.name is None) == (self.path is None):
+            raise cross_field_error(
+                [
+                    (
+                        "name",
+                        self.name,
+                        "exactly one of data.name and data.path must be set",
+                        f"set data.name to one of {PACKAGED_CORPORA} or data.path to a local file",
+                    )
+                ]
+            )
+        if self.name is not None and self.name not in PACKAGED_CORPORA:
+            raise cross_field_error(
+                [
+                    (
+                        "name",
+                        self.name,
+                        "is not a packaged corpus",
+                        f"use one of {PACKAGED_CORPORA} or point data.path at a local file",
+                    )
+                ]
+            )
+        return self
+
+
+class TrainConfig(_Section):
+    """Distributed fine-tuning: strategy, precision, optimisation and the loop's cadence."""
+
+    strategy: Literal["ddp", "deepspeed"] = Field(
+        default="ddp", description="ddp (torch DDP) or deepspeed (ZeRO stages 0-3)"
+    )
+    zero_stage: int = Field(
+        default=0, ge=0, le=3, description="DeepSpeed ZeRO stage 0-3 (deepspeed only)"
+    )
+    offload_optimizer: bool = Field(
+        default=False,
+        description="keep optimizer state in CPU memory (deepspeed, zero_stage 2 or 3)",
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32", description="fp32, bf16 (autocast / DeepSpeed bf16) or fp16 (GPU only)"
+    )
+    num_workers: int = Field(default=2, ge=1, le=1024, description="training processes, >= 1")
+    batch_size: int = Field(default=16, ge=1, description="micro-batch per worker, >= 1")
+    grad_accum_steps: int = Field(
+        default=1, ge=1, description="micro-batches accumulated per optimizer step, >= 1"
+    )
+    epochs: float = Field(default=1.0, gt=0, description="passes over the training split, > 0")
+    max_steps: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="optimizer steps; caps epochs when set (>= 1)"
+    )
+    optimizer: Literal["adamw", "sgd"] = Field(default="adamw", description="adamw or sgd")
+    lr: float = Field(default=5e-5, gt=0, le=10, description="peak learning rate, (0, 10]")
+    weight_decay: float = Field(default=0.01, ge=0, lt=1, description="decoupled, [0, 1)")
+    momentum: float = Field(default=0.9, ge=0, lt=1, description="sgd momentum, [0, 1)")
+    lr_schedule: Literal["linear", "cosine", "constant"] = Field(
+        default="linear", description="decay after warm-up: linear, cosine or constant"
+    )
+    warmup_ratio: float = Field(
+        default=0.1, ge=0, lt=1, description="fraction of steps spent warming up, [0, 1)"
+    )
+    max_grad_norm: float = Field(
+        default=1.0, ge=0, description="gradient clipping norm; 0 disables"
+    )
+    seed: int = Field(default=0, ge=0, description="seed of init, data order and dropout")
+    log_every: int = Field(default=10, ge=1, description="print a progress line every N steps")
+    eval_every: int = Field(
+        default=0, ge=0, description="evaluate on validation every N steps; 0: only at the end"
+    )
+    checkpoint_every: int = Field(
+        default=0, ge=0, description="checkpoint every N steps; 0: only at the end"
+    )
+    max_failures: int = Field(
+        default=0, ge=-1, description="worker-group restarts allowed (-1: unlimited)"
+    )
+
+    @model_validator(mode="after")
+    def _strategy_knobs(self) -> TrainConfig:
+        problems = []
+        if self.strategy == "ddp" and self.zero_stage != 0:
+            problems.append(
+                (
+                    "zero_stage",
+                    self.zero_stage,
+                    "ZeRO stages need train.strategy=deepspeed",
+                    "set train.strategy=deepspeed, or train.zero_stage=0 for DDP",
+                )
+            )
+        if self.offload_optimizer and (self.strategy != "deepspeed" or self.zero_stage < 2):
+            problems.append(
+                (
+                    "offload_optimizer",
+                    True,
+                    "optimizer offload needs train.strategy=deepspeed with zero_stage 2 or 3",
+                    "set train.zero_stage=2 (or 3) with train.strategy=deepspeed, "
+                    "or train.offload_optimizer=false",
+                )
+            )
+        if problems:
+            raise cross_field_error(problems)
+        return self
+
+
+class ResourcesConfig(_Section):
+    """What each worker gets and how big an embedded local Ray is."""
+
+    cpus_per_worker: float = Field(default=1.0, gt=0, description="CPUs per training worker, > 0")
+    gpus_per_worker: float = Field(default=0.0, ge=0, description="GPUs per worker; 0: CPU only")
+    num_cpus: Annotated[int, Field(ge=1)] | None = Field(
+        default=None,
+        description="CPUs of an embedded local Ray; default: this machine's count",
+    )
+    address: str | None = Field(
+        default=None,
+        description="Ray cluster address to join; default: RAY_ADDRESS, else an embedded Ray",
+    )
+
+
+class OutputConfig(_Section):
+    dir: str = Field(
+        default="runs", description="root of run directories; a run writes <dir>/<name>/"
+    )
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+class JobSpec(_Section):
+    """A whole job. The resolved form is saved with every run and checkpoint."""
+
+    name: str = Field(description="run name: letters, digits, . _ -; names the run directory")
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    output: OutputConfig = OutputConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise PydanticCustomError(
+                "bad_name",
+                "must start with a letter or digit and hold only letters, digits, '.', '_', '-' "
+                "(at most 100 characters), since it names a folder",
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _device_fits_precision(self) -> JobSpec:
+        if self.train.precision == "fp16" and self.resources.gpus_per_worker == 0:
+            raise cross_field_error(
+                [
+                    (
+                        "train.precision",
+                        "fp16",
+                        "fp16 needs a GPU (CPUs here have no fp16 kernels and no loss-scaled "
+                        "fp16 training)",
+                        "use train.precision=bf16 (or fp32) on CPU, or set "
+                        "resources.gpus_per_worker=1",
+                    )
+                ]
+            )
+        return self

@@ -1,0 +1,209 @@
+"""Ray Train: one ``TorchTrainer`` run of ``train.num_workers`` workers for a job.
+
+The driver validates everything it can before Ray starts (bad input exits 2 with nothing
+written), resolves paths to absolute ones (Train workers change their working directory),
+then runs ``train_fn_per_worker`` on every worker and writes the run directory (DESIGN.md 3.2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from orchestrator import data as data_lib
+from orchestrator import loop, models
+from orchestrator.config.loader import dump_job
+from orchestrator.config.schema import JobSpec
+from orchestrator.errors import ConfigError, Problem, RunError
+
+
+def train_fn_per_worker(config: dict[str, Any]) -> dict[str, float]:
+    """Runs on every Ray Train worker: rebuild the job from its dict and run the loop."""
+    import ray.train
+
+    spec = JobSpec.model_validate(config["job"])
+    context = ray.train.get_context()
+
+    def report(metrics: dict[str, float], folder: Path | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if folder else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    checkpoint = ray.train.get_checkpoint()
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as restore:
+        ctx = loop.WorkerContext(
+            rank=context.get_world_rank(),
+            world_size=context.get_world_size(),
+            local_rank=context.get_local_rank(),
+            report=report,
+            restore_dir=Path(restore) if restore else None,
+        )
+        return loop.run(spec, ctx)
+
+
+def resolve_paths(spec: JobSpec) -> JobSpec:
+    """Absolute local paths, so workers (other working directories, other nodes) find them."""
+
+    def absolute(p: str | None) -> str | None:
+        return None if p is None or "://" in p else str(Path(p).expanduser().resolve())
+
+    return spec.model_copy(
+        update={
+            "model": spec.model.model_copy(
+                update={"path": absolute(spec.model.path),
+                        "tokenizer_path": absolute(spec.model.tokenizer_path)}
+            ),
+            "data": spec.data.model_copy(
+                update={"path": absolute(spec.data.path), "cache_dir": absolute(spec.data.cache_dir)}
+            ),
+            "output": spec.output.model_copy(update={"dir": absolute(spec.output.dir)}),
+        }
+    )
+
+
+def run_dir(spec: JobSpec) -> Path:
+    return Path(spec.output.dir) / spec.name
+
+
+def preflight(spec: JobSpec) -> data_lib.DataBundle:
+    """Load tokenizer and data on the driver: a missing file or column fails here with exit 2,
+    before any Ray process starts, and the workers then read the warm tokenization cache."""
+    tokenizer = models.build_tokenizer(spec.model)
+    models.model_dir(spec.model)
+    return data_lib.build(spec.data, tokenizer)
+
+
+def claim_run_dir(spec: JobSpec) -> bool:
+    """Create the run directory with the resolved job. Returns True when an earlier run of the
+    identical job is there (it resumes); a different job under the same name is an error."""
+    folder = run_dir(spec)
+    saved = folder / "job.yaml"
+    text = dump_job(spec)
+    if saved.is_file():
+        if saved.read_text() == text:
+            return True
+        raise ConfigError(
+            Problem(
+                "name",
+                spec.name,
+                f"{folder} already holds a run of a different job",
+                f"choose another name (name={spec.name}-2), or delete {folder} to start over",
+            )
+        )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(
+            Problem("output.dir", spec.output.dir, f"cannot create {folder}: {e.strerror}",
+                    "point output.dir at a writable folder")
+        ) from None
+    write_atomic(saved, text)
+    return False
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Temporary file then rename: a kill mid-write leaves the old file, never half of one."""
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def connect_ray(spec: JobSpec, address: str | None = None) -> None:
+    """Join a cluster (``--address`` or ``RAY_ADDRESS``) or start an embedded local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or spec.resources.address or os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(address="local", num_cpus=spec.resources.num_cpus or os.cpu_count(),
+                     log_to_driver=True)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise RunError(f"could not connect to Ray at {address or 'a new local instance'}: {e}") from e
+
+
+def check_capacity(spec: JobSpec) -> None:
+    """A run whose workers can never be placed would wait forever: say so before scheduling."""
+    import ray
+
+    total = ray.cluster_resources()
+    need_cpu = spec.train.num_workers * spec.resources.cpus_per_worker
+    need_gpu = spec.train.num_workers * spec.resources.gpus_per_worker
+    problems = []
+    if need_cpu > total.get("CPU", 0):
+        problems.append(
+            Problem("train.num_workers", spec.train.num_workers,
+                    f"needs {need_cpu:g} CPUs (x resources.cpus_per_worker="
+                    f"{spec.resources.cpus_per_worker:g}) but the cluster has "
+                    f"{total.get('CPU', 0):g}",
+                    "lower train.num_workers or resources.cpus_per_worker, or add nodes")
+        )
+    if need_gpu > total.get("GPU", 0):
+        problems.append(
+            Problem("resources.gpus_per_worker", spec.resources.gpus_per_worker,
+                    f"needs {need_gpu:g} GPUs but the cluster has {total.get('GPU', 0):g}",
+                    "set resources.gpus_per_worker=0 to train on CPUs, or add GPU nodes")
+        )
+    if problems:
+        raise ConfigError(problems)
+
+
+def train(spec: JobSpec, address: str | None = None) -> dict[str, float]:
+    """``orchestrator train``: one Ray Train run; returns the final metrics."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    spec = resolve_paths(spec)
+    bundle = preflight(spec)
+    connect_ray(spec, address)
+    check_capacity(spec)
+    resumed = claim_run_dir(spec)
+    folder = run_dir(spec)
+    print(
+        f"[orchestrator] {'resuming' if resumed else 'starting'} run {folder} | "
+        f"{spec.train.num_workers} x {spec.train.strategy}"
+        f"{f' ZeRO-{spec.train.zero_stage}' if spec.train.strategy == 'deepspeed' else ''} "
+        f"{spec.train.precision} | data {bundle.sizes} | labels {bundle.label_names}",
+        flush=True,
+    )
+    res = spec.resources
+    trainer = TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={"job": spec.model_dump(mode="json")},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=spec.train.num_workers,
+            use_gpu=res.gpus_per_worker > 0,
+            resources_per_worker={"CPU": res.cpus_per_worker, "GPU": res.gpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            # A fixed name under the run directory: starting the same job again resumes it.
+            name="train",
+            storage_path=str(folder),
+            failure_config=ray.train.FailureConfig(max_failures=spec.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:  # Ray wraps worker errors in several types
+        raise RunError(f"training failed: {e}") from e
+    if result.checkpoint is None or not result.metrics:
+        raise RunError("training finished without a final checkpoint; see the worker logs above")
+    metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    with result.checkpoint.as_directory() as ckpt:
+        export = Path(ckpt) / "model"
+        tmp = Path(tempfile.mkdtemp(prefix="model.", dir=folder))
+        shutil.copytree(export, tmp, dirs_exist_ok=True)
+        shutil.rmtree(folder / "model", ignore_errors=True)
+        os.replace(tmp, folder / "model")
+    metrics_out = {"checkpoint": result.checkpoint.path, **metrics}
+    write_atomic(folder / "metrics.json", json.dumps(metrics_out, indent=2, sort_keys=True))
+    return metrics

@@ -1,0 +1,234 @@
+"""The training loop every worker runs. Plain torch.distributed: no Ray, no DeepSpeed imports.
+
+Ray (``orchestrator.launch``) or a test harness supplies a ``WorkerContext``: rank, world size,
+how to report metrics with a checkpoint, and the checkpoint to resume from. The loop reads top to
+bottom: data -> model -> strategy -> (resume) -> steps with periodic eval / checkpoint -> final
+eval on validation and test -> final checkpoint with an exportable model.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from orchestrator import data as data_lib
+from orchestrator import models, strategies
+from orchestrator.config.loader import dump_job
+from orchestrator.config.schema import JobSpec
+
+Report = Callable[[dict[str, float], Path | None], None]
+
+
+@dataclass
+class WorkerContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    report: Report = field(default=lambda metrics, checkpoint: None)
+    restore_dir: Path | None = None
+
+
+def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def _all_reduce_max(value: float, device: torch.device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+@torch.no_grad()
+def evaluate(
+    strategy: strategies.Strategy,
+    bundle: data_lib.DataBundle,
+    split: str,
+    batch_size: int,
+    ctx: WorkerContext,
+    device: torch.device,
+) -> dict[str, float]:
+    """Accuracy and mean loss over the whole split. Each rank scores its shard; the sums are
+    all-reduced so every rank returns the identical numbers."""
+    model = strategy.eval_model
+    model.eval()
+    correct = total = loss_sum = 0.0
+    for batch, real in bundle.eval_batches(split, batch_size, ctx.rank, ctx.world_size):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with strategy.autocast():
+            out = model(**batch)
+        if real == 0:
+            continue  # a stand-in batch that only kept this rank in step with the others
+        logits = out.logits.float()
+        losses = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
+        correct += (logits.argmax(-1) == batch["labels"]).sum().item()
+        loss_sum += losses.sum().item()
+        total += real
+    model.train()
+    correct, total, loss_sum = _all_reduce_sum([correct, total, loss_sum], device)
+    return {f"{split_key(split)}/accuracy": correct / total, f"{split_key(split)}/loss": loss_sum / total}
+
+
+def split_key(split: str) -> str:
+    """Metric namespace: validation metrics are ``eval/*`` (DESIGN 3.3), held-out test ``test/*``."""
+    return {"validation": "eval"}.get(split, split)
+
+
+def device_for(spec: JobSpec, ctx: WorkerContext) -> torch.device:
+    if spec.resources.gpus_per_worker > 0 and torch.cuda.is_available():
+        torch.cuda.set_device(ctx.local_rank)
+        return torch.device("cuda", ctx.local_rank)
+    return torch.device("cpu")
+
+
+def run(spec: JobSpec, ctx: WorkerContext) -> dict[str, float]:
+    """Train ``spec`` on this worker; returns the final metrics (identical on every rank)."""
+    tspec = spec.train
+    device = device_for(spec, ctx)
+    is_main = ctx.rank == 0
+
+    tokenizer = models.build_tokenizer(spec.model)
+    # Rank 0 tokenizes and fills the cache first; the others then read it instead of repeating it.
+    if not is_main and dist.is_initialized():
+        dist.barrier()
+    bundle = data_lib.build(spec.data, tokenizer)
+    if is_main and dist.is_initialized():
+        dist.barrier()
+
+    model = models.build_model(spec.model, bundle.num_labels, tokenizer, seed=tspec.seed)
+    model.config.id2label = dict(enumerate(bundle.label_names))
+    model.config.label2id = {n: i for i, n in enumerate(bundle.label_names)}
+
+    steps_per_epoch = bundle.batches_per_epoch(tspec.batch_size, ctx.world_size) // (
+        tspec.grad_accum_steps
+    )
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"the training split ({bundle.sizes['train']} examples) is smaller than one optimizer "
+            f"step ({tspec.batch_size} x {tspec.grad_accum_steps} x {ctx.world_size} workers): "
+            "lower train.batch_size / train.grad_accum_steps or use more data"
+        )
+    total_steps = tspec.max_steps or math.ceil(tspec.epochs * steps_per_epoch)
+
+    strategy = strategies.build(tspec, device)
+    strategy.prepare(model, total_steps)
+    # Dropout differs per rank (as in any data-parallel run); weights were seeded identically.
+    torch.manual_seed(tspec.seed + 1000 * (ctx.rank + 1))
+
+    state = {"step": 0, "epoch": 0, "micro_step": 0, "samples_seen": 0}
+    if ctx.restore_dir is not None:
+        state.update(strategy.load_checkpoint(ctx.restore_dir))
+        if is_main:
+            print(f"[orchestrator] resumed from step {state['step']} ({ctx.restore_dir})", flush=True)
+
+    def checkpoint(metrics: dict[str, float], final: bool) -> None:
+        """Every rank writes its part into a rank-local folder, then reports it; Ray merges the
+        ranks' folders into one checkpoint in the run's storage."""
+        folder = Path(tempfile.mkdtemp(prefix="orch-ckpt-"))
+        strategy.save_checkpoint(folder, dict(state))
+        full = strategy.full_state_dict() if final else None  # collective on ZeRO-3
+        if is_main:
+            (folder / "job.yaml").write_text(dump_job(spec))
+            if full is not None:
+                export = folder / "model"
+                strategy.module.save_pretrained(str(export), state_dict=full)
+                tokenizer.save_pretrained(str(export))
+        ctx.report(metrics, folder if any(folder.iterdir()) else None)
+        shutil.rmtree(folder, ignore_errors=True)
+
+    metrics: dict[str, float] = {}
+    loss_sum = loss_n = 0.0
+    window_start, window_samples = time.perf_counter(), 0
+    gas = tspec.grad_accum_steps
+    model_fwd = strategy.model
+    model_fwd.train()
+    while state["step"] < total_steps:
+        batches = bundle.train_batches(
+            tspec.batch_size, ctx.rank, ctx.world_size, tspec.seed, state["epoch"],
+            skip=state["micro_step"],
+        )
+        for batch in batches:
+            i = state["micro_step"] % gas
+            if state["micro_step"] >= steps_per_epoch * gas:
+                break  # leftover micro-batches that do not fill an optimizer step
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with strategy.accumulate(boundary=(i == gas - 1)), strategy.autocast():
+                loss = model_fwd(**batch).loss
+            strategy.backward(loss)
+            loss_sum += loss.item()
+            loss_n += 1
+            state["micro_step"] += 1
+            window_samples += batch["labels"].shape[0]
+            if i != gas - 1:
+                continue
+            strategy.step()
+            state["step"] += 1
+            step = state["step"]
+            last = step >= total_steps
+            if step % tspec.log_every == 0 or last:
+                elapsed = time.perf_counter() - window_start
+                loss_sum, loss_n, samples = _all_reduce_sum(
+                    [loss_sum, loss_n, window_samples], device
+                )
+                state["samples_seen"] += int(samples)
+                metrics = {
+                    "train/loss": loss_sum / max(loss_n, 1),
+                    "train/samples_per_s": samples / max(elapsed, 1e-9),
+                    "train/lr": strategy.current_lr(),
+                    "train/step": float(step),
+                    "train/epoch": state["epoch"] + state["micro_step"] / (steps_per_epoch * gas),
+                }
+                if is_main:
+                    print(
+                        f"[orchestrator] step {step}/{total_steps} | epoch "
+                        f"{metrics['train/epoch']:.2f} | loss {metrics['train/loss']:.4f} | lr "
+                        f"{metrics['train/lr']:.2e} | {metrics['train/samples_per_s']:.1f} samples/s",
+                        flush=True,
+                    )
+                loss_sum = loss_n = 0.0
+                window_start, window_samples = time.perf_counter(), 0
+            if last:
+                break
+            do_eval = tspec.eval_every and step % tspec.eval_every == 0
+            do_ckpt = tspec.checkpoint_every and step % tspec.checkpoint_every == 0
+            if do_eval:
+                metrics.update(evaluate(strategy, bundle, "validation", tspec.batch_size, ctx, device))
+                if is_main:
+                    print(f"[orchestrator] step {step} | eval/accuracy "
+                          f"{metrics['eval/accuracy']:.4f} | eval/loss {metrics['eval/loss']:.4f}",
+                          flush=True)
+            if do_ckpt:
+                checkpoint(dict(metrics), final=False)
+            elif do_eval:
+                ctx.report(dict(metrics), None)
+            window_start = time.perf_counter()  # eval / checkpoint time is not training time
+        if state["step"] >= total_steps:
+            break
+        state["epoch"] += 1
+        state["micro_step"] = 0
+
+    metrics.update(evaluate(strategy, bundle, "validation", tspec.batch_size, ctx, device))
+    metrics.update(evaluate(strategy, bundle, "test", tspec.batch_size, ctx, device))
+    metrics["train/step"] = float(state["step"])
+    metrics["mem/peak_mb"] = _all_reduce_max(peak_memory_mb(device), device)
+    checkpoint(dict(metrics), final=True)
+    return metrics

