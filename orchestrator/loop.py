@@ -184,8 +184,10 @@ def run(spec: JobSpec, ctx: WorkerContext) -> dict[str, float]:
             state["step"] += 1
             step = state["step"]
             last = step >= total_steps
-            if step % tspec.log_every == 0 or last:
-                elapsed = time.perf_counter() - window_start
+            logged = step % tspec.log_every == 0
+            if logged or last:
+                # The slowest rank's time: throughput is the whole group's, same on every rank.
+                elapsed = _all_reduce_max(time.perf_counter() - window_start, device)
                 loss_sum, loss_n, samples = _all_reduce_sum(
                     [loss_sum, loss_n, window_samples], device
                 )
@@ -218,9 +220,11 @@ def run(spec: JobSpec, ctx: WorkerContext) -> dict[str, float]:
                           flush=True)
             if do_ckpt:
                 checkpoint(dict(metrics), final=False)
-            elif do_eval:
+            elif do_eval or logged:
+                # Intermediate results (Tune's schedulers and TensorBoard see the curve).
                 ctx.report(dict(metrics), None)
-            window_start = time.perf_counter()  # eval / checkpoint time is not training time
+            if do_eval or do_ckpt:
+                window_start = time.perf_counter()  # eval / checkpoint time is not training time
         if state["step"] >= total_steps:
             break
         state["epoch"] += 1

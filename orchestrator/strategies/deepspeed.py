@@ -41,6 +41,8 @@ def build_ds_config(spec: TrainConfig, world_size: int) -> dict[str, Any]:
                  "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2},
         # A torch optimizer is fine with offload; without this DeepSpeed insists on its CPU Adam.
         "zero_force_ds_cpu_optimizer": False,
+        # ZeRO partitions any torch optimizer's state correctly; DeepSpeed only vouches for Adam.
+        "zero_allow_untested_optimizer": spec.optimizer != "adamw",
         "wall_clock_breakdown": False,
         "steps_per_print": 1 << 30,  # our loop prints progress; keep DeepSpeed quiet
     }

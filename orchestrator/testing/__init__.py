@@ -1,0 +1,5 @@
+"""Helpers for tests and benchmarks: run a function on N local gloo processes."""
+
+from orchestrator.testing.distributed import free_port, run_workers
+
+__all__ = ["free_port", "run_workers"]
