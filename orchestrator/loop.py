@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import resource
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -50,6 +51,13 @@ def _all_reduce_max(value: float, device: torch.device) -> float:
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t.item())
+
+
+def log(message: str) -> None:
+    """A progress line on stdout. Not ``print``: Ray Train patches ``print`` in workers to also
+    go through its logger, which printed every line twice on the driver."""
+    sys.stdout.write(f"[orchestrator] {message}\n")
+    sys.stdout.flush()
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -138,7 +146,7 @@ def run(spec: JobSpec, ctx: WorkerContext) -> dict[str, float]:
     if ctx.restore_dir is not None:
         state.update(strategy.load_checkpoint(ctx.restore_dir))
         if is_main:
-            print(f"[orchestrator] resumed from step {state['step']} ({ctx.restore_dir})", flush=True)
+            log(f"resumed from step {state['step']} ({ctx.restore_dir})")
 
     def checkpoint(metrics: dict[str, float], final: bool) -> None:
         """Every rank writes its part into a rank-local folder, then reports it; Ray merges the
@@ -184,7 +192,8 @@ def run(spec: JobSpec, ctx: WorkerContext) -> dict[str, float]:
             state["step"] += 1
             step = state["step"]
             last = step >= total_steps
-            logged = step % tspec.log_every == 0
+            # Step 1 is logged too: it shows how long start-up took before training began.
+            logged = step % tspec.log_every == 0 or step == 1
             if logged or last:
                 # The slowest rank's time: throughput is the whole group's, same on every rank.
                 elapsed = _all_reduce_max(time.perf_counter() - window_start, device)
@@ -200,11 +209,10 @@ def run(spec: JobSpec, ctx: WorkerContext) -> dict[str, float]:
                     "train/epoch": state["epoch"] + state["micro_step"] / (steps_per_epoch * gas),
                 }
                 if is_main:
-                    print(
-                        f"[orchestrator] step {step}/{total_steps} | epoch "
+                    log(
+                        f"step {step}/{total_steps} | epoch "
                         f"{metrics['train/epoch']:.2f} | loss {metrics['train/loss']:.4f} | lr "
-                        f"{metrics['train/lr']:.2e} | {metrics['train/samples_per_s']:.1f} samples/s",
-                        flush=True,
+                        f"{metrics['train/lr']:.2e} | {metrics['train/samples_per_s']:.1f} samples/s"
                     )
                 loss_sum = loss_n = 0.0
                 window_start, window_samples = time.perf_counter(), 0
@@ -215,9 +223,8 @@ def run(spec: JobSpec, ctx: WorkerContext) -> dict[str, float]:
             if do_eval:
                 metrics.update(evaluate(strategy, bundle, "validation", tspec.batch_size, ctx, device))
                 if is_main:
-                    print(f"[orchestrator] step {step} | eval/accuracy "
-                          f"{metrics['eval/accuracy']:.4f} | eval/loss {metrics['eval/loss']:.4f}",
-                          flush=True)
+                    log(f"step {step} | eval/accuracy {metrics['eval/accuracy']:.4f} | "
+                        f"eval/loss {metrics['eval/loss']:.4f}")
             if do_ckpt:
                 checkpoint(dict(metrics), final=False)
             elif do_eval or logged:

@@ -1,0 +1,135 @@
+"""Shared pieces of the compression techniques: module selection, per-module report rows,
+module replacement, calibration activation statistics, SQNR. Plain torch: no Ray, no DeepSpeed."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from orchestrator.errors import ConfigError, Problem
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+@dataclass
+class ModuleRow:
+    """What one technique did (or declined to do) to one module."""
+
+    name: str
+    technique: str  # prune | factorize | quantize
+    kind: str  # Linear, Embedding, ...
+    shape_before: list[int]
+    shape_after: list[int]
+    params_before: int
+    params_after: int
+    skipped: bool = False
+    reason: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def select_modules(
+    model: nn.Module,
+    include: list[str],
+    exclude: list[str],
+    types: tuple[type[nn.Module], ...],
+    key: str,
+    *,
+    check_exclude: bool = True,
+    filter_fn: FilterFn | None = None,
+) -> list[tuple[str, nn.Module]]:
+    """Modules of ``types`` whose qualified name matches an ``include`` glob and no ``exclude``
+    glob (and ``filter_fn``, if given). A user pattern that matches no module at all is an
+    error naming ``key`` (e.g. ``compress.prune.include``): a typo must not silently do nothing."""
+    names = [n for n, _ in model.named_modules() if n]
+    problems = []
+    patterns = [("include", p) for p in include]
+    if check_exclude:
+        patterns += [("exclude", p) for p in exclude]
+    for which, pattern in patterns:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            sample = ", ".join(names[:6])
+            problems.append(Problem(f"{key}.{which}", pattern, "matches no module of the model",
+                                    f"use glob patterns over module names such as {sample}"))
+    if problems:
+        raise ConfigError(problems)
+    out = []
+    for name, module in model.named_modules():
+        if not name or not isinstance(module, types):
+            continue
+        if not any(fnmatch.fnmatchcase(name, p) for p in include):
+            continue
+        if any(fnmatch.fnmatchcase(name, p) for p in exclude):
+            continue
+        if filter_fn is not None and not filter_fn(module, name):
+            continue
+        out.append((name, module))
+    return out
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def param_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def first_param(model: nn.Module) -> torch.Tensor:
+    return next(model.parameters())
+
+
+@torch.no_grad()
+def collect_input_stats(
+    model: nn.Module, modules: Iterable[tuple[str, nn.Module]], calib: list[dict[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """Per-input-channel sum of squares of each module's input over the calibration batches
+    (padding positions excluded): ||X_j||^2 for Wanda, and the channel scale for ASVD."""
+    stats: dict[str, torch.Tensor] = {}
+    mask_holder: dict[str, torch.Tensor] = {}
+    hooks = []
+
+    def make_hook(name: str) -> Callable:
+        def hook(_mod: nn.Module, args: tuple) -> None:
+            x = args[0].detach().float()
+            if x.dim() == 3 and "mask" in mask_holder and x.shape[:2] == mask_holder["mask"].shape:
+                x = x[mask_holder["mask"].bool()]
+            x = x.reshape(-1, x.shape[-1])
+            s = (x * x).sum(0)
+            stats[name] = stats[name] + s if name in stats else s
+
+        return hook
+
+    for name, module in modules:
+        hooks.append(module.register_forward_pre_hook(make_hook(name)))
+    was_training = model.training
+    model.eval()
+    device = first_param(model).device
+    try:
+        for batch in calib:
+            mask_holder["mask"] = batch["attention_mask"].to(device)
+            model(input_ids=batch["input_ids"].to(device),
+                  attention_mask=batch["attention_mask"].to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return stats
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: 10 log10(||ref||^2 / ||ref - approx||^2)."""
+    noise = (reference.float() - approx.float()).pow(2).sum().item()
+    signal = reference.float().pow(2).sum().item()
+    if noise == 0:
+        return float("inf")
+    return 10.0 * torch.log10(torch.tensor(signal / noise)).item()

@@ -1,0 +1,163 @@
+"""Unstructured pruning: magnitude and Wanda (|W| x ||X||), one-shot or gradual (cubic GMP).
+
+Masks are kept by a ``Pruner`` and re-applied after every optimizer step: Adam's moments keep
+moving a pruned weight off zero otherwise, and a bf16 run's fp32 master copy would overwrite the
+zeros on the next step. Parameter names are unchanged (no ``weight_orig``), so optimizers, DDP,
+DeepSpeed and checkpoints see an ordinary model. Structured pruning is in ``structured.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from orchestrator.compress.common import (
+    FilterFn,
+    ModuleRow,
+    collect_input_stats,
+    select_modules,
+)
+from orchestrator.config.compress import PruneConfig
+
+MaskApplier = Callable[[dict[str, torch.Tensor]], None]
+
+
+def cubic_sparsity(step: int, cfg: PruneConfig, total_steps: int) -> float:
+    """Gradual magnitude pruning schedule (Zhu & Gupta 2017): s_t = s_f + (s_i - s_f)(1 - p)^3,
+    p the progress from start_step to end_step (default: two thirds of training)."""
+    if cfg.schedule == "oneshot":
+        return cfg.sparsity
+    end = cfg.end_step if cfg.end_step is not None else max(cfg.start_step + 1, 2 * total_steps // 3)
+    progress = min(1.0, max(0.0, (step - cfg.start_step) / max(1, end - cfg.start_step)))
+    return cfg.sparsity + (cfg.initial_sparsity - cfg.sparsity) * (1.0 - progress) ** 3
+
+
+def _threshold_masks(scores: dict[str, torch.Tensor], sparsity: float, scope: str,
+                     per_row: bool) -> dict[str, torch.Tensor]:
+    """Keep the highest scores. ``per_row`` compares within each output row (Wanda's group)."""
+    masks = {}
+    if sparsity <= 0:
+        return {k: torch.ones_like(v, dtype=torch.bool) for k, v in scores.items()}
+    if scope == "global":
+        flat = torch.cat([s.flatten() for s in scores.values()])
+        k = int(round(sparsity * flat.numel()))
+        # kthvalue on the concatenated scores: exactly k weights fall at or under it.
+        cut = torch.kthvalue(flat.float().cpu(), max(k, 1)).values.item() if k > 0 else -math.inf
+        for name, s in scores.items():
+            masks[name] = s > cut
+        return masks
+    for name, s in scores.items():
+        if per_row:
+            k = int(round(sparsity * s.shape[1]))
+            idx = torch.argsort(s, dim=1)[:, :k]
+            m = torch.ones_like(s, dtype=torch.bool)
+            m.scatter_(1, idx, False)
+        else:
+            k = int(round(sparsity * s.numel()))
+            idx = torch.argsort(s.flatten())[:k]
+            m = torch.ones(s.numel(), dtype=torch.bool, device=s.device)
+            m[idx] = False
+            m = m.view_as(s)
+        masks[name] = m
+    return masks
+
+
+class Pruner:
+    """Owns the pruning masks of one model: computes them, shrinks them on schedule, applies
+    them. Keys are parameter names (``<module>.weight``) of the plain (unwrapped) model."""
+
+    def __init__(self, cfg: PruneConfig, modules: list[tuple[str, nn.Module]],
+                 input_norms: dict[str, torch.Tensor] | None) -> None:
+        self.cfg = cfg
+        self.modules = dict(modules)
+        self.input_norms = input_norms or {}
+        self.masks: dict[str, torch.Tensor] = {}
+        self.current_sparsity = 0.0
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, module in self.modules.items():
+            w = module.weight.detach().float().abs()
+            if self.cfg.method == "wanda":
+                # Wanda: |W_ij| * ||X_j||_2, X the layer's input over calibration tokens.
+                w = w * self.input_norms[name].sqrt().to(w.device).unsqueeze(0)
+            if f"{name}.weight" in self.masks:  # already-pruned weights stay pruned
+                w = torch.where(self.masks[f"{name}.weight"], w, torch.zeros_like(w))
+            out[f"{name}.weight"] = w
+        return out
+
+    def update(self, sparsity: float) -> bool:
+        """Recompute masks at ``sparsity`` (never un-pruning). Returns True if masks changed."""
+        if sparsity <= self.current_sparsity and self.masks:
+            return False
+        new = _threshold_masks(self.scores(), sparsity, self.cfg.scope,
+                               per_row=self.cfg.method == "wanda" and self.cfg.scope == "layer")
+        for key, m in new.items():
+            self.masks[key] = m & self.masks[key] if key in self.masks else m
+        self.current_sparsity = sparsity
+        return True
+
+    @torch.no_grad()
+    def apply_(self, model: nn.Module | None = None) -> None:
+        """Zero the pruned weights of the plain modules."""
+        for name, module in self.modules.items():
+            mask = self.masks.get(f"{name}.weight")
+            if mask is not None:
+                module.weight.mul_(mask.to(module.weight.dtype))
+
+    def measured_sparsity(self) -> float:
+        """zeros / total over the targeted weights, measured on the weights themselves."""
+        zeros = total = 0
+        for module in self.modules.values():
+            w = module.weight.detach()
+            zeros += int((w == 0).sum())
+            total += w.numel()
+        return zeros / max(total, 1)
+
+    def step(self, step: int, total_steps: int, apply_masks: MaskApplier) -> None:
+        """Called after every optimizer step: advance the schedule, then re-apply the masks
+        through ``apply_masks`` (the strategy's, which also reaches fp32 master copies)."""
+        cfg = self.cfg
+        if (cfg.schedule == "gradual" and step >= cfg.start_step
+                and (step - cfg.start_step) % cfg.update_every == 0):
+            self.update(cubic_sparsity(step, cfg, total_steps))
+        apply_masks(self.masks)
+
+
+def prune_(
+    model: nn.Module,
+    cfg: PruneConfig,
+    *,
+    calib: list[dict[str, torch.Tensor]] | None = None,
+    filter_fn: FilterFn | None = None,
+    total_steps: int = 0,
+) -> tuple[Pruner, list[ModuleRow]]:
+    """Unstructured pruning of the selected Linear layers, in place. One-shot prunes to
+    ``cfg.sparsity`` now; gradual starts at ``cfg.initial_sparsity`` and the training loop
+    advances it through ``Pruner.step``."""
+    modules = select_modules(model, cfg.include, cfg.exclude, (nn.Linear,), "compress.prune",
+                             check_exclude="exclude" in cfg.model_fields_set, filter_fn=filter_fn)
+    norms = None
+    if cfg.method == "wanda":
+        if not calib:
+            raise ValueError("wanda pruning needs calibration batches")
+        norms = collect_input_stats(model, modules, calib)
+    pruner = Pruner(cfg, modules, norms)
+    start = cfg.sparsity if cfg.schedule == "oneshot" else cfg.initial_sparsity
+    pruner.update(start)
+    pruner.apply_()
+    rows = []
+    for name, module in modules:
+        w = module.weight
+        nz = int((w != 0).sum())
+        rows.append(ModuleRow(
+            name=name, technique="prune", kind=type(module).__name__,
+            shape_before=list(w.shape), shape_after=list(w.shape),
+            params_before=w.numel(), params_after=w.numel(),
+            details={"method": cfg.method, "sparsity": 1 - nz / w.numel(),
+                     "target_sparsity": cfg.sparsity, "schedule": cfg.schedule},
+        ))
+    return pruner, rows
