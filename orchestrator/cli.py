@@ -25,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     job_command("validate", "print the resolved job, or every problem in it (exit 2)")
     t = job_command("train", "one Ray Train run of the job (DDP or DeepSpeed workers)")
     t.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    job_command("compress", "one-shot compression of the job's model, no training; evaluates "
+                "and measures the artifact")
     return p
 
 
@@ -34,6 +36,18 @@ def _summary(metrics: dict[str, float]) -> str:
     rows = [f"  {k:<{width}}  {v:.4f}" if abs(v) < 1e5 else f"  {k:<{width}}  {v:.4g}"
             for k, v in sorted(metrics.items())]
     return "\n".join(["final metrics:", *rows])
+
+
+def _modules_table(rows: list[dict]) -> str:
+    """Per-module rows, folded by technique: how many layers, shapes, skips and why."""
+    lines = ["modules:"]
+    for r in rows:
+        what = "skipped: " + r["reason"] if r["skipped"] else (
+            f"{r['shape_before']} -> {r['shape_after']}")
+        extra = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                          for k, v in r["details"].items())
+        lines.append(f"  {r['technique']:<9} {r['name']:<50} {what}  {extra}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,6 +68,16 @@ def main(argv: list[str] | None = None) -> int:
 
             metrics = launch.train(spec, address=args.address)
             print(_summary(metrics))
+            print(f"run directory: {launch.run_dir(launch.resolve_paths(spec))}")
+            return 0
+        if args.command == "compress":
+            from orchestrator import launch, oneshot
+
+            out = oneshot.compress_job(spec)
+            print(_modules_table(out["modules"]))
+            for note in out["notes"]:
+                print(f"note: {note}")
+            print(_summary(out["metrics"]))
             print(f"run directory: {launch.run_dir(launch.resolve_paths(spec))}")
             return 0
     except ConfigError as e:

@@ -69,12 +69,12 @@ def run_dir(spec: JobSpec) -> Path:
     return Path(spec.output.dir) / spec.name
 
 
-def preflight(spec: JobSpec) -> data_lib.DataBundle:
+def preflight(spec: JobSpec) -> tuple[Any, data_lib.DataBundle]:
     """Load tokenizer and data on the driver: a missing file or column fails here with exit 2,
     before any Ray process starts, and the workers then read the warm tokenization cache."""
     tokenizer = models.build_tokenizer(spec.model)
     models.model_dir(spec.model)
-    return data_lib.build(spec.data, tokenizer)
+    return tokenizer, data_lib.build(spec.data, tokenizer)
 
 
 def claim_run_dir(spec: JobSpec) -> bool:
@@ -162,7 +162,7 @@ def train(spec: JobSpec, address: str | None = None) -> dict[str, float]:
     from ray.train.torch import TorchTrainer
 
     spec = resolve_paths(spec)
-    bundle = preflight(spec)
+    _, bundle = preflight(spec)
     connect_ray(spec, address)
     check_capacity(spec)
     resumed = claim_run_dir(spec)

@@ -8,6 +8,7 @@ eval on validation and test -> final checkpoint with an exportable model.
 
 from __future__ import annotations
 
+import json
 import math
 import resource
 import shutil
@@ -23,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from orchestrator import data as data_lib
-from orchestrator import models, strategies
+from orchestrator import finalize, models, strategies
 from orchestrator.config.loader import dump_job
 from orchestrator.config.schema import JobSpec
 
@@ -122,10 +123,6 @@ def run(spec: JobSpec, ctx: WorkerContext) -> dict[str, float]:
     if is_main and dist.is_initialized():
         dist.barrier()
 
-    model = models.build_model(spec.model, bundle.num_labels, tokenizer, seed=tspec.seed)
-    model.config.id2label = dict(enumerate(bundle.label_names))
-    model.config.label2id = {n: i for i, n in enumerate(bundle.label_names)}
-
     steps_per_epoch = bundle.batches_per_epoch(tspec.batch_size, ctx.world_size) // (
         tspec.grad_accum_steps
     )
@@ -137,6 +134,12 @@ def run(spec: JobSpec, ctx: WorkerContext) -> dict[str, float]:
         )
     total_steps = tspec.max_steps or math.ceil(tspec.epochs * steps_per_epoch)
 
+    # Compression comes before the strategy wraps the model: the optimizer, DDP buckets and ZeRO
+    # partitions must see the final (factorized, structurally pruned, fake-quant) modules.
+    calib = finalize.calibration_batches(spec, bundle) if spec.compress.enabled else []
+    model, creport = finalize.build_compressed(spec, bundle, tokenizer, calib, total_steps)
+    pruner = creport.pruner
+
     strategy = strategies.build(tspec, device)
     strategy.prepare(model, total_steps)
     # Dropout differs per rank (as in any data-parallel run); weights were seeded identically.
@@ -145,6 +148,8 @@ def run(spec: JobSpec, ctx: WorkerContext) -> dict[str, float]:
     state = {"step": 0, "epoch": 0, "micro_step": 0, "samples_seen": 0}
     if ctx.restore_dir is not None:
         state.update(strategy.load_checkpoint(ctx.restore_dir))
+        if pruner is not None:
+            pruner.restore_from_weights()
         if is_main:
             log(f"resumed from step {state['step']} ({ctx.restore_dir})")
 
@@ -156,12 +161,30 @@ def run(spec: JobSpec, ctx: WorkerContext) -> dict[str, float]:
         full = strategy.full_state_dict() if final else None  # collective on ZeRO-3
         if is_main:
             (folder / "job.yaml").write_text(dump_job(spec))
-            if full is not None:
-                export = folder / "model"
-                strategy.module.save_pretrained(str(export), state_dict=full)
-                tokenizer.save_pretrained(str(export))
+        if full is not None and spec.compress.enabled:
+            metrics.update(export_compressed(full, folder / "model"))
+        elif full is not None and is_main:
+            strategy.module.save_pretrained(str(folder / "model"), state_dict=full)
+            tokenizer.save_pretrained(str(folder / "model"))
         ctx.report(metrics, folder if any(folder.iterdir()) else None)
         shutil.rmtree(folder, ignore_errors=True)
+
+    def export_compressed(full: dict[str, torch.Tensor], folder: Path) -> dict[str, float]:
+        """Rank 0 rebuilds the compressed structure on a plain CPU model, loads the trained
+        weights, writes the artifact and measures it while the other ranks wait; the figures
+        are then broadcast so every rank reports the same metrics."""
+        out: list[dict[str, float] | None] = [None]
+        if is_main:
+            export_model, report = finalize.build_compressed(spec, bundle, tokenizer, calib,
+                                                             total_steps)
+            export_model.load_state_dict(full)
+            out[0] = finalize.finalize(spec, export_model, report, bundle, tokenizer, folder,
+                                       int(creport.metrics["compress/params_before"]))
+            (folder.parent / "compress_report.json").write_text(
+                json.dumps({"job": spec.name, **report.to_dict()}, indent=2))
+        if dist.is_initialized():
+            dist.broadcast_object_list(out, src=0)
+        return out[0]
 
     metrics: dict[str, float] = {}
     loss_sum = loss_n = 0.0
@@ -191,6 +214,9 @@ def run(spec: JobSpec, ctx: WorkerContext) -> dict[str, float]:
             strategy.step()
             state["step"] += 1
             step = state["step"]
+            if pruner is not None:
+                # After the optimizer: Adam's moments would move pruned weights off zero.
+                pruner.step(step, total_steps, strategy.apply_masks_)
             last = step >= total_steps
             # Step 1 is logged too: it shows how long start-up took before training began.
             logged = step % tspec.log_every == 0 or step == 1

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from orchestrator.config.compress import DEFAULT_EXCLUDE
 from orchestrator.errors import ConfigError, Problem
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -42,7 +43,7 @@ def select_modules(
     types: tuple[type[nn.Module], ...],
     key: str,
     *,
-    check_exclude: bool = True,
+    check_exclude: bool = True,  # False: exclude patterns may match nothing
     filter_fn: FilterFn | None = None,
 ) -> list[tuple[str, nn.Module]]:
     """Modules of ``types`` whose qualified name matches an ``include`` glob and no ``exclude``
@@ -52,7 +53,9 @@ def select_modules(
     problems = []
     patterns = [("include", p) for p in include]
     if check_exclude:
-        patterns += [("exclude", p) for p in exclude]
+        # The default head patterns are generic (BERT has a classifier, GPT-2 a score head):
+        # only patterns a user wrote must match something.
+        patterns += [("exclude", p) for p in exclude if p not in DEFAULT_EXCLUDE]
     for which, pattern in patterns:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
             sample = ", ".join(names[:6])

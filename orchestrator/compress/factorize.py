@@ -90,7 +90,7 @@ def factorize_(
 ) -> list[ModuleRow]:
     """Replace each selected Linear by a LowRankLinear, in place. Returns one row per layer."""
     modules = select_modules(model, cfg.include, cfg.exclude, (nn.Linear,), "compress.factorize",
-                             check_exclude="exclude" in cfg.model_fields_set, filter_fn=filter_fn)
+                             filter_fn=filter_fn)
     # The factors of an already-factorized layer are not factorized again (idempotence).
     modules = [(n, m) for n, m in modules if not _inside_low_rank(model, n)]
     scales = None

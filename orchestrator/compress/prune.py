@@ -108,6 +108,13 @@ class Pruner:
             if mask is not None:
                 module.weight.mul_(mask.to(module.weight.dtype))
 
+    @torch.no_grad()
+    def restore_from_weights(self) -> None:
+        """After loading a checkpoint: the masks are where the saved weights are zero."""
+        for name, module in self.modules.items():
+            self.masks[f"{name}.weight"] = module.weight.detach() != 0
+        self.current_sparsity = self.measured_sparsity()
+
     def measured_sparsity(self) -> float:
         """zeros / total over the targeted weights, measured on the weights themselves."""
         zeros = total = 0
@@ -139,7 +146,7 @@ def prune_(
     ``cfg.sparsity`` now; gradual starts at ``cfg.initial_sparsity`` and the training loop
     advances it through ``Pruner.step``."""
     modules = select_modules(model, cfg.include, cfg.exclude, (nn.Linear,), "compress.prune",
-                             check_exclude="exclude" in cfg.model_fields_set, filter_fn=filter_fn)
+                             filter_fn=filter_fn)
     norms = None
     if cfg.method == "wanda":
         if not calib:

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from orchestrator.config.schema import cross_field_error
+from orchestrator.config.base import cross_field_error
 
 # Classification heads stay dense by default: they are tiny and sensitive.
 DEFAULT_EXCLUDE = ["*classifier*", "*score*", "*pooler*"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,21 @@ from pydantic import BaseModel, ValidationError
 
 from orchestrator.config.schema import JobSpec
 from orchestrator.errors import MISSING, ConfigError, Problem
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 (PyYAML) reads ``1e-4`` as a string; read it as the float everyone means."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -33,7 +49,7 @@ def parse_override(text: str) -> tuple[str, Any]:
             source="overrides",
         )
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw  # not valid YAML: keep the literal string; validation judges it
     return key, value
@@ -158,7 +174,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
             source=str(p),
         )
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        raw = _load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

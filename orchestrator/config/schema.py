@@ -12,18 +12,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-
-def cross_field_error(problems: list[tuple[str, Any, str, str]]) -> PydanticCustomError:
-    """Build the error a model validator raises for one or more cross-field problems.
-
-    Each problem is ``(field, value, message, fix)`` with ``field`` relative to the model that
-    raises; the loader prefixes the model's own dotted location.
-    """
-    return PydanticCustomError(
-        "cross_field",
-        "; ".join(p[2] for p in problems),
-        {"problems": [list(p) for p in problems]},
-    )
+from orchestrator.config.base import cross_field_error
+from orchestrator.config.compress import CompressConfig
 
 
 class _Section(BaseModel):
@@ -123,7 +113,9 @@ class DataConfig(_Section):
         description="use at most this many examples in total (seeded subset, >= 10); default all",
     )
     val_fraction: float = Field(
-        default=0.1, ge=0.0, lt=0.5, description="fraction held out for validation, [0, 0.5)"
+        default=0.1, gt=0.0, lt=0.5,
+        description="fraction held out for validation (evaluation during training and the "
+        "search's selection), (0, 0.5)",
     )
     test_fraction: float = Field(
         default=0.2, gt=0.0, lt=0.5, description="fraction held out for test, (0, 0.5)"
@@ -269,6 +261,7 @@ class JobSpec(_Section):
     model: ModelConfig
     data: DataConfig
     train: TrainConfig = TrainConfig()
+    compress: CompressConfig = CompressConfig()
     resources: ResourcesConfig = ResourcesConfig()
     output: OutputConfig = OutputConfig()
 
@@ -284,18 +277,27 @@ class JobSpec(_Section):
         return v
 
     @model_validator(mode="after")
-    def _device_fits_precision(self) -> JobSpec:
+    def _cross_section(self) -> JobSpec:
+        problems = []
         if self.train.precision == "fp16" and self.resources.gpus_per_worker == 0:
-            raise cross_field_error(
-                [
-                    (
-                        "train.precision",
-                        "fp16",
-                        "fp16 needs a GPU (CPUs here have no fp16 kernels and no loss-scaled "
-                        "fp16 training)",
-                        "use train.precision=bf16 (or fp32) on CPU, or set "
-                        "resources.gpus_per_worker=1",
-                    )
-                ]
-            )
+            problems.append((
+                "train.precision",
+                "fp16",
+                "fp16 needs a GPU (CPUs here have no fp16 kernels and no loss-scaled "
+                "fp16 training)",
+                "use train.precision=bf16 (or fp32) on CPU, or set resources.gpus_per_worker=1",
+            ))
+        prune = self.compress.prune
+        if (prune is not None and prune.method != "structured" and self.train.strategy ==
+                "deepspeed" and self.train.zero_stage == 3):
+            problems.append((
+                "compress.prune.method",
+                prune.method,
+                "unstructured pruning masks must be re-applied to whole weights after every "
+                "step, and ZeRO-3 keeps only a shard of each weight on a worker",
+                "use train.zero_stage=2 (or 0/1) with unstructured pruning, or "
+                "compress.prune.method=structured",
+            ))
+        if problems:
+            raise cross_field_error(problems)
         return self

@@ -103,7 +103,9 @@ def _read_file(path: Path, spec: DataConfig, key: str) -> datasets.Dataset:
     builder = {"tsv": "csv"}.get(fmt, fmt)
     kwargs = {"delimiter": "\t"} if fmt == "tsv" else {}
     try:
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+        # cache_dir: datasets copies a local file into its cache; keep that under ours.
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train",
+                                   cache_dir=str(_cache_root(spec) / "hf"), **kwargs)
     except Exception as e:  # datasets raises many types for a malformed file
         raise DataError(
             Problem(key, str(path), f"could not be read as {fmt}: {e}",
@@ -181,7 +183,9 @@ def load_frames(spec: DataConfig) -> dict[str, pd.DataFrame]:
 
 def _label_names(frames: dict[str, pd.DataFrame]) -> list[str]:
     values = pd.concat([f["label"] for f in frames.values()]).unique().tolist()
-    if all(isinstance(v, (int, np.integer)) for v in values):
+    integral = all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+                   for v in values)
+    if integral:
         return [str(v) for v in sorted(int(v) for v in values)]
     return sorted(str(v) for v in values)
 
@@ -204,11 +208,14 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("ORCHESTRATOR_CACHE", "~/.cache/orchestrator")).expanduser() / "data"
 
 
+def _cache_root(spec: DataConfig) -> Path:
+    return Path(spec.cache_dir).expanduser() if spec.cache_dir else default_cache_dir()
+
+
 def build(spec: DataConfig, tokenizer: PreTrainedTokenizerBase) -> DataBundle:
     """Load, split, label-encode and tokenize ``spec``'s data, reusing the on-disk cache."""
     datasets.disable_progress_bars()
-    root = Path(spec.cache_dir).expanduser() if spec.cache_dir else default_cache_dir()
-    cache = root / _cache_key(spec, tokenizer)
+    cache = _cache_root(spec) / _cache_key(spec, tokenizer)
     pad = int(tokenizer.pad_token_id)
     if (cache / "meta.json").is_file():
         meta = json.loads((cache / "meta.json").read_text())
@@ -218,7 +225,8 @@ def build(spec: DataConfig, tokenizer: PreTrainedTokenizerBase) -> DataBundle:
     frames = load_frames(spec)
     for split, frame in frames.items():
         if len(frame) == 0:
-            key = "data.val_fraction" if split == "validation" else "data.limit"
+            key = ("data.val_fraction" if split == "validation"
+                   else "data.limit" if spec.limit is not None else "data.path")
             raise DataError(
                 Problem(key, getattr(spec, key.split(".")[1]),
                         f"the {split} split is empty",
@@ -240,7 +248,9 @@ def build(spec: DataConfig, tokenizer: PreTrainedTokenizerBase) -> DataBundle:
     for split in SPLITS:
         frame = frames[split].assign(label=frames[split]["label"].map(str))
         ds = datasets.Dataset.from_pandas(frame, preserve_index=False)
-        splits[split] = ds.map(encode, batched=True, remove_columns=ds.column_names)
+        # An explicit fingerprint: deriving one would pickle the whole tokenizer per split.
+        splits[split] = ds.map(encode, batched=True, remove_columns=ds.column_names,
+                               new_fingerprint=f"{cache.name}-{split}")
     sizes = {s: len(d) for s, d in splits.items()}
     _write_cache(cache, splits, {"label_names": names, "sizes": sizes})
     return DataBundle(splits, names, pad, cache, sizes)

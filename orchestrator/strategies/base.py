@@ -112,6 +112,14 @@ class Strategy(ABC):
     def load_checkpoint(self, folder: Path) -> dict[str, Any]:
         """Restore model, optimizer and schedule; returns the ``client_state`` saved with them."""
 
+    @torch.no_grad()
+    def apply_masks_(self, masks: dict[str, torch.Tensor]) -> None:
+        """Zero pruned weights (masks keyed by parameter name of ``module``) after a step."""
+        params = dict(self.module.named_parameters())
+        for name, mask in masks.items():
+            p = params[name]
+            p.mul_(mask.to(device=p.device, dtype=p.dtype))
+
     @abstractmethod
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Full-precision unsharded weights; a collective call on every rank (ZeRO-3 gathers)."""

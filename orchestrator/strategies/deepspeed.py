@@ -108,6 +108,22 @@ class DeepSpeedStrategy(Strategy):
         keep = ("step", "epoch", "micro_step", "samples_seen", "train_loss_sum", "train_loss_n")
         return {k: v for k, v in (client_state or {}).items() if k in keep}
 
+    @torch.no_grad()
+    def apply_masks_(self, masks: dict[str, torch.Tensor]) -> None:
+        # The low-precision weights the forward uses, and the fp32 master shard this rank owns
+        # (ZeRO-1/2 and the bf16 optimizer): zeroing only the former would be undone by the next
+        # step, which copies the master back. ZeRO-3 is rejected with pruning at validation.
+        super().apply_masks_(masks)
+        params = dict(self.module.named_parameters())
+        for name, mask in masks.items():
+            mapping = getattr(params[name], "_hp_mapping", None)
+            if mapping is None:
+                continue
+            addr = mapping.lp_fragment_address
+            flat = mask.flatten().to(mapping.hp_fragment.device)
+            mapping.hp_fragment.mul_(flat.narrow(0, addr.start, addr.numel).to(
+                mapping.hp_fragment.dtype))
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         from deepspeed.utils import safe_get_full_fp32_param
 

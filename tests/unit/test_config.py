@@ -67,21 +67,45 @@ def _keys(err: ConfigError) -> list[str]:
 BAD_JOBS = [
     ("unknown-top-level-key", {"bogus": 1}, "bogus", 1, "keys allowed under the job"),
     ("unknown-train-key", {"train.lrr": 0.1}, "train.lrr", 0.1, "did you mean train.lr"),
-    ("unknown-data-key", {"data.max_lenght": 32}, "data.max_lenght", 32,
-     "did you mean data.max_length"),
+    (
+        "unknown-data-key",
+        {"data.max_lenght": 32},
+        "data.max_lenght",
+        32,
+        "did you mean data.max_length",
+    ),
     ("unknown-output-key", {"output.dirr": "x"}, "output.dirr", "x", "did you mean output.dir"),
     ("lr-not-a-number", {"train.lr": "abc"}, "train.lr", "abc", "valid number"),
     ("lr-zero", {"train.lr": 0}, "train.lr", 0, "greater than 0"),
     ("lr-too-big", {"train.lr": 100}, "train.lr", 100, "less than or equal to 10"),
-    ("zero-stage-out-of-range", {"train.strategy": "deepspeed", "train.zero_stage": 5},
-     "train.zero_stage", 5, "less than or equal to 3"),
-    ("zero-stage-with-ddp", {"train.zero_stage": 2}, "train.zero_stage", 2,
-     "train.strategy=deepspeed"),
-    ("offload-without-stage-2", {"train.strategy": "deepspeed", "train.zero_stage": 1,
-                                 "train.offload_optimizer": True},
-     "train.offload_optimizer", True, "zero_stage 2 or 3"),
-    ("offload-with-ddp", {"train.offload_optimizer": True}, "train.offload_optimizer", True,
-     "train.strategy=deepspeed"),
+    (
+        "zero-stage-out-of-range",
+        {"train.strategy": "deepspeed", "train.zero_stage": 5},
+        "train.zero_stage",
+        5,
+        "less than or equal to 3",
+    ),
+    (
+        "zero-stage-with-ddp",
+        {"train.zero_stage": 2},
+        "train.zero_stage",
+        2,
+        "train.strategy=deepspeed",
+    ),
+    (
+        "offload-without-stage-2",
+        {"train.strategy": "deepspeed", "train.zero_stage": 1, "train.offload_optimizer": True},
+        "train.offload_optimizer",
+        True,
+        "zero_stage 2 or 3",
+    ),
+    (
+        "offload-with-ddp",
+        {"train.offload_optimizer": True},
+        "train.offload_optimizer",
+        True,
+        "train.strategy=deepspeed",
+    ),
     ("fp16-without-gpu", {"train.precision": "fp16"}, "train.precision", "fp16", "needs a GPU"),
     ("unknown-precision", {"train.precision": "fp8"}, "train.precision", "fp8", "fp32"),
     ("unknown-strategy", {"train.strategy": "fsdp"}, "train.strategy", "fsdp", "ddp"),
@@ -96,16 +120,36 @@ BAD_JOBS = [
     ("val-fraction-negative", {"data.val_fraction": -0.1}, "data.val_fraction", -0.1, None),
     ("limit-too-small", {"data.limit": 5}, "data.limit", 5, None),
     ("unknown-corpus", {"data.name": "imdb"}, "data.name", "imdb", "not a packaged corpus"),
-    ("unknown-data-format", {"data.name": _DELETE, "data.path": "x.xlsx", "data.format": "xlsx"},
-     "data.format", "xlsx", None),
+    (
+        "unknown-data-format",
+        {"data.name": _DELETE, "data.path": "x.xlsx", "data.format": "xlsx"},
+        "data.format",
+        "xlsx",
+        None,
+    ),
     ("data-name-and-path", {"data.path": "train.csv"}, "data.name", "mr", "exactly one"),
     ("data-neither-name-nor-path", {"data.name": _DELETE}, "data.name", None, "exactly one"),
-    ("unknown-model-short-name", {"model.name": "resnet"}, "model.name", "resnet",
-     "not a known short name"),
-    ("model-hub-id", {"model.name": "bert-base-uncased/x"}, "model.name", "bert-base-uncased/x",
-     "never downloads"),
-    ("model-name-and-path", {"model.path": "/models/bert"}, "model.name", "tiny-bert",
-     "exactly one"),
+    (
+        "unknown-model-short-name",
+        {"model.name": "resnet"},
+        "model.name",
+        "resnet",
+        "not a known short name",
+    ),
+    (
+        "model-hub-id",
+        {"model.name": "bert-base-uncased/x"},
+        "model.name",
+        "bert-base-uncased/x",
+        "never downloads",
+    ),
+    (
+        "model-name-and-path",
+        {"model.path": "/models/bert"},
+        "model.name",
+        "tiny-bert",
+        "exactly one",
+    ),
     ("model-neither-name-nor-path", {"model.name": _DELETE}, "model.name", None, "exactly one"),
     ("model-num-layers-zero", {"model.num_layers": 0}, "model.num_layers", 0, None),
     ("missing-model", {"model": _DELETE}, "model", None, "is required"),
@@ -114,10 +158,20 @@ BAD_JOBS = [
     ("name-with-slash", {"name": "runs/evil"}, "name", "runs/evil", "names a folder"),
     ("name-leading-dot", {"name": "..x"}, "name", "..x", "names a folder"),
     ("name-empty", {"name": ""}, "name", None, "names a folder"),
-    ("cpus-per-worker-zero", {"resources.cpus_per_worker": 0}, "resources.cpus_per_worker", 0,
-     "greater than 0"),
-    ("gpus-per-worker-negative", {"resources.gpus_per_worker": -1},
-     "resources.gpus_per_worker", -1, None),
+    (
+        "cpus-per-worker-zero",
+        {"resources.cpus_per_worker": 0},
+        "resources.cpus_per_worker",
+        0,
+        "greater than 0",
+    ),
+    (
+        "gpus-per-worker-negative",
+        {"resources.gpus_per_worker": -1},
+        "resources.gpus_per_worker",
+        -1,
+        None,
+    ),
     ("num-cpus-zero", {"resources.num_cpus": 0}, "resources.num_cpus", 0, None),
 ]
 
@@ -179,22 +233,62 @@ _BROKEN_YAML = "name: x\nmodel: {name: tiny-bert\ndata:\n  - [\n"
 
 
 BAD_SOURCES = [
-    ("override-value-as-section", lambda t: (_good_file(t), ["train.lr.x=1"]), "train.lr", 0.001,
-     "is a value, not a section"),
-    ("override-without-equals", lambda t: (_good_file(t), ["train.lr"]), "train.lr", None,
-     "dotted.key=value"),
-    ("override-empty-key-part", lambda t: (_good_file(t), ["train..lr=1"]), "train..lr=1", None,
-     "dotted.key=value"),
-    ("override-out-of-range", lambda t: (_good_file(t), ["train.zero_stage=5"]),
-     "train.zero_stage", 5, None),
-    ("override-unknown-key", lambda t: (_good_file(t), ["train.lrr=1e-4"]), "train.lrr", None,
-     "did you mean train.lr"),
-    ("yaml-syntax-error", lambda t: (_text(t / "bad.yaml", _BROKEN_YAML), None), "<job file>",
-     "bad.yaml", "not valid YAML at line"),
-    ("yaml-top-level-list",
-     lambda t: (_write(t / "list.yaml", [BASE]), None), "<job file>", None, "mapping"),
-    ("missing-job-file", lambda t: (t / "nope.yaml", None), "<job file>", "nope.yaml",
-     "no such file"),
+    (
+        "override-value-as-section",
+        lambda t: (_good_file(t), ["train.lr.x=1"]),
+        "train.lr",
+        0.001,
+        "is a value, not a section",
+    ),
+    (
+        "override-without-equals",
+        lambda t: (_good_file(t), ["train.lr"]),
+        "train.lr",
+        None,
+        "dotted.key=value",
+    ),
+    (
+        "override-empty-key-part",
+        lambda t: (_good_file(t), ["train..lr=1"]),
+        "train..lr=1",
+        None,
+        "dotted.key=value",
+    ),
+    (
+        "override-out-of-range",
+        lambda t: (_good_file(t), ["train.zero_stage=5"]),
+        "train.zero_stage",
+        5,
+        None,
+    ),
+    (
+        "override-unknown-key",
+        lambda t: (_good_file(t), ["train.lrr=1e-4"]),
+        "train.lrr",
+        None,
+        "did you mean train.lr",
+    ),
+    (
+        "yaml-syntax-error",
+        lambda t: (_text(t / "bad.yaml", _BROKEN_YAML), None),
+        "<job file>",
+        "bad.yaml",
+        "not valid YAML at line",
+    ),
+    (
+        "yaml-top-level-list",
+        lambda t: (_write(t / "list.yaml", [BASE]), None),
+        "<job file>",
+        None,
+        "mapping",
+    ),
+    (
+        "missing-job-file",
+        lambda t: (t / "nope.yaml", None),
+        "<job file>",
+        "nope.yaml",
+        "no such file",
+    ),
 ]
 
 
@@ -281,15 +375,7 @@ def test_field_and_cross_field_problems_reported_together() -> None:
         ("train.num_workers=4", ("train.num_workers", 4)),
         ("train.lr=1.0e-4", ("train.lr", 1e-4)),
         ("train.lr=0.5", ("train.lr", 0.5)),
-        pytest.param(
-            "train.lr=1e-4",
-            ("train.lr", 1e-4),
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="bug: PyYAML (YAML 1.1) reads 1e-4 as the string '1e-4', though the "
-                "parse_override docstring promises a float",
-            ),
-        ),
+        ("train.lr=1e-4", ("train.lr", 1e-4)),
         ("train.offload_optimizer=true", ("train.offload_optimizer", True)),
         ("train.offload_optimizer=false", ("train.offload_optimizer", False)),
         ("model.name=tiny-gpt2", ("model.name", "tiny-gpt2")),
@@ -336,8 +422,9 @@ def test_override_beats_yaml(tmp_path) -> None:
 
 
 def test_dump_job_round_trip() -> None:
-    spec = validate_job(_job({"train.strategy": "deepspeed", "train.zero_stage": 3,
-                              "train.precision": "bf16"}))
+    spec = validate_job(
+        _job({"train.strategy": "deepspeed", "train.zero_stage": 3, "train.precision": "bf16"})
+    )
     text = dump_job(spec)
     resolved = yaml.safe_load(text)
     # Every default is written out.

@@ -167,8 +167,13 @@ def _write_table(df: pd.DataFrame, path: Path) -> Path:
 
 
 def _local(tmp: Path, path: Path, **kw) -> DataConfig:
-    fields = {"path": str(path), "text_column": "sentence", "label_column": "sentiment",
-              "max_length": 32, "cache_dir": str(tmp / "cache")}
+    fields = {
+        "path": str(path),
+        "text_column": "sentence",
+        "label_column": "sentiment",
+        "max_length": 32,
+        "cache_dir": str(tmp / "cache"),
+    }
     return DataConfig(**{**fields, **kw})
 
 
@@ -223,12 +228,6 @@ def test_integer_labels_sorted_numerically(tmp_path, tokenizer) -> None:
         ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=KeyError,
-    reason="bug: boolean labels are named ['0', '1'] by _label_names but encoded as "
-    "str(True) == 'True', so build raises KeyError instead of loading or a DataError",
-)
 def test_boolean_labels(tmp_path, tokenizer) -> None:
     path = tmp_path / "bools.jsonl"
     with path.open("w") as fh:
@@ -339,19 +338,9 @@ def test_empty_split(tmp_path, tokenizer, fields, key, split) -> None:
     assert not list((tmp_path / "cache").glob("*/meta.json"))  # nothing cached
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=DataError,
-    reason="bug: the schema accepts data.val_fraction=0 ([0, 0.5)) but build() always "
-    "rejects the empty validation split it produces",
-)
-def test_zero_val_fraction_is_either_rejected_by_schema_or_builds(tmp_path, tokenizer) -> None:
-    try:
-        spec = _mr(tmp_path, limit=50, val_fraction=0.0)
-    except ValidationError:
-        return  # the schema refusing 0 would also be consistent
-    bundle = build(spec, tokenizer)
-    assert bundle.sizes["validation"] == 0
+def test_zero_val_fraction_rejected_by_schema(tmp_path, tokenizer) -> None:
+    with pytest.raises(ValidationError):
+        _mr(tmp_path, limit=50, val_fraction=0.0)  # the schema refuses an empty validation split
 
 
 def test_corpus_name_rejected_before_reading(tmp_path) -> None:

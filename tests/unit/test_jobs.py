@@ -34,7 +34,9 @@ def test_job_header_says_how_to_run_it(path: Path) -> None:
     assert lines and lines[0].startswith("#"), f"{_rel(path)} must start with a comment line"
     rel = _rel(path)
     commands = [line for line in lines if "orchestrator " in line and rel in line]
-    assert commands, f"{rel} needs a line with the command that runs it, e.g. orchestrator train {rel}"
+    assert commands, (
+        f"{rel} needs a line with the command that runs it, e.g. orchestrator train {rel}"
+    )
 
 
 def test_jobs_have_distinct_run_directories() -> None:

@@ -22,8 +22,10 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def batch(tokenizer):
+    # What DataBundle.collate yields: right-padded input_ids and attention_mask, no token types.
     texts = read_corpus("mr")["text"].head(5).tolist()
-    return tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,99 @@
+"""Turn a compressed model into its artifact and its honest numbers (no Ray, one process).
+
+Shared by ``orchestrator compress`` (one-shot) and the end of a compressed training run (rank 0):
+write the artifact, load it back exactly as a user would, and measure *that*: its bytes, its
+accuracy on validation and test, and its latency against the dense model, side by side.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from orchestrator import data as data_lib
+from orchestrator import models
+from orchestrator.compress import CompressionReport, compress_, summary_metrics
+from orchestrator.compress.artifact import load_artifact, save_artifact
+from orchestrator.compress.measure import measure_latency
+from orchestrator.config.schema import JobSpec
+
+
+def calibration_batches(spec: JobSpec, bundle: data_lib.DataBundle) -> list[dict[str, torch.Tensor]]:
+    """The same calibration batches on every rank (masks and ranks must agree across ranks):
+    the first ``compress.calib_batches`` batches of the seeded, unsharded training order."""
+    batches = []
+    for batch in bundle.train_batches(spec.train.batch_size, 0, 1, spec.data.seed, 0):
+        batches.append(batch)
+        if len(batches) >= spec.compress.calib_batches:
+            break
+    return batches
+
+
+def build_compressed(spec: JobSpec, bundle: data_lib.DataBundle, tokenizer: Any,
+                     calib: list[dict[str, torch.Tensor]],
+                     total_steps: int = 0) -> tuple[nn.Module, CompressionReport]:
+    """The job's model with its compression recipe applied (training form)."""
+    model = models.build_model(spec.model, bundle.num_labels, tokenizer, seed=spec.train.seed)
+    label_config(model, bundle)
+    report = compress_(model, spec.compress, calib=calib, total_steps=total_steps)
+    return model, report
+
+
+def label_config(model: nn.Module, bundle: data_lib.DataBundle) -> None:
+    model.config.id2label = dict(enumerate(bundle.label_names))
+    model.config.label2id = {n: i for i, n in enumerate(bundle.label_names)}
+
+
+@torch.inference_mode()
+def evaluate_plain(model: nn.Module, bundle: data_lib.DataBundle, split: str,
+                   batch_size: int = 64) -> dict[str, float]:
+    model.eval()
+    correct = total = 0
+    loss_sum = 0.0
+    for batch, real in bundle.eval_batches(split, batch_size, 0, 1):
+        labels = batch.pop("labels")
+        logits = model(**batch).logits.float()
+        loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        correct += int((logits.argmax(-1) == labels).sum())
+        total += real
+    key = {"validation": "eval"}.get(split, split)
+    return {f"{key}/accuracy": correct / total, f"{key}/loss": loss_sum / total}
+
+
+def finalize(spec: JobSpec, model: nn.Module, report: CompressionReport,
+             bundle: data_lib.DataBundle, tokenizer: Any, folder: Path,
+             params_before: int) -> dict[str, float]:
+    """Write ``model``'s artifact to ``folder``, reload it, evaluate and time it against the
+    dense model. Returns the metrics (DESIGN.md 3.3 keys); also fills ``report.metrics``."""
+    from orchestrator.compress.structured import structure_of
+
+    if report.pruner is not None:
+        report.pruner.apply_()
+    structured = spec.compress.prune is not None and spec.compress.prune.method == "structured"
+    size = save_artifact(model, folder, quantize=spec.compress.quantize,
+                         structure=structure_of(model) if structured else None,
+                         tokenizer=tokenizer)
+    dense = models.build_model(spec.model, bundle.num_labels, tokenizer, seed=spec.train.seed)
+    label_config(dense, bundle)
+    with tempfile.TemporaryDirectory() as tmp:
+        dense_size = save_artifact(dense, Path(tmp) / "dense")
+    shipped = load_artifact(folder)
+    metrics = dict(summary_metrics(model, report, params_before))
+    metrics.update(evaluate_plain(shipped, bundle, "validation"))
+    metrics.update(evaluate_plain(shipped, bundle, "test"))
+    latency = measure_latency({"dense": dense, "compressed": shipped},
+                              seq_len=spec.data.max_length, vocab=len(tokenizer))
+    metrics.update(latency["compressed"])
+    metrics.update({f"perf/dense_{k.split('/')[1]}": v for k, v in latency["dense"].items()
+                    if k.startswith("perf/latency")})
+    metrics["perf/speedup"] = (latency["dense"]["perf/latency_ms_b32"]
+                               / latency["compressed"]["perf/latency_ms_b32"])
+    metrics["compress/size_bytes"] = float(size)
+    metrics["compress/dense_size_bytes"] = float(dense_size)
+    metrics["compress/size_ratio"] = dense_size / size
+    report.metrics.update(metrics)
+    return metrics

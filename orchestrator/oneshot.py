@@ -1,0 +1,32 @@
+"""``orchestrator compress``: one-shot compression of a model, no training. Evaluates and
+measures the artifact and writes ``compress_report.json`` and ``model/`` into the run directory.
+One process, no Ray: calibration, compression and measurement are single-machine work."""
+
+from __future__ import annotations
+
+import json
+
+from orchestrator import launch
+from orchestrator.config.schema import JobSpec
+from orchestrator.errors import ConfigError, Problem
+from orchestrator.finalize import build_compressed, calibration_batches, finalize
+
+
+def compress_job(spec: JobSpec) -> dict:
+    """Compress ``spec.model`` with ``spec.compress``; returns the CompressionReport as a dict."""
+    if not spec.compress.enabled:
+        raise ConfigError(Problem(
+            "compress", None, "the job has no compress.prune, compress.factorize or "
+            "compress.quantize section: nothing to do",
+            "add one, e.g. compress.quantize.method=dynamic_int8"))
+    spec = launch.resolve_paths(spec)
+    tokenizer, bundle = launch.preflight(spec)
+    launch.claim_run_dir(spec)
+    folder = launch.run_dir(spec)
+    calib = calibration_batches(spec, bundle)
+    model, report = build_compressed(spec, bundle, tokenizer, calib)
+    finalize(spec, model, report, bundle, tokenizer, folder / "model",
+             int(report.metrics["compress/params_before"]))
+    out = {"job": spec.name, **report.to_dict()}
+    launch.write_atomic(folder / "compress_report.json", json.dumps(out, indent=2))
+    return out
