@@ -136,9 +136,14 @@ def run(spec: JobSpec, ctx: WorkerContext) -> dict[str, float]:
 
     # Compression comes before the strategy wraps the model: the optimizer, DDP buckets and ZeRO
     # partitions must see the final (factorized, structurally pruned, fake-quant) modules.
-    calib = finalize.calibration_batches(spec, bundle) if spec.compress.enabled else []
-    model, creport = finalize.build_compressed(spec, bundle, tokenizer, calib, total_steps)
-    pruner = creport.pruner
+    creport = None
+    if spec.compress.enabled:
+        calib = finalize.calibration_batches(spec, bundle)
+        model, creport = finalize.build_compressed(spec, bundle, tokenizer, calib, total_steps)
+    else:
+        model = models.build_model(spec.model, bundle.num_labels, tokenizer, seed=tspec.seed)
+        finalize.label_config(model, bundle)
+    pruner = creport.pruner if creport is not None else None
 
     strategy = strategies.build(tspec, device)
     strategy.prepare(model, total_steps)
