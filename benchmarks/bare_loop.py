@@ -47,8 +47,11 @@ def main() -> None:
         import deepspeed
 
         engine, optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=build_ds_config(spec.train, world),
-            dist_init_required=False)
+            model=model,
+            optimizer=optimizer,
+            config=build_ds_config(spec.train, world),
+            dist_init_required=False,
+        )
     engine.train()
     bs = spec.train.batch_size
     step, epoch = 0, 0
@@ -70,8 +73,10 @@ def main() -> None:
                 t = torch.tensor([time.perf_counter() - window_start])
                 dist.all_reduce(t, op=dist.ReduceOp.MAX)
                 if rank == 0:
-                    sys.stdout.write(f"[orchestrator] step {step}/{args.steps} | loss "
-                                     f"{loss.item():.4f} | {samples / t.item():.1f} samples/s\n")
+                    sys.stdout.write(
+                        f"[orchestrator] step {step}/{args.steps} | loss "
+                        f"{loss.item():.4f} | {samples / t.item():.1f} samples/s\n"
+                    )
                     sys.stdout.flush()
                 window_start, samples = time.perf_counter(), 0
             if step >= args.steps:

@@ -34,24 +34,34 @@ def main() -> None:
     tok = models.build_tokenizer(spec.model)
     bundle = data_lib.build(spec.data, tok)
     model = models.build_model(spec.model, bundle.num_labels, tok)
-    emb = sum(p.numel() for n, p in model.named_parameters() if "embeddings" in n or "wte" in n
-              or "wpe" in n)
+    emb = sum(
+        p.numel()
+        for n, p in model.named_parameters()
+        if "embeddings" in n or "wte" in n or "wpe" in n
+    )
     non_emb = sum(p.numel() for p in model.parameters()) - emb
     cfg = model.config
-    lengths = [b["input_ids"].shape[1]
-               for b in bundle.train_batches(spec.train.batch_size, 0, 1, spec.train.seed, 0)]
+    lengths = [
+        b["input_ids"].shape[1]
+        for b in bundle.train_batches(spec.train.batch_size, 0, 1, spec.train.seed, 0)
+    ]
     seq = statistics.mean(lengths)
     flops_per_example = 6 * non_emb * seq + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq**2
 
-    rates = [float(m.group(2)) for m in map(LINE.search, open(args.log)) if m
-             and int(m.group(1)) > args.warmup]
+    rates = [
+        float(m.group(2))
+        for m in map(LINE.search, open(args.log))
+        if m and int(m.group(1)) > args.warmup
+    ]
     if not rates:
         raise SystemExit(f"no progress lines after step {args.warmup} in {args.log}")
     sps = statistics.mean(rates)
     achieved = sps * flops_per_example
-    print(f"{args.label}: {sps:.1f} samples/s | mean padded length {seq:.1f} | "
-          f"{flops_per_example / 1e9:.2f} GFLOP/example | {achieved / 1e12:.2f} TFLOP/s | "
-          f"MFU {100 * achieved / (args.peak_tflops * 1e12):.2f} % of {args.peak_tflops:g} TFLOP/s")
+    print(
+        f"{args.label}: {sps:.1f} samples/s | mean padded length {seq:.1f} | "
+        f"{flops_per_example / 1e9:.2f} GFLOP/example | {achieved / 1e12:.2f} TFLOP/s | "
+        f"MFU {100 * achieved / (args.peak_tflops * 1e12):.2f} % of {args.peak_tflops:g} TFLOP/s"
+    )
 
 
 if __name__ == "__main__":

@@ -28,8 +28,9 @@ LINE = re.compile(r"\[orchestrator\] step (\d+)/\d+ .*?([\d.]+) samples/s")
 def run(cmd: list[str], warmup: int) -> tuple[float, float]:
     """Run ``cmd``; return (steady-state samples/s, seconds to the first step)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     first, rates = None, []
     out = []
     for line in proc.stdout:
@@ -55,22 +56,43 @@ def main() -> None:
     args = ap.parse_args()
     bin_dir = Path(sys.executable).parent
     rows = []
-    for label, strat in [("ddp", ["train.strategy=ddp"]),
-                         ("deepspeed zero-2", ["train.strategy=deepspeed", "train.zero_stage=2"])]:
+    for label, strat in [
+        ("ddp", ["train.strategy=ddp"]),
+        ("deepspeed zero-2", ["train.strategy=deepspeed", "train.zero_stage=2"]),
+    ]:
         with tempfile.TemporaryDirectory() as out:
-            orch_cmd = [str(bin_dir / "orchestrator"), "train", args.job, *strat,
-                        f"train.max_steps={args.steps}", "train.log_every=10",
-                        "train.eval_every=0", "train.checkpoint_every=0", f"output.dir={out}"]
+            orch_cmd = [
+                str(bin_dir / "orchestrator"),
+                "train",
+                args.job,
+                *strat,
+                f"train.max_steps={args.steps}",
+                "train.log_every=10",
+                "train.eval_every=0",
+                "train.checkpoint_every=0",
+                f"output.dir={out}",
+            ]
             orch, orch_first = run(orch_cmd, args.warmup)
-        bare_cmd = [str(bin_dir / "torchrun"), "--nproc_per_node", "2", "benchmarks/bare_loop.py",
-                    "--job", args.job, "--strategy", strat[0].split("=")[1],
-                    "--steps", str(args.steps)]
+        bare_cmd = [
+            str(bin_dir / "torchrun"),
+            "--nproc_per_node",
+            "2",
+            "benchmarks/bare_loop.py",
+            "--job",
+            args.job,
+            "--strategy",
+            strat[0].split("=")[1],
+            "--steps",
+            str(args.steps),
+        ]
         bare, bare_first = run(bare_cmd, args.warmup)
         rows.append((label, orch, bare, orch / bare, orch_first, bare_first))
         print(f"{label}: orchestrator {orch:.1f} samples/s, bare {bare:.1f} samples/s", flush=True)
     print(f"\n2 workers, {args.steps} steps, steady state after step {args.warmup}")
-    print("| strategy | orchestrator samples/s | bare torchrun samples/s | ratio | "
-          "time to first step: orchestrator / bare (s) |")
+    print(
+        "| strategy | orchestrator samples/s | bare torchrun samples/s | ratio | "
+        "time to first step: orchestrator / bare (s) |"
+    )
     print("|---|---|---|---|---|")
     for label, orch, bare, ratio, of, bf in rows:
         print(f"| {label} | {orch:.1f} | {bare:.1f} | {ratio:.3f} | {of:.1f} / {bf:.1f} |")

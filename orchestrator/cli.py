@@ -18,23 +18,30 @@ def _parser() -> argparse.ArgumentParser:
     def job_command(name: str, help_text: str) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help_text, description=help_text)
         c.add_argument("job", metavar="JOB.yaml", help="job file")
-        c.add_argument("overrides", nargs="*", metavar="key=value",
-                       help="dotted overrides, e.g. train.lr=1e-4 train.num_workers=2")
+        c.add_argument(
+            "overrides",
+            nargs="*",
+            metavar="key=value",
+            help="dotted overrides, e.g. train.lr=1e-4 train.num_workers=2",
+        )
         return c
 
     job_command("validate", "print the resolved job, or every problem in it (exit 2)")
     t = job_command("train", "one Ray Train run of the job (DDP or DeepSpeed workers)")
     t.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
-    job_command("compress", "one-shot compression of the job's model, no training; evaluates "
-                "and measures the artifact")
+    job_command(
+        "compress",
+        "one-shot compression of the job's model, no training; evaluates and measures the artifact",
+    )
     return p
-
 
 
 def _summary(metrics: dict[str, float]) -> str:
     width = max(len(k) for k in metrics)
-    rows = [f"  {k:<{width}}  {v:.4f}" if abs(v) < 1e5 else f"  {k:<{width}}  {v:.4g}"
-            for k, v in sorted(metrics.items())]
+    rows = [
+        f"  {k:<{width}}  {v:.4f}" if abs(v) < 1e5 else f"  {k:<{width}}  {v:.4g}"
+        for k, v in sorted(metrics.items())
+    ]
     return "\n".join(["final metrics:", *rows])
 
 
@@ -42,10 +49,14 @@ def _modules_table(rows: list[dict]) -> str:
     """Per-module rows, folded by technique: how many layers, shapes, skips and why."""
     lines = ["modules:"]
     for r in rows:
-        what = "skipped: " + r["reason"] if r["skipped"] else (
-            f"{r['shape_before']} -> {r['shape_after']}")
-        extra = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                          for k, v in r["details"].items())
+        what = (
+            "skipped: " + r["reason"]
+            if r["skipped"]
+            else (f"{r['shape_before']} -> {r['shape_after']}")
+        )
+        extra = ", ".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["details"].items()
+        )
         lines.append(f"  {r['technique']:<9} {r['name']:<50} {what}  {extra}")
     return "\n".join(lines)
 

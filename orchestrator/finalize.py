@@ -22,7 +22,9 @@ from orchestrator.compress.measure import measure_latency
 from orchestrator.config.schema import JobSpec
 
 
-def calibration_batches(spec: JobSpec, bundle: data_lib.DataBundle) -> list[dict[str, torch.Tensor]]:
+def calibration_batches(
+    spec: JobSpec, bundle: data_lib.DataBundle
+) -> list[dict[str, torch.Tensor]]:
     """The same calibration batches on every rank (masks and ranks must agree across ranks):
     the first ``compress.calib_batches`` batches of the seeded, unsharded training order."""
     batches = []
@@ -33,9 +35,13 @@ def calibration_batches(spec: JobSpec, bundle: data_lib.DataBundle) -> list[dict
     return batches
 
 
-def build_compressed(spec: JobSpec, bundle: data_lib.DataBundle, tokenizer: Any,
-                     calib: list[dict[str, torch.Tensor]],
-                     total_steps: int = 0) -> tuple[nn.Module, CompressionReport]:
+def build_compressed(
+    spec: JobSpec,
+    bundle: data_lib.DataBundle,
+    tokenizer: Any,
+    calib: list[dict[str, torch.Tensor]],
+    total_steps: int = 0,
+) -> tuple[nn.Module, CompressionReport]:
     """The job's model with its compression recipe applied (training form)."""
     model = models.build_model(spec.model, bundle.num_labels, tokenizer, seed=spec.train.seed)
     label_config(model, bundle)
@@ -49,8 +55,9 @@ def label_config(model: nn.Module, bundle: data_lib.DataBundle) -> None:
 
 
 @torch.inference_mode()
-def evaluate_plain(model: nn.Module, bundle: data_lib.DataBundle, split: str,
-                   batch_size: int = 64) -> dict[str, float]:
+def evaluate_plain(
+    model: nn.Module, bundle: data_lib.DataBundle, split: str, batch_size: int = 64
+) -> dict[str, float]:
     model.eval()
     correct = total = 0
     loss_sum = 0.0
@@ -64,9 +71,15 @@ def evaluate_plain(model: nn.Module, bundle: data_lib.DataBundle, split: str,
     return {f"{key}/accuracy": correct / total, f"{key}/loss": loss_sum / total}
 
 
-def finalize(spec: JobSpec, model: nn.Module, report: CompressionReport,
-             bundle: data_lib.DataBundle, tokenizer: Any, folder: Path,
-             params_before: int) -> dict[str, float]:
+def finalize(
+    spec: JobSpec,
+    model: nn.Module,
+    report: CompressionReport,
+    bundle: data_lib.DataBundle,
+    tokenizer: Any,
+    folder: Path,
+    params_before: int,
+) -> dict[str, float]:
     """Write ``model``'s artifact to ``folder``, reload it, evaluate and time it against the
     dense model. Returns the metrics (DESIGN.md 3.3 keys); also fills ``report.metrics``."""
     from orchestrator.compress.structured import structure_of
@@ -74,9 +87,13 @@ def finalize(spec: JobSpec, model: nn.Module, report: CompressionReport,
     if report.pruner is not None:
         report.pruner.apply_()
     structured = spec.compress.prune is not None and spec.compress.prune.method == "structured"
-    size = save_artifact(model, folder, quantize=spec.compress.quantize,
-                         structure=structure_of(model) if structured else None,
-                         tokenizer=tokenizer)
+    size = save_artifact(
+        model,
+        folder,
+        quantize=spec.compress.quantize,
+        structure=structure_of(model) if structured else None,
+        tokenizer=tokenizer,
+    )
     dense = models.build_model(spec.model, bundle.num_labels, tokenizer, seed=spec.train.seed)
     label_config(dense, bundle)
     with tempfile.TemporaryDirectory() as tmp:
@@ -85,13 +102,20 @@ def finalize(spec: JobSpec, model: nn.Module, report: CompressionReport,
     metrics = dict(summary_metrics(model, report, params_before))
     metrics.update(evaluate_plain(shipped, bundle, "validation"))
     metrics.update(evaluate_plain(shipped, bundle, "test"))
-    latency = measure_latency({"dense": dense, "compressed": shipped},
-                              seq_len=spec.data.max_length, vocab=len(tokenizer))
+    latency = measure_latency(
+        {"dense": dense, "compressed": shipped}, seq_len=spec.data.max_length, vocab=len(tokenizer)
+    )
     metrics.update(latency["compressed"])
-    metrics.update({f"perf/dense_{k.split('/')[1]}": v for k, v in latency["dense"].items()
-                    if k.startswith("perf/latency")})
-    metrics["perf/speedup"] = (latency["dense"]["perf/latency_ms_b32"]
-                               / latency["compressed"]["perf/latency_ms_b32"])
+    metrics.update(
+        {
+            f"perf/dense_{k.split('/')[1]}": v
+            for k, v in latency["dense"].items()
+            if k.startswith("perf/latency")
+        }
+    )
+    metrics["perf/speedup"] = (
+        latency["dense"]["perf/latency_ms_b32"] / latency["compressed"]["perf/latency_ms_b32"]
+    )
     metrics["compress/size_bytes"] = float(size)
     metrics["compress/dense_size_bytes"] = float(dense_size)
     metrics["compress/size_ratio"] = dense_size / size

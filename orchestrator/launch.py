@@ -54,11 +54,16 @@ def resolve_paths(spec: JobSpec) -> JobSpec:
     return spec.model_copy(
         update={
             "model": spec.model.model_copy(
-                update={"path": absolute(spec.model.path),
-                        "tokenizer_path": absolute(spec.model.tokenizer_path)}
+                update={
+                    "path": absolute(spec.model.path),
+                    "tokenizer_path": absolute(spec.model.tokenizer_path),
+                }
             ),
             "data": spec.data.model_copy(
-                update={"path": absolute(spec.data.path), "cache_dir": absolute(spec.data.cache_dir)}
+                update={
+                    "path": absolute(spec.data.path),
+                    "cache_dir": absolute(spec.data.cache_dir),
+                }
             ),
             "output": spec.output.model_copy(update={"dir": absolute(spec.output.dir)}),
         }
@@ -98,8 +103,12 @@ def claim_run_dir(spec: JobSpec) -> bool:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(
-            Problem("output.dir", spec.output.dir, f"cannot create {folder}: {e.strerror}",
-                    "point output.dir at a writable folder")
+            Problem(
+                "output.dir",
+                spec.output.dir,
+                f"cannot create {folder}: {e.strerror}",
+                "point output.dir at a writable folder",
+            )
         ) from None
     write_atomic(saved, text)
     return False
@@ -124,10 +133,15 @@ def connect_ray(spec: JobSpec, address: str | None = None) -> None:
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
-            ray.init(address="local", num_cpus=spec.resources.num_cpus or os.cpu_count(),
-                     log_to_driver=True)
+            ray.init(
+                address="local",
+                num_cpus=spec.resources.num_cpus or os.cpu_count(),
+                log_to_driver=True,
+            )
     except (ConnectionError, RuntimeError, ValueError) as e:
-        raise RunError(f"could not connect to Ray at {address or 'a new local instance'}: {e}") from e
+        raise RunError(
+            f"could not connect to Ray at {address or 'a new local instance'}: {e}"
+        ) from e
 
 
 def check_capacity(spec: JobSpec) -> None:
@@ -140,17 +154,23 @@ def check_capacity(spec: JobSpec) -> None:
     problems = []
     if need_cpu > total.get("CPU", 0):
         problems.append(
-            Problem("train.num_workers", spec.train.num_workers,
-                    f"needs {need_cpu:g} CPUs (x resources.cpus_per_worker="
-                    f"{spec.resources.cpus_per_worker:g}) but the cluster has "
-                    f"{total.get('CPU', 0):g}",
-                    "lower train.num_workers or resources.cpus_per_worker, or add nodes")
+            Problem(
+                "train.num_workers",
+                spec.train.num_workers,
+                f"needs {need_cpu:g} CPUs (x resources.cpus_per_worker="
+                f"{spec.resources.cpus_per_worker:g}) but the cluster has "
+                f"{total.get('CPU', 0):g}",
+                "lower train.num_workers or resources.cpus_per_worker, or add nodes",
+            )
         )
     if need_gpu > total.get("GPU", 0):
         problems.append(
-            Problem("resources.gpus_per_worker", spec.resources.gpus_per_worker,
-                    f"needs {need_gpu:g} GPUs but the cluster has {total.get('GPU', 0):g}",
-                    "set resources.gpus_per_worker=0 to train on CPUs, or add GPU nodes")
+            Problem(
+                "resources.gpus_per_worker",
+                spec.resources.gpus_per_worker,
+                f"needs {need_gpu:g} GPUs but the cluster has {total.get('GPU', 0):g}",
+                "set resources.gpus_per_worker=0 to train on CPUs, or add GPU nodes",
+            )
         )
     if problems:
         raise ConfigError(problems)

@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -94,11 +93,14 @@ def evaluate(
         total += real
     model.train()
     correct, total, loss_sum = _all_reduce_sum([correct, total, loss_sum], device)
-    return {f"{split_key(split)}/accuracy": correct / total, f"{split_key(split)}/loss": loss_sum / total}
+    return {
+        f"{split_key(split)}/accuracy": correct / total,
+        f"{split_key(split)}/loss": loss_sum / total,
+    }
 
 
 def split_key(split: str) -> str:
-    """Metric namespace: validation metrics are ``eval/*`` (DESIGN 3.3), held-out test ``test/*``."""
+    """Metric namespace: validation is ``eval/*`` (DESIGN 3.3), held-out test ``test/*``."""
     return {"validation": "eval"}.get(split, split)
 
 
@@ -180,13 +182,22 @@ def run(spec: JobSpec, ctx: WorkerContext) -> dict[str, float]:
         are then broadcast so every rank reports the same metrics."""
         out: list[dict[str, float] | None] = [None]
         if is_main:
-            export_model, report = finalize.build_compressed(spec, bundle, tokenizer, calib,
-                                                             total_steps)
+            export_model, report = finalize.build_compressed(
+                spec, bundle, tokenizer, calib, total_steps
+            )
             export_model.load_state_dict(full)
-            out[0] = finalize.finalize(spec, export_model, report, bundle, tokenizer, folder,
-                                       int(creport.metrics["compress/params_before"]))
+            out[0] = finalize.finalize(
+                spec,
+                export_model,
+                report,
+                bundle,
+                tokenizer,
+                folder,
+                int(creport.metrics["compress/params_before"]),
+            )
             (folder.parent / "compress_report.json").write_text(
-                json.dumps({"job": spec.name, **report.to_dict()}, indent=2))
+                json.dumps({"job": spec.name, **report.to_dict()}, indent=2)
+            )
         if dist.is_initialized():
             dist.broadcast_object_list(out, src=0)
         return out[0]
@@ -199,7 +210,11 @@ def run(spec: JobSpec, ctx: WorkerContext) -> dict[str, float]:
     model_fwd.train()
     while state["step"] < total_steps:
         batches = bundle.train_batches(
-            tspec.batch_size, ctx.rank, ctx.world_size, tspec.seed, state["epoch"],
+            tspec.batch_size,
+            ctx.rank,
+            ctx.world_size,
+            tspec.seed,
+            state["epoch"],
             skip=state["micro_step"],
         )
         for batch in batches:
@@ -243,7 +258,8 @@ def run(spec: JobSpec, ctx: WorkerContext) -> dict[str, float]:
                     log(
                         f"step {step}/{total_steps} | epoch "
                         f"{metrics['train/epoch']:.2f} | loss {metrics['train/loss']:.4f} | lr "
-                        f"{metrics['train/lr']:.2e} | {metrics['train/samples_per_s']:.1f} samples/s"
+                        f"{metrics['train/lr']:.2e} | "
+                        f"{metrics['train/samples_per_s']:.1f} samples/s"
                     )
                 loss_sum = loss_n = 0.0
                 window_start, window_samples = time.perf_counter(), 0
@@ -252,10 +268,14 @@ def run(spec: JobSpec, ctx: WorkerContext) -> dict[str, float]:
             do_eval = tspec.eval_every and step % tspec.eval_every == 0
             do_ckpt = tspec.checkpoint_every and step % tspec.checkpoint_every == 0
             if do_eval:
-                metrics.update(evaluate(strategy, bundle, "validation", tspec.batch_size, ctx, device))
+                metrics.update(
+                    evaluate(strategy, bundle, "validation", tspec.batch_size, ctx, device)
+                )
                 if is_main:
-                    log(f"step {step} | eval/accuracy {metrics['eval/accuracy']:.4f} | "
-                        f"eval/loss {metrics['eval/loss']:.4f}")
+                    log(
+                        f"step {step} | eval/accuracy {metrics['eval/accuracy']:.4f} | "
+                        f"eval/loss {metrics['eval/loss']:.4f}"
+                    )
             if do_ckpt:
                 checkpoint(dict(metrics), final=False)
             elif do_eval or logged:

@@ -15,18 +15,30 @@ from orchestrator.finalize import build_compressed, calibration_batches, finaliz
 def compress_job(spec: JobSpec) -> dict:
     """Compress ``spec.model`` with ``spec.compress``; returns the CompressionReport as a dict."""
     if not spec.compress.enabled:
-        raise ConfigError(Problem(
-            "compress", None, "the job has no compress.prune, compress.factorize or "
-            "compress.quantize section: nothing to do",
-            "add one, e.g. compress.quantize.method=dynamic_int8"))
+        raise ConfigError(
+            Problem(
+                "compress",
+                None,
+                "the job has no compress.prune, compress.factorize or "
+                "compress.quantize section: nothing to do",
+                "add one, e.g. compress.quantize.method=dynamic_int8",
+            )
+        )
     spec = launch.resolve_paths(spec)
     tokenizer, bundle = launch.preflight(spec)
     launch.claim_run_dir(spec)
     folder = launch.run_dir(spec)
     calib = calibration_batches(spec, bundle)
     model, report = build_compressed(spec, bundle, tokenizer, calib)
-    finalize(spec, model, report, bundle, tokenizer, folder / "model",
-             int(report.metrics["compress/params_before"]))
+    finalize(
+        spec,
+        model,
+        report,
+        bundle,
+        tokenizer,
+        folder / "model",
+        int(report.metrics["compress/params_before"]),
+    )
     out = {"job": spec.name, **report.to_dict()}
     launch.write_atomic(folder / "compress_report.json", json.dumps(out, indent=2))
     return out

@@ -31,12 +31,16 @@ class CompressionReport:
     pruner: Pruner | None = None  # the training loop re-applies its masks after every step
 
     def to_dict(self) -> dict[str, Any]:
-        return {"metrics": dict(self.metrics), "notes": list(self.notes),
-                "modules": [r.to_dict() for r in self.rows]}
+        return {
+            "metrics": dict(self.metrics),
+            "notes": list(self.notes),
+            "modules": [r.to_dict() for r in self.rows],
+        }
 
 
-def _capture_outputs(model: nn.Module, batch: dict[str, torch.Tensor] | None,
-                     names: list[str]) -> dict[str, torch.Tensor]:
+def _capture_outputs(
+    model: nn.Module, batch: dict[str, torch.Tensor] | None, names: list[str]
+) -> dict[str, torch.Tensor]:
     """Each named module's output on one calibration batch (for per-layer SQNR)."""
     if batch is None:
         return {}
@@ -58,8 +62,10 @@ def _capture_outputs(model: nn.Module, batch: dict[str, torch.Tensor] | None,
     device = next(model.parameters()).device
     try:
         with torch.no_grad():
-            model(input_ids=batch["input_ids"].to(device),
-                  attention_mask=batch["attention_mask"].to(device))
+            model(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+            )
     finally:
         for h in hooks:
             h.remove()
@@ -112,10 +118,17 @@ def compress_(
             report.rows += prune_structured_(model, spec.prune, calib=calib, filter_fn=filter_fn)
         else:
             if spec.prune.method == "wanda" and not calib:
-                raise ConfigError(Problem("compress.prune.method", "wanda",
-                                          "needs calibration batches", "pass calib batches"))
-            report.pruner, rows = prune_(model, spec.prune, calib=calib, filter_fn=filter_fn,
-                                         total_steps=total_steps)
+                raise ConfigError(
+                    Problem(
+                        "compress.prune.method",
+                        "wanda",
+                        "needs calibration batches",
+                        "pass calib batches",
+                    )
+                )
+            report.pruner, rows = prune_(
+                model, spec.prune, calib=calib, filter_fn=filter_fn, total_steps=total_steps
+            )
             report.rows += rows
     if spec.factorize is not None:
         report.rows += factorize_(model, spec.factorize, calib=calib, filter_fn=filter_fn)
@@ -134,8 +147,9 @@ def compress_(
     return report
 
 
-def summary_metrics(model: nn.Module, report: CompressionReport,
-                    params_before: int) -> dict[str, float]:
+def summary_metrics(
+    model: nn.Module, report: CompressionReport, params_before: int
+) -> dict[str, float]:
     """Model-level figures measured on the weights themselves (not the requested values)."""
     params = param_count(model)
     nonzero = sum(int((p != 0).sum()) for p in model.parameters())
@@ -143,8 +157,9 @@ def summary_metrics(model: nn.Module, report: CompressionReport,
         sparsity = report.pruner.measured_sparsity()
     else:
         weights = [p for _, p in weight_params(model)]
-        sparsity = sum(int((p == 0).sum()) for p in weights) / max(1, sum(p.numel()
-                                                                          for p in weights))
+        sparsity = sum(int((p == 0).sum()) for p in weights) / max(
+            1, sum(p.numel() for p in weights)
+        )
     return {
         "compress/params_before": float(params_before),
         "compress/params": float(params),
@@ -160,20 +175,29 @@ def notes_for(spec: CompressConfig) -> list[str]:
     notes = []
     p, f, q = spec.prune, spec.factorize, spec.quantize
     if p is not None and p.method != "structured":
-        notes.append("unstructured sparsity: bytes saved for real (bitmap + non-zero values in "
-                     "the artifact); no sparse CPU kernel is used, so it does not reduce latency")
+        notes.append(
+            "unstructured sparsity: bytes saved for real (bitmap + non-zero values in "
+            "the artifact); no sparse CPU kernel is used, so it does not reduce latency"
+        )
     if p is not None and p.method == "structured":
-        notes.append("structured pruning: layers are physically smaller, so both bytes and "
-                     "latency drop for real")
+        notes.append(
+            "structured pruning: layers are physically smaller, so both bytes and "
+            "latency drop for real"
+        )
     if f is not None:
-        notes.append("low-rank factorization: two thinner Linear layers, fewer FLOPs and bytes "
-                     "for real")
+        notes.append(
+            "low-rank factorization: two thinner Linear layers, fewer FLOPs and bytes for real"
+        )
     if q is not None and q.method == "dynamic_int8":
-        notes.append("dynamic int8: Linear layers run on int8 CPU kernels (real speed-up); "
-                     "weights and embeddings are stored as int8")
+        notes.append(
+            "dynamic int8: Linear layers run on int8 CPU kernels (real speed-up); "
+            "weights and embeddings are stored as int8"
+        )
     elif q is not None:
-        notes.append(f"{q.bits}-bit weights are stored packed (real bytes) but dequantized to "
-                     "fp32 at load: no speed-up from quantization")
+        notes.append(
+            f"{q.bits}-bit weights are stored packed (real bytes) but dequantized to "
+            "fp32 at load: no speed-up from quantization"
+        )
     return notes
 
 

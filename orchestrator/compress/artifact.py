@@ -58,8 +58,12 @@ def encode_weight(t: torch.Tensor, module: nn.Module, pname: str) -> tuple[dict,
     nnz = int(mask.sum())
     sparse_ok = t.ndim >= 2 and nnz < t.numel()
     if sparse_ok:
-        options.append(({"bitmap": _bitmap(mask), "values": t[mask]},
-                        {"format": "sparse", "shape": list(t.shape)}))
+        options.append(
+            (
+                {"bitmap": _bitmap(mask), "values": t[mask]},
+                {"format": "sparse", "shape": list(t.shape)},
+            )
+        )
     q = quantized_weight(module) if pname == "weight" else None
     if q is not None:
         qt, meta = encode(q)
@@ -68,8 +72,9 @@ def encode_weight(t: torch.Tensor, module: nn.Module, pname: str) -> tuple[dict,
             nz_codes = pack_codes(q.codes.flatten()[mask.flatten()].contiguous(), q.bits)
             sq = {k: v for k, v in qt.items() if k != "codes"}
             sq.update(bitmap=_bitmap(mask), nzcodes=nz_codes)
-            options.append((sq, {"format": "sparse_quant", "quant": meta, "nnz": nnz,
-                                 "shape": list(t.shape)}))
+            options.append(
+                (sq, {"format": "sparse_quant", "quant": meta, "nnz": nnz, "shape": list(t.shape)})
+            )
     return min(options, key=lambda o: _nbytes(o[0]))
 
 
@@ -142,8 +147,9 @@ def save_artifact(
         "structure": structure,
         "low_rank": {n: m.rank for n, m in model.named_modules() if isinstance(m, LowRankLinear)},
         "quantize": quantize.model_dump(mode="json") if quantize is not None else None,
-        "quantized_modules": {n: type(m).__name__ for n, m in model.named_modules()
-                              if quantized_weight(m) is not None},
+        "quantized_modules": {
+            n: type(m).__name__ for n, m in model.named_modules() if quantized_weight(m) is not None
+        },
         "tensors": entries,
         **(extra or {}),
     }
@@ -187,21 +193,30 @@ def load_artifact(folder: str | Path) -> nn.Module:
         rebuild_structure_(model, manifest["structure"])
     for name, rank in manifest["low_rank"].items():
         old = model.get_submodule(name)
-        set_module(model, name, LowRankLinear(old.in_features, old.out_features, rank,
-                                              bias=old.bias is not None))
+        set_module(
+            model,
+            name,
+            LowRankLinear(old.in_features, old.out_features, rank, bias=old.bias is not None),
+        )
     qcfg = QuantizeConfig(**manifest["quantize"]) if manifest.get("quantize") else None
     for name, kind in manifest["quantized_modules"].items():
         old = model.get_submodule(name)
-        new = (QuantEmbedding.from_embedding(old, qcfg) if kind == "QuantEmbedding"
-               else QuantLinear.from_linear(old, qcfg))
+        new = (
+            QuantEmbedding.from_embedding(old, qcfg)
+            if kind == "QuantEmbedding"
+            else QuantLinear.from_linear(old, qcfg)
+        )
         set_module(model, name, new)
     flat = load_file(str(folder / WEIGHTS))
     state = {}
     for name, meta in manifest["tensors"].items():
         prefix = name + "."
-        parts = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)
-                 and k[len(prefix):] in ("bitmap", "values", "codes", "scale", "zero_point",
-                                         "nzcodes")}
+        parts = {
+            k[len(prefix) :]: v
+            for k, v in flat.items()
+            if k.startswith(prefix)
+            and k[len(prefix) :] in ("bitmap", "values", "codes", "scale", "zero_point", "nzcodes")
+        }
         if meta["format"] == "dense":
             parts = {"": flat[name]}
         state[name] = decode_weight(parts, meta)

@@ -59,8 +59,14 @@ def select_modules(
     for which, pattern in patterns:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
             sample = ", ".join(names[:6])
-            problems.append(Problem(f"{key}.{which}", pattern, "matches no module of the model",
-                                    f"use glob patterns over module names such as {sample}"))
+            problems.append(
+                Problem(
+                    f"{key}.{which}",
+                    pattern,
+                    "matches no module of the model",
+                    f"use glob patterns over module names such as {sample}",
+                )
+            )
     if problems:
         raise ConfigError(problems)
     out = []
@@ -120,8 +126,10 @@ def collect_input_stats(
     try:
         for batch in calib:
             mask_holder["mask"] = batch["attention_mask"].to(device)
-            model(input_ids=batch["input_ids"].to(device),
-                  attention_mask=batch["attention_mask"].to(device))
+            model(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+            )
     finally:
         for h in hooks:
             h.remove()

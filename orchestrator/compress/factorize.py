@@ -45,13 +45,15 @@ def choose_rank(sigma: torch.Tensor, cfg: FactorizeConfig, in_f: int, out_f: int
     if cfg.rank_ratio is not None:
         return max(1, min(full, int(round(cfg.rank_ratio * full))))
     energy = torch.cumsum(sigma.double() ** 2, 0) / (sigma.double() ** 2).sum()
-    return min(full, int(torch.searchsorted(energy, torch.tensor(cfg.energy, dtype=energy.dtype)))
-               + 1)
+    return min(
+        full, int(torch.searchsorted(energy, torch.tensor(cfg.energy, dtype=energy.dtype))) + 1
+    )
 
 
 @torch.no_grad()
-def factorize_linear(linear: nn.Linear, cfg: FactorizeConfig,
-                     channel_scale: torch.Tensor | None) -> tuple[LowRankLinear | None, int, str]:
+def factorize_linear(
+    linear: nn.Linear, cfg: FactorizeConfig, channel_scale: torch.Tensor | None
+) -> tuple[LowRankLinear | None, int, str]:
     """The factorized replacement of ``linear`` (or None and why not), and the rank chosen."""
     w = linear.weight.detach().float()
     out_f, in_f = w.shape
@@ -63,11 +65,15 @@ def factorize_linear(linear: nn.Linear, cfg: FactorizeConfig,
     u, sigma, vh = torch.linalg.svd(w * s.unsqueeze(0), full_matrices=False)
     rank = choose_rank(sigma, cfg, in_f, out_f)
     if rank * (in_f + out_f) >= in_f * out_f:
-        return None, rank, (f"rank {rank} would not save parameters: {rank}x({in_f}+{out_f}) >= "
-                            f"{in_f}x{out_f}")
+        return (
+            None,
+            rank,
+            (f"rank {rank} would not save parameters: {rank}x({in_f}+{out_f}) >= {in_f}x{out_f}"),
+        )
     root = sigma[:rank].sqrt()
     new = LowRankLinear(in_f, out_f, rank, bias=linear.bias is not None).to(
-        device=linear.weight.device, dtype=linear.weight.dtype)
+        device=linear.weight.device, dtype=linear.weight.dtype
+    )
     new.up.weight.copy_(u[:, :rank] * root.unsqueeze(0))
     # Undo the channel scaling on the input side: W ~ U S V^T diag(1/s).
     new.down.weight.copy_((root.unsqueeze(1) * vh[:rank]) / s.unsqueeze(0))
@@ -89,8 +95,9 @@ def factorize_(
     filter_fn: FilterFn | None = None,
 ) -> list[ModuleRow]:
     """Replace each selected Linear by a LowRankLinear, in place. Returns one row per layer."""
-    modules = select_modules(model, cfg.include, cfg.exclude, (nn.Linear,), "compress.factorize",
-                             filter_fn=filter_fn)
+    modules = select_modules(
+        model, cfg.include, cfg.exclude, (nn.Linear,), "compress.factorize", filter_fn=filter_fn
+    )
     # The factors of an already-factorized layer are not factorized again (idempotence).
     modules = [(n, m) for n, m in modules if not _inside_low_rank(model, n)]
     scales = None
@@ -105,12 +112,33 @@ def factorize_(
         before = sum(p.numel() for p in linear.parameters())
         shape = list(linear.weight.shape)
         if new is None:
-            rows.append(ModuleRow(name, "factorize", "Linear", shape, shape, before, before,
-                                  skipped=True, reason=reason, details={"rank": rank}))
+            rows.append(
+                ModuleRow(
+                    name,
+                    "factorize",
+                    "Linear",
+                    shape,
+                    shape,
+                    before,
+                    before,
+                    skipped=True,
+                    reason=reason,
+                    details={"rank": rank},
+                )
+            )
             continue
         set_module(model, name, new)
         after = sum(p.numel() for p in new.parameters())
-        rows.append(ModuleRow(name, "factorize", "Linear", shape,
-                              [shape[0], rank, shape[1]], before, after,
-                              details={"rank": rank, "method": cfg.method}))
+        rows.append(
+            ModuleRow(
+                name,
+                "factorize",
+                "Linear",
+                shape,
+                [shape[0], rank, shape[1]],
+                before,
+                after,
+                details={"rank": rank, "method": cfg.method},
+            )
+        )
     return rows

@@ -30,13 +30,16 @@ def cubic_sparsity(step: int, cfg: PruneConfig, total_steps: int) -> float:
     p the progress from start_step to end_step (default: two thirds of training)."""
     if cfg.schedule == "oneshot":
         return cfg.sparsity
-    end = cfg.end_step if cfg.end_step is not None else max(cfg.start_step + 1, 2 * total_steps // 3)
+    end = (
+        cfg.end_step if cfg.end_step is not None else max(cfg.start_step + 1, 2 * total_steps // 3)
+    )
     progress = min(1.0, max(0.0, (step - cfg.start_step) / max(1, end - cfg.start_step)))
     return cfg.sparsity + (cfg.initial_sparsity - cfg.sparsity) * (1.0 - progress) ** 3
 
 
-def _threshold_masks(scores: dict[str, torch.Tensor], sparsity: float, scope: str,
-                     per_row: bool) -> dict[str, torch.Tensor]:
+def _threshold_masks(
+    scores: dict[str, torch.Tensor], sparsity: float, scope: str, per_row: bool
+) -> dict[str, torch.Tensor]:
     """Keep the highest scores. ``per_row`` compares within each output row (Wanda's group)."""
     masks = {}
     if sparsity <= 0:
@@ -69,8 +72,12 @@ class Pruner:
     """Owns the pruning masks of one model: computes them, shrinks them on schedule, applies
     them. Keys are parameter names (``<module>.weight``) of the plain (unwrapped) model."""
 
-    def __init__(self, cfg: PruneConfig, modules: list[tuple[str, nn.Module]],
-                 input_norms: dict[str, torch.Tensor] | None) -> None:
+    def __init__(
+        self,
+        cfg: PruneConfig,
+        modules: list[tuple[str, nn.Module]],
+        input_norms: dict[str, torch.Tensor] | None,
+    ) -> None:
         self.cfg = cfg
         self.modules = dict(modules)
         self.input_norms = input_norms or {}
@@ -93,8 +100,12 @@ class Pruner:
         """Recompute masks at ``sparsity`` (never un-pruning). Returns True if masks changed."""
         if sparsity <= self.current_sparsity and self.masks:
             return False
-        new = _threshold_masks(self.scores(), sparsity, self.cfg.scope,
-                               per_row=self.cfg.method == "wanda" and self.cfg.scope == "layer")
+        new = _threshold_masks(
+            self.scores(),
+            sparsity,
+            self.cfg.scope,
+            per_row=self.cfg.method == "wanda" and self.cfg.scope == "layer",
+        )
         for key, m in new.items():
             self.masks[key] = m & self.masks[key] if key in self.masks else m
         self.current_sparsity = sparsity
@@ -128,8 +139,11 @@ class Pruner:
         """Called after every optimizer step: advance the schedule, then re-apply the masks
         through ``apply_masks`` (the strategy's, which also reaches fp32 master copies)."""
         cfg = self.cfg
-        if (cfg.schedule == "gradual" and step >= cfg.start_step
-                and (step - cfg.start_step) % cfg.update_every == 0):
+        if (
+            cfg.schedule == "gradual"
+            and step >= cfg.start_step
+            and (step - cfg.start_step) % cfg.update_every == 0
+        ):
             self.update(cubic_sparsity(step, cfg, total_steps))
         apply_masks(self.masks)
 
@@ -145,8 +159,9 @@ def prune_(
     """Unstructured pruning of the selected Linear layers, in place. One-shot prunes to
     ``cfg.sparsity`` now; gradual starts at ``cfg.initial_sparsity`` and the training loop
     advances it through ``Pruner.step``."""
-    modules = select_modules(model, cfg.include, cfg.exclude, (nn.Linear,), "compress.prune",
-                             filter_fn=filter_fn)
+    modules = select_modules(
+        model, cfg.include, cfg.exclude, (nn.Linear,), "compress.prune", filter_fn=filter_fn
+    )
     norms = None
     if cfg.method == "wanda":
         if not calib:
@@ -160,11 +175,21 @@ def prune_(
     for name, module in modules:
         w = module.weight
         nz = int((w != 0).sum())
-        rows.append(ModuleRow(
-            name=name, technique="prune", kind=type(module).__name__,
-            shape_before=list(w.shape), shape_after=list(w.shape),
-            params_before=w.numel(), params_after=w.numel(),
-            details={"method": cfg.method, "sparsity": 1 - nz / w.numel(),
-                     "target_sparsity": cfg.sparsity, "schedule": cfg.schedule},
-        ))
+        rows.append(
+            ModuleRow(
+                name=name,
+                technique="prune",
+                kind=type(module).__name__,
+                shape_before=list(w.shape),
+                shape_after=list(w.shape),
+                params_before=w.numel(),
+                params_after=w.numel(),
+                details={
+                    "method": cfg.method,
+                    "sparsity": 1 - nz / w.numel(),
+                    "target_sparsity": cfg.sparsity,
+                    "schedule": cfg.schedule,
+                },
+            )
+        )
     return pruner, rows

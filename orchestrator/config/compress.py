@@ -36,7 +36,9 @@ class PruneConfig(_Technique):
         "(physically removes FFN neurons and attention heads)",
     )
     sparsity: float = Field(
-        default=0.5, ge=0.0, lt=1.0,
+        default=0.5,
+        ge=0.0,
+        lt=1.0,
         description="fraction removed, [0, 1): of the targeted weights (unstructured) or of the "
         "FFN neurons and heads (structured)",
     )
@@ -49,12 +51,14 @@ class PruneConfig(_Technique):
         description="oneshot: prune before training; gradual: cubic schedule from "
         "initial_sparsity to sparsity between start_step and end_step of recovery training",
     )
-    initial_sparsity: float = Field(default=0.0, ge=0.0, lt=1.0,
-                                    description="gradual: sparsity at start_step, [0, 1)")
+    initial_sparsity: float = Field(
+        default=0.0, ge=0.0, lt=1.0, description="gradual: sparsity at start_step, [0, 1)"
+    )
     start_step: int = Field(default=0, ge=0, description="gradual: first pruning step")
     end_step: Annotated[int, Field(ge=1)] | None = Field(
-        default=None, description="gradual: step where the final sparsity is reached "
-        "(default: 2/3 of training)")
+        default=None,
+        description="gradual: step where the final sparsity is reached (default: 2/3 of training)",
+    )
     update_every: int = Field(default=10, ge=1, description="gradual: steps between mask updates")
     heads: bool = Field(default=True, description="structured: also prune attention heads")
     ffn: bool = Field(default=True, description="structured: prune FFN neurons")
@@ -63,19 +67,42 @@ class PruneConfig(_Technique):
     def _checks(self) -> PruneConfig:
         problems = []
         if self.schedule == "gradual" and self.method == "structured":
-            problems.append(("schedule", "gradual", "structured pruning is one-shot (shapes "
-                             "change, so it cannot happen mid-training)",
-                             "set compress.prune.schedule=oneshot"))
+            problems.append(
+                (
+                    "schedule",
+                    "gradual",
+                    "structured pruning is one-shot (shapes "
+                    "change, so it cannot happen mid-training)",
+                    "set compress.prune.schedule=oneshot",
+                )
+            )
         if self.schedule == "gradual" and self.initial_sparsity > self.sparsity:
-            problems.append(("initial_sparsity", self.initial_sparsity,
-                             f"is above the final sparsity {self.sparsity}",
-                             "set compress.prune.initial_sparsity <= compress.prune.sparsity"))
+            problems.append(
+                (
+                    "initial_sparsity",
+                    self.initial_sparsity,
+                    f"is above the final sparsity {self.sparsity}",
+                    "set compress.prune.initial_sparsity <= compress.prune.sparsity",
+                )
+            )
         if self.end_step is not None and self.end_step <= self.start_step:
-            problems.append(("end_step", self.end_step, f"must be after start_step "
-                             f"{self.start_step}", "raise compress.prune.end_step"))
+            problems.append(
+                (
+                    "end_step",
+                    self.end_step,
+                    f"must be after start_step {self.start_step}",
+                    "raise compress.prune.end_step",
+                )
+            )
         if self.method == "structured" and not (self.heads or self.ffn):
-            problems.append(("ffn", False, "structured pruning with heads and ffn both off "
-                             "removes nothing", "set compress.prune.ffn=true or heads=true"))
+            problems.append(
+                (
+                    "ffn",
+                    False,
+                    "structured pruning with heads and ffn both off removes nothing",
+                    "set compress.prune.ffn=true or heads=true",
+                )
+            )
         if problems:
             raise cross_field_error(problems)
         return self
@@ -90,23 +117,30 @@ class FactorizeConfig(_Technique):
         "per-input-channel scale of calibration activations)",
     )
     rank: Annotated[int, Field(ge=1)] | None = Field(
-        default=None, description="fixed rank per layer, >= 1 (exclusive with rank_ratio, energy)")
+        default=None, description="fixed rank per layer, >= 1 (exclusive with rank_ratio, energy)"
+    )
     rank_ratio: Annotated[float, Field(gt=0.0, le=1.0)] | None = Field(
-        default=None, description="rank as a fraction of min(in, out), (0, 1]")
+        default=None, description="rank as a fraction of min(in, out), (0, 1]"
+    )
     energy: Annotated[float, Field(gt=0.0, le=1.0)] | None = Field(
-        default=None, description="smallest rank keeping this fraction of sum(sigma^2), (0, 1]")
+        default=None, description="smallest rank keeping this fraction of sum(sigma^2), (0, 1]"
+    )
 
     @model_validator(mode="after")
     def _one_rank_rule(self) -> FactorizeConfig:
         given = [k for k in ("rank", "rank_ratio", "energy") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise cross_field_error([(
-                given[1] if len(given) > 1 else "rank",
-                getattr(self, given[1]) if len(given) > 1 else None,
-                "exactly one of compress.factorize.rank, rank_ratio, energy must be set"
-                + (f" (got {', '.join(given)})" if given else ""),
-                "keep one, e.g. compress.factorize.rank_ratio=0.25",
-            )])
+            raise cross_field_error(
+                [
+                    (
+                        given[1] if len(given) > 1 else "rank",
+                        getattr(self, given[1]) if len(given) > 1 else None,
+                        "exactly one of compress.factorize.rank, rank_ratio, energy must be set"
+                        + (f" (got {', '.join(given)})" if given else ""),
+                        "keep one, e.g. compress.factorize.rank_ratio=0.25",
+                    )
+                ]
+            )
         return self
 
 
@@ -121,27 +155,47 @@ class QuantizeConfig(_Technique):
     )
     bits: int = Field(default=8, ge=2, le=8, description="bit width of weights, 2-8")
     granularity: Literal["tensor", "channel", "group"] = Field(
-        default="channel", description="one scale per tensor, per output channel, or per group")
+        default="channel", description="one scale per tensor, per output channel, or per group"
+    )
     group_size: int = Field(default=64, ge=8, description="group granularity: inputs per scale")
     symmetric: bool = Field(default=True, description="symmetric (zero point 0) or asymmetric")
     activations: bool = Field(
-        default=False, description="fake: also fake-quantize Linear inputs (8-bit, per tensor)")
+        default=False, description="fake: also fake-quantize Linear inputs (8-bit, per tensor)"
+    )
     embeddings: bool = Field(
-        default=True, description="also quantize Embedding tables (weight-only, per row)")
+        default=True, description="also quantize Embedding tables (weight-only, per row)"
+    )
 
     @model_validator(mode="after")
     def _checks(self) -> QuantizeConfig:
         problems = []
         if self.method == "dynamic_int8" and self.bits != 8:
-            problems.append(("bits", self.bits, "dynamic_int8 uses 8-bit kernels",
-                             "set compress.quantize.bits=8, or method=weight_only / fake for "
-                             "fewer bits"))
+            problems.append(
+                (
+                    "bits",
+                    self.bits,
+                    "dynamic_int8 uses 8-bit kernels",
+                    "set compress.quantize.bits=8, or method=weight_only / fake for fewer bits",
+                )
+            )
         if self.method == "dynamic_int8" and self.granularity == "group":
-            problems.append(("granularity", "group", "int8 kernels take per-tensor or "
-                             "per-channel scales", "set compress.quantize.granularity=channel"))
+            problems.append(
+                (
+                    "granularity",
+                    "group",
+                    "int8 kernels take per-tensor or per-channel scales",
+                    "set compress.quantize.granularity=channel",
+                )
+            )
         if self.activations and self.method != "fake":
-            problems.append(("activations", True, "activation fake-quant is for method=fake",
-                             "set compress.quantize.activations=false"))
+            problems.append(
+                (
+                    "activations",
+                    True,
+                    "activation fake-quant is for method=fake",
+                    "set compress.quantize.activations=false",
+                )
+            )
         if problems:
             raise cross_field_error(problems)
         return self
@@ -156,8 +210,11 @@ class CompressConfig(BaseModel):
     factorize: FactorizeConfig | None = None
     quantize: QuantizeConfig | None = None
     calib_batches: int = Field(
-        default=8, ge=1, le=1024,
-        description="training batches used for calibration (wanda, asvd, SQNR), 1-1024")
+        default=8,
+        ge=1,
+        le=1024,
+        description="training batches used for calibration (wanda, asvd, SQNR), 1-1024",
+    )
 
     @property
     def enabled(self) -> bool:

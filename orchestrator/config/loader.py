@@ -160,9 +160,7 @@ def problems_from_validation(
         message = err["msg"]
         if message.startswith("Value error, "):
             message = message[len("Value error, ") :]
-        problems.append(
-            Problem(key, err.get("input"), message, f"{key}: {desc}" if desc else "")
-        )
+        problems.append(Problem(key, err.get("input"), message, f"{key}: {desc}" if desc else ""))
     return problems
 
 
@@ -186,8 +184,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(
-            Problem("<job file>", str(p), "must hold a mapping of sections at top level",
-                    "start the file with keys like name:, model:, data:, train:"),
+            Problem(
+                "<job file>",
+                str(p),
+                "must hold a mapping of sections at top level",
+                "start the file with keys like name:, model:, data:, train:",
+            ),
             source=str(p),
         )
     return raw

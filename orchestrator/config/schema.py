@@ -7,7 +7,7 @@ that owns the fields and report the exact dotted key through ``cross_field_error
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -113,7 +113,9 @@ class DataConfig(_Section):
         description="use at most this many examples in total (seeded subset, >= 10); default all",
     )
     val_fraction: float = Field(
-        default=0.1, gt=0.0, lt=0.5,
+        default=0.1,
+        gt=0.0,
+        lt=0.5,
         description="fraction held out for validation (evaluation during training and the "
         "search's selection), (0, 0.5)",
     )
@@ -280,24 +282,32 @@ class JobSpec(_Section):
     def _cross_section(self) -> JobSpec:
         problems = []
         if self.train.precision == "fp16" and self.resources.gpus_per_worker == 0:
-            problems.append((
-                "train.precision",
-                "fp16",
-                "fp16 needs a GPU (CPUs here have no fp16 kernels and no loss-scaled "
-                "fp16 training)",
-                "use train.precision=bf16 (or fp32) on CPU, or set resources.gpus_per_worker=1",
-            ))
+            problems.append(
+                (
+                    "train.precision",
+                    "fp16",
+                    "fp16 needs a GPU (CPUs here have no fp16 kernels and no loss-scaled "
+                    "fp16 training)",
+                    "use train.precision=bf16 (or fp32) on CPU, or set resources.gpus_per_worker=1",
+                )
+            )
         prune = self.compress.prune
-        if (prune is not None and prune.method != "structured" and self.train.strategy ==
-                "deepspeed" and self.train.zero_stage == 3):
-            problems.append((
-                "compress.prune.method",
-                prune.method,
-                "unstructured pruning masks must be re-applied to whole weights after every "
-                "step, and ZeRO-3 keeps only a shard of each weight on a worker",
-                "use train.zero_stage=2 (or 0/1) with unstructured pruning, or "
-                "compress.prune.method=structured",
-            ))
+        if (
+            prune is not None
+            and prune.method != "structured"
+            and self.train.strategy == "deepspeed"
+            and self.train.zero_stage == 3
+        ):
+            problems.append(
+                (
+                    "compress.prune.method",
+                    prune.method,
+                    "unstructured pruning masks must be re-applied to whole weights after every "
+                    "step, and ZeRO-3 keeps only a shard of each weight on a worker",
+                    "use train.zero_stage=2 (or 0/1) with unstructured pruning, or "
+                    "compress.prune.method=structured",
+                )
+            )
         if problems:
             raise cross_field_error(problems)
         return self

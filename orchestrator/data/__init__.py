@@ -28,8 +28,13 @@ from orchestrator.data.corpora import corpus_files, read_corpus
 from orchestrator.errors import DataError, Problem
 
 SPLITS = ("train", "validation", "test")
-_SUFFIX_FORMAT = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "json",
-                  ".parquet": "parquet"}
+_SUFFIX_FORMAT = {
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+}
 CACHE_VERSION = 1  # bump when tokenization or splitting changes, so old caches are not reused
 
 
@@ -97,26 +102,43 @@ def _read_file(path: Path, spec: DataConfig, key: str) -> datasets.Dataset:
     fmt = spec.format or _SUFFIX_FORMAT.get(path.suffix.lower())
     if fmt is None:
         raise DataError(
-            Problem(key, str(path), f"unknown file type '{path.suffix}'",
-                    f"use one of {sorted(_SUFFIX_FORMAT)} or set data.format")
+            Problem(
+                key,
+                str(path),
+                f"unknown file type '{path.suffix}'",
+                f"use one of {sorted(_SUFFIX_FORMAT)} or set data.format",
+            )
         )
     builder = {"tsv": "csv"}.get(fmt, fmt)
     kwargs = {"delimiter": "\t"} if fmt == "tsv" else {}
     try:
         # cache_dir: datasets copies a local file into its cache; keep that under ours.
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train",
-                                   cache_dir=str(_cache_root(spec) / "hf"), **kwargs)
+        ds = datasets.load_dataset(
+            builder,
+            data_files=str(path),
+            split="train",
+            cache_dir=str(_cache_root(spec) / "hf"),
+            **kwargs,
+        )
     except Exception as e:  # datasets raises many types for a malformed file
         raise DataError(
-            Problem(key, str(path), f"could not be read as {fmt}: {e}",
-                    "check the file, or set data.format")
+            Problem(
+                key,
+                str(path),
+                f"could not be read as {fmt}: {e}",
+                "check the file, or set data.format",
+            )
         ) from None
     missing = [c for c in (spec.text_column, spec.label_column) if c not in ds.column_names]
     if missing:
         col_key = "data.text_column" if spec.text_column in missing else "data.label_column"
         raise DataError(
-            Problem(col_key, missing[0], f"no such column in {path.name}",
-                    f"set {col_key} to one of {ds.column_names}")
+            Problem(
+                col_key,
+                missing[0],
+                f"no such column in {path.name}",
+                f"set {col_key} to one of {ds.column_names}",
+            )
         )
     return ds
 
@@ -152,20 +174,31 @@ def load_frames(spec: DataConfig) -> dict[str, pd.DataFrame]:
         return _split_frame(_frame(_read_file(path, spec, "data.path"), spec), spec)
     if not path.is_dir():
         raise DataError(
-            Problem("data.path", spec.path, "no such file or folder",
-                    "point data.path at a .csv/.tsv/.jsonl/.parquet file or a folder of them")
+            Problem(
+                "data.path",
+                spec.path,
+                "no such file or folder",
+                "point data.path at a .csv/.tsv/.jsonl/.parquet file or a folder of them",
+            )
         )
     found = {}
     for split in SPLITS:
-        files = [p for p in sorted(path.iterdir())
-                 if p.stem in (split, {"validation": "val"}.get(split, split))
-                 and p.suffix.lower() in _SUFFIX_FORMAT]
+        files = [
+            p
+            for p in sorted(path.iterdir())
+            if p.stem in (split, {"validation": "val"}.get(split, split))
+            and p.suffix.lower() in _SUFFIX_FORMAT
+        ]
         if files:
             found[split] = _frame(_read_file(files[0], spec, "data.path"), spec)
     if "train" not in found or "test" not in found:
         raise DataError(
-            Problem("data.path", spec.path, "a data folder needs train.* and test.* files",
-                    "add train.csv and test.csv (validation.csv optional), or point at one file")
+            Problem(
+                "data.path",
+                spec.path,
+                "a data folder needs train.* and test.* files",
+                "add train.csv and test.csv (validation.csv optional), or point at one file",
+            )
         )
     rng = np.random.default_rng(spec.seed)
     if "validation" not in found:
@@ -183,8 +216,9 @@ def load_frames(spec: DataConfig) -> dict[str, pd.DataFrame]:
 
 def _label_names(frames: dict[str, pd.DataFrame]) -> list[str]:
     values = pd.concat([f["label"] for f in frames.values()]).unique().tolist()
-    integral = all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
-                   for v in values)
+    integral = all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in values
+    )
     if integral:
         return [str(v) for v in sorted(int(v) for v in values)]
     return sorted(str(v) for v in values)
@@ -199,8 +233,11 @@ def _cache_key(spec: DataConfig, tokenizer: PreTrainedTokenizerBase) -> str:
     stamps = [(str(s), s.stat().st_size, int(s.stat().st_mtime)) for s in sources if s.exists()]
     fields = spec.model_dump(exclude={"cache_dir"})
     vocab = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
-    blob = json.dumps([CACHE_VERSION, fields, stamps, vocab, type(tokenizer).__name__],
-                      sort_keys=True, default=str)
+    blob = json.dumps(
+        [CACHE_VERSION, fields, stamps, vocab, type(tokenizer).__name__],
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -225,18 +262,30 @@ def build(spec: DataConfig, tokenizer: PreTrainedTokenizerBase) -> DataBundle:
     frames = load_frames(spec)
     for split, frame in frames.items():
         if len(frame) == 0:
-            key = ("data.val_fraction" if split == "validation"
-                   else "data.limit" if spec.limit is not None else "data.path")
+            key = (
+                "data.val_fraction"
+                if split == "validation"
+                else "data.limit"
+                if spec.limit is not None
+                else "data.path"
+            )
             raise DataError(
-                Problem(key, getattr(spec, key.split(".")[1]),
-                        f"the {split} split is empty",
-                        "use more data (raise data.limit) or a larger fraction")
+                Problem(
+                    key,
+                    getattr(spec, key.split(".")[1]),
+                    f"the {split} split is empty",
+                    "use more data (raise data.limit) or a larger fraction",
+                )
             )
     names = _label_names(frames)
     if len(names) < 2:
         raise DataError(
-            Problem("data.label_column", spec.label_column,
-                    f"holds a single label value {names}", "point it at a column with 2+ classes")
+            Problem(
+                "data.label_column",
+                spec.label_column,
+                f"holds a single label value {names}",
+                "point it at a column with 2+ classes",
+            )
         )
     index = {n: i for i, n in enumerate(names)}
 
@@ -249,8 +298,12 @@ def build(spec: DataConfig, tokenizer: PreTrainedTokenizerBase) -> DataBundle:
         frame = frames[split].assign(label=frames[split]["label"].map(str))
         ds = datasets.Dataset.from_pandas(frame, preserve_index=False)
         # An explicit fingerprint: deriving one would pickle the whole tokenizer per split.
-        splits[split] = ds.map(encode, batched=True, remove_columns=ds.column_names,
-                               new_fingerprint=f"{cache.name}-{split}")
+        splits[split] = ds.map(
+            encode,
+            batched=True,
+            remove_columns=ds.column_names,
+            new_fingerprint=f"{cache.name}-{split}",
+        )
     sizes = {s: len(d) for s, d in splits.items()}
     _write_cache(cache, splits, {"label_names": names, "sizes": sizes})
     return DataBundle(splits, names, pad, cache, sizes)

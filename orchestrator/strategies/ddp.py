@@ -109,5 +109,7 @@ class DDPStrategy(Strategy):
         return json.loads((folder / "client_state.json").read_text())
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()
-                for k, v in self._module.state_dict().items()}
+        return {
+            k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()
+            for k, v in self._module.state_dict().items()
+        }

@@ -37,8 +37,13 @@ def build_ds_config(spec: TrainConfig, world_size: int) -> dict[str, Any]:
         "zero_optimization": zero,
         "bf16": {"enabled": spec.precision == "bf16"},
         # Dynamic loss scaling (loss_scale 0) starting at 2**16, as fp16 training needs.
-        "fp16": {"enabled": spec.precision == "fp16", "loss_scale": 0,
-                 "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2},
+        "fp16": {
+            "enabled": spec.precision == "fp16",
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+        },
         # A torch optimizer is fine with offload; without this DeepSpeed insists on its CPU Adam.
         "zero_force_ds_cpu_optimizer": False,
         # ZeRO partitions any torch optimizer's state correctly; DeepSpeed only vouches for Adam.
@@ -102,7 +107,9 @@ class DeepSpeedStrategy(Strategy):
 
     def load_checkpoint(self, folder: Path) -> dict[str, Any]:
         _, client_state = self.engine.load_checkpoint(
-            str(folder), tag=CHECKPOINT_TAG, load_optimizer_states=True,
+            str(folder),
+            tag=CHECKPOINT_TAG,
+            load_optimizer_states=True,
             load_lr_scheduler_states=True,
         )
         keep = ("step", "epoch", "micro_step", "samples_seen", "train_loss_sum", "train_loss_n")
@@ -121,8 +128,9 @@ class DeepSpeedStrategy(Strategy):
                 continue
             addr = mapping.lp_fragment_address
             flat = mask.flatten().to(mapping.hp_fragment.device)
-            mapping.hp_fragment.mul_(flat.narrow(0, addr.start, addr.numel).to(
-                mapping.hp_fragment.dtype))
+            mapping.hp_fragment.mul_(
+                flat.narrow(0, addr.start, addr.numel).to(mapping.hp_fragment.dtype)
+            )
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         from deepspeed.utils import safe_get_full_fp32_param

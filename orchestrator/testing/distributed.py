@@ -20,10 +20,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple,
-           queue: mp.Queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+def _entry(
+    fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple, queue: mp.Queue
+) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+    )
     # One intra-op thread per rank: two ranks on two cores must not oversubscribe them.
     import torch
     import torch.distributed as dist
@@ -39,15 +46,18 @@ def _entry(fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple
             dist.destroy_process_group()
 
 
-def run_workers(fn: Callable[..., Any], world_size: int = 2, *args: Any,
-                timeout: float = 600) -> list[Any]:
+def run_workers(
+    fn: Callable[..., Any], world_size: int = 2, *args: Any, timeout: float = 600
+) -> list[Any]:
     """``fn(rank, world_size, *args)`` on ``world_size`` spawned processes; returns the results
     by rank. ``fn`` must be importable (module level) and its result picklable."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, args, queue))
-             for r in range(world_size)]
+    procs = [
+        ctx.Process(target=_entry, args=(fn, r, world_size, port, args, queue))
+        for r in range(world_size)
+    ]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}

@@ -19,9 +19,16 @@ def _tiny_model() -> torch.nn.Module:
 
     torch.manual_seed(0)
     # No dropout: the two runs must compute the same function to compare gradients.
-    config = BertConfig(vocab_size=500, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0, num_labels=3)
+    config = BertConfig(
+        vocab_size=500,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=3,
+    )
     return BertForSequenceClassification(config)
 
 
@@ -31,8 +38,10 @@ def _full_grads(strategy, stage: int) -> dict[str, torch.Tensor]:
     from deepspeed.utils import safe_get_full_grad
 
     # A collective on ZeRO-3 (gathers the partitions): every rank walks the same parameters.
-    return {n: safe_get_full_grad(p).detach().float().clone()
-            for n, p in strategy.module.named_parameters()}
+    return {
+        n: safe_get_full_grad(p).detach().float().clone()
+        for n, p in strategy.module.named_parameters()
+    }
 
 
 def grad_worker(rank: int, world: int) -> dict[str, float]:
@@ -42,15 +51,28 @@ def grad_worker(rank: int, world: int) -> dict[str, float]:
     g = torch.Generator().manual_seed(123)
     ids = torch.randint(1, 500, (world * PER_RANK, 12), generator=g)
     labels = torch.randint(0, 3, (world * PER_RANK,), generator=g)
-    ids, labels = ids[rank * PER_RANK : (rank + 1) * PER_RANK], labels[rank * PER_RANK : (rank + 1) * PER_RANK]
+    ids, labels = (
+        ids[rank * PER_RANK : (rank + 1) * PER_RANK],
+        labels[rank * PER_RANK : (rank + 1) * PER_RANK],
+    )
     out = {}
     for name, stage in CASES:
         grads = {}
         for gas in (4, 1):
             bs = PER_RANK // gas
-            spec = TrainConfig(strategy=name, zero_stage=stage, batch_size=bs, grad_accum_steps=gas,
-                               optimizer="sgd", momentum=0.0, weight_decay=0.0, lr=0.1,
-                               max_grad_norm=0.0, warmup_ratio=0.0, num_workers=world)
+            spec = TrainConfig(
+                strategy=name,
+                zero_stage=stage,
+                batch_size=bs,
+                grad_accum_steps=gas,
+                optimizer="sgd",
+                momentum=0.0,
+                weight_decay=0.0,
+                lr=0.1,
+                max_grad_norm=0.0,
+                warmup_ratio=0.0,
+                num_workers=world,
+            )
             st = strategies.build(spec, torch.device("cpu"))
             st.prepare(_tiny_model(), total_steps=10)
             for i in range(gas):

@@ -18,8 +18,15 @@ def _job(tmp: Path, **train) -> dict:
         "name": "dist",
         "model": {"name": "tiny-bert"},
         "data": {"name": "mr", "limit": 300, "max_length": 32, "cache_dir": str(tmp / "cache")},
-        "train": {"num_workers": 2, "batch_size": 8, "max_steps": 8, "lr": 1e-3, "log_every": 2,
-                  "warmup_ratio": 0.0, **train},
+        "train": {
+            "num_workers": 2,
+            "batch_size": 8,
+            "max_steps": 8,
+            "lr": 1e-3,
+            "log_every": 2,
+            "warmup_ratio": 0.0,
+            **train,
+        },
         "output": {"dir": str(tmp / "runs")},
     }
 
@@ -38,8 +45,13 @@ def loop_worker(rank: int, world: int, job: dict, store: str, restore: str | Non
         if folder is not None:
             shutil.copytree(folder, Path(store) / f"step-{step}", dirs_exist_ok=True)
 
-    ctx = loop.WorkerContext(rank=rank, world_size=world, local_rank=rank, report=report,
-                             restore_dir=Path(restore) if restore else None)
+    ctx = loop.WorkerContext(
+        rank=rank,
+        world_size=world,
+        local_rank=rank,
+        report=report,
+        restore_dir=Path(restore) if restore else None,
+    )
     final = loop.run(validate_job(job), ctx)
     return {"final": final, "steps": [int(m["train/step"]) for m in reports], "reports": reports}
 
@@ -63,7 +75,9 @@ def test_metrics_identical_on_every_rank_and_resume(tmp_path: Path, train: dict)
     resumed, _ = run_workers(loop_worker, 2, job, str(tmp_path / "ckpts2"), str(store / "step-4"))
     assert resumed["steps"][0] > 4
     assert resumed["final"]["train/step"] == 8
-    assert resumed["final"]["test/accuracy"] == pytest.approx(r0["final"]["test/accuracy"], abs=0.05)
+    assert resumed["final"]["test/accuracy"] == pytest.approx(
+        r0["final"]["test/accuracy"], abs=0.05
+    )
 
 
 def test_bf16_loss_tracks_fp32(tmp_path: Path) -> None:

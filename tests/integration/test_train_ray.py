@@ -24,8 +24,14 @@ ROOT = Path(__file__).resolve().parents[2]
 def _check_run_dir(run: Path) -> dict:
     assert (run / "job.yaml").is_file()
     metrics = json.loads((run / "metrics.json").read_text())
-    for key in ("eval/accuracy", "eval/loss", "test/accuracy", "train/loss",
-                "train/samples_per_s", "mem/peak_mb"):
+    for key in (
+        "eval/accuracy",
+        "eval/loss",
+        "test/accuracy",
+        "train/loss",
+        "train/samples_per_s",
+        "mem/peak_mb",
+    ):
         assert key in metrics, key
     assert 0.0 <= metrics["eval/accuracy"] <= 1.0
     assert metrics["train/step"] == 12
@@ -53,9 +59,20 @@ def test_cli_train_ddp_joins_cluster(ray_cluster: str, tmp_path: Path) -> None:
     """`orchestrator train` as a user runs it, joining the running Ray through RAY_ADDRESS."""
     env = {**os.environ, "RAY_ADDRESS": ray_cluster}
     proc = subprocess.run(
-        [sys.executable, "-m", "orchestrator", "train", str(ROOT / "jobs/debug/ddp.yaml"),
-         f"output.dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "train",
+            str(ROOT / "jobs/debug/ddp.yaml"),
+            f"output.dir={tmp_path}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "final metrics:" in proc.stdout
@@ -64,12 +81,15 @@ def test_cli_train_ddp_joins_cluster(ray_cluster: str, tmp_path: Path) -> None:
     _check_model_loads(run)
 
 
-def test_deepspeed_zero3_bf16_and_resume(ray_cluster: str, tmp_path: Path,
-                                         capfd: pytest.CaptureFixture) -> None:
+def test_deepspeed_zero3_bf16_and_resume(
+    ray_cluster: str, tmp_path: Path, capfd: pytest.CaptureFixture
+) -> None:
     from orchestrator import launch
 
-    spec = load_job(ROOT / "jobs/debug/deepspeed_zero3.yaml",
-                    [f"output.dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}"])
+    spec = load_job(
+        ROOT / "jobs/debug/deepspeed_zero3.yaml",
+        [f"output.dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}"],
+    )
     first = launch.train(spec)
     run = tmp_path / "debug-zero3"
     metrics = _check_run_dir(run)
@@ -85,8 +105,9 @@ def test_deepspeed_zero3_bf16_and_resume(ray_cluster: str, tmp_path: Path,
     assert again["train/step"] == 12
 
     # A different job under the same name is refused rather than silently mixed in.
-    changed = load_job(ROOT / "jobs/debug/deepspeed_zero3.yaml",
-                       [f"output.dir={tmp_path}", "train.lr=0.01"])
+    changed = load_job(
+        ROOT / "jobs/debug/deepspeed_zero3.yaml", [f"output.dir={tmp_path}", "train.lr=0.01"]
+    )
     from orchestrator.errors import ConfigError
 
     with pytest.raises(ConfigError, match="different job"):

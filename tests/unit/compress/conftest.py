@@ -1,0 +1,50 @@
+"""Shared fixtures for the compression tests: the packaged tokenizer, real MR calibration
+batches, tiny from-config models and the real MiniLM cut to 2 layers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from orchestrator import data, models
+from orchestrator.config.schema import DataConfig, ModelConfig
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return models.build_tokenizer(ModelConfig(name="minilm-l6"))
+
+
+@pytest.fixture(scope="session")
+def bundle(tokenizer, tmp_path_factory: pytest.TempPathFactory) -> data.DataBundle:
+    cache: Path = tmp_path_factory.mktemp("data-cache")
+    return data.build(
+        DataConfig(name="mr", limit=300, max_length=32, cache_dir=str(cache)), tokenizer
+    )
+
+
+@pytest.fixture(scope="session")
+def calib(bundle) -> list[dict[str, torch.Tensor]]:
+    train = bundle.splits["train"]
+    return [bundle.collate(train.select(range(i * 16, i * 16 + 16)).to_list()) for i in range(4)]
+
+
+@pytest.fixture
+def tiny_bert(tokenizer):
+    return models.build_model(ModelConfig(name="tiny-bert"), 2, tokenizer, seed=0)
+
+
+@pytest.fixture
+def minilm2(tokenizer):
+    return models.build_model(ModelConfig(name="minilm-l6", num_layers=2), 2, tokenizer, seed=0)
+
+
+def hidden(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The encoder's last hidden state (the classifier head is random in these tests)."""
+    model.eval()
+    with torch.no_grad():
+        return model.base_model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state

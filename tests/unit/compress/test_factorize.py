@@ -1,0 +1,103 @@
+"""Low-rank factorization: ranks as asked, error falls with rank, skips, ASVD beats SVD."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import hidden
+from torch import nn
+
+from orchestrator.compress.factorize import LowRankLinear, factorize_
+from orchestrator.config.compress import FactorizeConfig
+
+pytestmark = pytest.mark.unit
+
+
+def _low_rank(model: nn.Module) -> dict[str, LowRankLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+
+
+def test_fixed_rank_and_ratio(minilm2) -> None:
+    rows = factorize_(minilm2, FactorizeConfig(rank=32))
+    lr = _low_rank(minilm2)
+    assert len(lr) == 12 and all(m.rank == 32 for m in lr.values())
+    assert all(r.details["rank"] == 32 and r.params_after < r.params_before for r in rows)
+    ffn_in = lr["bert.encoder.layer.0.intermediate.dense"]
+    assert ffn_in.down.weight.shape == (32, 384) and ffn_in.up.weight.shape == (1536, 32)
+
+
+def test_rank_ratio(tiny_bert) -> None:
+    factorize_(tiny_bert, FactorizeConfig(rank_ratio=0.25))
+    for m in _low_rank(tiny_bert).values():
+        assert m.rank == round(0.25 * min(m.in_features, m.out_features))
+
+
+def test_reconstruction_error_decreases_with_rank(minilm2) -> None:
+    w = minilm2.bert.encoder.layer[0].intermediate.dense.weight.detach().clone()
+    errors = []
+    for rank in (16, 64, 128, 256):
+        linear = nn.Linear(384, 1536)
+        linear.weight.data.copy_(w)
+        model = nn.Sequential(linear)
+        factorize_(model, FactorizeConfig(rank=rank, exclude=[]))
+        m = model[0]
+        approx = m.up.weight @ m.down.weight
+        errors.append(((approx - w).norm() / w.norm()).item())
+    assert errors == sorted(errors, reverse=True) and errors[-1] < errors[0] * 0.8
+
+
+def test_energy_rule_picks_larger_rank_for_more_energy(tokenizer) -> None:
+    from orchestrator import models
+    from orchestrator.config.schema import ModelConfig
+
+    ranks = []
+    for energy in (0.5, 0.8):
+        m = models.build_model(ModelConfig(name="minilm-l6", num_layers=1), 2, tokenizer)
+        factorize_(m, FactorizeConfig(energy=energy, include=["*intermediate.dense"]))
+        ranks.append(_low_rank(m)["bert.encoder.layer.0.intermediate.dense"].rank)
+    assert ranks[0] < ranks[1]
+
+
+def test_skips_layers_that_would_not_shrink(tiny_bert) -> None:
+    rows = factorize_(tiny_bert, FactorizeConfig(rank_ratio=0.9))
+    assert rows and all(r.skipped and "would not save parameters" in r.reason for r in rows)
+    assert not _low_rank(tiny_bert)
+
+
+def test_idempotent(tiny_bert) -> None:
+    factorize_(tiny_bert, FactorizeConfig(rank=8))
+    names = set(_low_rank(tiny_bert))
+    rows = factorize_(tiny_bert, FactorizeConfig(rank=8))
+    assert set(_low_rank(tiny_bert)) == names and not rows  # factors are not re-factorized
+
+
+def test_classifier_untouched(tiny_bert) -> None:
+    factorize_(tiny_bert, FactorizeConfig(rank=8))
+    assert isinstance(tiny_bert.classifier, nn.Linear)
+
+
+def test_asvd_keeps_the_output_closer_than_svd(tokenizer, calib) -> None:
+    from orchestrator import models
+    from orchestrator.config.schema import ModelConfig
+
+    def error(method: str) -> float:
+        dense = models.build_model(ModelConfig(name="minilm-l6", num_layers=2), 2, tokenizer)
+        model = models.build_model(ModelConfig(name="minilm-l6", num_layers=2), 2, tokenizer)
+        factorize_(model, FactorizeConfig(method=method, rank_ratio=0.25), calib=calib)
+        ref, out = hidden(dense, calib[-1]), hidden(model, calib[-1])
+        return ((out - ref).norm() / ref.norm()).item()
+
+    assert error("asvd") < error("svd")
+
+
+def test_factorized_model_trains(minilm2, calib) -> None:
+    factorize_(minilm2, FactorizeConfig(rank=16))
+    minilm2.train()
+    loss = minilm2(**calib[0]).loss
+    loss.backward()
+    assert all(
+        p.grad is not None
+        for p in minilm2.parameters()
+        if p.requires_grad and "pooler" not in str(p.shape)
+    )
+    assert torch.isfinite(loss)
