@@ -27,7 +27,7 @@ What it measures
     ``torch.empty`` are committed lazily by Linux, so for storages of 64 MiB and more the resident
     size (mincore(2) on the storage's pages) is printed beside it.
 
-How to run (repository root, venv active; a few minutes on 2 CPU cores)
+How to run (repository root, venv active; under a minute on 2 idle CPU cores)
     python benchmarks/zero_memory.py [--stages 0 1 2 3]
 """
 
@@ -453,16 +453,26 @@ def _notes(results: list[dict[str, Any]]) -> list[str]:
         f0 = rs[0]["facts"]
         p = rs[0]["P"]
         if stage == 0:
+            between = sum(rs[0]["between"].values())
+            if f0["wrapper"] == "FP16_UnfusedOptimizer":
+                notes.append(
+                    "stage 0: DeepSpeed wraps AdamW in FP16_UnfusedOptimizer (bf16 with "
+                    "grad_accum_dtype unset means bf16 gradient accumulation, so the engine takes "
+                    "its DDP_BFLOAT16 path; BF16_Optimizer, which would partition the fp32 state, "
+                    "is only chosen for ZeRO-1 with grad_accum_dtype=fp32 or for pipelines). It "
+                    "keeps a full fp32 master copy and full Adam state on every rank and bf16 "
+                    ".grad on the module: the paper's 16P baseline. Its "
+                    "initialize_optimizer_states() runs one AdamW step on zero gradients at init, "
+                    f"so after one real step Adam's step counter reads {f0['adam_steps']} (and "
+                    "weight decay was applied once more to the fp32 master)."
+                )
+            else:
+                notes.append(f"stage 0: DeepSpeed wraps AdamW in {f0['wrapper']}.")
             notes.append(
-                f"stage 0: DeepSpeed wraps AdamW in {f0['wrapper']} (bf16 with grad_accum_dtype "
-                "unset means bf16 gradient accumulation, so the engine takes its DDP_BFLOAT16 "
-                "path; BF16_Optimizer is only chosen for ZeRO-1 with grad_accum_dtype=fp32 or "
-                "for pipelines). It keeps a full fp32 master copy and full Adam state on every "
-                "rank and bf16 .grad on the module: the paper's 16P baseline. Its "
-                "initialize_optimizer_states() runs one AdamW step on zero gradients at init, "
-                f"so after one real step Adam's step counter reads {f0['adam_steps']} (weight "
-                "decay was applied once more to the fp32 master). Gradients exist only from "
-                "backward to step: between steps a rank holds 14P."
+                "stage 0: gradients exist only from backward to the optimizer step; between "
+                f"steps a rank holds {between / MB:.1f} MB ({between / p:.1f} bytes/parameter). "
+                "The gradient all-reduce runs in the engine (flattened copies per bucket), not "
+                "through a ZeRO bucket, so no peak is sampled."
             )
         elif stage in (1, 2):
             for r in rs:
@@ -497,19 +507,19 @@ def _notes(results: list[dict[str, Any]]) -> list[str]:
                 f"stage {stage}: during backward the gradients are staged in an ipg bucket of "
                 f"reduce_bucket_size = {f0['reduce_bucket_size']:,} elements "
                 f"({f0['reduce_bucket_size'] * 2 / MB:.0f} MB bf16, allocated with torch.empty "
-                "and freed at the end of backward); the project's DeepSpeed config leaves "
-                "reduce_bucket_size at DeepSpeed's default, far above this model's "
-                f"{p:,} parameters."
+                "and freed at the end of backward); build_ds_config sizes reduce_bucket_size to a "
+                "tenth of the model (DeepSpeed's default, 5e8, is far above this model's "
+                f"{p:,} parameters)."
             )
         elif stage == 3:
             n_pers, numel_pers = f0["persistent"]
             notes.append(
                 f"stage 3: the ipg reduce bucket ({f0['reduce_bucket_size']:,} bf16 elements = "
                 f"{f0['reduce_bucket_size'] * 2 / MB:.0f} MB) is allocated once at init and kept "
-                "for the life of the engine, so it is part of the held gradient buffers and "
-                "dominates the total; on Linux CPU only its touched pages are resident (see "
-                "the sources list), on a GPU the whole buffer would be committed. The project's "
-                "build_ds_config does not set reduce_bucket_size (DeepSpeed default 5e8)."
+                "for the life of the engine, so it is part of the held gradient buffers; on "
+                "Linux CPU only its touched pages are resident (see the sources list), on a GPU "
+                "the whole buffer is committed. build_ds_config sizes it to a tenth of the model "
+                "(DeepSpeed's default of 5e8 elements made this stage 6.5x the paper's model)."
             )
             for r in rs:
                 held = r["held"]
