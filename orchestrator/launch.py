@@ -79,7 +79,12 @@ def preflight(spec: JobSpec) -> tuple[Any, data_lib.DataBundle]:
     before any Ray process starts, and the workers then read the warm tokenization cache."""
     tokenizer = models.build_tokenizer(spec.model)
     models.model_dir(spec.model)
-    return tokenizer, data_lib.build(spec.data, tokenizer)
+    bundle = data_lib.build(spec.data, tokenizer)
+    if spec.compress.enabled:
+        from orchestrator.compress import check_patterns
+
+        check_patterns(models.build_model(spec.model, bundle.num_labels, tokenizer), spec.compress)
+    return tokenizer, bundle
 
 
 def claim_run_dir(spec: JobSpec) -> bool:

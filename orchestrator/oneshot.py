@@ -26,10 +26,11 @@ def compress_job(spec: JobSpec) -> dict:
         )
     spec = launch.resolve_paths(spec)
     tokenizer, bundle = launch.preflight(spec)
-    launch.claim_run_dir(spec)
-    folder = launch.run_dir(spec)
     calib = calibration_batches(spec, bundle)
     model, report = build_compressed(spec, bundle, tokenizer, calib)
+    # Only now, with the recipe applied without error, does anything get written.
+    launch.claim_run_dir(spec)
+    folder = launch.run_dir(spec)
     finalize(
         spec,
         model,

@@ -13,7 +13,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from orchestrator.compress.common import FilterFn, ModuleRow, param_count, sqnr_db
+from orchestrator.compress.common import (
+    FilterFn,
+    ModuleRow,
+    param_count,
+    select_modules,
+    sqnr_db,
+)
 from orchestrator.compress.factorize import LowRankLinear, factorize_
 from orchestrator.compress.prune import Pruner, prune_
 from orchestrator.config.compress import CompressConfig
@@ -94,6 +100,25 @@ def effective_bits(model: nn.Module) -> float:
             total += n
             bits += n * (b if (b is not None and p.ndim >= 2) else 32)
     return bits / max(total, 1)
+
+
+def check_patterns(model: nn.Module, spec: CompressConfig) -> None:
+    """Raise ``ConfigError`` for every include / exclude glob that matches no module, without
+    changing the model: the driver calls it before any worker starts or anything is written."""
+    problems = []
+    for key, section, types in (
+        ("compress.prune", spec.prune, (nn.Module,)),
+        ("compress.factorize", spec.factorize, (nn.Linear,)),
+        ("compress.quantize", spec.quantize, (nn.Linear, nn.Embedding)),
+    ):
+        if section is None:
+            continue
+        try:
+            select_modules(model, section.include, section.exclude, types, key)
+        except ConfigError as e:
+            problems += e.problems
+    if problems:
+        raise ConfigError(problems)
 
 
 def compress_(
@@ -205,6 +230,7 @@ __all__ = [
     "CompressionReport",
     "LowRankLinear",
     "Pruner",
+    "check_patterns",
     "compress_",
     "effective_bits",
 ]
