@@ -82,16 +82,10 @@ def finalize(
 ) -> dict[str, float]:
     """Write ``model``'s artifact to ``folder``, reload it, evaluate and time it against the
     dense model. Returns the metrics (DESIGN.md 3.3 keys); also fills ``report.metrics``."""
-    from orchestrator.compress.structured import structure_of
-
     if report.pruner is not None:
         report.pruner.apply_()
-    structured = spec.compress.prune is not None and spec.compress.prune.method == "structured"
     size = save_artifact(
-        model,
-        folder,
-        quantize=spec.compress.quantize,
-        structure=structure_of(model) if structured else None,
+        model, folder, quantize=spec.compress.quantize, structure=report.structure,
         tokenizer=tokenizer,
     )
     dense = models.build_model(spec.model, bundle.num_labels, tokenizer, seed=spec.train.seed)

@@ -35,6 +35,9 @@ class CompressionReport:
     metrics: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     pruner: Pruner | None = None  # the training loop re-applies its masks after every step
+    # Per-block sizes after structured pruning, recorded before factorization replaces the
+    # Linears it reads: the artifact loader rebuilds the shapes from it.
+    structure: dict | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -138,9 +141,10 @@ def compress_(
 
     if spec.prune is not None:
         if spec.prune.method == "structured":
-            from orchestrator.compress.structured import prune_structured_
+            from orchestrator.compress.structured import prune_structured_, structure_of
 
             report.rows += prune_structured_(model, spec.prune, calib=calib, filter_fn=filter_fn)
+            report.structure = structure_of(model)
         else:
             if spec.prune.method == "wanda" and not calib:
                 raise ConfigError(
