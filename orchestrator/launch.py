@@ -229,6 +229,9 @@ def train(spec: JobSpec, address: str | None = None) -> dict[str, float]:
         shutil.copytree(export, tmp, dirs_exist_ok=True)
         shutil.rmtree(folder / "model", ignore_errors=True)
         os.replace(tmp, folder / "model")
+        report = Path(ckpt) / "compress_report.json"
+        if report.is_file():
+            write_atomic(folder / "compress_report.json", report.read_text())
     metrics_out = {"checkpoint": result.checkpoint.path, **metrics}
     write_atomic(folder / "metrics.json", json.dumps(metrics_out, indent=2, sort_keys=True))
     return metrics

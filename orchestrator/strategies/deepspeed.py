@@ -157,6 +157,8 @@ class DeepSpeedStrategy(Strategy):
             for name, p in module.named_parameters():
                 full = safe_get_full_fp32_param(p)
                 out[name] = (full if full is not None else p.data).detach().float().cpu()
+        persistent = set(module.state_dict())  # named_buffers() also lists non-persistent ones
         for name, b in module.named_buffers():
-            out[name] = b.detach().cpu()
+            if name in persistent:
+                out[name] = b.detach().cpu()
         return out

@@ -112,3 +112,22 @@ def test_deepspeed_zero3_bf16_and_resume(
 
     with pytest.raises(ConfigError, match="different job"):
         launch.train(changed)
+
+
+def test_compression_with_recovery_through_ray(ray_cluster: str, tmp_path: Path) -> None:
+    """`train` with a compress section: gradual pruning + 4-bit QAT on 2 DDP workers; the run
+    directory holds the packed artifact and the CompressionReport, measured on the artifact."""
+    from orchestrator import launch
+    from orchestrator.compress.artifact import load_artifact
+
+    spec = load_job(ROOT / "jobs/debug/recover.yaml",
+                    [f"output.dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}"])
+    metrics = launch.train(spec)
+    run = tmp_path / "debug-recover"
+    saved = json.loads((run / "metrics.json").read_text())
+    report = json.loads((run / "compress_report.json").read_text())
+    for m in (metrics, saved, report["metrics"]):
+        assert m["compress/sparsity"] == pytest.approx(0.5, abs=0.005)
+        assert m["compress/size_bytes"] * 4 < m["compress/dense_size_bytes"]
+    model = load_artifact(run / "model")
+    assert model.config.id2label[0] == "negative"
