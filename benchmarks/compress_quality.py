@@ -28,8 +28,9 @@ BASE = ROOT / "runs/minilm-mr-finetune/model"
 RECIPES: dict[str, dict] = {
     "dense": {},
     "int8 dynamic": {"quantize": {"method": "dynamic_int8"}},
-    "4-bit weights": {"quantize": {"method": "weight_only", "bits": 4, "granularity": "group",
-                                   "group_size": 64}},
+    "4-bit weights": {
+        "quantize": {"method": "weight_only", "bits": 4, "granularity": "group", "group_size": 64}
+    },
     "50% magnitude": {"prune": {"method": "magnitude", "sparsity": 0.5}},
     "70% magnitude": {"prune": {"method": "magnitude", "sparsity": 0.7}},
     "90% magnitude": {"prune": {"method": "magnitude", "sparsity": 0.9}},
@@ -48,8 +49,11 @@ RECIPES: dict[str, dict] = {
     },
     "combined: 50% wanda + asvd FFN r=0.5 + 4-bit": {
         "prune": {"method": "wanda", "sparsity": 0.5},
-        "factorize": {"method": "asvd", "rank_ratio": 0.5,
-                      "include": ["*intermediate.dense", "*output.dense"]},
+        "factorize": {
+            "method": "asvd",
+            "rank_ratio": 0.5,
+            "include": ["*intermediate.dense", "*output.dense"],
+        },
         "quantize": {"method": "fake", "bits": 4, "granularity": "group", "group_size": 64},
     },
 }
@@ -60,8 +64,14 @@ def base_job(steps: int, out: str) -> dict:
         "name": "bench",
         "model": {"path": str(BASE)},
         "data": {"name": "mr", "limit": 5000, "max_length": 64},
-        "train": {"num_workers": 1, "batch_size": 32, "max_steps": max(steps, 1), "lr": 3e-5,
-                  "warmup_ratio": 0.1, "log_every": 1000},
+        "train": {
+            "num_workers": 1,
+            "batch_size": 32,
+            "max_steps": max(steps, 1),
+            "lr": 3e-5,
+            "warmup_ratio": 0.1,
+            "log_every": 1000,
+        },
         "compress": {"calib_batches": 8},
         "output": {"dir": out},
     }
@@ -77,8 +87,15 @@ def one_shot(job: dict) -> dict[str, float]:
     calib = calibration_batches(spec, bundle)
     model, report = build_compressed(spec, bundle, tokenizer, calib)
     with tempfile.TemporaryDirectory() as tmp:
-        return finalize(spec, model, report, bundle, tokenizer, Path(tmp) / "model",
-                        int(report.metrics["compress/params_before"]))
+        return finalize(
+            spec,
+            model,
+            report,
+            bundle,
+            tokenizer,
+            Path(tmp) / "model",
+            int(report.metrics["compress/params_before"]),
+        )
 
 
 def recovered(job: dict) -> dict[str, float]:
@@ -94,10 +111,20 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="recipe names to run (default: all)")
     args = ap.parse_args()
     if not (BASE / "config.json").is_file():
-        subprocess.run([str(Path(sys.executable).parent / "orchestrator"), "train",
-                        "jobs/minilm_mr_finetune.yaml"], cwd=ROOT, check=True)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; base {BASE}; "
-          f"recovery {args.recovery_steps} steps x 32 examples", flush=True)
+        subprocess.run(
+            [
+                str(Path(sys.executable).parent / "orchestrator"),
+                "train",
+                "jobs/minilm_mr_finetune.yaml",
+            ],
+            cwd=ROOT,
+            check=True,
+        )
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; base {BASE}; "
+        f"recovery {args.recovery_steps} steps x 32 examples",
+        flush=True,
+    )
     rows = []
     for name, recipe in RECIPES.items():
         if args.only and name not in args.only:
@@ -112,11 +139,13 @@ def main() -> None:
             else:  # the dense model through the same path: artifact, reload, eval, latency
                 shot, rec = dense_metrics(job), None
             rows.append((name, shot, rec))
-            print(f"{name}: one-shot acc {shot['test/accuracy']:.4f}"
-                  + (f", recovered acc {rec['test/accuracy']:.4f}" if rec else "")
-                  + f", {shot['compress/size_bytes'] / 1e6:.1f} MB, "
-                  f"b32 {shot['perf/latency_ms_b32']:.0f} ms ({time.perf_counter() - t:.0f} s)",
-                  flush=True)
+            print(
+                f"{name}: one-shot acc {shot['test/accuracy']:.4f}"
+                + (f", recovered acc {rec['test/accuracy']:.4f}" if rec else "")
+                + f", {shot['compress/size_bytes'] / 1e6:.1f} MB, "
+                f"b32 {shot['perf/latency_ms_b32']:.0f} ms ({time.perf_counter() - t:.0f} s)",
+                flush=True,
+            )
     print_table(rows)
 
 
@@ -133,28 +162,42 @@ def dense_metrics(job: dict) -> dict[str, float]:
     model = build_model(spec.model, bundle.num_labels, tokenizer)
     label_config(model, bundle)
     report = CompressionReport()
-    report.metrics.update(summary_metrics(model, report, sum(p.numel()
-                                                             for p in model.parameters())))
+    report.metrics.update(
+        summary_metrics(model, report, sum(p.numel() for p in model.parameters()))
+    )
     with tempfile.TemporaryDirectory() as tmp:
-        return finalize(spec, model, report, bundle, tokenizer, Path(tmp) / "model",
-                        sum(p.numel() for p in model.parameters()))
+        return finalize(
+            spec,
+            model,
+            report,
+            bundle,
+            tokenizer,
+            Path(tmp) / "model",
+            sum(p.numel() for p in model.parameters()),
+        )
 
 
 def print_table(rows: list) -> None:
     dense = rows[0][1] if rows and rows[0][0] == "dense" else None
-    print("\n| recipe | test acc one-shot | test acc recovered | artifact MB | x smaller | "
-          "latency b1 ms | latency b32 ms | speed-up b32 |")
+    print(
+        "\n| recipe | test acc one-shot | test acc recovered | artifact MB | x smaller | "
+        "latency b1 ms | latency b32 ms | speed-up b32 |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, shot, rec in rows:
         smaller = shot["compress/size_ratio"]
         rec_acc = f"{rec['test/accuracy']:.4f}" if rec else "-"
-        print(f"| {name} | {shot['test/accuracy']:.4f} | {rec_acc} | "
-              f"{shot['compress/size_bytes'] / 1e6:.2f} | {smaller:.2f} | "
-              f"{shot['perf/latency_ms_b1']:.1f} | {shot['perf/latency_ms_b32']:.0f} | "
-              f"{shot['perf/speedup']:.2f} |")
+        print(
+            f"| {name} | {shot['test/accuracy']:.4f} | {rec_acc} | "
+            f"{shot['compress/size_bytes'] / 1e6:.2f} | {smaller:.2f} | "
+            f"{shot['perf/latency_ms_b1']:.1f} | {shot['perf/latency_ms_b32']:.0f} | "
+            f"{shot['perf/speedup']:.2f} |"
+        )
     if dense:
-        print(f"\ndense test accuracy {dense['test/accuracy']:.4f}; speed-ups are dense latency / "
-              "compressed latency, timed side by side in the same process")
+        print(
+            f"\ndense test accuracy {dense['test/accuracy']:.4f}; speed-ups are dense latency / "
+            "compressed latency, timed side by side in the same process"
+        )
 
 
 if __name__ == "__main__":

@@ -85,7 +85,10 @@ def finalize(
     if report.pruner is not None:
         report.pruner.apply_()
     size = save_artifact(
-        model, folder, quantize=spec.compress.quantize, structure=report.structure,
+        model,
+        folder,
+        quantize=spec.compress.quantize,
+        structure=report.structure,
         tokenizer=tokenizer,
     )
     dense = models.build_model(spec.model, bundle.num_labels, tokenizer, seed=spec.train.seed)

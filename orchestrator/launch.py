@@ -80,6 +80,19 @@ def preflight(spec: JobSpec) -> tuple[Any, data_lib.DataBundle]:
     tokenizer = models.build_tokenizer(spec.model)
     models.model_dir(spec.model)
     bundle = data_lib.build(spec.data, tokenizer)
+    t = spec.train
+    if bundle.batches_per_epoch(t.batch_size, t.num_workers) < t.grad_accum_steps:
+        raise ConfigError(
+            Problem(
+                "train.batch_size",
+                t.batch_size,
+                f"one optimizer step takes {t.batch_size} x {t.grad_accum_steps} (grad_accum_steps) "
+                f"x {t.num_workers} (num_workers) examples, more than the "
+                f"{bundle.sizes['train']} training examples",
+                "lower train.batch_size, train.grad_accum_steps or train.num_workers, or use more "
+                "data (data.limit)",
+            )
+        )
     if spec.compress.enabled:
         from orchestrator.compress import check_patterns
 

@@ -79,8 +79,7 @@ def _check_spec(shape: tuple[int, ...], bits: int, granularity: str, group_size:
     if len(shape) == 0:
         raise ValueError("cannot quantize a 0-d tensor")
     if granularity == "group" and (group_size < 1 or shape[-1] % group_size):
-        raise ValueError(f"group_size {group_size} does not divide the last dimension "
-                         f"{shape[-1]}")
+        raise ValueError(f"group_size {group_size} does not divide the last dimension {shape[-1]}")
 
 
 def _grouped(w: torch.Tensor, granularity: str, group_size: int) -> torch.Tensor:
@@ -105,8 +104,13 @@ def _amin_amax(x: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, to
 
 
 @torch.no_grad()
-def quantize_tensor(w: torch.Tensor, bits: int, granularity: str = "channel",
-                    group_size: int = 64, symmetric: bool = True) -> QTensor:
+def quantize_tensor(
+    w: torch.Tensor,
+    bits: int,
+    granularity: str = "channel",
+    group_size: int = 64,
+    symmetric: bool = True,
+) -> QTensor:
     """Round-to-nearest quantization of ``w`` (any float dtype) to ``bits``-bit codes."""
     shape = tuple(w.shape)
     _check_spec(shape, bits, granularity, group_size)
@@ -125,9 +129,16 @@ def quantize_tensor(w: torch.Tensor, bits: int, granularity: str = "channel",
         zp = torch.clamp(torch.round(-lo / scale), 0, qmax)
         q = torch.clamp(torch.round(x / scale) + zp, 0, qmax)
         zero_point = zp.to(torch.uint8)
-    return QTensor(codes=q.to(torch.uint8).reshape(shape), scale=scale.contiguous(),
-                   zero_point=zero_point, shape=shape, bits=bits, granularity=granularity,
-                   group_size=group_size, symmetric=symmetric)
+    return QTensor(
+        codes=q.to(torch.uint8).reshape(shape),
+        scale=scale.contiguous(),
+        zero_point=zero_point,
+        shape=shape,
+        bits=bits,
+        granularity=granularity,
+        group_size=group_size,
+        symmetric=symmetric,
+    )
 
 
 def dequantize(q: QTensor) -> torch.Tensor:
@@ -144,8 +155,9 @@ class _FakeQuantSTE(torch.autograd.Function):
     """dequantize(quantize(w)) forward; identity backward (straight-through estimator)."""
 
     @staticmethod
-    def forward(ctx: Any, w: torch.Tensor, bits: int, granularity: str, group_size: int,
-                symmetric: bool) -> torch.Tensor:
+    def forward(
+        ctx: Any, w: torch.Tensor, bits: int, granularity: str, group_size: int, symmetric: bool
+    ) -> torch.Tensor:
         q = quantize_tensor(w, bits, granularity, group_size, symmetric)
         return dequantize(q).to(w.dtype)
 
@@ -154,8 +166,13 @@ class _FakeQuantSTE(torch.autograd.Function):
         return grad, None, None, None, None
 
 
-def fake_quantize(w: torch.Tensor, bits: int, granularity: str = "channel", group_size: int = 64,
-                  symmetric: bool = True) -> torch.Tensor:
+def fake_quantize(
+    w: torch.Tensor,
+    bits: int,
+    granularity: str = "channel",
+    group_size: int = 64,
+    symmetric: bool = True,
+) -> torch.Tensor:
     """``dequantize(quantize_tensor(w, ...))`` in ``w``'s dtype; the gradient passes unchanged
     (straight-through estimator), also for values clipped by the range."""
     return _FakeQuantSTE.apply(w, bits, granularity, group_size, symmetric)
@@ -184,8 +201,7 @@ class _ActObserver(nn.Module):
     act_range: torch.Tensor
 
     def _init_act_observer(self, device: torch.device | None) -> None:
-        self.register_buffer("act_range",
-                             torch.tensor([math.inf, -math.inf], device=device))
+        self.register_buffer("act_range", torch.tensor([math.inf, -math.inf], device=device))
 
     def _fake_quant_input(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -261,8 +277,18 @@ def _fp16_scale_ok(q: QTensor) -> bool:
     if not torch.isfinite(s16).all():
         return False
     ref = dequantize(q)
-    alt = dequantize(QTensor(q.codes, s16.float(), q.zero_point, q.shape, q.bits,
-                             q.granularity, q.group_size, q.symmetric))
+    alt = dequantize(
+        QTensor(
+            q.codes,
+            s16.float(),
+            q.zero_point,
+            q.shape,
+            q.bits,
+            q.granularity,
+            q.group_size,
+            q.symmetric,
+        )
+    )
     return bool(((alt - ref).abs() <= FP16_REL_TOL * ref.abs()).all())
 
 
@@ -299,10 +325,16 @@ def decode(tensors: dict[str, torch.Tensor], meta: dict) -> torch.Tensor:
     numel = math.prod(shape)
     codes = unpack_codes(tensors["codes"], int(meta["bits"]), numel).reshape(shape)
     zp = tensors.get("zero_point")
-    q = QTensor(codes=codes, scale=tensors["scale"].float().reshape(meta["scale_shape"]),
-                zero_point=None if zp is None else zp.to(torch.uint8), shape=shape,
-                bits=int(meta["bits"]), granularity=str(meta["granularity"]),
-                group_size=int(meta["group_size"]), symmetric=bool(meta["symmetric"]))
+    q = QTensor(
+        codes=codes,
+        scale=tensors["scale"].float().reshape(meta["scale_shape"]),
+        zero_point=None if zp is None else zp.to(torch.uint8),
+        shape=shape,
+        bits=int(meta["bits"]),
+        granularity=str(meta["granularity"]),
+        group_size=int(meta["group_size"]),
+        symmetric=bool(meta["symmetric"]),
+    )
     return dequantize(q)
 
 
@@ -348,10 +380,20 @@ class QuantLinear(nn.Linear, _ActObserver):
     """nn.Linear whose forward sees ``fake_quantize(weight)`` (and, with ``activations``, an
     8-bit fake-quantized input). Parameters stay ``weight`` / ``bias``."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 bits: int = 8, granularity: str = "channel", group_size: int = 64,
-                 symmetric: bool = True, activations: bool = False,
-                 device: Any = None, dtype: Any = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        bits: int = 8,
+        granularity: str = "channel",
+        group_size: int = 64,
+        symmetric: bool = True,
+        activations: bool = False,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         _check_spec((out_features, in_features), bits, granularity, group_size)
         self.spec = WeightSpec(bits, granularity, group_size, symmetric)
@@ -363,9 +405,17 @@ class QuantLinear(nn.Linear, _ActObserver):
     def from_linear(cls, linear: nn.Linear, cfg: QuantizeConfig) -> QuantLinear:
         """Wraps ``linear``, sharing its Parameter objects (no copy)."""
         spec = linear_spec(cfg)
-        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                  bits=spec.bits, granularity=spec.granularity, group_size=spec.group_size,
-                  symmetric=spec.symmetric, activations=cfg.activations, device="meta")
+        new = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            bits=spec.bits,
+            granularity=spec.granularity,
+            group_size=spec.group_size,
+            symmetric=spec.symmetric,
+            activations=cfg.activations,
+            device="meta",
+        )
         new.weight = linear.weight
         new.bias = linear.bias
         if cfg.activations:
@@ -380,17 +430,25 @@ class QuantLinear(nn.Linear, _ActObserver):
 
     def extra_repr(self) -> str:
         s = self.spec
-        return (f"{super().extra_repr()}, bits={s.bits}, granularity={s.granularity}"
-                + (f", group_size={s.group_size}" if s.granularity == "group" else "")
-                + f", symmetric={s.symmetric}, activations={self.activations}")
+        return (
+            f"{super().extra_repr()}, bits={s.bits}, granularity={s.granularity}"
+            + (f", group_size={s.group_size}" if s.granularity == "group" else "")
+            + f", symmetric={s.symmetric}, activations={self.activations}"
+        )
 
 
 class ActQuantLinear(nn.Linear, _ActObserver):
     """Inference form of a ``QuantLinear`` trained with ``activations``: weights already
     dequantized, the input still fake-quantized with the trained ``act_range``."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 device: Any = None, dtype: Any = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._init_act_observer(device)
 
@@ -401,8 +459,15 @@ class ActQuantLinear(nn.Linear, _ActObserver):
 class QuantEmbedding(nn.Embedding):
     """nn.Embedding whose lookups read ``fake_quantize(weight)`` per row."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, *args: Any, bits: int = 8,
-                 symmetric: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        *args: Any,
+        bits: int = 8,
+        symmetric: bool = True,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(num_embeddings, embedding_dim, *args, **kwargs)
         _check_spec((num_embeddings, embedding_dim), bits, "channel", 1)
         self.spec = WeightSpec(bits, "channel", 1, symmetric)
@@ -410,18 +475,33 @@ class QuantEmbedding(nn.Embedding):
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, cfg: QuantizeConfig) -> QuantEmbedding:
         spec = embedding_spec(cfg)
-        new = cls(emb.num_embeddings, emb.embedding_dim, padding_idx=emb.padding_idx,
-                  max_norm=emb.max_norm, norm_type=emb.norm_type,
-                  scale_grad_by_freq=emb.scale_grad_by_freq, sparse=emb.sparse,
-                  bits=spec.bits, symmetric=spec.symmetric, device="meta")
+        new = cls(
+            emb.num_embeddings,
+            emb.embedding_dim,
+            padding_idx=emb.padding_idx,
+            max_norm=emb.max_norm,
+            norm_type=emb.norm_type,
+            scale_grad_by_freq=emb.scale_grad_by_freq,
+            sparse=emb.sparse,
+            bits=spec.bits,
+            symmetric=spec.symmetric,
+            device="meta",
+        )
         new.weight = emb.weight
         new.train(emb.training)
         return new
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         w = fake_quantize(self.weight, *self.spec.as_args())
-        return F.embedding(input, w, self.padding_idx, self.max_norm, self.norm_type,
-                           self.scale_grad_by_freq, self.sparse)
+        return F.embedding(
+            input,
+            w,
+            self.padding_idx,
+            self.max_norm,
+            self.norm_type,
+            self.scale_grad_by_freq,
+            self.sparse,
+        )
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, bits={self.spec.bits}, symmetric={self.spec.symmetric}"
@@ -431,8 +511,9 @@ class Int8Embedding(nn.Module):
     """Inference embedding table stored as int8 (``weight_int8``, [-127, 127]) with a float32
     per-row ``scale`` ([vocab, 1]); only the looked-up rows are dequantized."""
 
-    def __init__(self, weight_int8: torch.Tensor, scale: torch.Tensor,
-                 padding_idx: int | None = None) -> None:
+    def __init__(
+        self, weight_int8: torch.Tensor, scale: torch.Tensor, padding_idx: int | None = None
+    ) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim = weight_int8.shape
         self.padding_idx = padding_idx
@@ -446,9 +527,16 @@ class Int8Embedding(nn.Module):
         return cls((q.codes.to(torch.int16) - 128).to(torch.int8), q.scale, padding_idx)
 
     def qtensor(self) -> QTensor:
-        return QTensor(codes=(self.weight_int8.to(torch.int16) + 128).to(torch.uint8),
-                       scale=self.scale, zero_point=None, shape=tuple(self.weight_int8.shape),
-                       bits=8, granularity="channel", group_size=1, symmetric=True)
+        return QTensor(
+            codes=(self.weight_int8.to(torch.int16) + 128).to(torch.uint8),
+            scale=self.scale,
+            zero_point=None,
+            shape=tuple(self.weight_int8.shape),
+            bits=8,
+            granularity="channel",
+            group_size=1,
+            symmetric=True,
+        )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return F.embedding(input, self.weight_int8).float() * F.embedding(input, self.scale)
@@ -479,42 +567,67 @@ def _skip_reason(model: nn.Module, name: str, module: nn.Module, cfg: QuantizeCo
         return "already quantized"
     parent = name.rpartition(".")[0]
     if isinstance(model.get_submodule(parent) if parent else model, nn.MultiheadAttention):
-        return ("inside nn.MultiheadAttention, which reads the weight directly instead of "
-                "calling the Linear's forward")
+        return (
+            "inside nn.MultiheadAttention, which reads the weight directly instead of "
+            "calling the Linear's forward"
+        )
     if isinstance(module, nn.Linear):
         spec = linear_spec(cfg)
         if spec.granularity == "group" and module.in_features % spec.group_size:
-            return (f"group_size {spec.group_size} does not divide in_features "
-                    f"{module.in_features}")
+            return f"group_size {spec.group_size} does not divide in_features {module.in_features}"
     return ""
 
 
-def _row(name: str, module: nn.Module, spec: WeightSpec | None, *, skipped: bool = False,
-         reason: str = "", extra: dict | None = None) -> ModuleRow:
+def _row(
+    name: str,
+    module: nn.Module,
+    spec: WeightSpec | None,
+    *,
+    skipped: bool = False,
+    reason: str = "",
+    extra: dict | None = None,
+) -> ModuleRow:
     w = module.weight
     details: dict[str, Any] = {}
     if spec is not None:
-        details = {"bits": spec.bits, "granularity": spec.granularity,
-                   "symmetric": spec.symmetric}
+        details = {"bits": spec.bits, "granularity": spec.granularity, "symmetric": spec.symmetric}
         if spec.granularity == "group":
             details["group_size"] = spec.group_size
     details.update(extra or {})
     kind = "Embedding" if isinstance(module, nn.Embedding) else "Linear"
     n = sum(p.numel() for p in module.parameters())
-    return ModuleRow(name=name, technique="quantize", kind=kind, shape_before=list(w.shape),
-                     shape_after=list(w.shape), params_before=n, params_after=n,
-                     skipped=skipped, reason=reason, details=details)
+    return ModuleRow(
+        name=name,
+        technique="quantize",
+        kind=kind,
+        shape_before=list(w.shape),
+        shape_after=list(w.shape),
+        params_before=n,
+        params_after=n,
+        skipped=skipped,
+        reason=reason,
+        details=details,
+    )
 
 
-def apply_quantize_(model: nn.Module, cfg: QuantizeConfig, *,
-                    filter_fn: FilterFn | None = None) -> list[ModuleRow]:
+def apply_quantize_(
+    model: nn.Module, cfg: QuantizeConfig, *, filter_fn: FilterFn | None = None
+) -> list[ModuleRow]:
     """Training form, in place: every selected nn.Linear (and nn.Embedding when
     ``cfg.embeddings``) becomes a QuantLinear / QuantEmbedding sharing its Parameters. Layers
     that cannot be quantized (or already are) are skipped and reported. Idempotent."""
-    types: tuple[type[nn.Module], ...] = (nn.Linear, nn.Embedding) if cfg.embeddings else (
-        nn.Linear,)
-    modules = select_modules(model, cfg.include, cfg.exclude, types, "compress.quantize",
-                             check_exclude="exclude" in cfg.model_fields_set, filter_fn=filter_fn)
+    types: tuple[type[nn.Module], ...] = (
+        (nn.Linear, nn.Embedding) if cfg.embeddings else (nn.Linear,)
+    )
+    modules = select_modules(
+        model,
+        cfg.include,
+        cfg.exclude,
+        types,
+        "compress.quantize",
+        check_exclude="exclude" in cfg.model_fields_set,
+        filter_fn=filter_fn,
+    )
     rows = []
     for name, module in modules:
         is_emb = isinstance(module, nn.Embedding)
@@ -523,8 +636,11 @@ def apply_quantize_(model: nn.Module, cfg: QuantizeConfig, *,
         if reason:
             rows.append(_row(name, module, spec, skipped=True, reason=reason))
             continue
-        new = (QuantEmbedding.from_embedding(module, cfg) if is_emb
-               else QuantLinear.from_linear(module, cfg))
+        new = (
+            QuantEmbedding.from_embedding(module, cfg)
+            if is_emb
+            else QuantLinear.from_linear(module, cfg)
+        )
         with torch.no_grad():
             w = module.weight.detach()
             sq = sqnr_db(w, fake_quantize(w, *spec.as_args()))
@@ -548,9 +664,16 @@ def _qtensor_from_torch_qint8(qw: torch.Tensor) -> QTensor:
     else:
         scale = torch.full((1,) * len(shape), qw.q_scale(), dtype=torch.float32)
         gran = "tensor"
-    return QTensor(codes=(ints.to(torch.int16) + 128).to(torch.uint8), scale=scale,
-                   zero_point=None, shape=shape, bits=8, granularity=gran, group_size=1,
-                   symmetric=True)
+    return QTensor(
+        codes=(ints.to(torch.int16) + 128).to(torch.uint8),
+        scale=scale,
+        zero_point=None,
+        shape=shape,
+        bits=8,
+        granularity=gran,
+        group_size=1,
+        symmetric=True,
+    )
 
 
 def _to_dynamic_int8_linear(module: QuantLinear) -> nn.Module:
@@ -574,12 +697,16 @@ def _to_dynamic_int8_linear(module: QuantLinear) -> nn.Module:
         warnings.simplefilter("ignore")
         if q.granularity == "channel":
             qw = torch._make_per_channel_quantized_tensor(
-                ints, q.scale.reshape(-1).double(), torch.zeros(ints.shape[0], dtype=torch.long),
-                0)
+                ints, q.scale.reshape(-1).double(), torch.zeros(ints.shape[0], dtype=torch.long), 0
+            )
         else:
             qw = torch._make_per_tensor_quantized_tensor(ints, float(q.scale.reshape(-1)[0]), 0)
-        new = nnqd_linear(module.in_features, module.out_features,
-                          bias_=module.bias is not None, dtype=torch.qint8)
+        new = nnqd_linear(
+            module.in_features,
+            module.out_features,
+            bias_=module.bias is not None,
+            dtype=torch.qint8,
+        )
         bias = None if module.bias is None else module.bias.detach().float().cpu()
         new.set_weight_bias(qw, bias)
     return new
@@ -588,8 +715,13 @@ def _to_dynamic_int8_linear(module: QuantLinear) -> nn.Module:
 def _dequantized_linear(module: QuantLinear) -> nn.Linear:
     w = dequantize(quantized_weight(module)).to(module.weight.dtype)
     cls = ActQuantLinear if module.activations else nn.Linear
-    new = cls(module.in_features, module.out_features, bias=module.bias is not None,
-              device=module.weight.device, dtype=module.weight.dtype)
+    new = cls(
+        module.in_features,
+        module.out_features,
+        bias=module.bias is not None,
+        device=module.weight.device,
+        dtype=module.weight.dtype,
+    )
     with torch.no_grad():
         new.weight.copy_(w)
         if module.bias is not None:
@@ -602,10 +734,16 @@ def _dequantized_linear(module: QuantLinear) -> nn.Linear:
 
 def _dequantized_embedding(module: QuantEmbedding) -> nn.Embedding:
     w = dequantize(quantized_weight(module)).to(module.weight.dtype)
-    new = nn.Embedding(module.num_embeddings, module.embedding_dim,
-                       padding_idx=module.padding_idx, max_norm=module.max_norm,
-                       norm_type=module.norm_type, scale_grad_by_freq=module.scale_grad_by_freq,
-                       sparse=module.sparse, _weight=w.clone())
+    new = nn.Embedding(
+        module.num_embeddings,
+        module.embedding_dim,
+        padding_idx=module.padding_idx,
+        max_norm=module.max_norm,
+        norm_type=module.norm_type,
+        scale_grad_by_freq=module.scale_grad_by_freq,
+        sparse=module.sparse,
+        _weight=w.clone(),
+    )
     new.train(module.training)
     return new
 
@@ -633,8 +771,11 @@ def to_inference_(model: nn.Module, cfg: QuantizeConfig) -> list[ModuleRow]:
             continue
         q = quantized_weight(module)
         packed = encoded_nbytes(encode(q)[0])
-        extra = {"packed_bytes": packed, "sqnr_db": sqnr_db(module.weight, dequantize(q)),
-                 "method": cfg.method}
+        extra = {
+            "packed_bytes": packed,
+            "sqnr_db": sqnr_db(module.weight, dequantize(q)),
+            "method": cfg.method,
+        }
         skipped, reason = False, ""
         if isinstance(module, QuantLinear):
             if cfg.method == "dynamic_int8" and module.weight.device.type == "cpu":
@@ -642,8 +783,10 @@ def to_inference_(model: nn.Module, cfg: QuantizeConfig) -> list[ModuleRow]:
             else:
                 new, backend = _dequantized_linear(module), "dequantized"
                 if cfg.method == "dynamic_int8":
-                    skipped, reason = True, ("int8 dynamic kernels are CPU-only; kept as a "
-                                             "dequantized Linear")
+                    skipped, reason = (
+                        True,
+                        ("int8 dynamic kernels are CPU-only; kept as a dequantized Linear"),
+                    )
         elif cfg.method == "dynamic_int8":
             new = Int8Embedding.from_qtensor(q, module.padding_idx).to(module.weight.device)
             backend = "int8 per-row embedding"
@@ -667,9 +810,12 @@ def int8_modules_state(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
             out[name] = {"weight_int8": m.weight_int8, "scale": m.scale}
         elif isinstance(m, dyn):
             q = _qtensor_from_torch_qint8(m.weight())
-            entry = {"weight_int8": (q.codes.to(torch.int16) - 128).to(torch.int8),
-                     "scale": q.scale.reshape(-1, 1) if q.granularity == "channel"
-                     else q.scale.reshape(1, 1)}
+            entry = {
+                "weight_int8": (q.codes.to(torch.int16) - 128).to(torch.int8),
+                "scale": q.scale.reshape(-1, 1)
+                if q.granularity == "channel"
+                else q.scale.reshape(1, 1),
+            }
             if m.bias() is not None:
                 entry["bias"] = m.bias().detach().float()
             out[name] = entry

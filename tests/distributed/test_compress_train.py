@@ -41,13 +41,31 @@ def test_masks_survive_recovery_training(tmp_path: Path, train: dict) -> None:
     job = {
         "name": "recover",
         "model": {"name": "tiny-bert"},
-        "data": {"name": "mr", "limit": 300, "max_length": 32,
-                 "cache_dir": str(tmp_path / "cache")},
-        "train": {"num_workers": 2, "batch_size": 8, "max_steps": 10, "lr": 1e-2,
-                  "log_every": 5, **train},
-        "compress": {"prune": {"method": "magnitude", "sparsity": 0.5, "schedule": "gradual",
-                               "initial_sparsity": 0.2, "end_step": 6, "update_every": 2},
-                     "calib_batches": 2},
+        "data": {
+            "name": "mr",
+            "limit": 300,
+            "max_length": 32,
+            "cache_dir": str(tmp_path / "cache"),
+        },
+        "train": {
+            "num_workers": 2,
+            "batch_size": 8,
+            "max_steps": 10,
+            "lr": 1e-2,
+            "log_every": 5,
+            **train,
+        },
+        "compress": {
+            "prune": {
+                "method": "magnitude",
+                "sparsity": 0.5,
+                "schedule": "gradual",
+                "initial_sparsity": 0.2,
+                "end_step": 6,
+                "update_every": 2,
+            },
+            "calib_batches": 2,
+        },
         "output": {"dir": str(tmp_path / "runs")},
     }
     store = tmp_path / "final"
@@ -62,7 +80,10 @@ def test_masks_survive_recovery_training(tmp_path: Path, train: dict) -> None:
     from orchestrator.compress.artifact import load_artifact
 
     model = load_artifact(store / "model")
-    linears = [m.weight for n, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and "classifier" not in n and "pooler" not in n]
+    linears = [
+        m.weight
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and "classifier" not in n and "pooler" not in n
+    ]
     zeros = sum(int((w == 0).sum()) for w in linears) / sum(w.numel() for w in linears)
     assert zeros == pytest.approx(0.5, abs=0.005)

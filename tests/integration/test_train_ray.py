@@ -120,8 +120,10 @@ def test_compression_with_recovery_through_ray(ray_cluster: str, tmp_path: Path)
     from orchestrator import launch
     from orchestrator.compress.artifact import load_artifact
 
-    spec = load_job(ROOT / "jobs/debug/recover.yaml",
-                    [f"output.dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}"])
+    spec = load_job(
+        ROOT / "jobs/debug/recover.yaml",
+        [f"output.dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}"],
+    )
     metrics = launch.train(spec)
     run = tmp_path / "debug-recover"
     saved = json.loads((run / "metrics.json").read_text())

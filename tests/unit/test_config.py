@@ -498,3 +498,21 @@ def test_cli_malformed_override_and_usage(tmp_path, monkeypatch, capsys) -> None
     assert "dotted.key=value" in capsys.readouterr().err
     assert main(["validate"]) == 2  # argparse usage error
     assert main(["frobnicate", str(path)]) == 2
+
+
+def test_unstructured_pruning_refused_on_zero3() -> None:
+    from orchestrator.config import validate_job
+
+    job = {
+        "name": "x",
+        "model": {"name": "tiny-bert"},
+        "data": {"name": "mr"},
+        "train": {"strategy": "deepspeed", "zero_stage": 3},
+        "compress": {"prune": {"method": "wanda", "sparsity": 0.5}},
+    }
+    with pytest.raises(ConfigError) as err:
+        validate_job(job)
+    assert [p.key for p in err.value.problems] == ["compress.prune.method"]
+    assert "zero_stage=2" in str(err.value)
+    job["compress"]["prune"]["method"] = "structured"  # shapes change before ZeRO-3 partitions
+    validate_job(job)

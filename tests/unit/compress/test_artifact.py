@@ -21,21 +21,32 @@ def _logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
-def _roundtrip(model: nn.Module, spec: CompressConfig, report: CompressionReport,
-               tmp_path: Path, tokenizer) -> nn.Module:
-    save_artifact(model, tmp_path / "art", quantize=spec.quantize, structure=report.structure,
-                  tokenizer=tokenizer)
+def _roundtrip(
+    model: nn.Module, spec: CompressConfig, report: CompressionReport, tmp_path: Path, tokenizer
+) -> nn.Module:
+    save_artifact(
+        model,
+        tmp_path / "art",
+        quantize=spec.quantize,
+        structure=report.structure,
+        tokenizer=tokenizer,
+    )
     return load_artifact(tmp_path / "art")
 
 
 RECIPES = {
     "magnitude": {"prune": {"method": "magnitude", "sparsity": 0.5}},
-    "structured+svd": {"prune": {"method": "structured", "sparsity": 0.5},
-                       "factorize": {"rank": 8}},
-    "fake4-group": {"quantize": {"method": "fake", "bits": 4, "granularity": "group",
-                                 "group_size": 32}},
-    "wanda+asym3": {"prune": {"method": "wanda", "sparsity": 0.6},
-                    "quantize": {"method": "weight_only", "bits": 3, "symmetric": False}},
+    "structured+svd": {
+        "prune": {"method": "structured", "sparsity": 0.5},
+        "factorize": {"rank": 8},
+    },
+    "fake4-group": {
+        "quantize": {"method": "fake", "bits": 4, "granularity": "group", "group_size": 32}
+    },
+    "wanda+asym3": {
+        "prune": {"method": "wanda", "sparsity": 0.6},
+        "quantize": {"method": "weight_only", "bits": 3, "symmetric": False},
+    },
 }
 
 
@@ -55,8 +66,11 @@ def test_int8_reload_runs_int8_kernels_and_matches(tiny_bert, calib, tokenizer, 
     reloaded = _roundtrip(tiny_bert, spec, report, tmp_path, tokenizer)
     got = _logits(reloaded, calib[0])
     assert torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), 0) > 0.99
-    assert not any(type(m) is nn.Linear for n, m in reloaded.named_modules()
-                   if "classifier" not in n and "pooler" not in n)
+    assert not any(
+        type(m) is nn.Linear
+        for n, m in reloaded.named_modules()
+        if "classifier" not in n and "pooler" not in n
+    )
 
 
 def test_sizes_are_true_sizes(minilm2, calib, tokenizer, tmp_path) -> None:
@@ -73,8 +87,11 @@ def test_sizes_are_true_sizes(minilm2, calib, tokenizer, tmp_path) -> None:
 
 def test_sparse_storage_pays_off_only_when_sparse(minilm2, calib, tokenizer, tmp_path) -> None:
     dense = save_artifact(minilm2, tmp_path / "dense")
-    compress_(minilm2, CompressConfig.model_validate(
-        {"prune": {"method": "magnitude", "sparsity": 0.9}}), calib=calib)
+    compress_(
+        minilm2,
+        CompressConfig.model_validate({"prune": {"method": "magnitude", "sparsity": 0.9}}),
+        calib=calib,
+    )
     sparse = save_artifact(minilm2, tmp_path / "sparse")
     assert sparse < dense  # bitmap + non-zero values beat dense at 90 % zeros
 

@@ -21,10 +21,19 @@ def test_compress_debug_job(tmp_path, capsys) -> None:
     run = tmp_path / "debug-compress"
     report = json.loads((run / "compress_report.json").read_text())
     m = report["metrics"]
-    for key in ("compress/params", "compress/nonzero_params", "compress/sparsity",
-                "compress/bits", "compress/size_bytes", "compress/dense_size_bytes",
-                "perf/latency_ms_b1", "perf/latency_ms_b32", "perf/speedup",
-                "eval/accuracy", "test/accuracy"):
+    for key in (
+        "compress/params",
+        "compress/nonzero_params",
+        "compress/sparsity",
+        "compress/bits",
+        "compress/size_bytes",
+        "compress/dense_size_bytes",
+        "perf/latency_ms_b1",
+        "perf/latency_ms_b32",
+        "perf/speedup",
+        "eval/accuracy",
+        "test/accuracy",
+    ):
         assert key in m, key
     assert m["compress/params"] < m["compress/params_before"]
     assert m["compress/size_bytes"] < m["compress/dense_size_bytes"]
@@ -49,8 +58,9 @@ def test_compress_debug_job(tmp_path, capsys) -> None:
     ],
 )
 def test_bad_input_exits_2_naming_the_key(tmp_path, capsys, override, key) -> None:
-    rc = main(["compress", JOB, override, f"output.dir={tmp_path}",
-               f"data.cache_dir={tmp_path / 'c'}"])
+    rc = main(
+        ["compress", JOB, override, f"output.dir={tmp_path}", f"data.cache_dir={tmp_path / 'c'}"]
+    )
     err = capsys.readouterr().err
     assert rc == 2
     assert key in err

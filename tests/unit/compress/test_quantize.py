@@ -152,8 +152,9 @@ def test_group_beats_tensor_with_outlier_rows() -> None:
 def test_fake_quantize_is_dequantize_of_quantize_and_keeps_dtype() -> None:
     w = torch.randn(16, 64)
     for gran in GRANS:
-        assert torch.equal(fake_quantize(w, 5, gran, 16, False),
-                           dequantize(quantize_tensor(w, 5, gran, 16, False)))
+        assert torch.equal(
+            fake_quantize(w, 5, gran, 16, False), dequantize(quantize_tensor(w, 5, gran, 16, False))
+        )
     wb = w.bfloat16()
     assert fake_quantize(wb, 4).dtype == torch.bfloat16
 
@@ -309,8 +310,9 @@ def test_skip_with_reason_when_group_size_does_not_divide() -> None:
             return self.b(self.a(x))
 
     net = Net()
-    rows = {r.name: r for r in apply_quantize_(net, QuantizeConfig(granularity="group",
-                                                                   group_size=32))}
+    rows = {
+        r.name: r for r in apply_quantize_(net, QuantizeConfig(granularity="group", group_size=32))
+    }
     assert not rows["a"].skipped and isinstance(net.a, QuantLinear)
     assert rows["b"].skipped and "group_size 32" in rows["b"].reason
     assert type(net.b) is nn.Linear
@@ -334,8 +336,9 @@ def test_works_on_low_rank_pairs(tokenizer) -> None:
 @pytest.mark.parametrize("acts", [False, True])
 def test_fake_inference_form_computes_what_training_saw(tokenizer, acts: bool) -> None:
     model = _tiny_bert(tokenizer)
-    cfg = QuantizeConfig(method="fake", bits=4, granularity="group", group_size=32,
-                         symmetric=False, activations=acts)
+    cfg = QuantizeConfig(
+        method="fake", bits=4, granularity="group", group_size=32, symmetric=False, activations=acts
+    )
     apply_quantize_(model, cfg)
     if acts:  # one training forward to set the activation ranges
         model.train()
@@ -369,8 +372,11 @@ def test_dynamic_int8_inference_close_and_really_int8(tokenizer) -> None:
     assert rows and not any(r.skipped for r in rows)
     q = model.bert.encoder.layer[0].attention.self.query
     assert isinstance(q, nnqd.Linear) and q.weight().dtype == torch.qint8
-    assert not any(type(m) in (nn.Linear, QuantLinear)
-                   for n, m in model.named_modules() if n.startswith("bert.encoder"))
+    assert not any(
+        type(m) in (nn.Linear, QuantLinear)
+        for n, m in model.named_modules()
+        if n.startswith("bert.encoder")
+    )
     assert type(model.classifier) is nn.Linear  # excluded head stays fp32
     assert isinstance(model.bert.embeddings.word_embeddings, Int8Embedding)
     # the int8 kernel holds exactly the int8 weights training saw

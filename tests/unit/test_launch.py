@@ -1,0 +1,70 @@
+"""Driver-side checks of `orchestrator train` that run before Ray starts: nothing is written
+and no worker is scheduled for a job that cannot run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator import launch
+from orchestrator.config import validate_job
+from orchestrator.errors import ConfigError
+
+pytestmark = pytest.mark.unit
+
+
+def _spec(tmp_path: Path, **train) -> object:
+    return validate_job(
+        {
+            "name": "t",
+            "model": {"name": "tiny-bert"},
+            "data": {"name": "mr", "limit": 60, "max_length": 16, "cache_dir": str(tmp_path / "c")},
+            "train": {"num_workers": 2, **train},
+            "output": {"dir": str(tmp_path / "runs")},
+        }
+    )
+
+
+def test_batch_larger_than_the_data_is_refused(tmp_path) -> None:
+    with pytest.raises(ConfigError) as err:
+        launch.preflight(_spec(tmp_path, batch_size=32))
+    assert err.value.problems[0].key == "train.batch_size"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_compress_pattern_checked_on_the_driver(tmp_path) -> None:
+    spec = validate_job(
+        {
+            **_spec(tmp_path).model_dump(mode="json"),
+            "compress": {"prune": {"include": ["*no_such*"]}},
+        }
+    )
+    with pytest.raises(ConfigError) as err:
+        launch.preflight(spec)
+    assert err.value.problems[0].key == "compress.prune.include"
+
+
+def test_run_dir_claims(tmp_path) -> None:
+    spec = launch.resolve_paths(_spec(tmp_path, batch_size=4))
+    assert launch.claim_run_dir(spec) is False  # new run
+    assert launch.claim_run_dir(spec) is True  # the same job again: resume
+    other = launch.resolve_paths(_spec(tmp_path, batch_size=8))
+    with pytest.raises(ConfigError, match="different job"):
+        launch.claim_run_dir(other)
+
+
+def test_paths_resolved_for_workers(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    spec = launch.resolve_paths(
+        validate_job(
+            {
+                "name": "t",
+                "model": {"name": "tiny-bert"},
+                "data": {"path": "d.csv"},
+                "output": {"dir": "runs"},
+            }
+        )
+    )
+    assert spec.data.path == str(tmp_path / "d.csv")
+    assert spec.output.dir == str(tmp_path / "runs")
