@@ -86,8 +86,8 @@ def preflight(spec: JobSpec) -> tuple[Any, data_lib.DataBundle]:
             Problem(
                 "train.batch_size",
                 t.batch_size,
-                f"one optimizer step takes {t.batch_size} x {t.grad_accum_steps} (grad_accum_steps) "
-                f"x {t.num_workers} (num_workers) examples, more than the "
+                f"one optimizer step takes {t.batch_size} x {t.grad_accum_steps} "
+                f"(grad_accum_steps) x {t.num_workers} (num_workers) examples, more than the "
                 f"{bundle.sizes['train']} training examples",
                 "lower train.batch_size, train.grad_accum_steps or train.num_workers, or use more "
                 "data (data.limit)",
