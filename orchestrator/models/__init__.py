@@ -112,6 +112,7 @@ def build_model(
 ) -> nn.Module:
     """A sequence classifier with a fresh ``num_labels`` head, identically seeded on every rank."""
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # per-tensor loading bars drown the training log
     torch.manual_seed(seed)
     folder = model_dir(spec)
     if folder is None:
