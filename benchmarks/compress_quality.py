@@ -133,11 +133,10 @@ def main() -> None:
             job = base_job(args.recovery_steps, out)
             job["compress"].update(recipe)
             t = time.perf_counter()
-            if recipe:
-                shot = one_shot(job)
-                rec = recovered(job) if args.recovery_steps > 0 else None
-            else:  # the dense model through the same path: artifact, reload, eval, latency
-                shot, rec = dense_metrics(job), None
+            # "dense" (an empty recipe) goes through the same path: artifact, reload, eval,
+            # latency; recovery would only fine-tune it further, so it is not run.
+            shot = one_shot(job)
+            rec = recovered(job) if recipe and args.recovery_steps > 0 else None
             rows.append((name, shot, rec))
             print(
                 f"{name}: one-shot acc {shot['test/accuracy']:.4f}"
@@ -147,34 +146,6 @@ def main() -> None:
                 flush=True,
             )
     print_table(rows)
-
-
-def dense_metrics(job: dict) -> dict[str, float]:
-    """The dense fine-tuned model through the same path (artifact, reload, eval, latency)."""
-    from orchestrator import launch
-    from orchestrator.compress import CompressionReport, summary_metrics
-    from orchestrator.config import validate_job
-    from orchestrator.finalize import finalize, label_config
-    from orchestrator.models import build_model
-
-    spec = validate_job(job)
-    tokenizer, bundle = launch.preflight(spec)
-    model = build_model(spec.model, bundle.num_labels, tokenizer)
-    label_config(model, bundle)
-    report = CompressionReport()
-    report.metrics.update(
-        summary_metrics(model, report, sum(p.numel() for p in model.parameters()))
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        return finalize(
-            spec,
-            model,
-            report,
-            bundle,
-            tokenizer,
-            Path(tmp) / "model",
-            sum(p.numel() for p in model.parameters()),
-        )
 
 
 def print_table(rows: list) -> None:

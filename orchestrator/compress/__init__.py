@@ -16,6 +16,7 @@ from torch import nn
 from orchestrator.compress.common import (
     FilterFn,
     ModuleRow,
+    forward_eval,
     param_count,
     select_modules,
     sqnr_db,
@@ -66,19 +67,11 @@ def _capture_outputs(
                 outputs[name] = out.detach().float().cpu()
 
         hooks.append(module.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
     try:
-        with torch.no_grad():
-            model(
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=batch["attention_mask"].to(device),
-            )
+        forward_eval(model, batch)
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
     return outputs
 
 

@@ -120,21 +120,27 @@ def collect_input_stats(
 
     for name, module in modules:
         hooks.append(module.register_forward_pre_hook(make_hook(name)))
+    try:
+        for batch in calib:
+            mask_holder["mask"] = batch["attention_mask"].to(first_param(model).device)
+            forward_eval(model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats
+
+
+@torch.no_grad()
+def forward_eval(model: nn.Module, batch: dict[str, torch.Tensor]) -> Any:
+    """One inference forward on ``batch`` (ids and mask only), restoring the training mode."""
     was_training = model.training
     model.eval()
     device = first_param(model).device
     try:
-        for batch in calib:
-            mask_holder["mask"] = batch["attention_mask"].to(device)
-            model(
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=batch["attention_mask"].to(device),
-            )
+        return model(input_ids=batch["input_ids"].to(device),
+                     attention_mask=batch["attention_mask"].to(device))
     finally:
-        for h in hooks:
-            h.remove()
         model.train(was_training)
-    return stats
 
 
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
