@@ -47,8 +47,8 @@ RECIPES: dict[str, dict] = {
         "prune": {"method": "structured", "sparsity": 0.5},
         "quantize": {"method": "dynamic_int8"},
     },
-    "combined: 50% wanda + asvd FFN r=0.5 + 4-bit": {
-        "prune": {"method": "wanda", "sparsity": 0.5},
+    "combined: 50% wanda attention + asvd FFN r=0.5 + 4-bit": {
+        "prune": {"method": "wanda", "sparsity": 0.5, "include": ["*attention*"]},
         "factorize": {
             "method": "asvd",
             "rank_ratio": 0.5,

@@ -154,6 +154,13 @@ def compress_(
             report.rows += rows
     if spec.factorize is not None:
         report.rows += factorize_(model, spec.factorize, calib=calib, filter_fn=filter_fn)
+        if report.pruner is not None:
+            superseded = set(report.pruner.drop_replaced(model))
+            for row in report.rows:
+                if row.technique == "prune" and row.name in superseded:
+                    row.details["superseded_by"] = "factorize"
+            if not report.pruner.modules:
+                report.pruner = None
     if spec.quantize is not None:
         from orchestrator.compress.quantize import apply_quantize_
 

@@ -99,10 +99,15 @@ def first_param(model: nn.Module) -> torch.Tensor:
 
 @torch.no_grad()
 def collect_input_stats(
-    model: nn.Module, modules: Iterable[tuple[str, nn.Module]], calib: list[dict[str, torch.Tensor]]
+    model: nn.Module,
+    modules: Iterable[tuple[str, nn.Module]],
+    calib: list[dict[str, torch.Tensor]],
+    *,
+    gram: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Per-input-channel sum of squares of each module's input over the calibration batches
-    (padding positions excluded): ||X_j||^2 for Wanda, and the channel scale for ASVD."""
+    """Statistics of each module's input X (tokens x channels) over the calibration batches,
+    padding positions excluded: per-channel sums of squares ||X_j||^2 (Wanda), or with ``gram``
+    the whole X^T X (activation-aware SVD), accumulated in float64."""
     stats: dict[str, torch.Tensor] = {}
     mask_holder: dict[str, torch.Tensor] = {}
     hooks = []
@@ -113,7 +118,7 @@ def collect_input_stats(
             if x.dim() == 3 and "mask" in mask_holder and x.shape[:2] == mask_holder["mask"].shape:
                 x = x[mask_holder["mask"].bool()]
             x = x.reshape(-1, x.shape[-1])
-            s = (x * x).sum(0)
+            s = x.double().T @ x.double() if gram else (x * x).sum(0)
             stats[name] = stats[name] + s if name in stats else s
 
         return hook

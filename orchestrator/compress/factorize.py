@@ -1,6 +1,9 @@
 """Low-rank factorization: a Linear W (out x in) becomes up(down(x)) with down: in -> r and
-up: r -> out, from a truncated SVD. ``asvd`` first scales W's input channels by the calibration
-activations' magnitude (ASVD, Yuan et al. 2023), so the truncation keeps what the data uses.
+up: r -> out, from a truncated SVD. ``asvd`` is activation-aware: it whitens W's input side with
+the calibration inputs' Gram matrix X^T X = L L^T and truncates the SVD of W L (the data
+whitening of SVD-LLM, Wang et al. 2024; ASVD's per-channel scaling is its diagonal special
+case). Since L^-1 X has orthonormal rows, truncating W L minimises the layer's *output* error
+||W X - W_r X|| on the calibration data rather than the weight error ||W - W_r||.
 
 A layer is skipped (and recorded) when the factorized form would not have fewer parameters:
 speed and size then come from physically smaller layers, not from a nominal rank."""
@@ -19,7 +22,9 @@ from orchestrator.compress.common import (
 )
 from orchestrator.config.compress import FactorizeConfig
 
-ASVD_ALPHA = 0.5  # exponent on the channel scale; the ASVD paper's default
+# Damping added to X^T X before the Cholesky factorization, relative to its mean diagonal:
+# keeps channels the calibration data never excites from making L singular.
+GRAM_DAMPING = 1e-4
 
 
 class LowRankLinear(nn.Module):
@@ -52,31 +57,33 @@ def choose_rank(sigma: torch.Tensor, cfg: FactorizeConfig, in_f: int, out_f: int
 
 @torch.no_grad()
 def factorize_linear(
-    linear: nn.Linear, cfg: FactorizeConfig, channel_scale: torch.Tensor | None
+    linear: nn.Linear, cfg: FactorizeConfig, gram: torch.Tensor | None
 ) -> tuple[LowRankLinear | None, int, str]:
-    """The factorized replacement of ``linear`` (or None and why not), and the rank chosen."""
-    w = linear.weight.detach().float()
+    """The factorized replacement of ``linear`` (or None and why not), and the rank chosen.
+    ``gram``: the calibration inputs' X^T X for the activation-aware variant."""
+    w = linear.weight.detach().double()
     out_f, in_f = w.shape
-    if channel_scale is not None:
-        s = channel_scale.to(w.device).float().clamp_min(1e-6)
-        s = s / s.mean()  # scale-free: only relative channel importance matters
+    if gram is not None:
+        g = gram.to(w.device).double()
+        g = g + GRAM_DAMPING * g.diagonal().mean().clamp_min(1e-12) * torch.eye(in_f, dtype=g.dtype)
+        chol = torch.linalg.cholesky(g)  # lower triangular L, g = L L^T
     else:
-        s = torch.ones(in_f, device=w.device)
-    u, sigma, vh = torch.linalg.svd(w * s.unsqueeze(0), full_matrices=False)
+        chol = None
+    u, sigma, vh = torch.linalg.svd(w @ chol if chol is not None else w, full_matrices=False)
     rank = choose_rank(sigma, cfg, in_f, out_f)
     if rank * (in_f + out_f) >= in_f * out_f:
-        return (
-            None,
-            rank,
-            (f"rank {rank} would not save parameters: {rank}x({in_f}+{out_f}) >= {in_f}x{out_f}"),
-        )
+        reason = f"rank {rank} would not save parameters: {rank}x({in_f}+{out_f}) >= {in_f}x{out_f}"
+        return None, rank, reason
     root = sigma[:rank].sqrt()
+    down = root.unsqueeze(1) * vh[:rank]
+    if chol is not None:
+        # Undo the whitening on the input side: W ~ U S V^T L^-1.
+        down = torch.linalg.solve_triangular(chol, down, upper=False, left=False)
     new = LowRankLinear(in_f, out_f, rank, bias=linear.bias is not None).to(
         device=linear.weight.device, dtype=linear.weight.dtype
     )
     new.up.weight.copy_(u[:, :rank] * root.unsqueeze(0))
-    # Undo the channel scaling on the input side: W ~ U S V^T diag(1/s).
-    new.down.weight.copy_((root.unsqueeze(1) * vh[:rank]) / s.unsqueeze(0))
+    new.down.weight.copy_(down)
     if linear.bias is not None:
         new.up.bias.copy_(linear.bias)
     return new, rank, ""
@@ -100,15 +107,14 @@ def factorize_(
     )
     # The factors of an already-factorized layer are not factorized again (idempotence).
     modules = [(n, m) for n, m in modules if not _inside_low_rank(model, n)]
-    scales = None
+    grams = None
     if cfg.method == "asvd":
         if not calib:
             raise ValueError("asvd factorization needs calibration batches")
-        sumsq = collect_input_stats(model, modules, calib)
-        scales = {n: v.sqrt() ** ASVD_ALPHA for n, v in sumsq.items()}
+        grams = collect_input_stats(model, modules, calib, gram=True)
     rows = []
     for name, linear in modules:
-        new, rank, reason = factorize_linear(linear, cfg, scales[name] if scales else None)
+        new, rank, reason = factorize_linear(linear, cfg, grams[name] if grams else None)
         before = sum(p.numel() for p in linear.parameters())
         shape = list(linear.weight.shape)
         if new is None:

@@ -119,6 +119,21 @@ class Pruner:
             if mask is not None:
                 module.weight.mul_(mask.to(module.weight.dtype))
 
+    def drop_replaced(self, model: nn.Module) -> list[str]:
+        """Forget layers that a later technique replaced (factorizing a pruned layer makes it
+        dense again: its sparsity is superseded). Returns the names dropped."""
+        gone = []
+        for name, module in list(self.modules.items()):
+            try:
+                present = model.get_submodule(name) is module
+            except AttributeError:
+                present = False
+            if not present:
+                gone.append(name)
+                del self.modules[name]
+                self.masks.pop(f"{name}.weight", None)
+        return gone
+
     @torch.no_grad()
     def restore_from_weights(self) -> None:
         """After loading a checkpoint: the masks are where the saved weights are zero."""

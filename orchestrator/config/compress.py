@@ -113,8 +113,8 @@ class FactorizeConfig(_Technique):
 
     method: Literal["svd", "asvd"] = Field(
         default="svd",
-        description="svd (truncated SVD of W) or asvd (activation-weighted SVD using the "
-        "per-input-channel scale of calibration activations)",
+        description="svd (truncated SVD of W) or asvd (activation-aware: SVD of W whitened by "
+        "the calibration inputs' Gram matrix, minimising the layer's output error)",
     )
     rank: Annotated[int, Field(ge=1)] | None = Field(
         default=None, description="fixed rank per layer, >= 1 (exclusive with rank_ratio, energy)"

@@ -130,8 +130,19 @@ class DeepSpeedStrategy(Strategy):
         # step, which copies the master back. ZeRO-3 is rejected with pruning at validation.
         super().apply_masks_(masks)
         params = dict(self.module.named_parameters())
+        # ZeRO-0 with bf16/fp16 keeps whole fp32 masters in parallel lists instead of fragments.
+        opt = self.engine.optimizer
+        masters = {
+            id(lp): hp
+            for lps, hps in zip(getattr(opt, "fp16_groups", []) or [],
+                                getattr(opt, "fp32_groups", []) or [], strict=False)
+            for lp, hp in zip(lps, hps, strict=False)
+        }
         for name, mask in masks.items():
             mapping = getattr(params[name], "_hp_mapping", None)
+            master = masters.get(id(params[name]))
+            if mapping is None and master is not None and master.shape == mask.shape:
+                master.data.mul_(mask.to(device=master.device, dtype=master.dtype))
             if mapping is None:
                 continue
             addr = mapping.lp_fragment_address

@@ -32,10 +32,11 @@ def recover_worker(rank: int, world: int, job: dict, store: str) -> dict:
     "train",
     [
         {"strategy": "ddp"},
+        {"strategy": "deepspeed", "zero_stage": 0, "precision": "bf16"},
         {"strategy": "deepspeed", "zero_stage": 1, "precision": "bf16"},
         {"strategy": "deepspeed", "zero_stage": 2, "precision": "bf16"},
     ],
-    ids=["ddp", "zero1-bf16", "zero2-bf16"],
+    ids=["ddp", "zero0-bf16", "zero1-bf16", "zero2-bf16"],
 )
 def test_masks_survive_recovery_training(tmp_path: Path, train: dict) -> None:
     job = {

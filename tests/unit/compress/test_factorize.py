@@ -101,3 +101,22 @@ def test_factorized_model_trains(minilm2, calib) -> None:
         if p.requires_grad and "pooler" not in str(p.shape)
     )
     assert torch.isfinite(loss)
+
+
+def test_pruning_superseded_where_factorized(tiny_bert, calib) -> None:
+    """Factorizing a pruned layer makes it dense again: the pruner lets go of it (so training
+    does not try to mask weights that no longer exist) and the report says so."""
+    from orchestrator.compress import compress_
+    from orchestrator.config.compress import CompressConfig
+
+    spec = CompressConfig.model_validate({
+        "prune": {"sparsity": 0.5},
+        "factorize": {"rank": 8, "include": ["*intermediate.dense"]},
+    })
+    report = compress_(tiny_bert, spec, calib=calib)
+    assert report.pruner is not None
+    assert not any("intermediate" in n for n in report.pruner.modules)
+    superseded = [r for r in report.rows if r.details.get("superseded_by") == "factorize"]
+    assert {r.name for r in superseded} == {f"bert.encoder.layer.{i}.intermediate.dense"
+                                            for i in range(2)}
+    report.pruner.step(1, 10, lambda masks: None)  # no KeyError on replaced layers
