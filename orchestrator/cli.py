@@ -11,7 +11,7 @@ from orchestrator.errors import ConfigError, OrchestratorError
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="orchestrator",
-        description="Distributed training and compression search on Ray.",
+        description="Distributed training and model compression on Ray.",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -46,7 +46,7 @@ def _summary(metrics: dict[str, float]) -> str:
 
 
 def _modules_table(rows: list[dict]) -> str:
-    """Per-module rows, folded by technique: how many layers, shapes, skips and why."""
+    """One line per module: technique, shapes before -> after (or why skipped), details."""
     lines = ["modules:"]
     for r in rows:
         what = (

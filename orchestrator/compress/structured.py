@@ -498,7 +498,7 @@ def structure_of(model: nn.Module) -> dict[str, Any]:
 def rebuild_structure_(model: nn.Module, structure: dict[str, Any]) -> None:
     """Shrink the blocks of a freshly built (dense) ``model`` to the sizes ``structure`` records
     (from ``structure_of`` of a pruned model of the same config), keeping the first heads and
-    neurons: the weights are placeholders, meant to be overwritten by ``load_state_dict``."""
+    neurons: the weights are stand-ins, meant to be overwritten by ``load_state_dict``."""
     blocks = _supported_blocks(model)
     recorded = structure.get("blocks", {})
     arch = structure.get("arch")
