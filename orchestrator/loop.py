@@ -288,8 +288,10 @@ def run(spec: JobSpec, ctx: WorkerContext) -> dict[str, float]:
         state["epoch"] += 1
         state["micro_step"] = 0
 
-    metrics.update(evaluate(strategy, bundle, "validation", tspec.batch_size, ctx, device))
-    metrics.update(evaluate(strategy, bundle, "test", tspec.batch_size, ctx, device))
+    if not spec.compress.enabled:
+        # A compressed run is scored on its artifact instead (export_compressed): what ships.
+        metrics.update(evaluate(strategy, bundle, "validation", tspec.batch_size, ctx, device))
+        metrics.update(evaluate(strategy, bundle, "test", tspec.batch_size, ctx, device))
     metrics["train/step"] = float(state["step"])
     metrics["mem/peak_mb"] = _all_reduce_max(peak_memory_mb(device), device)
     checkpoint(metrics, final=True)  # the final figures (artifact measurements) land in metrics
