@@ -7,7 +7,9 @@ accuracy on validation and test, and its latency against the dense model, side b
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -54,20 +56,44 @@ def label_config(model: nn.Module, bundle: data_lib.DataBundle) -> None:
     model.config.label2id = {n: i for i, n in enumerate(bundle.label_names)}
 
 
-@torch.inference_mode()
-def evaluate_plain(
-    model: nn.Module, bundle: data_lib.DataBundle, split: str, batch_size: int = 64
-) -> dict[str, float]:
+def split_key(split: str) -> str:
+    """Metric namespace: validation is ``eval/*`` (DESIGN 3.3), held-out test ``test/*``."""
+    return {"validation": "eval"}.get(split, split)
+
+
+@torch.no_grad()
+def score(
+    model: nn.Module,
+    batches: Iterable[tuple[dict[str, torch.Tensor], int]],
+    device: torch.device | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> list[float]:
+    """[correct, examples, summed loss] over ``(batch, real rows)`` pairs; a pair with 0 real
+    rows is a stand-in batch (a rank kept in step with the others) that is run but not counted."""
+    was_training = model.training
     model.eval()
-    correct = total = 0
-    loss_sum = 0.0
-    for batch, real in bundle.eval_batches(split, batch_size, 0, 1):
+    correct = total = loss_sum = 0.0
+    for batch, real in batches:
         labels = batch.pop("labels")
-        logits = model(**batch).logits.float()
+        inputs = {k: v.to(device) for k, v in batch.items()} if device else batch
+        with autocast():
+            logits = model(**inputs).logits.float()
+        if real == 0:
+            continue
+        labels = labels.to(logits.device)
         loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
         correct += int((logits.argmax(-1) == labels).sum())
         total += real
-    key = {"validation": "eval"}.get(split, split)
+    model.train(was_training)
+    return [correct, total, loss_sum]
+
+
+def evaluate_plain(
+    model: nn.Module, bundle: data_lib.DataBundle, split: str, batch_size: int = 64
+) -> dict[str, float]:
+    """Accuracy and mean loss of ``model`` over the whole ``split``, in this process."""
+    correct, total, loss_sum = score(model, bundle.eval_batches(split, batch_size, 0, 1))
+    key = split_key(split)
     return {f"{key}/accuracy": correct / total, f"{key}/loss": loss_sum / total}
 
 
