@@ -17,6 +17,7 @@ from orchestrator.compress.common import (
     FilterFn,
     ModuleRow,
     collect_input_stats,
+    param_count,
     select_modules,
     set_module,
 )
@@ -115,35 +116,21 @@ def factorize_(
     rows = []
     for name, linear in modules:
         new, rank, reason = factorize_linear(linear, cfg, grams[name] if grams else None)
-        before = sum(p.numel() for p in linear.parameters())
+        before = param_count(linear)
         shape = list(linear.weight.shape)
-        if new is None:
-            rows.append(
-                ModuleRow(
-                    name,
-                    "factorize",
-                    "Linear",
-                    shape,
-                    shape,
-                    before,
-                    before,
-                    skipped=True,
-                    reason=reason,
-                    details={"rank": rank},
-                )
-            )
-            continue
-        set_module(model, name, new)
-        after = sum(p.numel() for p in new.parameters())
+        if new is not None:
+            set_module(model, name, new)
         rows.append(
             ModuleRow(
                 name,
                 "factorize",
                 "Linear",
                 shape,
-                [shape[0], rank, shape[1]],
+                [shape[0], rank, shape[1]] if new is not None else shape,
                 before,
-                after,
+                param_count(new) if new is not None else before,
+                skipped=new is None,
+                reason=reason,
                 details={"rank": rank, "method": cfg.method},
             )
         )
