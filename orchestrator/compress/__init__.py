@@ -82,15 +82,14 @@ def weight_params(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 def effective_bits(model: nn.Module) -> float:
     """Mean stored bits per parameter: quantized layers count their bit width, others 32."""
-    from orchestrator.compress.quantize import quantized_weight
+    from orchestrator.compress.quantize import quantized_bits
 
     total = bits = 0
     for module in model.modules():
         own = list(module.parameters(recurse=False))
         if not own:
             continue
-        q = quantized_weight(module)
-        b = q.bits if q is not None else None
+        b = quantized_bits(module)
         for p in own:
             n = p.numel()
             total += n

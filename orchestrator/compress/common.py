@@ -142,8 +142,10 @@ def forward_eval(model: nn.Module, batch: dict[str, torch.Tensor]) -> Any:
     model.eval()
     device = first_param(model).device
     try:
-        return model(input_ids=batch["input_ids"].to(device),
-                     attention_mask=batch["attention_mask"].to(device))
+        return model(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+        )
     finally:
         model.train(was_training)
 

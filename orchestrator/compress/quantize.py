@@ -545,6 +545,15 @@ class Int8Embedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, int8 per-row"
 
 
+def quantized_bits(module: nn.Module) -> int | None:
+    """The stored bit width of a quantized module's weight, without quantizing anything."""
+    if isinstance(module, (QuantLinear, QuantEmbedding)):
+        return module.spec.bits
+    if isinstance(module, (Int8Embedding, _dynamic_linear_type())):
+        return 8
+    return None
+
+
 def quantized_weight(module: nn.Module) -> QTensor | None:
     """The QTensor of a quantized module's current weight (QuantLinear, QuantEmbedding,
     Int8Embedding, int8 dynamic Linear); None for anything else."""

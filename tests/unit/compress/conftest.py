@@ -48,3 +48,13 @@ def hidden(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model.base_model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
         ).last_hidden_state
+
+
+def relative_error(tokenizer, calib, compress) -> float:
+    """||h - h_dense|| / ||h_dense|| of the MiniLM cut to 2 layers after ``compress(model)``,
+    on a calibration batch: how far a compression moves the encoder's output."""
+    dense = models.build_model(ModelConfig(name="minilm-l6", num_layers=2), 2, tokenizer)
+    model = models.build_model(ModelConfig(name="minilm-l6", num_layers=2), 2, tokenizer)
+    compress(model)
+    ref, out = hidden(dense, calib[-1]), hidden(model, calib[-1])
+    return ((out - ref).norm() / ref.norm()).item()

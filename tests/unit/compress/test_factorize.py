@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import hidden
+from conftest import relative_error
 from torch import nn
 
 from orchestrator.compress.factorize import LowRankLinear, factorize_
@@ -77,15 +77,12 @@ def test_classifier_untouched(tiny_bert) -> None:
 
 
 def test_asvd_keeps_the_output_closer_than_svd(tokenizer, calib) -> None:
-    from orchestrator import models
-    from orchestrator.config.schema import ModelConfig
-
     def error(method: str) -> float:
-        dense = models.build_model(ModelConfig(name="minilm-l6", num_layers=2), 2, tokenizer)
-        model = models.build_model(ModelConfig(name="minilm-l6", num_layers=2), 2, tokenizer)
-        factorize_(model, FactorizeConfig(method=method, rank_ratio=0.25), calib=calib)
-        ref, out = hidden(dense, calib[-1]), hidden(model, calib[-1])
-        return ((out - ref).norm() / ref.norm()).item()
+        return relative_error(
+            tokenizer,
+            calib,
+            lambda m: factorize_(m, FactorizeConfig(method=method, rank_ratio=0.25), calib=calib),
+        )
 
     assert error("asvd") < error("svd")
 
@@ -109,14 +106,17 @@ def test_pruning_superseded_where_factorized(tiny_bert, calib) -> None:
     from orchestrator.compress import compress_
     from orchestrator.config.compress import CompressConfig
 
-    spec = CompressConfig.model_validate({
-        "prune": {"sparsity": 0.5},
-        "factorize": {"rank": 8, "include": ["*intermediate.dense"]},
-    })
+    spec = CompressConfig.model_validate(
+        {
+            "prune": {"sparsity": 0.5},
+            "factorize": {"rank": 8, "include": ["*intermediate.dense"]},
+        }
+    )
     report = compress_(tiny_bert, spec, calib=calib)
     assert report.pruner is not None
     assert not any("intermediate" in n for n in report.pruner.modules)
     superseded = [r for r in report.rows if r.details.get("superseded_by") == "factorize"]
-    assert {r.name for r in superseded} == {f"bert.encoder.layer.{i}.intermediate.dense"
-                                            for i in range(2)}
+    assert {r.name for r in superseded} == {
+        f"bert.encoder.layer.{i}.intermediate.dense" for i in range(2)
+    }
     report.pruner.step(1, 10, lambda masks: None)  # no KeyError on replaced layers

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import hidden
+from conftest import relative_error
 from torch import nn
 
 from orchestrator.compress.prune import cubic_sparsity, prune_
@@ -61,15 +61,13 @@ def test_pattern_matching_nothing_is_an_error(tiny_bert) -> None:
 
 def test_wanda_keeps_the_output_closer_than_magnitude(tokenizer, calib) -> None:
     """The point of activation awareness (Sun et al. 2023): at equal sparsity, less damage."""
-    from orchestrator import models
-    from orchestrator.config.schema import ModelConfig
 
     def error(method: str) -> float:
-        dense = models.build_model(ModelConfig(name="minilm-l6", num_layers=2), 2, tokenizer)
-        pruned = models.build_model(ModelConfig(name="minilm-l6", num_layers=2), 2, tokenizer)
-        prune_(pruned, PruneConfig(method=method, sparsity=0.6), calib=calib)
-        ref, out = hidden(dense, calib[-1]), hidden(pruned, calib[-1])
-        return ((out - ref).norm() / ref.norm()).item()
+        return relative_error(
+            tokenizer,
+            calib,
+            lambda m: prune_(m, PruneConfig(method=method, sparsity=0.6), calib=calib),
+        )
 
     assert error("wanda") < error("magnitude")
 
