@@ -14,6 +14,7 @@ from pydantic_core import PydanticCustomError
 
 from orchestrator.config.base import cross_field_error
 from orchestrator.config.compress import CompressConfig
+from orchestrator.config.search import SearchConfig, check_space
 
 
 class _Section(BaseModel):
@@ -266,6 +267,9 @@ class JobSpec(_Section):
     compress: CompressConfig = CompressConfig()
     resources: ResourcesConfig = ResourcesConfig()
     output: OutputConfig = OutputConfig()
+    search: SearchConfig | None = Field(
+        default=None, description="Ray Tune search over compression recipes (orchestrator search)"
+    )
 
     @field_validator("name")
     @classmethod
@@ -308,6 +312,44 @@ class JobSpec(_Section):
                     "compress.prune.method=structured",
                 )
             )
+        if self.search is not None:
+            problems.extend(self._search_problems())
         if problems:
             raise cross_field_error(problems)
         return self
+
+    def _search_problems(self) -> list[tuple[str, object, str, str]]:
+        """The space against this job: every key must be a job key and every combination the
+        searcher can draw must make a valid trial job (checked now, not after hours)."""
+        from pydantic import ValidationError
+
+        from orchestrator.config.loader import apply_overrides, problems_from_validation
+
+        search = self.search
+        problems: list[tuple[str, object, str, str]] = []
+        if search.scheduler == "asha" and self.train.eval_every == 0:
+            problems.append(
+                (
+                    "train.eval_every",
+                    0,
+                    "search.scheduler=asha compares trials on validation results reported "
+                    "during training, and none are",
+                    "set train.eval_every to a few steps (e.g. 10)",
+                )
+            )
+        base = self.model_dump(mode="json", exclude={"search"})
+
+        def validate(raw: dict) -> list:
+            try:
+                JobSpec.model_validate(raw)
+            except ValidationError as e:
+                return problems_from_validation(e)
+            return []
+
+        for field, value, message, fix in check_space(base, search.space, validate):
+            problems.append((f"search.{field}", value, message, fix))
+        baseline = search.baseline.overrides
+        if baseline:
+            for p in validate(apply_overrides(base, baseline)):
+                problems.append((f"search.baseline.overrides.{p.key}", p.value, p.message, p.fix))
+        return problems

@@ -1,0 +1,418 @@
+"""The job's ``search`` section: which dotted job keys Ray Tune varies, what it optimises, under
+which constraints, and how the dense baseline is obtained.
+
+Space keys are the same dotted keys as command-line overrides, and a trial's job is built by the
+same ``apply_overrides``. A sampled ``null`` sets the key to null; on a whole technique section
+(``compress.factorize``) that turns the technique off, and keys below a section that is off are
+ignored for that trial, so conditional spaces ("a rank only when factorizing") never crash.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import math
+from collections.abc import Callable
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from orchestrator.config.base import cross_field_error
+from orchestrator.errors import Problem
+
+# Final metrics every trial reports (DESIGN.md 3.3 keys; finalize.py and loop.py produce them).
+TRIAL_METRICS = (
+    "eval/accuracy",
+    "eval/loss",
+    "test/accuracy",
+    "test/loss",
+    "compress/size_bytes",
+    "compress/dense_size_bytes",
+    "compress/size_ratio",
+    "compress/params",
+    "compress/nonzero_params",
+    "compress/sparsity",
+    "compress/bits",
+    "perf/latency_ms_b1",
+    "perf/latency_ms_b32",
+    "perf/speedup",
+    "train/loss",
+    "train/samples_per_s",
+    "mem/peak_mb",
+)
+# Metrics reported during recovery training too (what an early-stopping scheduler can compare).
+INTERMEDIATE_METRICS = ("eval/accuracy", "eval/loss")
+# Whole sections a sampled null may switch off.
+OPTIONAL_SECTIONS = ("compress.prune", "compress.factorize", "compress.quantize")
+# Beyond this many combinations the space check tries each key alone instead of the product.
+_MAX_COMBINATIONS = 2048
+# The field named ``int`` shadows the builtin inside the class body.
+_Int = int
+KINDS = ("uniform", "loguniform", "int", "choice", "grid")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Distribution(_Section):
+    """Exactly one of: ``uniform: [lo, hi]``, ``loguniform: [lo, hi]``, ``int: [lo, hi]``
+    (inclusive), ``choice: [values]`` or ``choice: {label: value}`` (values may be whole
+    sections or null), ``grid: [values]`` (every value is tried)."""
+
+    uniform: tuple[float, float] | None = Field(default=None, description="[lo, hi), lo < hi")
+    loguniform: tuple[float, float] | None = Field(
+        default=None, description="[lo, hi), 0 < lo < hi, sampled on a log scale"
+    )
+    int: tuple[_Int, _Int] | None = Field(default=None, description="[lo, hi] inclusive, lo < hi")
+    choice: list[Any] | dict[str, Any] | None = Field(
+        default=None,
+        description="values to choose from; a mapping gives each value a label (needed for "
+        "sections and null: {off: null, int8: {method: dynamic_int8}})",
+    )
+    grid: list[Any] | None = Field(default=None, description="values, each tried")
+
+    @field_validator("choice", mode="before")
+    @classmethod
+    def _string_labels(cls, v: Any) -> Any:
+        """YAML 1.1 reads the labels ``off`` / ``on`` as booleans: keep them labels."""
+        if isinstance(v, dict):
+            return {
+                ({False: "off", True: "on"}.get(k, k) if isinstance(k, bool) else str(k)): x
+                for k, x in v.items()
+            }
+        return v
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Distribution:
+        given = [k for k in KINDS if self.kind_is(k)]
+        if len(given) != 1:
+            raise cross_field_error(
+                [
+                    (
+                        given[1] if len(given) > 1 else "uniform",
+                        None,
+                        "exactly one of uniform, loguniform, int, choice, grid must be given"
+                        + (f" (got {', '.join(given)})" if given else ""),
+                        "write e.g. {uniform: [0.1, 0.6]} or {choice: [4, 8]}",
+                    )
+                ]
+            )
+        kind = given[0]
+        value = getattr(self, kind)
+        if kind in ("uniform", "loguniform", "int"):
+            lo, hi = value
+            if not lo < hi:
+                raise cross_field_error(
+                    [
+                        (
+                            kind,
+                            list(value),
+                            "is an empty or inverted range (lo must be below hi)",
+                            f"write {kind}: [lo, hi] with lo < hi, or use choice: [{lo}] "
+                            "for a fixed value (or set it in the job instead)",
+                        )
+                    ]
+                )
+            if kind == "loguniform" and lo <= 0:
+                raise cross_field_error(
+                    [(kind, list(value), "needs lo > 0", "use uniform, or a positive lo")]
+                )
+        elif not value:
+            raise cross_field_error(
+                [(kind, value, "has no values", f"list at least one value under {kind}")]
+            )
+        elif kind == "choice" and isinstance(value, list):
+            for v in value:
+                if isinstance(v, dict | list):
+                    raise cross_field_error(
+                        [
+                            (
+                                kind,
+                                v,
+                                "a choice that is a section or a list needs a label",
+                                "write choice as a mapping, e.g. {off: null, asvd: {method: "
+                                "asvd, rank_ratio: 0.25}}",
+                            )
+                        ]
+                    )
+        return self
+
+    def kind_is(self, kind: str) -> bool:
+        return getattr(self, kind) is not None
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in KINDS if self.kind_is(k))
+
+    def candidates(self) -> list[Any]:
+        """What the searcher may hand a trial: the ends of a range, every choice / grid value
+        (labels for a labelled choice)."""
+        return list(getattr(self, self.kind))  # range ends, a mapping's labels, or the values
+
+    def resolve(self, sampled: Any) -> Any:
+        """The job value for what the searcher sampled (a label -> its value)."""
+        if self.kind == "choice" and isinstance(self.choice, dict):
+            return self.choice[sampled]
+        return sampled
+
+
+class Objective(_Section):
+    metric: str = Field(description=f"a trial metric: one of {', '.join(TRIAL_METRICS)}")
+    mode: Literal["max", "min"] = Field(description="max or min")
+
+    @model_validator(mode="after")
+    def _known(self) -> Objective:
+        if self.metric not in TRIAL_METRICS:
+            close = difflib.get_close_matches(self.metric, TRIAL_METRICS, n=1, cutoff=0.5)
+            raise cross_field_error(
+                [
+                    (
+                        "metric",
+                        self.metric,
+                        "no trial reports this metric",
+                        f"did you mean {close[0]}?"
+                        if close
+                        else f"use one of {', '.join(TRIAL_METRICS)}",
+                    )
+                ]
+            )
+        return self
+
+
+class Constraints(_Section):
+    """A trial that breaks one is kept in the results, marked infeasible, and never picked."""
+
+    max_accuracy_drop: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="eval/accuracy at most this far below the dense baseline's (0.01 = 1 point)",
+    )
+    max_size_bytes: float | None = Field(
+        default=None, gt=0, description="compress/size_bytes (the artifact on disk) at most this"
+    )
+    min_size_ratio: float | None = Field(
+        default=None, gt=0, description="dense bytes / artifact bytes at least this (2: 2x smaller)"
+    )
+    max_latency_ms: float | None = Field(
+        default=None, gt=0, description="perf/latency_ms_b32 at most this (ms per batch of 32)"
+    )
+    min_speedup: float | None = Field(
+        default=None, gt=0, description="perf/speedup (dense / compressed latency) at least this"
+    )
+
+
+class BaselineConfig(_Section):
+    """The dense reference every trial is compared with, computed once per search."""
+
+    train: bool = Field(
+        default=True,
+        description="fine-tune the dense model once (a Ray Train run) and start every trial "
+        "from it; false: the job's model is already fine-tuned and is only evaluated",
+    )
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="dotted job keys changed for the baseline run only, e.g. {train.epochs: 2}",
+    )
+
+
+class SearchConfig(_Section):
+    """Ray Tune over dotted job keys; each trial compresses, recovers, evaluates, measures."""
+
+    space: dict[str, Distribution] = Field(
+        description="dotted job key -> distribution, e.g. compress.prune.sparsity: "
+        "{uniform: [0.2, 0.7]}",
+        min_length=1,
+    )
+    objectives: list[Objective] = Field(
+        default_factory=lambda: [Objective(metric="eval/accuracy", mode="max")],
+        min_length=1,
+        description="one (single-objective) or more (Pareto search) {metric, mode}",
+    )
+    constraints: Constraints = Constraints()
+    select: Objective | None = Field(
+        default=None,
+        description="how the best feasible trial is picked (export --best); default: the first "
+        "objective",
+    )
+    algorithm: Literal["optuna", "random", "grid"] = Field(
+        default="optuna",
+        description="optuna (TPE or NSGA-II through Ray Tune's Optuna integration), random, grid",
+    )
+    sampler: Literal["tpe", "nsga2"] = Field(
+        default="tpe", description="optuna's sampler: tpe (single or multi-objective) or nsga2"
+    )
+    scheduler: Literal["none", "asha"] = Field(
+        default="none", description="asha stops poor trials early (single objective only)"
+    )
+    num_samples: int | None = Field(
+        default=None,
+        ge=1,
+        description="trials to run (default 8); with algorithm=grid, how often the grid repeats "
+        "(default 1)",
+    )
+    time_budget_s: float | None = Field(
+        default=None, gt=0, description="stop starting trials after this many seconds"
+    )
+    max_concurrent_trials: int | None = Field(
+        default=None,
+        ge=1,
+        description="cap on trials at once; default: as many as the cluster's CPUs/GPUs fit",
+    )
+    max_failures: int = Field(
+        default=0, ge=0, description="retries of a trial that errored (Tune's FailureConfig)"
+    )
+    seed: int = Field(default=0, ge=0, description="seed of the searcher")
+    baseline: BaselineConfig = BaselineConfig()
+
+    @model_validator(mode="after")
+    def _checks(self) -> SearchConfig:
+        problems = []
+        kinds = {k: d.kind for k, d in self.space.items()}
+        if self.algorithm == "optuna":
+            for key, kind in kinds.items():
+                if kind == "grid":
+                    problems.append(
+                        (
+                            f"space.{key}.grid",
+                            getattr(self.space[key], kind),
+                            "grid values need search.algorithm=grid (or random, which crosses "
+                            "the grid with sampled keys)",
+                            f"use choice instead of grid for {key}, or search.algorithm=grid",
+                        )
+                    )
+        if self.algorithm == "grid":
+            for key, kind in kinds.items():
+                if kind not in ("grid", "choice"):
+                    problems.append(
+                        (
+                            f"space.{key}",
+                            kind,
+                            "a grid search enumerates values; it cannot sample a range",
+                            f"give {key} as grid: [values], or use search.algorithm=optuna",
+                        )
+                    )
+        if self.scheduler == "asha":
+            if len(self.objectives) > 1:
+                problems.append(
+                    (
+                        "scheduler",
+                        "asha",
+                        "early stopping ranks trials on one metric; with several objectives "
+                        "trials stopped early would land on the Pareto front with their early "
+                        "values",
+                        "set search.scheduler=none for a multi-objective search",
+                    )
+                )
+            elif self.objectives[0].metric not in INTERMEDIATE_METRICS:
+                problems.append(
+                    (
+                        "scheduler",
+                        "asha",
+                        f"{self.objectives[0].metric} is only known at the end of a trial, so "
+                        "trials cannot be compared early on it",
+                        f"use an objective of {INTERMEDIATE_METRICS}, or search.scheduler=none",
+                    )
+                )
+        if problems:
+            raise cross_field_error(problems)
+        return self
+
+    @property
+    def samples(self) -> int:
+        return self.num_samples or (1 if self.algorithm == "grid" else 8)
+
+    @property
+    def selection(self) -> Objective:
+        return self.select or self.objectives[0]
+
+
+def _under(key: str, section: str) -> bool:
+    return key.startswith(section + ".")
+
+
+def trial_overrides(space: dict[str, Distribution], sampled: dict[str, Any]) -> dict[str, Any]:
+    """Dotted overrides for one trial: labels resolved, sections applied before their keys, and
+    keys below a section the trial switched off dropped (they would re-create it)."""
+    values = {k: space[k].resolve(v) if k in space else v for k, v in sampled.items()}
+    off = [k for k, v in values.items() if v is None and k in OPTIONAL_SECTIONS]
+    out: dict[str, Any] = {}
+    for key in sorted(values, key=lambda k: k.count(".")):
+        if any(_under(key, s) for s in off):
+            continue
+        out[key] = values[key]
+    return out
+
+
+def check_space(
+    job: dict[str, Any],
+    space: dict[str, Distribution],
+    validate: Callable[[dict[str, Any]], list[Problem]],
+) -> list[tuple[str, Any, str, str]]:
+    """Problems (``(field, value, message, fix)`` relative to ``search``) with the space against
+    the job: keys that are not job keys, and values or combinations that make an invalid job.
+
+    ``validate(raw)`` returns the problems of a raw job (empty when it is valid).
+    Every combination of choice values and range ends is tried (each key alone when there are
+    more than a few thousand), so a bad combination fails before any trial starts."""
+    from orchestrator.config.loader import apply_overrides
+
+    problems: list[tuple[str, Any, str, str]] = []
+    keys = list(space)
+    candidates = [space[k].candidates() for k in keys]
+    if math.prod(len(c) for c in candidates) <= _MAX_COMBINATIONS:
+        combos = list(itertools.product(*candidates))
+    else:
+        first = [c[0] for c in candidates]
+        combos = [
+            tuple(v if j == i else first[j] for j in range(len(keys)))
+            for i, c in enumerate(candidates)
+            for v in c
+        ]
+    seen: set[str] = set()
+    for combo in combos:
+        sampled = dict(zip(keys, combo, strict=True))
+        raw = apply_overrides(job, trial_overrides(space, sampled))
+        for p in validate(raw):
+            key, value, message = p.key, p.value, p.message
+            owner = next((k for k in keys if key == k or _under(key, k) or _under(k, key)), None)
+            if message == "unknown key" and owner is not None:
+                if key in seen:
+                    continue
+                seen.add(key)
+                problems.append(
+                    (
+                        f"space.{owner}",
+                        owner,
+                        "is not a key of the job",
+                        _did_you_mean(p.fix),
+                    )
+                )
+                continue
+            where = owner or key
+            shown = ", ".join(f"{k}={v!r}" for k, v in sampled.items() if len(keys) > 1)
+            tag = f"{where}|{message}"
+            if tag in seen:
+                continue
+            seen.add(tag)
+            problems.append(
+                (
+                    f"space.{where}",
+                    sampled.get(where, value),
+                    f"makes an invalid trial job: {key} = {value!r}: {message}"
+                    + (f" (with {shown})" if shown else ""),
+                    "narrow the range, or use a labelled choice of whole sections so that "
+                    "only valid combinations can be drawn",
+                )
+            )
+        if len(problems) >= 5:
+            break
+    return problems
+
+
+def _did_you_mean(fix: str) -> str:
+    """The loader's "did you mean a.b?" for the unknown key, when it found one."""
+    if fix.startswith("did you mean"):
+        return fix
+    return "use a dotted key of the job (as in `orchestrator validate JOB.yaml`)"
