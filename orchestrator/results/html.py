@@ -1,0 +1,283 @@
+"""``report.html``: one self-contained page a person opens to see where a search stands.
+
+Self-contained (the plot is a base64 data URI, the style is inline, nothing is fetched) so it
+can be copied off a cluster head node, mailed or opened from a file share as is. Every value
+from the run directory is HTML-escaped: trial errors and job strings are arbitrary text.
+"""
+
+from __future__ import annotations
+
+import base64
+import shlex
+from html import escape
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from orchestrator.config.search import TRIAL_METRICS, SearchConfig
+from orchestrator.results.table import MB, STATUSES
+
+REFRESH_S = 15
+_STATUS_WORDS = {
+    "done": "done",
+    "running": "running",
+    "stopped": "stopped early",
+    "error": "failed",
+}
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1300px; color: #222; }
+h1 { margin-bottom: 0.2em; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+tr.infeasible td { color: #888; }
+tr.pareto td:first-child { font-weight: bold; }
+pre { background: #f6f6f6; padding: 0.6em; overflow-x: auto; font-size: 0.85em; }
+pre.error { background: #fff0f0; margin: 0; white-space: pre-wrap; }
+.partial { background: #fff6d6; border: 1px solid #e0c060; padding: 0.5em 0.8em; }
+.note { color: #555; }
+img { max-width: 100%; }
+"""
+
+# Marks the body once the plot image is decoded, so a headless browser test can tell a broken
+# data URI from a good one (a failed image load prints nothing to the console).
+_SCRIPT = """
+(function () {
+  var img = document.getElementById("pareto-plot");
+  function mark() {
+    if (img.naturalWidth > 0) { document.body.dataset.plotLoaded = "1"; }
+  }
+  if (img.complete) { mark(); } else { img.addEventListener("load", mark); }
+})();
+"""
+
+
+def _num(v: Any, fmt: str, scale: float = 1.0) -> str:
+    return "&ndash;" if v is None else escape(format(v / scale, fmt))
+
+
+def _value(v: float) -> str:
+    """A baseline metric: big counts (bytes, parameters) with thousands separators."""
+    return f"{v:,.0f}" if abs(v) >= 1e4 and float(v).is_integer() else f"{v:.6g}"
+
+
+def _td(text: str, num: bool = False) -> str:
+    return f'<td class="num">{text}</td>' if num else f"<td>{text}</td>"
+
+
+def _table(html_id: str, head: list[str], rows: list[tuple[str, list[str]]]) -> str:
+    """A table from already-escaped cells; ``rows`` are (css class, cells)."""
+    out = [f'<table id="{html_id}">', "<thead><tr>"]
+    out += [f"<th>{escape(h)}</th>" for h in head]
+    out.append("</tr></thead><tbody>")
+    for css, cells in rows:
+        out.append(f'<tr class="{css}">' + "".join(cells) + "</tr>")
+    out.append("</tbody></table>")
+    return "\n".join(out)
+
+
+def status_counts(table: pa.Table) -> dict[str, int]:
+    statuses = table.column("status").to_pylist() if table.num_rows else []
+    return {s: statuses.count(s) for s in STATUSES}
+
+
+def status_lines(counts: dict[str, int], running: bool) -> tuple[str, str | None]:
+    """The status line, and the partial-results note (None when every trial finished)."""
+    total = sum(counts.values())
+    line = f"{total} trial{'s' if total != 1 else ''}: " + ", ".join(
+        f"{counts[s]} {_STATUS_WORDS[s]}" for s in STATUSES
+    )
+    unfinished = counts["running"] + counts["error"] + counts["stopped"]
+    if not unfinished and not running:
+        return line, None
+    parts = []
+    if counts["running"]:
+        parts.append(
+            f"{counts['running']} still running"
+            if running
+            else f"{counts['running']} were running when the search stopped (interrupted; "
+            "`orchestrator search JOB.yaml --resume` continues it)"
+        )
+    if counts["error"]:
+        parts.append(f"{counts['error']} failed (see the errors in the trial table)")
+    if counts["stopped"]:
+        parts.append(f"{counts['stopped']} stopped early by the scheduler")
+    if running and not parts:
+        parts.append("the search is still starting trials")
+    return line, "Partial results: " + "; ".join(parts) + "."
+
+
+def _baseline_section(baseline: dict[str, float] | None) -> str:
+    if baseline is None:
+        return (
+            '<p class="note">No dense baseline yet (baseline.json is missing): accuracy drops '
+            "are unknown and trials cannot meet max_accuracy_drop.</p>"
+        )
+    keys = [k for k in TRIAL_METRICS if k in baseline] + sorted(set(baseline) - set(TRIAL_METRICS))
+    rows = [("", [_td(escape(k)), _td(escape(_value(baseline[k])), num=True)]) for k in keys]
+    return _table("baseline-table", ["metric", "dense"], rows)
+
+
+def _metric_cells(r: dict[str, Any]) -> list[str]:
+    return [
+        _td(_num(r.get("eval/accuracy"), ".4f"), num=True),
+        _td(_num(r.get("test/accuracy"), ".4f"), num=True),
+        _td(_num(r.get("accuracy_drop"), "+.4f"), num=True),
+        _td(_num(r.get("compress/size_bytes"), ".3f", MB), num=True),
+        _td(_num(r.get("compress/size_ratio"), ".2f"), num=True),
+        _td(_num(r.get("perf/latency_ms_b32"), ".2f"), num=True),
+        _td(_num(r.get("perf/speedup"), ".2f"), num=True),
+    ]
+
+
+_METRIC_HEAD = [
+    "eval/accuracy",
+    "test/accuracy",
+    "accuracy drop",
+    "size MB",
+    "size ratio (x smaller)",
+    "latency b32 ms",
+    "speedup",
+]
+
+
+def _best_section(
+    best: dict[str, Any] | None, rows: list[dict[str, Any]], run_dir: Path, search: SearchConfig
+) -> str:
+    sel = search.selection
+    if best is None:
+        done = [r for r in rows if r["status"] == "done"]
+        if not done:
+            return "<p>No trial has finished yet, so there is no best recipe.</p>"
+        broken = "".join(
+            f"<li>{escape(r['trial'])}: {escape(r.get('violations') or 'no ' + sel.metric)}</li>"
+            for r in done
+        )
+        return (
+            "<p>No finished trial met the constraints, so there is nothing to export. "
+            f"What each broke:</p><ul>{broken}</ul>"
+        )
+    command = (
+        f"orchestrator export {shlex.quote(str(run_dir))} --best "
+        f"--out {shlex.quote(str(run_dir / 'best'))}"
+    )
+    return (
+        f"<p>Best feasible trial on {escape(sel.metric)} ({escape(sel.mode)}): "
+        f"<strong>{escape(best['trial'])}</strong> &mdash; "
+        f"<code>{escape(best.get('recipe') or '')}</code>; eval/accuracy "
+        f"{_num(best.get('eval/accuracy'), '.4f')}, size "
+        f"{_num(best.get('compress/size_bytes'), '.3f', MB)} MB, latency b32 "
+        f"{_num(best.get('perf/latency_ms_b32'), '.2f')} ms.</p>"
+        f'<p>Export it with:</p><pre id="export-command">{escape(command)}</pre>'
+    )
+
+
+def _constraints_text(search: SearchConfig) -> str:
+    given = search.constraints.model_dump(exclude_none=True)
+    return ", ".join(f"{k} = {v}" for k, v in given.items()) or "none"
+
+
+def render_html(
+    *,
+    job_name: str,
+    job_yaml: str,
+    run_dir: Path,
+    search: SearchConfig,
+    table: pa.Table,
+    baseline: dict[str, float] | None,
+    png: bytes,
+    best: dict[str, Any] | None,
+    notes: list[str],
+    running: bool,
+) -> str:
+    """The whole page as a string (the caller writes it atomically)."""
+    rows = table.to_pylist()
+    counts = status_counts(table)
+    line, partial = status_lines(counts, running)
+    objectives = ", ".join(f"{o.metric} ({o.mode})" for o in search.objectives)
+    front = [r for r in rows if r.get("pareto")]
+    pareto_rows = [
+        ("pareto", [_td(escape(r["trial"])), _td(escape(r.get("recipe") or "")), *_metric_cells(r)])
+        for r in front
+    ]
+    trial_rows = []
+    for r in rows:
+        feasible = {True: "yes", False: "no", None: "&ndash;"}[r.get("feasible")]
+        error = f'<pre class="error">{escape(r["error"])}</pre>' if r.get("error") else ""
+        css = " ".join(
+            c
+            for c, on in (("pareto", r.get("pareto")), ("infeasible", r.get("feasible") is False))
+            if on
+        )
+        trial_rows.append(
+            (
+                css,
+                [
+                    _td(escape(r["trial"])),
+                    _td(escape(_STATUS_WORDS.get(r["status"], r["status"]))),
+                    _td(escape(r.get("recipe") or "")),
+                    *_metric_cells(r),
+                    _td(feasible),
+                    _td(escape(r.get("violations") or "")),
+                    _td(_num(r.get("wall_s"), ".0f"), num=True),
+                    _td(error),
+                ],
+            )
+        )
+    head = ['<meta charset="utf-8">']
+    if running:
+        head.append(f'<meta http-equiv="refresh" content="{REFRESH_S}">')
+    head.append(f"<title>{escape(job_name)}: compression search report</title>")
+    head.append(f"<style>{_STYLE}</style>")
+    body = [f"<h1>{escape(job_name)}: compression search</h1>"]
+    body.append(f'<p id="status">{escape(line)}</p>')
+    if running:
+        body.append(
+            f'<p class="note" id="refresh-note">The search is running: this page reloads every '
+            f"{REFRESH_S} s.</p>"
+        )
+    if partial:
+        body.append(f'<p class="partial" id="partial-note">{escape(partial)}</p>')
+    if notes:
+        body.append(
+            '<ul class="note" id="notes">'
+            + "".join(f"<li>{escape(n)}</li>" for n in notes)
+            + "</ul>"
+        )
+    body.append(
+        f"<p>Objectives: {escape(objectives)}. Constraints: {escape(_constraints_text(search))}. "
+        f"Run directory: <code>{escape(str(run_dir))}</code>.</p>"
+    )
+    # The resolved job writes every default out, so it is folded away unless asked for.
+    body.append(
+        "<h2>Job</h2><details><summary>the resolved job.yaml</summary>"
+        f'<pre id="job-yaml">{escape(job_yaml)}</pre></details>'
+    )
+    body.append("<h2>Dense baseline</h2>")
+    body.append(_baseline_section(baseline))
+    body.append(f"<h2>Pareto front ({len(front)} trials)</h2>")
+    if front:
+        body.append(_table("pareto-table", ["trial", "recipe", *_METRIC_HEAD], pareto_rows))
+    else:
+        body.append('<p id="pareto-empty">No finished, feasible trial yet.</p>')
+    body.append("<h2>Plot</h2>")
+    data = base64.b64encode(png).decode("ascii")
+    body.append(
+        f'<img id="pareto-plot" alt="accuracy vs size and latency" src="data:image/png;base64,'
+        f'{data}">'
+    )
+    body.append("<h2>Best recipe under the constraints</h2>")
+    body.append(f'<div id="best">{_best_section(best, rows, run_dir, search)}</div>')
+    body.append(f"<h2>All trials ({len(rows)})</h2>")
+    trial_head = ["trial", "status", "recipe", *_METRIC_HEAD, "feasible", "violations"]
+    body.append(_table("trials-table", [*trial_head, "wall s", "error"], trial_rows))
+    body.append(f"<script>{_SCRIPT}</script>")
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n'
+        + "\n".join(head)
+        + "\n</head>\n<body>\n"
+        + "\n".join(body)
+        + "\n</body>\n</html>\n"
+    )

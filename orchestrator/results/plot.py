@@ -1,0 +1,173 @@
+"""``pareto.png``: accuracy against size and against latency, the two trade-offs a person
+weighs when picking a compressed model.
+
+Drawn on a bare ``matplotlib.figure.Figure`` (rendered by Agg), never through ``pyplot``: the
+report is rebuilt from a Ray callback inside the search driver, where a global pyplot state or
+an interactive backend would leak figures or need a display.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import textwrap
+from typing import Any
+
+import pyarrow as pa
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
+
+from orchestrator.results.table import ACCURACY, MB
+
+SIZE = "compress/size_bytes"
+LATENCY = "perf/latency_ms_b32"
+GREY = "#b0b0b0"
+RING = "#d62728"
+
+
+def _done(table: pa.Table) -> list[dict[str, Any]]:
+    return [r for r in table.to_pylist() if r["status"] == "done"]
+
+
+def _panel(
+    ax: Any,
+    rows: list[dict[str, Any]],
+    x_of: Any,
+    baseline: dict[str, float] | None,
+    colour_range: tuple[float, float] | None,
+    log_x: bool = False,
+) -> Any:
+    """One panel: infeasible grey, feasible coloured by latency, Pareto ringed and labelled,
+    the dense baseline a star. Returns the colour-mapped scatter (for the colourbar) or None."""
+    points = [(x_of(r), r.get(ACCURACY), r) for r in rows]
+    points = [(x, y, r) for x, y, r in points if x is not None and x > 0 and y is not None]
+    grey = [(x, y) for x, y, r in points if not r.get("feasible")]
+    fine = [(x, y, r.get(LATENCY)) for x, y, r in points if r.get("feasible")]
+    if grey:
+        ax.scatter(*zip(*grey, strict=True), c=GREY, s=28, label="infeasible", zorder=2)
+    mapped = None
+    timed = [p for p in fine if p[2] is not None]
+    untimed = [p[:2] for p in fine if p[2] is None]
+    if timed and colour_range is not None:
+        xs, ys, cs = zip(*timed, strict=True)
+        mapped = ax.scatter(
+            xs,
+            ys,
+            c=cs,
+            cmap="viridis",
+            vmin=colour_range[0],
+            vmax=colour_range[1],
+            s=36,
+            label="feasible",
+            zorder=3,
+        )
+    if untimed:
+        ax.scatter(*zip(*untimed, strict=True), c="tab:blue", s=36, zorder=3)
+    front = [(x, y, r) for x, y, r in points if r.get("pareto")]
+    if front:
+        xs, ys, _ = zip(*front, strict=True)
+        ax.scatter(
+            xs,
+            ys,
+            s=140,
+            facecolors="none",
+            edgecolors=RING,
+            linewidths=1.5,
+            label="Pareto front",
+            zorder=4,
+        )
+        all_x = [p[0] for p in points] + ([] if baseline is None else [x_of(baseline) or xs[0]])
+        for x, y, r in front:
+            _label(ax, x, y, r.get("recipe") or r["trial"], all_x, log_x)
+    if baseline is not None:
+        bx, by = x_of(baseline), baseline.get(ACCURACY)
+        if bx is not None and bx > 0 and by is not None:
+            ax.scatter([bx], [by], marker="*", s=220, c="black", label="dense", zorder=5)
+            ax.annotate("dense", (bx, by), xytext=(6, -10), textcoords="offset points")
+    if not points and (baseline is None or baseline.get(ACCURACY) is None):
+        ax.text(
+            0.5,
+            0.5,
+            "no finished trials yet",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+            color="#666666",
+        )
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="best")
+    return mapped
+
+
+def _label(ax: Any, x: float, y: float, text: str, all_x: list[float], log_x: bool) -> None:
+    """A recipe label beside a Pareto point, wrapped to two short lines and put on the side
+    with more room, so labels stay inside the panel instead of widening the figure."""
+    scale = math.log if log_x else (lambda v: v)
+    lo, hi = scale(min(all_x)), scale(max(all_x))
+    right_half = hi > lo and (scale(x) - lo) / (hi - lo) > 0.5
+    ann = ax.annotate(
+        textwrap.fill(text, width=max(24, len(text) // 2 + 1)),
+        (x, y),
+        xytext=(-8 if right_half else 8, 4),
+        textcoords="offset points",
+        ha="right" if right_half else "left",
+        fontsize=7,
+        color=RING,
+    )
+    ann.set_in_layout(False)  # the layout engine must not shrink the panel to fit labels
+
+
+def _plain_ticks(ax: Any) -> None:
+    """Log-axis ticks as plain numbers (0.5, 1, 2) rather than 5x10^-1: sizes rarely span
+    more than a decade, so the minor ticks carry the information and must be readable."""
+    fmt = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_formatter(fmt)
+    ax.xaxis.set_minor_formatter(fmt)
+    ax.tick_params(axis="x", which="minor", labelsize=7)
+
+
+def _size_mb(r: dict[str, Any]) -> float | None:
+    v = r.get(SIZE)
+    return None if v is None else v / MB
+
+
+def render_pareto_png(
+    table: pa.Table, baseline: dict[str, float] | None, title: str = "", dpi: int = 110
+) -> bytes:
+    """The figure as PNG bytes. Works with no finished trial and without a baseline (the
+    panels then say so), so a report can be drawn from the first minute of a search."""
+    rows = _done(table)
+    lat = [r[LATENCY] for r in rows if r.get("feasible") and r.get(LATENCY) is not None]
+    colour_range = None
+    if lat:
+        # One latency for all: widen the range so the colourbar shows a readable scale.
+        lo, hi = min(lat), max(lat)
+        pad = 0.0 if hi > lo else max(abs(lo) * 0.05, 0.01)
+        colour_range = (lo - pad, hi + pad)
+    fig = Figure(figsize=(12, 5), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)  # Agg explicitly: no display, no GUI backend, safe in any process
+    left, right = fig.subplots(1, 2)
+    has_sizes = any((_size_mb(r) or 0) > 0 for r in rows) or (
+        baseline is not None and (baseline.get(SIZE) or 0) > 0
+    )
+    if has_sizes:
+        left.set_xscale("log")
+    mapped = _panel(left, rows, _size_mb, baseline, colour_range, log_x=has_sizes)
+    if has_sizes:
+        _plain_ticks(left)
+    left.set_xlabel("artifact size (MB, log scale)")
+    left.set_ylabel("eval/accuracy")
+    left.set_title("accuracy vs size")
+    if mapped is not None:
+        fig.colorbar(mapped, ax=left, label="latency, batch 32 (ms)")
+    _panel(right, rows, lambda r: r.get(LATENCY), baseline, colour_range)
+    right.set_xlabel("latency, batch 32 (ms)")
+    right.set_ylabel("eval/accuracy")
+    right.set_title("accuracy vs latency")
+    if title:
+        fig.suptitle(title)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()

@@ -1,0 +1,154 @@
+"""``orchestrator report RUN_DIR``: read a search's run directory and (re)write its results.
+
+Called by the search driver after each finished trial (``running=True``, so an open browser
+follows the search) and by the CLI on a finished or interrupted run. Every file is written to
+a temporary name in the same folder and renamed, so a reader (a browser reloading, a script
+reading the parquet) never sees half a file, and a crash leaves the previous version.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from orchestrator.config.loader import read_yaml, validate_job
+from orchestrator.config.schema import JobSpec
+from orchestrator.config.search import SearchConfig
+from orchestrator.errors import ConfigError, Problem
+from orchestrator.results.html import render_html, status_counts
+from orchestrator.results.plot import render_pareto_png
+from orchestrator.results.table import best_trial, build_table, load_baseline, load_trials
+
+RESULTS = "results.parquet"
+PARETO = "pareto.parquet"
+PLOT = "pareto.png"
+HTML = "report.html"
+
+
+@dataclass
+class RunData:
+    """What a run directory holds, read once: the job, the baseline, the trials and notes on
+    anything that could not be read."""
+
+    run_dir: Path
+    spec: JobSpec
+    search: SearchConfig
+    job_yaml: str
+    baseline: dict[str, float] | None
+    trials: list[dict[str, Any]]
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ReportSummary:
+    """What ``write_report`` found and wrote (the CLI prints it; the search driver logs it)."""
+
+    counts: dict[str, int]
+    n_pareto: int
+    best: str | None
+    notes: list[str]
+    paths: list[Path]
+
+    @property
+    def n_trials(self) -> int:
+        return sum(self.counts.values())
+
+
+def _run_dir_error(run_dir: Path, message: str, fix: str) -> ConfigError:
+    return ConfigError(Problem("RUN_DIR", str(run_dir), message, fix), source="run directory")
+
+
+def read_run(run_dir: str | Path) -> RunData:
+    """Read and validate a search run directory; raises ``ConfigError`` naming RUN_DIR when it
+    is not one (no folder, no job.yaml, a job without a search section)."""
+    run_dir = Path(run_dir)
+    fix = "pass the run directory of a search: <output.dir>/<job name>, which holds job.yaml"
+    if not run_dir.is_dir():
+        raise _run_dir_error(run_dir, "no such directory", fix)
+    job_path = run_dir / "job.yaml"
+    if not job_path.is_file():
+        raise _run_dir_error(run_dir, "holds no job.yaml, so it is not a run directory", fix)
+    spec = validate_job(read_yaml(job_path), source=str(job_path))
+    if spec.search is None:
+        raise _run_dir_error(
+            run_dir,
+            "holds a job without a search section; report and export read search runs",
+            "run `orchestrator search JOB.yaml` (the job needs a search: section) and pass "
+            "its run directory",
+        )
+    notes: list[str] = []
+    baseline = load_baseline(run_dir, notes)
+    trials = load_trials(run_dir, notes)
+    text = job_path.read_text(encoding="utf-8")
+    return RunData(run_dir, spec, spec.search, text, baseline, trials, notes)
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` to a temporary name beside ``path``, then rename over it."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; reports are meant to be read by others
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    _write_atomic(path, lambda tmp: tmp.write_bytes(data))
+
+
+def _write_parquet(path: Path, table: pa.Table) -> None:
+    _write_atomic(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def write_report(run_dir: str | Path, running: bool = False) -> ReportSummary:
+    """Write ``results.parquet``, ``pareto.parquet``, ``pareto.png`` and ``report.html``.
+
+    ``running=True`` (the search driver) makes the page reload itself every few seconds. A
+    partial run (trials running, failed or stopped, no baseline yet) still gets a full report
+    that says what is missing; only a directory that is not a search run is an error, and then
+    nothing is written."""
+    run = read_run(run_dir)
+    search = run.search
+    table = build_table(run.trials, search, run.baseline)
+    best = best_trial(table, search)
+    front = table.filter(table.column("pareto"))
+    png = render_pareto_png(table, run.baseline, title=f"{run.spec.name}: compression search")
+    counts = status_counts(table)
+    notes = list(run.notes)
+    if counts["done"] and best is None:
+        notes.append("no finished trial met the constraints; see the violations column")
+    page = render_html(
+        job_name=run.spec.name,
+        job_yaml=run.job_yaml,
+        run_dir=run.run_dir,
+        search=search,
+        table=table,
+        baseline=run.baseline,
+        png=png,
+        best=best,
+        notes=notes,
+        running=running,
+    )
+    paths = [run.run_dir / name for name in (RESULTS, PARETO, PLOT, HTML)]
+    _write_parquet(paths[0], table)
+    _write_parquet(paths[1], front)
+    _write_bytes(paths[2], png)
+    _write_bytes(paths[3], page.encode("utf-8"))
+    return ReportSummary(
+        counts=counts,
+        n_pareto=front.num_rows,
+        best=None if best is None else best["trial"],
+        notes=notes,
+        paths=paths,
+    )

@@ -1,0 +1,443 @@
+"""orchestrator.results: the Pareto rule, the trial table with constraints, the best pick, the
+report files of a (partial) run directory, and export of a trial's artifact."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from orchestrator.config.loader import dump_job, load_job
+from orchestrator.config.search import SearchConfig
+from orchestrator.errors import ConfigError
+from orchestrator.results import (
+    best_trial,
+    build_table,
+    export_trial,
+    format_pareto_table,
+    load_trials,
+    pareto_front,
+    recipe,
+    write_report,
+)
+
+pytestmark = pytest.mark.unit
+ROOT = Path(__file__).resolve().parents[2]
+JOB = ROOT / "jobs" / "debug" / "recover.yaml"
+SPACE = (
+    "search.space={compress.prune.sparsity: {uniform: [0.2, 0.7]}, "
+    "compress.factorize: {choice: {off: null, svd: {method: svd, rank_ratio: 0.5}}}, "
+    "compress.factorize.rank_ratio: {choice: [0.25, 0.5]}, "
+    "compress.quantize.embeddings: {choice: [true, false]}}"
+)
+OBJECTIVES = (
+    "search.objectives=[{metric: eval/accuracy, mode: max}, "
+    "{metric: compress/size_bytes, mode: min}]"
+)
+BASELINE = {
+    "eval/accuracy": 0.80,
+    "test/accuracy": 0.79,
+    "compress/size_bytes": 4.0e6,
+    "perf/latency_ms_b32": 20.0,
+    "perf/latency_ms_b1": 2.0,
+    "compress/params": 1.0e6,
+}
+
+
+def _search(**constraints: Any) -> SearchConfig:
+    overrides = [SPACE, OBJECTIVES, f"search.constraints={json.dumps(constraints)}"]
+    search = load_job(JOB, overrides).search
+    assert search is not None
+    return search
+
+
+def _metrics(acc: float, size: float, ms: float = 10.0, **extra: float) -> dict[str, float]:
+    return {
+        "eval/accuracy": acc,
+        "test/accuracy": acc - 0.01,
+        "compress/size_bytes": size,
+        "compress/dense_size_bytes": 4.0e6,
+        "compress/size_ratio": 4.0e6 / size,
+        "perf/latency_ms_b32": ms,
+        "perf/speedup": 20.0 / ms,
+        **extra,
+    }
+
+
+def _trial(name: str, status: str, config: dict, metrics: dict, **extra: Any) -> dict[str, Any]:
+    record = {
+        "trial": name,
+        "status": status,
+        "config": config,
+        "metrics": metrics,
+        "error": None,
+        "artifact": "model" if status == "done" else None,
+        "wall_s": 12.5 if status != "running" else None,
+    }
+    record.update(extra)
+    return record
+
+
+def _cfg(sparsity: float, factorize: str = "svd", ratio: float = 0.25, emb: bool = True) -> dict:
+    return {
+        "compress.prune.sparsity": sparsity,
+        "compress.factorize": factorize,
+        "compress.factorize.rank_ratio": ratio,
+        "compress.quantize.embeddings": emb,
+    }
+
+
+def _trials() -> list[dict[str, Any]]:
+    """a, b: on the front (trade accuracy for size); c: dominated by a; d: infeasible (drop
+    0.05 > 0.02), factorize off; e: running; f: failed."""
+    return [
+        _trial("t_a", "done", _cfg(0.3), _metrics(0.795, 2.0e6)),
+        _trial("t_b", "done", _cfg(0.6, ratio=0.5), _metrics(0.785, 1.0e6)),
+        _trial("t_c", "done", _cfg(0.4, emb=False), _metrics(0.79, 2.5e6)),
+        _trial("t_d", "done", _cfg(0.7, factorize="off"), _metrics(0.75, 0.5e6)),
+        _trial("t_e", "running", _cfg(0.5), {"eval/accuracy": 0.7}),
+        _trial("t_f", "error", _cfg(0.2), {}, error="RuntimeError: <boom> & 'bad'"),
+    ]
+
+
+# ---------------------------------------------------------------- pareto_front
+
+
+def test_pareto_dominance_two_objectives() -> None:
+    points = [[0.9, 10.0], [0.8, 5.0], [0.85, 12.0], [0.7, 5.0], [0.95, 20.0]]
+    # [0.85, 12] is beaten by [0.9, 10] on both; [0.7, 5] by [0.8, 5] on accuracy alone.
+    assert pareto_front(points, ["max", "min"]) == [True, True, False, False, True]
+
+
+def test_pareto_ties_are_all_kept() -> None:
+    points = [[0.9, 10.0], [0.9, 10.0], [0.8, 20.0]]
+    assert pareto_front(points, ["max", "min"]) == [True, True, False]
+
+
+def test_pareto_one_objective_keeps_every_row_with_the_best_value() -> None:
+    assert pareto_front([[0.7], [0.9], [0.9], [0.8]], ["max"]) == [False, True, True, False]
+    assert pareto_front([[3.0], [1.0], [1.0]], ["min"]) == [False, True, True]
+
+
+def test_pareto_mixed_modes_and_missing_values() -> None:
+    points = [[1.0, 1.0, 1.0], [2.0, 2.0, 2.0], [1.0, None, 0.5], [math.nan, 0.0, 0.0]]
+    # max, min, min: row 1 loses to row 0 on the min columns and wins on the max one.
+    assert pareto_front(points, ["max", "min", "min"]) == [True, True, False, False]
+    # A row with a missing value never dominates either: [0.5] alone is not on the front.
+    assert pareto_front([[None], [0.5]], ["max"]) == [False, True]
+    assert pareto_front([], ["max"]) == []
+    with pytest.raises(ValueError, match="mode"):
+        pareto_front([[1.0]], ["up"])
+
+
+# ---------------------------------------------------------------- build_table
+
+
+def test_build_table_columns_and_types() -> None:
+    table = build_table(_trials(), _search(max_accuracy_drop=0.02), BASELINE)
+    schema = table.schema
+    assert table.column("trial").to_pylist() == ["t_a", "t_b", "t_c", "t_d", "t_e", "t_f"]
+    assert schema.field("config/compress.prune.sparsity").type == pa.float64()
+    assert schema.field("config/compress.factorize.rank_ratio").type == pa.float64()
+    assert schema.field("config/compress.factorize").type == pa.string()
+    assert schema.field("config/compress.quantize.embeddings").type == pa.bool_()
+    for key in ("eval/accuracy", "test/accuracy", "compress/size_bytes", "perf/speedup"):
+        assert schema.field(key).type == pa.float64()
+    for name, kind in [
+        ("accuracy_drop", pa.float64()),
+        ("feasible", pa.bool_()),
+        ("violations", pa.string()),
+        ("pareto", pa.bool_()),
+        ("error", pa.string()),
+        ("wall_s", pa.float64()),
+        ("best", pa.bool_()),
+    ]:
+        assert schema.field(name).type == kind, name
+    rows = {r["trial"]: r for r in table.to_pylist()}
+    # The factorize section is off for t_d: its rank_ratio was ignored, so it is null.
+    assert rows["t_d"]["config/compress.factorize"] == "off"
+    assert rows["t_d"]["config/compress.factorize.rank_ratio"] is None
+    assert "factorize=off" in rows["t_d"]["recipe"]
+    assert rows["t_a"]["accuracy_drop"] == pytest.approx(0.005)
+    # Infeasible trials are kept and say why; unfinished ones have no verdict.
+    assert rows["t_d"]["feasible"] is False
+    assert rows["t_d"]["violations"] == "accuracy drop 0.05 > 0.02"
+    assert [rows[t]["feasible"] for t in ("t_a", "t_e", "t_f")] == [True, None, None]
+    assert [n for n, r in rows.items() if r["pareto"]] == ["t_a", "t_b"]
+    assert rows["t_e"]["eval/accuracy"] == 0.7 and rows["t_e"]["compress/size_bytes"] is None
+    assert rows["t_f"]["error"].startswith("RuntimeError")
+    assert [n for n, r in rows.items() if r["best"]] == ["t_a"]
+
+
+def test_recipe_is_short() -> None:
+    text = recipe(
+        {
+            "compress.prune.sparsity": 0.4213,
+            "compress.quantize": "int8",
+            "compress.factorize.rank_ratio": 0.25,
+            "compress.factorize.rank": 8.0,
+            "compress.quantize.embeddings": False,
+            "compress.prune": None,
+        }
+    )
+    assert text == "sparsity=0.42 quantize=int8 rank_ratio=0.25 rank=8 embeddings=false prune=off"
+
+
+@pytest.mark.parametrize(
+    ("constraints", "metrics", "expected"),
+    [
+        ({"max_accuracy_drop": 0.01}, _metrics(0.777, 1e6), "accuracy drop 0.023 > 0.01"),
+        ({"max_size_bytes": 1.5e6}, _metrics(0.8, 2e6), "size 2,000,000 bytes > 1,500,000 bytes"),
+        ({"min_size_ratio": 3}, _metrics(0.8, 2e6), "size ratio 2x < 3x"),
+        ({"max_latency_ms": 5}, _metrics(0.8, 1e6, ms=8), "latency 8 ms (batch 32) > 5 ms"),
+        ({"min_speedup": 3}, _metrics(0.8, 1e6, ms=8), "speedup 2.5x < 3x"),
+        ({"max_latency_ms": 5}, {"eval/accuracy": 0.8}, "latency unknown"),
+    ],
+)
+def test_each_constraint_kind(constraints: dict, metrics: dict, expected: str) -> None:
+    search = _search(**constraints)
+    ok = _trial("ok", "done", _cfg(0.3), _metrics(0.8, 1e6, ms=1.0))
+    bad = _trial("bad", "done", _cfg(0.3), metrics)
+    rows = {r["trial"]: r for r in build_table([ok, bad], search, BASELINE).to_pylist()}
+    assert rows["ok"]["feasible"] is True and rows["ok"]["violations"] is None
+    assert rows["bad"]["feasible"] is False
+    assert rows["bad"]["violations"].startswith(expected)
+    assert not rows["bad"]["pareto"]
+
+
+def test_several_violations_are_joined() -> None:
+    search = _search(max_accuracy_drop=0.01, max_size_bytes=1e6)
+    row = build_table([_trial("x", "done", _cfg(0.3), _metrics(0.7, 2e6))], search, BASELINE)
+    assert row.column("violations")[0].as_py() == (
+        "accuracy drop 0.1 > 0.01; size 2,000,000 bytes > 1,000,000 bytes"
+    )
+
+
+def test_missing_baseline_makes_accuracy_drop_unknown() -> None:
+    table = build_table(_trials(), _search(max_accuracy_drop=0.02), None)
+    assert table.column("accuracy_drop").null_count == table.num_rows
+    done = [r for r in table.to_pylist() if r["status"] == "done"]
+    assert all(r["feasible"] is False for r in done)
+    assert all("no dense baseline" in r["violations"] for r in done)
+    assert best_trial(table, _search(max_accuracy_drop=0.02)) is None
+    # Without that constraint the baseline is not needed to pick a trial.
+    assert best_trial(build_table(_trials(), _search(), None), _search())["trial"] == "t_a"
+
+
+def test_best_trial_breaks_ties_on_the_next_objective() -> None:
+    search = _search()
+    trials = [
+        _trial("t1", "done", _cfg(0.3), _metrics(0.8, 3e6)),
+        _trial("t2", "done", _cfg(0.5), _metrics(0.8, 1e6)),  # same accuracy, smaller
+        _trial("t3", "done", _cfg(0.5), _metrics(0.7, 0.5e6)),
+        _trial("t4", "running", _cfg(0.5), {"eval/accuracy": 0.99}),  # not finished: ignored
+    ]
+    assert best_trial(build_table(trials, search, BASELINE), search)["trial"] == "t2"
+    # An explicit selection metric wins over the first objective.
+    small = search.model_copy(update={"select": search.objectives[1]})
+    assert best_trial(build_table(trials, small, BASELINE), small)["trial"] == "t3"
+
+
+def test_empty_table_and_format() -> None:
+    search = _search()
+    table = build_table([], search, BASELINE)
+    assert table.num_rows == 0 and "eval/accuracy" in table.column_names
+    assert best_trial(table, search) is None
+    assert "none yet" in format_pareto_table(table)
+    text = format_pareto_table(build_table(_trials(), search, BASELINE))
+    lines = text.splitlines()
+    # No constraints here: t_d (smallest) joins the front.
+    assert lines[0].startswith("Pareto front: 3 of 4 finished trials (6 in all)")
+    assert lines[1].split()[:3] == ["trial", "recipe", "eval"]
+    assert any(ln.startswith("t_a ") and "sparsity=0.3" in ln for ln in lines)
+    assert lines[-1].startswith("best feasible trial: t_a")
+
+
+# ---------------------------------------------------------------- run directory
+
+
+def _write_run(root: Path, trials: list[dict], baseline: dict | None = BASELINE) -> Path:
+    spec = load_job(
+        JOB,
+        [SPACE, OBJECTIVES, "search.constraints={max_accuracy_drop: 0.02}", f"output.dir={root}"],
+    )
+    run = root / spec.name
+    run.mkdir(parents=True)
+    (run / "job.yaml").write_text(dump_job(spec))
+    if baseline is not None:
+        (run / "baseline.json").write_text(json.dumps(baseline))
+    for t in trials:
+        (run / "trials" / t["trial"]).mkdir(parents=True)
+        (run / "trials" / t["trial"] / "trial.json").write_text(json.dumps(t))
+    return run
+
+
+def test_load_trials_skips_garbled_records(tmp_path: Path) -> None:
+    run = _write_run(tmp_path, _trials()[:2])
+    (run / "trials" / "t_bad").mkdir()
+    (run / "trials" / "t_bad" / "trial.json").write_text('{"trial": "t_bad", "sta')
+    (run / "trials" / "t_empty").mkdir()
+    notes: list[str] = []
+    assert [t["trial"] for t in load_trials(run, notes)] == ["t_a", "t_b"]
+    assert any("t_bad" in n and "unreadable" in n for n in notes)
+    assert any("t_empty" in n for n in notes)
+
+
+def test_write_report_partial_run(tmp_path: Path) -> None:
+    run = _write_run(tmp_path, _trials())
+    summary = write_report(run, running=True)
+    assert summary.counts == {"done": 4, "running": 1, "stopped": 0, "error": 1}
+    assert summary.n_pareto == 2 and summary.best == "t_a"
+    names = ["results.parquet", "pareto.parquet", "pareto.png", "report.html"]
+    assert [p.name for p in summary.paths] == names
+    assert all((run / n).is_file() for n in names)
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
+    results = pq.read_table(run / "results.parquet")
+    assert results.num_rows == 6
+    assert {
+        "trial",
+        "status",
+        "config/compress.prune.sparsity",
+        "eval/accuracy",
+        "accuracy_drop",
+        "feasible",
+        "violations",
+        "pareto",
+    } <= set(results.column_names)
+    front = pq.read_table(run / "pareto.parquet")
+    assert front.column("trial").to_pylist() == ["t_a", "t_b"]
+    assert front.schema == results.schema
+    assert (run / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (run / "report.html").read_text()
+    assert '<meta http-equiv="refresh" content="15">' in page
+    assert 'id="pareto-table"' in page
+    table_html = page.split('id="pareto-table"')[1].split("</table>")[0]
+    assert table_html.count("<tr") == 3  # header + t_a + t_b
+    assert "t_a" in table_html and "t_b" in table_html and "t_c" not in table_html
+    assert '<img id="pareto-plot"' in page and 'src="data:image/png;base64,' in page
+    assert "Partial results" in page and "1 still running" in page and "1 failed" in page
+    # Errors are escaped, never markup; nothing is fetched from elsewhere.
+    assert "RuntimeError: &lt;boom&gt; &amp; &#x27;bad&#x27;" in page and "<boom>" not in page
+    assert "http://" not in page and "https://" not in page
+    assert f"orchestrator export {run} --best --out {run / 'best'}" in page
+
+    write_report(run, running=False)
+    page = (run / "report.html").read_text()
+    assert "http-equiv" not in page
+    assert "were running when the search stopped" in page
+
+
+def test_write_report_without_baseline_or_finished_trials(tmp_path: Path) -> None:
+    running = [_trial("t_e", "running", _cfg(0.5), {})]
+    run = _write_run(tmp_path, running, baseline=None)
+    summary = write_report(run)
+    assert summary.best is None and summary.n_pareto == 0
+    assert any("baseline.json" in n for n in summary.notes)
+    page = (run / "report.html").read_text()
+    assert "No dense baseline yet" in page and "No trial has finished yet" in page
+    assert (run / "pareto.png").stat().st_size > 0
+    assert pq.read_table(run / "pareto.parquet").num_rows == 0
+
+
+def test_write_report_says_what_no_trial_met(tmp_path: Path) -> None:
+    bad = [_trial("t_d", "done", _cfg(0.7), _metrics(0.70, 0.5e6))]
+    run = _write_run(tmp_path, bad)
+    assert write_report(run).best is None
+    page = (run / "report.html").read_text()
+    assert "No finished trial met the constraints" in page
+    assert "t_d: accuracy drop 0.1 &gt; 0.02" in page
+
+
+def test_write_report_rejects_what_is_not_a_search_run(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    with pytest.raises(ConfigError) as e:
+        write_report(missing)
+    assert e.value.problems[0].key == "RUN_DIR" and "no such directory" in str(e.value)
+    assert not missing.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="no job.yaml"):
+        write_report(empty)
+    assert list(empty.iterdir()) == []
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "job.yaml").write_text(dump_job(load_job(JOB)))
+    with pytest.raises(ConfigError, match="without a search section"):
+        write_report(plain)
+    assert [p.name for p in plain.iterdir()] == ["job.yaml"]
+
+
+# ---------------------------------------------------------------- export
+
+
+@pytest.fixture(scope="module")
+def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """A tiny BERT saved with save_artifact, and a batch to compare logits on."""
+    from orchestrator import models
+    from orchestrator.compress.artifact import save_artifact
+    from orchestrator.config.schema import ModelConfig
+
+    tokenizer = models.build_tokenizer(ModelConfig(name="minilm-l6"))
+    model = models.build_model(ModelConfig(name="tiny-bert"), 2, tokenizer, seed=0)
+    with torch.no_grad():  # some zeros, so the artifact stores sparse tensors too
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.mul_((p.abs() > p.abs().median()).float())
+    folder = tmp_path_factory.mktemp("artifact") / "model"
+    save_artifact(model, folder, tokenizer=tokenizer)
+    batch = tokenizer(["a gripping, funny film", "dull"], padding=True, return_tensors="pt")
+    return folder, dict(batch)
+
+
+def _logits(folder: Path, batch: dict) -> torch.Tensor:
+    from orchestrator.compress.artifact import load_artifact
+
+    model = load_artifact(folder)
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def test_export_best_copies_the_artifact(tmp_path: Path, tiny_artifact) -> None:
+    import shutil
+
+    src, batch = tiny_artifact
+    run = _write_run(tmp_path, _trials())
+    shutil.copytree(src, run / "trials" / "t_a" / "model")
+    out = tmp_path / "export" / "best"
+    record = export_trial(run, out)
+    assert record["trial"] == "t_a" and record["status"] == "done"
+    assert torch.equal(_logits(out, batch), _logits(src, batch))
+    provenance = json.loads((out / "trial.json").read_text())
+    assert provenance["trial"] == "t_a" and provenance["row"]["pareto"] is True
+    assert provenance["row"]["eval/accuracy"] == 0.795
+    assert not [p for p in out.parent.iterdir() if p.name.endswith(".tmp")]
+
+    with pytest.raises(ConfigError) as e:  # never overwrites
+        export_trial(run, out)
+    assert e.value.problems[0].key == "--out"
+
+
+def test_export_errors(tmp_path: Path, tiny_artifact) -> None:
+    run = _write_run(tmp_path, _trials())
+    with pytest.raises(ConfigError) as e:
+        export_trial(run, tmp_path / "o1", trial="t_aa")
+    p = e.value.problems[0]
+    assert p.key == "--trial" and "did you mean t_a?" in p.fix and "t_f" in p.fix
+    with pytest.raises(ConfigError, match="is running, not done"):
+        export_trial(run, tmp_path / "o2", trial="t_e")
+    with pytest.raises(ConfigError, match="has no exported model"):
+        export_trial(run, tmp_path / "o3", trial="t_b")  # done, but its model folder is gone
+    assert not any((tmp_path / n).exists() for n in ("o1", "o2", "o3"))
+
+    infeasible = _write_run(tmp_path / "r2", [_trial("t_d", "done", _cfg(0.7), _metrics(0.7, 1))])
+    with pytest.raises(ConfigError) as e:
+        export_trial(infeasible, tmp_path / "o4")
+    p = e.value.problems[0]
+    assert p.key == "--best" and "no trial met the search constraints" in p.message
+    assert "accuracy drop 0.1 > 0.02" in p.message and "--trial" in p.fix
