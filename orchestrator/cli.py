@@ -33,6 +33,29 @@ def _parser() -> argparse.ArgumentParser:
         "compress",
         "one-shot compression of the job's model, no training; evaluates and measures the artifact",
     )
+    s = job_command(
+        "search",
+        "Ray Tune search over the job's search.space: a Ray Train run per trial, then the "
+        "Pareto front, report.html and the best recipe",
+    )
+    s.add_argument("--resume", action="store_true", help="continue an interrupted search")
+    s.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    r = sub.add_parser(
+        "report",
+        help="(re)build results.parquet, pareto.parquet, pareto.png and report.html of a search",
+        description="(re)build the tables, plot and HTML report of a finished or partial search",
+    )
+    r.add_argument("run_dir", metavar="RUN_DIR", help="the search's run directory")
+    e = sub.add_parser(
+        "export",
+        help="write a trial's compressed model (safetensors + config + manifest) to a folder",
+        description="write the best feasible trial's (or a named trial's) compressed model",
+    )
+    e.add_argument("run_dir", metavar="RUN_DIR", help="the search's run directory")
+    which = e.add_mutually_exclusive_group(required=True)
+    which.add_argument("--best", action="store_true", help="the best trial under the constraints")
+    which.add_argument("--trial", metavar="ID", help="a trial by name (see report.html)")
+    e.add_argument("--out", metavar="DIR", help="output folder (default: RUN_DIR/best)")
     return p
 
 
@@ -61,6 +84,28 @@ def _modules_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _run_dir_command(args: argparse.Namespace) -> int:
+    """``report`` and ``export``: they read a run directory, and need no Ray."""
+    from pathlib import Path
+
+    from orchestrator import results
+
+    run_dir = Path(args.run_dir)
+    if args.command == "report":
+        summary = results.write_report(run_dir, running=False)
+        import pyarrow.parquet as pq
+
+        print(results.format_pareto_table(pq.read_table(run_dir / "results.parquet")))
+        for note in summary.notes:
+            print(f"note: {note}")
+        print(f"report: {run_dir / 'report.html'}")
+        return 0
+    out = Path(args.out) if args.out else run_dir / "best"
+    record = results.export_trial(run_dir, out, None if args.best else args.trial)
+    print(f"exported trial {record['trial']} to {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     try:
@@ -68,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse exits 2 on usage errors, 0 on --help
         return int(e.code or 0)
     try:
+        if args.command in ("report", "export"):
+            return _run_dir_command(args)
         from orchestrator.config import dump_job, load_job
 
         spec = load_job(args.job, args.overrides)
@@ -90,6 +137,20 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"note: {note}")
             print(_summary(out["metrics"]))
             print(f"run directory: {launch.run_dir(launch.resolve_paths(spec))}")
+            return 0
+        if args.command == "search":
+            from orchestrator import launch, search
+
+            summary = search.search(spec, address=args.address, resume=args.resume)
+            folder = launch.run_dir(launch.resolve_paths(spec))
+            for note in summary.notes:
+                print(f"note: {note}")
+            print(f"report: {folder / 'report.html'}")
+            if summary.best:
+                print(
+                    f"export the best model: orchestrator export {folder} --best --out "
+                    f"{folder / 'best'}"
+                )
             return 0
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -19,6 +19,7 @@ from torch import nn
 from orchestrator import data as data_lib
 from orchestrator import models
 from orchestrator.compress import CompressionReport, compress_, summary_metrics
+from orchestrator.compress.common import param_count
 from orchestrator.compress.artifact import load_artifact, save_artifact
 from orchestrator.compress.measure import measure_latency
 from orchestrator.config.schema import JobSpec
@@ -143,4 +144,27 @@ def finalize(
     metrics["compress/dense_size_bytes"] = float(dense_size)
     metrics["compress/size_ratio"] = dense_size / size
     report.metrics.update(metrics)
+    return metrics
+
+
+def measure_dense(
+    spec: JobSpec, model: nn.Module, bundle: data_lib.DataBundle, tokenizer: Any
+) -> dict[str, float]:
+    """The dense reference's numbers under the same keys a compressed trial reports: accuracy on
+    validation and test, artifact bytes, latency (alone: there is nothing to interleave with)."""
+    metrics = dict(summary_metrics(model, CompressionReport(), param_count(model)))
+    metrics.update(evaluate_plain(model, bundle, "validation"))
+    metrics.update(evaluate_plain(model, bundle, "test"))
+    with tempfile.TemporaryDirectory() as tmp:
+        size = save_artifact(model, Path(tmp) / "dense", tokenizer=tokenizer)
+    latency = measure_latency({"dense": model}, seq_len=spec.data.max_length, vocab=len(tokenizer))
+    metrics.update(latency["dense"])
+    metrics.update(
+        {
+            "compress/size_bytes": float(size),
+            "compress/dense_size_bytes": float(size),
+            "compress/size_ratio": 1.0,
+            "perf/speedup": 1.0,
+        }
+    )
     return metrics

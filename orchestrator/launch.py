@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -25,6 +26,10 @@ from orchestrator.errors import ConfigError, Problem, RunError
 def train_fn_per_worker(config: dict[str, Any]) -> dict[str, float]:
     """Runs on every Ray Train worker: rebuild the job from its dict and run the loop."""
     import ray.train
+
+    # Ray Train logs every report and checkpoint with its full metrics dict at INFO, per rank;
+    # the loop prints its own progress lines, so keep Ray's to warnings.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
 
     spec = JobSpec.model_validate(config["job"])
     context = ray.train.get_context()
@@ -196,9 +201,6 @@ def check_capacity(spec: JobSpec) -> None:
 
 def train(spec: JobSpec, address: str | None = None) -> dict[str, float]:
     """``orchestrator train``: one Ray Train run; returns the final metrics."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     spec = resolve_paths(spec)
     _, bundle = preflight(spec)
     connect_ray(spec, address)
@@ -212,8 +214,20 @@ def train(spec: JobSpec, address: str | None = None) -> dict[str, float]:
         f"{spec.train.precision} | data {bundle.sizes} | labels {bundle.label_names}",
         flush=True,
     )
+    try:
+        result = build_trainer(spec, folder).fit()
+    except Exception as e:  # Ray wraps worker errors in several types
+        raise RunError(f"training failed: {e}") from e
+    return collect_result(result, folder)
+
+
+def build_trainer(spec: JobSpec, folder: Path, callbacks: list | None = None) -> Any:
+    """The ``TorchTrainer`` for one run of ``spec`` whose Train storage is ``folder``."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
     res = spec.resources
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"job": spec.model_dump(mode="json")},
         scaling_config=ray.train.ScalingConfig(
@@ -227,12 +241,14 @@ def train(spec: JobSpec, address: str | None = None) -> dict[str, float]:
             storage_path=str(folder),
             failure_config=ray.train.FailureConfig(max_failures=spec.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks or [],
         ),
     )
-    try:
-        result = trainer.fit()
-    except Exception as e:  # Ray wraps worker errors in several types
-        raise RunError(f"training failed: {e}") from e
+
+
+def collect_result(result: Any, folder: Path) -> dict[str, float]:
+    """Copy the final checkpoint's model (and compression report) into ``folder`` and write
+    ``metrics.json``; returns the final metrics."""
     if result.checkpoint is None or not result.metrics:
         raise RunError("training finished without a final checkpoint; see the worker logs above")
     metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}

@@ -1,0 +1,384 @@
+"""``orchestrator search``: Ray Tune over compression recipes (DESIGN.md 2).
+
+The driver validates the job, trains (or evaluates) the dense baseline once, then runs a Tune
+experiment whose function trainable, ``train_driver_fn``, builds one trial job from the sampled
+dotted keys and fits one multi-worker ``TorchTrainer`` for it (Ray Train V2: the trainer is fitted
+inside the Tune function, never passed to the ``Tuner``). Each trial compresses, recovers,
+evaluates and measures its artifact; a driver-side callback records every trial under
+``trials/<name>/trial.json`` and refreshes the report as trials finish.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from orchestrator import launch
+from orchestrator.config.loader import apply_overrides, dump_job, validate_job
+from orchestrator.config.schema import JobSpec
+from orchestrator.config.search import SearchConfig
+from orchestrator.errors import ConfigError, Problem, RunError
+from orchestrator.search import space as space_lib
+
+TUNE_NAME = "tune"  # Tune's experiment folder inside the run directory (restore finds it by name)
+TRIALS = "trials"
+# What a trial's function needs besides its CPUs: the trial process itself mostly waits on its
+# Train run. Tune rejects a trainable that asks for nothing, and a fraction of a CPU would make
+# a 2-worker x 1-CPU trial need 2.01 CPUs on a 2-CPU laptop, so it reserves memory instead.
+TRIAL_DRIVER_MEMORY = 256 * 2**20
+
+
+def write_trial(run_dir: Path, record: dict[str, Any]) -> None:
+    folder = run_dir / TRIALS / record["trial"]
+    folder.mkdir(parents=True, exist_ok=True)
+    launch.write_atomic(folder / "trial.json", json.dumps(record, indent=2, sort_keys=True))
+
+
+def read_trial(run_dir: Path, name: str) -> dict[str, Any] | None:
+    path = run_dir / TRIALS / name / "trial.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def train_driver_fn(
+    config: dict[str, Any], *, base: dict[str, Any], search: dict[str, Any], run_dir: str
+) -> None:
+    """One trial (a Tune function trainable): build the trial's job from the sampled values and
+    fit one ``TorchTrainer``; Train reports reach Tune through a ``TuneReportCallback``."""
+    import ray.tune
+
+    spec_search = SearchConfig.model_validate(search)
+    name = ray.tune.get_context().get_trial_name()
+    sampled = {k: config[k] for k in spec_search.space}
+    raw = space_lib.trial_job(base, spec_search, sampled, name, str(Path(run_dir) / TRIALS))
+    spec = validate_job(raw, source=f"trial {name}")
+    folder = launch.run_dir(spec)
+    folder.mkdir(parents=True, exist_ok=True)
+    launch.write_atomic(folder / "job.yaml", dump_job(spec))
+    callback = _forward_complete_results(space_lib.required_metrics(spec_search))
+    result = launch.build_trainer(spec, folder, callbacks=[callback]).fit()
+    if result.error is not None:
+        raise RunError(f"trial {name} failed: {result.error}")
+    launch.collect_result(result, folder)
+
+
+def _forward_complete_results(required: list[str]) -> Any:
+    """A ``TuneReportCallback`` that forwards only Train reports holding every metric the
+    searcher and scheduler read: Tune rejects results without them, and intermediate reports
+    (train loss every few steps) lack the final artifact measurements."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class ForwardComplete(TuneReportCallback):
+        def after_report(self, run_context: Any, metrics: list, checkpoint: Any) -> None:
+            if metrics and all(k in metrics[0] for k in required):
+                super().after_report(run_context, metrics, checkpoint)
+
+    return ForwardComplete()
+
+
+def _results_callback(run_dir: Path, search: SearchConfig) -> Any:
+    """Driver side: a ``trial.json`` per trial as its state changes, and the report refreshed
+    after each finished trial, so a browser open on report.html follows the search."""
+    from ray import tune
+
+    from orchestrator.results import write_report
+
+    keys = list(search.space)
+
+    class RecordTrials(tune.Callback):
+        def _record(self, trial: Any, status: str, **extra: Any) -> None:
+            name = str(trial)  # the trial_name_creator's name
+            old = read_trial(run_dir, name) or {}
+            record = {
+                "trial": name,
+                "status": status,
+                "config": {k: trial.config.get(k) for k in keys},
+                "metrics": old.get("metrics", {}),
+                "error": None,
+                "artifact": None,
+                "wall_s": old.get("wall_s"),
+                "started": old.get("started", time.time()),
+            }
+            record.update(extra)
+            write_trial(run_dir, record)
+
+        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self._record(trial, "running", started=time.time())
+
+        def on_trial_result(
+            self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+        ) -> None:
+            self._record(trial, "running", metrics=_numbers(result))
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            name = str(trial)
+            folder = run_dir / TRIALS / name
+            old = read_trial(run_dir, name) or {}
+            wall = time.time() - old.get("started", time.time())
+            final = folder / "metrics.json"
+            if final.is_file() and (folder / "model").is_dir():
+                metrics = _numbers(json.loads(final.read_text()))
+                self._record(trial, "done", metrics=metrics, artifact="model", wall_s=wall)
+            else:
+                # Ended without its final artifact: the scheduler stopped it early.
+                self._record(
+                    trial, "stopped", metrics=_numbers(trial.last_result or {}), wall_s=wall
+                )
+            write_report(run_dir, running=True)
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            old = read_trial(run_dir, str(trial)) or {}
+            wall = time.time() - old.get("started", time.time())
+            self._record(trial, "error", error=_error_text(trial), wall_s=wall)
+            write_report(run_dir, running=True)
+
+    return RecordTrials()
+
+
+def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
+    return {
+        k: float(v)
+        for k, v in metrics.items()
+        if "/" in k
+        and isinstance(v, int | float)
+        and not isinstance(v, bool)
+        and math.isfinite(float(v))
+    }
+
+
+def _error_text(trial: Any) -> str:
+    """The last lines of the trial's error (Tune keeps the traceback in a file)."""
+    path = getattr(trial, "error_file", None)
+    try:
+        text = Path(path).read_text() if path else ""
+    except OSError:
+        text = ""
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return "\n".join(lines[-3:]) or "the trial failed (see the driver log)"
+
+
+def baseline_spec(spec: JobSpec, folder: Path) -> JobSpec:
+    """The dense job: compression and search removed, the baseline's own overrides applied."""
+    raw = spec.model_dump(mode="json", exclude={"search", "compress"})
+    raw = apply_overrides(raw, spec.search.baseline.overrides)
+    raw["name"] = "baseline"
+    raw["output"] = {"dir": str(folder)}
+    return validate_job(raw, source="search.baseline")
+
+
+def _measure_dense(job: dict[str, Any], model_path: str | None) -> dict[str, float]:
+    """Runs as a Ray task (on a worker node on a cluster): evaluate and measure the dense model."""
+    from orchestrator import data as data_lib
+    from orchestrator import finalize, models
+
+    spec = JobSpec.model_validate(job)
+    if model_path:
+        spec = spec.model_copy(
+            update={"model": spec.model.model_copy(update={"name": None, "path": model_path})}
+        )
+    tokenizer = models.build_tokenizer(spec.model)
+    bundle = data_lib.build(spec.data, tokenizer)
+    model = models.build_model(spec.model, bundle.num_labels, tokenizer, seed=spec.train.seed)
+    finalize.label_config(model, bundle)
+    return finalize.measure_dense(spec, model, bundle, tokenizer)
+
+
+def run_baseline(spec: JobSpec, folder: Path, address: str | None) -> dict[str, float]:
+    """Fine-tune the dense model once (or take the job's model as is), evaluate and measure it,
+    and save ``baseline.json``. A finished baseline is reused (resume, or a crash after it)."""
+    import ray
+
+    out = folder / "baseline.json"
+    if out.is_file():
+        return json.loads(out.read_text())
+    model_path = None
+    if spec.search.baseline.train:
+        bspec = baseline_spec(spec, folder)
+        print(
+            f"[orchestrator] dense baseline: fine-tuning once ({folder / 'baseline'})", flush=True
+        )
+        # Its accuracy is measured again below on the saved model, the same way as trials'.
+        launch.train(bspec, address=address)
+        model_path = str(folder / "baseline" / "model")
+    job = spec.model_dump(mode="json", exclude={"search", "compress"})
+    task = ray.remote(_measure_dense).options(
+        num_cpus=spec.resources.cpus_per_worker, num_gpus=0, max_retries=1
+    )
+    try:
+        metrics = ray.get(task.remote(job, model_path))
+    except Exception as e:  # a RayTaskError wraps the worker's exception
+        raise RunError(f"measuring the dense baseline failed: {e}") from e
+    launch.write_atomic(out, json.dumps(metrics, indent=2, sort_keys=True))
+    print(
+        f"[orchestrator] dense baseline: eval/accuracy {metrics['eval/accuracy']:.4f} | "
+        f"{metrics['compress/size_bytes'] / 1e6:.1f} MB | "
+        f"{metrics['perf/latency_ms_b32']:.1f} ms per batch of 32",
+        flush=True,
+    )
+    return metrics
+
+
+def claim_search_dir(spec: JobSpec, resume: bool) -> Path:
+    """The run directory of a search. The same job again needs ``--resume`` (so a finished or
+    interrupted search is never silently mixed with a new one); a different job is refused."""
+    from ray import tune
+
+    folder = launch.run_dir(spec)
+    experiment = folder / TUNE_NAME
+    started = experiment.is_dir() and tune.Tuner.can_restore(str(experiment))
+    if started and not resume:
+        raise ConfigError(
+            Problem(
+                "name",
+                spec.name,
+                f"{folder} already holds this search",
+                "add --resume to continue it (finished trials are kept), or choose another "
+                f"name (name={spec.name}-2)",
+            )
+        )
+    launch.claim_run_dir(spec)
+    return folder
+
+
+def search(spec: JobSpec, address: str | None = None, resume: bool = False) -> dict[str, Any]:
+    """Run (or resume) the search of ``spec``; returns the report summary."""
+    if spec.search is None:
+        raise ConfigError(
+            Problem(
+                "search",
+                None,
+                "the job has no search section: nothing to search",
+                "add search.space (e.g. compress.prune.sparsity: {uniform: [0.2, 0.7]}), or "
+                "run `orchestrator train` for a single recipe",
+            )
+        )
+    # Tune's classic progress table honours the columns below (its newer one ignores them).
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    from ray import tune
+
+    from orchestrator.results import write_report
+
+    spec = launch.resolve_paths(spec)
+    _, bundle = launch.preflight(spec)
+    launch.connect_ray(spec, address)
+    launch.check_capacity(spec)
+    folder = claim_search_dir(spec, resume)
+    search_cfg = spec.search
+    run_baseline(spec, folder, address)
+
+    base = spec.model_dump(mode="json", exclude={"search"})
+    if search_cfg.baseline.train:
+        # Every trial starts from the fine-tuned dense model, not from the raw pretrained one.
+        base["model"] = {
+            "path": str(folder / "baseline" / "model"),
+            "num_layers": spec.model.num_layers,
+        }
+    t = spec.train
+    steps_per_epoch = bundle.batches_per_epoch(t.batch_size, t.num_workers) // t.grad_accum_steps
+    total_steps = t.max_steps or math.ceil(t.epochs * steps_per_epoch)
+    import ray
+
+    cluster = ray.cluster_resources()
+    need_cpu = t.num_workers * spec.resources.cpus_per_worker
+    need_gpu = t.num_workers * spec.resources.gpus_per_worker
+    parallel = space_lib.concurrency(search_cfg, cluster, need_cpu, need_gpu)
+    print(
+        f"[orchestrator] search {folder} | {search_cfg.samples} trials, {parallel} at a time "
+        f"({t.num_workers} x {t.strategy} workers each, {need_cpu:g} CPUs of "
+        f"{cluster.get('CPU', 0):g}) | objectives "
+        + ", ".join(f"{o.mode} {o.metric}" for o in search_cfg.objectives),
+        flush=True,
+    )
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            train_driver_fn,
+            base=base,
+            search=search_cfg.model_dump(mode="json"),
+            run_dir=str(folder),
+        ),
+        {"memory": TRIAL_DRIVER_MEMORY},
+    )
+    # Tune's strict check rejects any result without the searcher's metrics; trials forward
+    # only complete results (see _forward_complete_results), which always hold them.
+    run_config = tune.RunConfig(
+        name=TUNE_NAME,
+        storage_path=str(folder),
+        failure_config=tune.FailureConfig(max_failures=search_cfg.max_failures),
+        callbacks=[_results_callback(folder, search_cfg)],
+        progress_reporter=tune.CLIReporter(
+            metric_columns=[o.metric for o in search_cfg.objectives],
+            parameter_columns=list(search_cfg.space),
+            max_report_frequency=30,
+        ),
+        verbose=1,
+    )
+    experiment = folder / TUNE_NAME
+    namer = _TrialNamer(folder / TRIALS)
+    if resume and tune.Tuner.can_restore(str(experiment)):
+        print(f"[orchestrator] resuming the search in {experiment}", flush=True)
+        tuner = tune.Tuner.restore(
+            str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=True
+        )
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space_lib.param_space(search_cfg),
+            tune_config=tune.TuneConfig(
+                search_alg=space_lib.searcher(search_cfg),
+                scheduler=space_lib.scheduler(search_cfg, total_steps, t.eval_every),
+                num_samples=search_cfg.samples,
+                max_concurrent_trials=parallel,
+                time_budget_s=search_cfg.time_budget_s,
+                trial_name_creator=namer,
+                trial_dirname_creator=namer,
+            ),
+            run_config=run_config,
+        )
+    try:
+        tuner.fit()
+    except Exception as e:  # Tune raises on driver-side failures (trial errors are recorded)
+        write_report(folder, running=False)
+        raise RunError(f"the search failed: {e}\n{traceback.format_exc(limit=3)}") from e
+    summary = write_report(folder, running=False)
+    print(pareto_text(folder))
+    return summary
+
+
+def pareto_text(folder: Path) -> str:
+    """The Pareto table for the terminal, from the results table just written."""
+    import pyarrow.parquet as pq
+
+    from orchestrator.results import format_pareto_table
+
+    return format_pareto_table(pq.read_table(folder / "results.parquet"))
+
+
+# Tune deep-copies the experiment spec (and with it the name creator) for every new trial, so
+# the namer's state lives here, per trials folder, not on the namer object.
+_NAMES: dict[str, dict[str, str]] = {}
+
+
+class _TrialNamer:
+    """Trial names from an ordinal and the sampled recipe. Tune calls this for new trials only
+    (restored trials keep their saved names), so the ordinal continues after a resume."""
+
+    def __init__(self, trials_dir: Path) -> None:
+        self.key = str(trials_dir)
+        _NAMES.setdefault(self.key, {})
+
+    def __call__(self, trial: Any) -> str:
+        names = _NAMES.setdefault(self.key, {})
+        if trial.trial_id not in names:
+            folder = Path(self.key)
+            taken = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+            taken |= set(names.values())
+            index = 1 + max((int(n[1:4]) for n in taken if n[1:4].isdigit()), default=-1)
+            names[trial.trial_id] = space_lib.trial_name(index, dict(trial.config))
+        return names[trial.trial_id]

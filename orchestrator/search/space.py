@@ -1,0 +1,132 @@
+"""The job's ``search`` section in Ray Tune's vocabulary: param space, searcher, scheduler,
+trial names, and the trial jobs built from sampled values."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from orchestrator.config.loader import apply_overrides
+from orchestrator.config.search import SearchConfig, trial_overrides
+
+
+def param_space(search: SearchConfig) -> dict[str, Any]:
+    """Flat ``{dotted key: tune distribution}``; labelled choices are sampled as their labels
+    (Optuna's categorical values must be plain scalars), resolved in the trial."""
+    from ray import tune
+
+    out: dict[str, Any] = {}
+    for key, dist in search.space.items():
+        kind, value = dist.kind, getattr(dist, dist.kind)
+        if kind == "uniform":
+            out[key] = tune.uniform(*value)
+        elif kind == "loguniform":
+            out[key] = tune.loguniform(*value)
+        elif kind == "int":
+            out[key] = tune.randint(value[0], value[1] + 1)  # randint's upper end is exclusive
+        elif kind == "choice" and search.algorithm == "grid":
+            out[key] = tune.grid_search(list(value))
+        elif kind == "choice":
+            out[key] = tune.choice(list(value))
+        else:
+            out[key] = tune.grid_search(list(value))
+    return out
+
+
+def searcher(search: SearchConfig) -> Any:
+    """Optuna (TPE or NSGA-II, one or several objectives) or Tune's own random/grid generator.
+    Metrics and modes go to the searcher only: also setting them in ``TuneConfig`` silently
+    makes an Optuna study single-objective (ENV.md)."""
+    if search.algorithm != "optuna":
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=search.seed)
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    if search.sampler == "nsga2":
+        sampler = optuna.samplers.NSGAIISampler(seed=search.seed)
+    else:
+        # TPE's start-up phase is random; on a small budget keep it to a third of the trials.
+        startup = max(2, min(10, search.samples // 3))
+        sampler = optuna.samplers.TPESampler(seed=search.seed, n_startup_trials=startup)
+    metrics = [o.metric for o in search.objectives]
+    modes = [o.mode for o in search.objectives]
+    if len(metrics) == 1:
+        return OptunaSearch(metric=metrics[0], mode=modes[0], sampler=sampler)
+    return OptunaSearch(metric=metrics, mode=modes, sampler=sampler)
+
+
+# Tune's own counter restarts at 1 after a restore (ENV.md): schedulers use our step counter.
+STEP_METRIC = "train/step"
+
+
+def scheduler(search: SearchConfig, total_steps: int, eval_every: int) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if search.scheduler == "none":
+        return FIFOScheduler()
+    objective = search.objectives[0]
+    return ASHAScheduler(
+        time_attr=STEP_METRIC,
+        metric=objective.metric,
+        mode=objective.mode,
+        max_t=max(total_steps, eval_every + 1),
+        grace_period=max(1, eval_every),
+        reduction_factor=2,
+    )
+
+
+def required_metrics(search: SearchConfig) -> list[str]:
+    """Keys a result forwarded to Tune must hold (Tune rejects results without them)."""
+    keys = [o.metric for o in search.objectives]
+    if search.scheduler == "asha":
+        keys.append(STEP_METRIC)
+    return keys
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        text = f"{value:.3g}"
+    else:
+        text = str(value)
+    return re.sub(r"[^A-Za-z0-9.-]+", "-", text).strip("-") or "x"
+
+
+def trial_name(index: int, sampled: dict[str, Any]) -> str:
+    """``t003_sparsity0.42_quantize-int8``: the trial's ordinal and its recipe (names derive from
+    the config, never from timestamps: resume finds trials by name)."""
+    parts = [f"t{index:03d}"]
+    for key, value in sampled.items():
+        parts.append(
+            f"{key.rsplit('.', 1)[-1]}{'' if isinstance(value, float | int) else '-'}"
+            f"{_short(value)}"
+        )
+    return "_".join(parts)[:100]
+
+
+def trial_job(
+    base: dict[str, Any], search: SearchConfig, sampled: dict[str, Any], name: str, trials_dir: str
+) -> dict[str, Any]:
+    """The raw job of one trial: the base job with the sampled overrides, named after the trial,
+    writing under ``trials/``, without the search section (a trial is one training run)."""
+    raw = apply_overrides(base, trial_overrides(search.space, sampled))
+    raw.pop("search", None)
+    raw["name"] = name
+    raw["output"] = {**raw.get("output", {}), "dir": trials_dir}
+    return raw
+
+
+def concurrency(
+    search: SearchConfig, cluster: dict[str, float], need_cpu: float, need_gpu: float
+) -> int:
+    """Trials that fit side by side: a Train run starts only when all its workers fit at once,
+    so more concurrent trials than that would only wait (or starve each other)."""
+    fits = [math.floor(cluster.get("CPU", 0) / need_cpu + 1e-9)] if need_cpu else []
+    if need_gpu:
+        fits.append(math.floor(cluster.get("GPU", 0) / need_gpu + 1e-9))
+    n = max(1, min(fits) if fits else 1)
+    if search.max_concurrent_trials:
+        n = min(n, search.max_concurrent_trials)
+    return n
