@@ -19,8 +19,8 @@ from torch import nn
 from orchestrator import data as data_lib
 from orchestrator import models
 from orchestrator.compress import CompressionReport, compress_, summary_metrics
-from orchestrator.compress.common import param_count
 from orchestrator.compress.artifact import load_artifact, save_artifact
+from orchestrator.compress.common import param_count
 from orchestrator.compress.measure import measure_latency
 from orchestrator.config.schema import JobSpec
 
@@ -126,9 +126,7 @@ def finalize(
     metrics = dict(summary_metrics(model, report, params_before))
     metrics.update(evaluate_plain(shipped, bundle, "validation"))
     metrics.update(evaluate_plain(shipped, bundle, "test"))
-    latency = measure_latency(
-        {"dense": dense, "compressed": shipped}, seq_len=spec.data.max_length, vocab=len(tokenizer)
-    )
+    latency = measure_latency({"dense": dense, "compressed": shipped}, seq_len=spec.data.max_length)
     metrics.update(latency["compressed"])
     metrics.update(
         {
@@ -157,7 +155,7 @@ def measure_dense(
     metrics.update(evaluate_plain(model, bundle, "test"))
     with tempfile.TemporaryDirectory() as tmp:
         size = save_artifact(model, Path(tmp) / "dense", tokenizer=tokenizer)
-    latency = measure_latency({"dense": model}, seq_len=spec.data.max_length, vocab=len(tokenizer))
+    latency = measure_latency({"dense": model}, seq_len=spec.data.max_length)
     metrics.update(latency["dense"])
     metrics.update(
         {

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -26,10 +25,6 @@ from orchestrator.errors import ConfigError, Problem, RunError
 def train_fn_per_worker(config: dict[str, Any]) -> dict[str, float]:
     """Runs on every Ray Train worker: rebuild the job from its dict and run the loop."""
     import ray.train
-
-    # Ray Train logs every report and checkpoint with its full metrics dict at INFO, per rank;
-    # the loop prints its own progress lines, so keep Ray's to warnings.
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
 
     spec = JobSpec.model_validate(config["job"])
     context = ray.train.get_context()
@@ -242,6 +237,9 @@ def build_trainer(spec: JobSpec, folder: Path, callbacks: list | None = None) ->
             failure_config=ray.train.FailureConfig(max_failures=spec.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks or [],
+            # Ray Train logs every report with its whole metrics dict, per rank, at INFO; the
+            # loop prints its own progress lines. Ray's system log files still get everything.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
 

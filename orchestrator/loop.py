@@ -92,6 +92,7 @@ def device_for(spec: JobSpec, ctx: WorkerContext) -> torch.device:
 
 def run(spec: JobSpec, ctx: WorkerContext) -> dict[str, float]:
     """Train ``spec`` on this worker; returns the final metrics (identical on every rank)."""
+    started = time.perf_counter()
     tspec = spec.train
     device = device_for(spec, ctx)
     is_main = ctx.rank == 0
@@ -151,7 +152,12 @@ def run(spec: JobSpec, ctx: WorkerContext) -> dict[str, float]:
             metrics.update(export_compressed(full, folder / "model"))
         elif full is not None and is_main:
             strategy.module.save_pretrained(str(folder / "model"), state_dict=full)
-            tokenizer.save_pretrained(str(folder / "model"))
+            if tokenizer is not None:  # image models (the MLP) have none
+                tokenizer.save_pretrained(str(folder / "model"))
+        if final:
+            # Time spent in this function: data, model, compression, training, evaluation and
+            # the artifact's measurement. The run's wall time minus this is orchestration cost.
+            metrics["time/worker_s"] = time.perf_counter() - started
         ctx.report(metrics, folder if any(folder.iterdir()) else None)
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -1,7 +1,8 @@
 """The compressed artifact: what is shipped, measured in bytes, and loaded back.
 
 A folder with ``model.safetensors`` (tensors only: no pickle), ``manifest.json`` (how each tensor
-is stored and how the model's structure was changed), ``config.json`` and the tokenizer. Each
+is stored and how the model's structure was changed), ``config.json`` and the tokenizer (text
+models; an image model has none). Each
 weight is stored in whichever of these is smallest, so the artifact's size is the true size:
 
 - ``dense``: the float32 tensor;
@@ -179,6 +180,8 @@ def load_artifact(folder: str | Path) -> nn.Module:
     asked for them). Weights load from safetensors: no pickle is ever read."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    # Importing it registers the project's own model types (the MLP) with the Auto classes.
+    import orchestrator.models.mlp  # noqa: F401
     from orchestrator.compress.quantize import QuantEmbedding, QuantLinear, to_inference_
 
     folder = Path(folder)

@@ -105,9 +105,10 @@ def collect_input_stats(
     *,
     gram: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Statistics of each module's input X (tokens x channels) over the calibration batches,
-    padding positions excluded: per-channel sums of squares ||X_j||^2 (Wanda), or with ``gram``
-    the whole X^T X (activation-aware SVD), accumulated in float64."""
+    """Statistics of each module's input X (tokens or examples x channels) over the calibration
+    batches, padding positions excluded (batches with an ``attention_mask``): per-channel sums
+    of squares ||X_j||^2 (Wanda), or with ``gram`` the whole X^T X (activation-aware SVD),
+    accumulated in float64."""
     stats: dict[str, torch.Tensor] = {}
     mask_holder: dict[str, torch.Tensor] = {}
     hooks = []
@@ -127,7 +128,11 @@ def collect_input_stats(
         hooks.append(module.register_forward_pre_hook(make_hook(name)))
     try:
         for batch in calib:
-            mask_holder["mask"] = batch["attention_mask"].to(first_param(model).device)
+            mask = batch.get("attention_mask")  # image batches have no padding to exclude
+            if mask is None:
+                mask_holder.pop("mask", None)
+            else:
+                mask_holder["mask"] = mask.to(first_param(model).device)
             forward_eval(model, batch)
     finally:
         for h in hooks:
@@ -137,15 +142,14 @@ def collect_input_stats(
 
 @torch.no_grad()
 def forward_eval(model: nn.Module, batch: dict[str, torch.Tensor]) -> Any:
-    """One inference forward on ``batch`` (ids and mask only), restoring the training mode."""
+    """One inference forward on ``batch``'s model inputs (``input_ids`` and ``attention_mask``,
+    or ``pixel_values``; labels are left out so no loss is computed), restoring the training
+    mode."""
     was_training = model.training
     model.eval()
     device = first_param(model).device
     try:
-        return model(
-            input_ids=batch["input_ids"].to(device),
-            attention_mask=batch["attention_mask"].to(device),
-        )
+        return model(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
     finally:
         model.train(was_training)
 

@@ -79,7 +79,9 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
                 break
             node = child
         else:
-            node[parts[-1]] = value
+            # A copy: a later, deeper key must not write into the caller's value (a search
+            # space's section choice is shared by every trial).
+            node[parts[-1]] = copy.deepcopy(value)
     if problems:
         raise ConfigError(problems, source="overrides")
     return out
@@ -138,8 +140,8 @@ def problems_from_validation(
         ctx = err.get("ctx") or {}
         if etype == "cross_field":
             for field, value, message, fix in ctx["problems"]:
-                # Fields may already be absolute (e.g. "train.precision" raised by JobSpec).
-                sub = field if (not dotted or "." in field) else f"{dotted}.{field}"
+                # Relative to the model that raised; JobSpec's own (loc "") are already absolute.
+                sub = f"{dotted}.{field}" if dotted else field
                 problems.append(Problem(f"{prefix}.{sub}" if prefix else sub, value, message, fix))
             continue
         if etype == "extra_forbidden":

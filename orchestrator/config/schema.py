@@ -24,7 +24,7 @@ class _Section(BaseModel):
 # Short names of models that ship with the project's dependencies (no download ever happens).
 PACKAGED_MODELS = ("minilm-l6",)
 # Small from-config architectures, for fast tests and debug jobs.
-CONFIG_MODELS = ("tiny-bert", "tiny-gpt2")
+CONFIG_MODELS = ("tiny-bert", "tiny-gpt2", "mlp")
 
 
 class ModelConfig(_Section):
@@ -86,7 +86,7 @@ class ModelConfig(_Section):
         return self
 
 
-PACKAGED_CORPORA = ("mr", "sms_spam", "trec", "bbc_news", "rotten_tomatoes")
+PACKAGED_CORPORA = ("mr", "sms_spam", "trec", "bbc_news", "rotten_tomatoes", "mnist")
 
 
 class DataConfig(_Section):

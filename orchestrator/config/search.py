@@ -15,7 +15,14 @@ import math
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from orchestrator.config.base import cross_field_error
 from orchestrator.errors import Problem
@@ -137,6 +144,11 @@ class Distribution(_Section):
                         ]
                     )
         return self
+
+    @model_serializer(mode="wrap")
+    def _only_kind(self, handler: Any) -> Any:
+        """Saved as written (``{uniform: [0.2, 0.7]}``), without the four unused kinds."""
+        return {k: v for k, v in handler(self).items() if v is not None}
 
     def kind_is(self, kind: str) -> bool:
         return getattr(self, kind) is not None

@@ -1,9 +1,11 @@
-"""Sequence classifiers: packaged pretrained MiniLM, any local Hugging Face folder, or tiny
-from-config BERT / GPT-2 models for tests. Never downloads anything."""
+"""Classifiers: packaged pretrained MiniLM, any local Hugging Face folder, tiny from-config
+BERT / GPT-2 models for tests, or the from-config MLP image classifier (``mlp``, which takes
+``pixel_values`` and has no tokenizer). Never downloads anything."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
@@ -22,6 +24,8 @@ from transformers.utils import logging as hf_logging
 
 from orchestrator.config.schema import ModelConfig
 from orchestrator.errors import ConfigError, Problem
+from orchestrator.models.mlp import MODEL_TYPE as MLP_MODEL_TYPE
+from orchestrator.models.mlp import MLPConfig, MLPForImageClassification
 
 # Shapes of the from-config models: small enough that a training step takes milliseconds.
 TINY_SHAPES = {
@@ -30,6 +34,8 @@ TINY_SHAPES = {
     ),
     "tiny-gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_inner=256),
 }
+# From-config models that take pixels, not tokens (no tokenizer; data must be an image corpus).
+PIXEL_MODELS = ("mlp",)
 
 
 def packaged_model_dir(short_name: str = "minilm-l6") -> Path:
@@ -62,6 +68,46 @@ def packaged_model_dir(short_name: str = "minilm-l6") -> Path:
     )
 
 
+def _model_type(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
+def takes_pixels(spec: ModelConfig) -> bool:
+    """Whether the model reads ``pixel_values`` (the MLP, by name or saved in a local folder, as
+    a search's trials load it from the baseline) rather than tokens: then it has no tokenizer."""
+    if spec.path is not None:
+        return _model_type(Path(spec.path).expanduser()) == MLP_MODEL_TYPE
+    return spec.name in PIXEL_MODELS
+
+
+def _check_pixel_model(spec: ModelConfig) -> None:
+    """Options that only make sense for token models, refused with the key to remove."""
+    problems = []
+    if spec.num_layers is not None:
+        problems.append(
+            Problem(
+                "model.num_layers",
+                spec.num_layers,
+                "the MLP image classifier has no transformer blocks to keep or drop",
+                "remove model.num_layers",
+            )
+        )
+    if spec.tokenizer_path is not None:
+        problems.append(
+            Problem(
+                "model.tokenizer_path",
+                spec.tokenizer_path,
+                "the MLP image classifier reads pixel values, not tokens",
+                "remove model.tokenizer_path",
+            )
+        )
+    if problems:
+        raise ConfigError(problems)
+
+
 def model_dir(spec: ModelConfig) -> Path | None:
     """The local folder the weights come from; ``None`` for from-config models."""
     if spec.path is not None:
@@ -76,14 +122,23 @@ def model_dir(spec: ModelConfig) -> Path | None:
                     "downloads from a hub",
                 )
             )
+        if takes_pixels(spec):
+            _check_pixel_model(spec)
         return p.resolve()
+    if spec.name in PIXEL_MODELS:
+        _check_pixel_model(spec)
+        return None
     if spec.name in TINY_SHAPES:
         return None
     return packaged_model_dir(spec.name)
 
 
-def build_tokenizer(spec: ModelConfig) -> PreTrainedTokenizerBase:
+def build_tokenizer(spec: ModelConfig) -> PreTrainedTokenizerBase | None:
+    """The model's tokenizer; ``None`` for a model that reads pixels (see ``takes_pixels``)."""
     hf_logging.set_verbosity_error()
+    if takes_pixels(spec):
+        _check_pixel_model(spec)
+        return None
     if spec.tokenizer_path is not None:
         folder = Path(spec.tokenizer_path).expanduser()
         key = "model.tokenizer_path"
@@ -108,13 +163,19 @@ def build_tokenizer(spec: ModelConfig) -> PreTrainedTokenizerBase:
 
 
 def build_model(
-    spec: ModelConfig, num_labels: int, tokenizer: PreTrainedTokenizerBase, seed: int = 0
+    spec: ModelConfig,
+    num_labels: int,
+    tokenizer: PreTrainedTokenizerBase | None,
+    seed: int = 0,
 ) -> nn.Module:
-    """A sequence classifier with a fresh ``num_labels`` head, identically seeded on every rank."""
+    """A classifier with a fresh ``num_labels`` head, identically seeded on every rank.
+    ``tokenizer`` sizes the tiny models' vocabularies; pixel models take ``None``."""
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # per-tensor loading bars drown the training log
     torch.manual_seed(seed)
     folder = model_dir(spec)
+    if folder is None and spec.name in PIXEL_MODELS:
+        return MLPForImageClassification(MLPConfig(num_labels=num_labels))
     if folder is None:
         shape = dict(TINY_SHAPES[spec.name])
         if spec.num_layers is not None:
@@ -149,7 +210,7 @@ def build_model(
             )
         # Loading with a shorter config keeps the first N blocks' pretrained weights.
         config.num_hidden_layers = spec.num_layers
-    if getattr(config, "pad_token_id", None) is None:
+    if tokenizer is not None and getattr(config, "pad_token_id", None) is None:
         config.pad_token_id = tokenizer.pad_token_id
     return AutoModelForSequenceClassification.from_pretrained(
         str(folder), config=config, local_files_only=True, use_safetensors=True

@@ -21,7 +21,7 @@ from typing import Any
 from orchestrator import launch
 from orchestrator.config.loader import apply_overrides, dump_job, validate_job
 from orchestrator.config.schema import JobSpec
-from orchestrator.config.search import SearchConfig
+from orchestrator.config.search import SearchConfig, trial_overrides
 from orchestrator.errors import ConfigError, Problem, RunError
 from orchestrator.search import space as space_lib
 
@@ -225,15 +225,18 @@ def run_baseline(spec: JobSpec, folder: Path, address: str | None) -> dict[str, 
     return metrics
 
 
-def claim_search_dir(spec: JobSpec, resume: bool) -> Path:
-    """The run directory of a search. The same job again needs ``--resume`` (so a finished or
+def check_search_dir(spec: JobSpec, resume: bool) -> None:
+    """Before anything starts: the same search again needs ``--resume`` (a finished or
     interrupted search is never silently mixed with a new one); a different job is refused."""
     from ray import tune
 
     folder = launch.run_dir(spec)
+    saved = folder / "job.yaml"
+    if saved.is_file() and saved.read_text() != dump_job(spec):
+        launch.claim_run_dir(spec)  # raises: a different job under the same name
     experiment = folder / TUNE_NAME
     started = experiment.is_dir() and tune.Tuner.can_restore(str(experiment))
-    if started and not resume:
+    if (started or (folder / "baseline.json").is_file()) and not resume:
         raise ConfigError(
             Problem(
                 "name",
@@ -243,8 +246,6 @@ def claim_search_dir(spec: JobSpec, resume: bool) -> Path:
                 f"name (name={spec.name}-2)",
             )
         )
-    launch.claim_run_dir(spec)
-    return folder
 
 
 def search(spec: JobSpec, address: str | None = None, resume: bool = False) -> dict[str, Any]:
@@ -266,10 +267,12 @@ def search(spec: JobSpec, address: str | None = None, resume: bool = False) -> d
     from orchestrator.results import write_report
 
     spec = launch.resolve_paths(spec)
+    check_search_dir(spec, resume)
     _, bundle = launch.preflight(spec)
     launch.connect_ray(spec, address)
     launch.check_capacity(spec)
-    folder = claim_search_dir(spec, resume)
+    launch.claim_run_dir(spec)
+    folder = launch.run_dir(spec)
     search_cfg = spec.search
     run_baseline(spec, folder, address)
 
@@ -320,7 +323,7 @@ def search(spec: JobSpec, address: str | None = None, resume: bool = False) -> d
         verbose=1,
     )
     experiment = folder / TUNE_NAME
-    namer = _TrialNamer(folder / TRIALS)
+    namer = _TrialNamer(folder / TRIALS, search_cfg)
     if resume and tune.Tuner.can_restore(str(experiment)):
         print(f"[orchestrator] resuming the search in {experiment}", flush=True)
         tuner = tune.Tuner.restore(
@@ -337,6 +340,9 @@ def search(spec: JobSpec, address: str | None = None, resume: bool = False) -> d
                 max_concurrent_trials=parallel,
                 time_budget_s=search_cfg.time_budget_s,
                 trial_name_creator=namer,
+                # One trial process serves trial after trial: no process start-up and imports
+                # per trial (the Train workers themselves are new for every trial).
+                reuse_actors=True,
                 trial_dirname_creator=namer,
             ),
             run_config=run_config,
@@ -369,8 +375,9 @@ class _TrialNamer:
     """Trial names from an ordinal and the sampled recipe. Tune calls this for new trials only
     (restored trials keep their saved names), so the ordinal continues after a resume."""
 
-    def __init__(self, trials_dir: Path) -> None:
+    def __init__(self, trials_dir: Path, search: SearchConfig) -> None:
         self.key = str(trials_dir)
+        self.search = search
         _NAMES.setdefault(self.key, {})
 
     def __call__(self, trial: Any) -> str:
@@ -380,5 +387,9 @@ class _TrialNamer:
             taken = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
             taken |= set(names.values())
             index = 1 + max((int(n[1:4]) for n in taken if n[1:4].isdigit()), default=-1)
-            names[trial.trial_id] = space_lib.trial_name(index, dict(trial.config))
+            sampled = {k: trial.config[k] for k in self.search.space if k in trial.config}
+            # Keys under a section the trial switched off are not part of its recipe.
+            used = trial_overrides(self.search.space, sampled)
+            recipe = {k: v for k, v in sampled.items() if k in used}
+            names[trial.trial_id] = space_lib.trial_name(index, recipe)
         return names[trial.trial_id]

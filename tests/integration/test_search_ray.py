@@ -1,0 +1,203 @@
+"""The debug search through real Ray Tune + Ray Train (trials of 2 DDP workers), driven by the
+CLI as a user runs it: the driver is SIGKILLed after its first finished trial and resumed with
+``--resume``; then the run directory of DESIGN.md 3.2, ``report`` rebuilding it, and ``export``
+of the best model predicting exactly as the trial's own artifact."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from orchestrator.cli import main
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+JOB = ROOT / "jobs/debug/search.yaml"
+N_TRIALS = 3
+
+
+def _command(out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "orchestrator",
+        "search",
+        str(JOB),
+        f"output.dir={out}",
+        f"data.cache_dir={out / 'cache'}",
+        f"search.num_samples={N_TRIALS}",
+        *extra,
+    ]
+
+
+def _done_trials(run: Path) -> dict[str, dict]:
+    done = {}
+    for path in (run / "trials").glob("*/trial.json"):
+        try:
+            record = json.loads(path.read_text())
+        except ValueError:
+            continue
+        if record["status"] == "done":
+            done[record["trial"]] = record
+    return done
+
+
+@pytest.fixture(scope="module")
+def search_run(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Start the search, SIGKILL the driver once a trial has finished, resume it."""
+    out = tmp_path_factory.mktemp("search")
+    run = out / "debug-search"
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster}
+    log = (out / "first.log").open("w")
+    proc = subprocess.Popen(_command(out), cwd=out, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 600
+    while not _done_trials(run) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(2)
+    assert proc.poll() is None, (
+        "the search ended before it could be interrupted:\n"
+        + (out / "first.log").read_text()[-3000:]
+    )
+    os.kill(proc.pid, signal.SIGKILL)  # no clean-up of any kind, as with a lost machine
+    proc.wait()
+    log.close()
+    before = _done_trials(run)
+    assert before, (out / "first.log").read_text()[-3000:]
+    stamps = {n: (run / "trials" / n / "metrics.json").stat().st_mtime_ns for n in before}
+
+    resumed = subprocess.run(
+        _command(out, "--resume"),
+        cwd=out,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
+    return {
+        "run": run,
+        "out": out,
+        "before": before,
+        "stamps": stamps,
+        "env": env,
+        "stdout": resumed.stdout,
+    }
+
+
+def test_resume_reruns_no_finished_trial(search_run: dict) -> None:
+    run = search_run["run"]
+    table = pq.read_table(run / "results.parquet").to_pylist()
+    names = [r["trial"] for r in table]
+    assert len(names) == len(set(names)) == N_TRIALS, names
+    assert all(r["status"] == "done" for r in table), [(r["trial"], r["status"]) for r in table]
+    for name, record in search_run["before"].items():
+        # Same files, untouched: the resumed driver did not run the trial again.
+        assert (run / "trials" / name / "metrics.json").stat().st_mtime_ns == search_run["stamps"][
+            name
+        ]
+        assert json.loads((run / "trials" / name / "trial.json").read_text()) == record
+    assert "resuming the search" in search_run["stdout"]
+    assert "Pareto front" in search_run["stdout"]
+
+
+def test_run_directory_has_every_file(search_run: dict) -> None:
+    run = search_run["run"]
+    for name in (
+        "job.yaml",
+        "baseline.json",
+        "results.parquet",
+        "pareto.parquet",
+        "pareto.png",
+        "report.html",
+    ):
+        assert (run / name).is_file(), name
+    baseline = json.loads((run / "baseline.json").read_text())
+    trial = json.loads(next((run / "trials").glob("*/trial.json")).read_text())
+    for key in (
+        "eval/accuracy",
+        "test/accuracy",
+        "compress/size_bytes",
+        "perf/latency_ms_b32",
+        "compress/params",
+    ):
+        assert key in baseline and key in trial["metrics"], key
+    table = pq.read_table(run / "results.parquet")
+    for column in (
+        "trial",
+        "status",
+        "config/compress.prune.sparsity",
+        "config/compress.quantize",
+        "eval/accuracy",
+        "test/accuracy",
+        "compress/size_bytes",
+        "perf/latency_ms_b32",
+        "feasible",
+        "violations",
+        "pareto",
+    ):
+        assert column in table.column_names, column
+    rows = table.to_pylist()
+    pareto = pq.read_table(run / "pareto.parquet").to_pylist()
+    assert pareto and {r["trial"] for r in pareto} == {r["trial"] for r in rows if r["pareto"]}
+    assert (run / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    html = (run / "report.html").read_text()
+    assert 'id="pareto-table"' in html and 'http-equiv="refresh"' not in html
+    # Tune's own folders: per-trial results and TensorBoard event files.
+    assert list((run / "tune").glob("*/events.out.tfevents*"))
+    # Every trial starts from the fine-tuned dense baseline, not from the raw model.
+    job = (run / "trials" / rows[0]["trial"] / "job.yaml").read_text()
+    assert str(run / "baseline" / "model") in job
+
+
+def test_same_search_again_needs_resume(search_run: dict) -> None:
+    proc = subprocess.run(
+        _command(search_run["out"]),
+        cwd=search_run["out"],
+        env=search_run["env"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "--resume" in proc.stderr
+
+
+def test_report_rebuilds_the_files(search_run: dict, capsys: pytest.CaptureFixture) -> None:
+    run = search_run["run"]
+    before = pq.read_table(run / "results.parquet").to_pylist()
+    for name in ("results.parquet", "pareto.parquet", "pareto.png", "report.html"):
+        (run / name).unlink()
+    assert main(["report", str(run)]) == 0
+    assert "Pareto front" in capsys.readouterr().out
+    after = pq.read_table(run / "results.parquet").to_pylist()
+    assert [r["trial"] for r in after] == [r["trial"] for r in before]
+    assert all((run / n).is_file() for n in ("pareto.parquet", "pareto.png", "report.html"))
+
+
+def test_export_best_predicts_like_the_trial(search_run: dict, tmp_path: Path) -> None:
+    from orchestrator.compress.artifact import load_artifact
+
+    run = search_run["run"]
+    out = tmp_path / "best"
+    assert main(["export", str(run), "--best", "--out", str(out)]) == 0
+    record = json.loads((out / "trial.json").read_text())
+    source = run / "trials" / record["trial"] / "model"
+    exported, original = load_artifact(out), load_artifact(source)
+    ids = torch.randint(1000, 2000, (4, 16), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        a = exported.eval()(**batch).logits
+        b = original.eval()(**batch).logits
+    assert torch.equal(a, b)
+    # The best under the constraints is the smallest feasible artifact (the job's select).
+    rows = pq.read_table(run / "results.parquet").to_pylist()
+    feasible = [r for r in rows if r["feasible"]]
+    assert record["trial"] == min(feasible, key=lambda r: r["compress/size_bytes"])["trial"]

@@ -1,0 +1,265 @@
+"""The ``search`` section: space parsing and validation against the job, the trial overrides
+(conditional sections), and its translation to Ray Tune (param space, searcher, names)."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.config import dump_job, load_job
+from orchestrator.config.loader import _load, validate_job
+from orchestrator.config.search import SearchConfig, trial_overrides
+from orchestrator.errors import ConfigError
+from orchestrator.search import space as space_lib
+
+pytestmark = pytest.mark.unit
+JOB = "jobs/debug/search.yaml"
+
+
+def _problems(*overrides: str) -> list:
+    with pytest.raises(ConfigError) as e:
+        load_job(JOB, list(overrides))
+    return e.value.problems
+
+
+def _space(text: str) -> str:
+    return f"search.space={text}"
+
+
+def test_debug_job_round_trips() -> None:
+    spec = load_job(JOB)
+    again = validate_job(_load(dump_job(spec)))
+    assert again == spec
+    assert spec.search.space["compress.quantize"].kind == "choice"
+    # Saved as written: only the distribution's own kind.
+    assert "loguniform" not in dump_job(spec)
+
+
+@pytest.mark.parametrize(
+    ("text", "kind"),
+    [
+        ("{train.lr: {loguniform: [1.0e-5, 1.0e-3]}}", "loguniform"),
+        ("{compress.prune.sparsity: {uniform: [0.1, 0.5]}}", "uniform"),
+        ("{train.max_steps: {int: [4, 8]}}", "int"),
+        ("{compress.quantize.bits: {choice: [4, 8]}}", "choice"),
+    ],
+)
+def test_each_distribution_kind(text: str, kind: str) -> None:
+    spec = load_job(JOB, [_space(text)])
+    (dist,) = spec.search.space.values()
+    assert dist.kind == kind
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "words"),
+    [
+        (
+            (_space("{compress.prune.sparsty: {uniform: [0.2, 0.5]}}"),),
+            "search.space.compress.prune.sparsty",
+            "did you mean compress.prune.sparsity",
+        ),
+        (
+            (_space("{train.lrr: {uniform: [0.1, 0.2]}}"),),
+            "search.space.train.lrr",
+            "did you mean train.lr",
+        ),
+        (
+            (_space("{compress.prune.sparsity: {uniform: [0.6, 0.2]}}"),),
+            "search.space.compress.prune.sparsity.uniform",
+            "inverted",
+        ),
+        (
+            (_space("{compress.prune.sparsity: {uniform: [0.2, 0.2]}}"),),
+            "search.space.compress.prune.sparsity.uniform",
+            "empty",
+        ),
+        (
+            (_space("{train.lr: {loguniform: [0.0, 0.1]}}"),),
+            "search.space.train.lr.loguniform",
+            "lo > 0",
+        ),
+        (
+            (_space("{compress.quantize.bits: {choice: []}}"),),
+            "search.space.compress.quantize.bits.choice",
+            "no values",
+        ),
+        (
+            (_space("{compress.prune.sparsity: {uniform: [0.2, 1.5]}}"),),
+            "search.space.compress.prune.sparsity",
+            "less than 1",
+        ),
+        (
+            (
+                _space(
+                    "{compress.quantize.method: {choice: [dynamic_int8, fake]}, "
+                    "compress.quantize.bits: {choice: [4, 8]}}"
+                ),
+            ),
+            "search.space.compress.quantize.bits",
+            "dynamic_int8 uses 8-bit kernels",
+        ),
+        (
+            (_space("{compress.prune.sparsity: {uniform: [0.2, 0.5], choice: [0.1]}}"),),
+            "search.space.compress.prune.sparsity.choice",
+            "exactly one",
+        ),
+        (
+            (_space("{compress.factorize: {choice: [null, {method: svd, rank: 4}]}}"),),
+            "search.space.compress.factorize.choice",
+            "needs a label",
+        ),
+        (
+            (_space("{compress.prune.sparsity: {grid: [0.2, 0.5]}}"),),
+            "search.space.compress.prune.sparsity.grid",
+            "search.algorithm=grid",
+        ),
+        (
+            ("search.algorithm=grid",),
+            "search.space.compress.prune.sparsity",
+            "cannot sample a range",
+        ),
+        (
+            ("search.objectives=[{metric: eval/acuracy, mode: max}]",),
+            "search.objectives.0.metric",
+            "did you mean eval/accuracy",
+        ),
+        (("search.scheduler=asha",), "search.scheduler", "several objectives"),
+        (
+            (
+                "search.objectives=[{metric: compress/size_bytes, mode: min}]",
+                "search.scheduler=asha",
+                "train.eval_every=2",
+            ),
+            "search.scheduler",
+            "only known at the end",
+        ),
+        (
+            ("search.objectives=[{metric: eval/accuracy, mode: max}]", "search.scheduler=asha"),
+            "train.eval_every",
+            "reported during training",
+        ),
+        (
+            ("search.baseline.overrides={train.epohcs: 2}",),
+            "search.baseline.overrides.train.epohcs",
+            "did you mean train.epochs",
+        ),
+    ],
+)
+def test_bad_search_sections(overrides: tuple[str, ...], key: str, words: str) -> None:
+    problems = _problems(*overrides)
+    hit = [p for p in problems if p.key == key]
+    assert hit, [str(p) for p in problems]
+    assert words in str(hit[0]), str(hit[0])
+
+
+def test_labelled_section_choice_makes_conditional_space_valid() -> None:
+    """A rank only when factorizing: the section off drops its keys, so no combination fails."""
+    spec = load_job(
+        JOB,
+        [
+            _space(
+                "{compress.factorize: {choice: {off: null, asvd: {method: asvd}}}, "
+                "compress.factorize.rank_ratio: {choice: [0.25, 0.5]}}"
+            )
+        ],
+    )
+    space = spec.search.space
+    assert list(space["compress.factorize"].choice) == ["off", "asvd"]  # YAML's `off` stays a label
+    off = trial_overrides(
+        space, {"compress.factorize": "off", "compress.factorize.rank_ratio": 0.5}
+    )
+    assert off == {"compress.factorize": None}
+    on = trial_overrides(
+        space, {"compress.factorize": "asvd", "compress.factorize.rank_ratio": 0.5}
+    )
+    assert list(on) == ["compress.factorize", "compress.factorize.rank_ratio"]  # section first
+    assert on["compress.factorize"] == {"method": "asvd"}
+
+
+def test_trial_job_is_a_valid_job_without_search() -> None:
+    spec = load_job(JOB)
+    base = spec.model_dump(mode="json")
+    raw = space_lib.trial_job(
+        base,
+        spec.search,
+        {"compress.prune.sparsity": 0.3, "compress.quantize": "int4"},
+        "t007_x",
+        "/tmp/trials",
+    )
+    job = validate_job(raw)
+    assert job.search is None and job.name == "t007_x" and job.output.dir == "/tmp/trials"
+    assert job.compress.prune.sparsity == 0.3
+    assert job.compress.quantize.method == "weight_only" and job.compress.quantize.bits == 4
+    off = validate_job(
+        space_lib.trial_job(
+            base,
+            spec.search,
+            {"compress.prune.sparsity": 0.3, "compress.quantize": "off"},
+            "t",
+            "/t",
+        )
+    )
+    assert off.compress.quantize is None
+
+
+def test_param_space_and_searchers() -> None:
+    from ray.tune.search.optuna import OptunaSearch
+    from ray.tune.search.sample import Categorical, Float, Integer
+
+    spec = load_job(
+        JOB,
+        [
+            _space(
+                "{compress.prune.sparsity: {uniform: [0.2, 0.7]}, "
+                "train.max_steps: {int: [4, 8]}, "
+                "compress.quantize: {choice: {off: null, int8: "
+                "{method: dynamic_int8}}}}"
+            )
+        ],
+    )
+    ps = space_lib.param_space(spec.search)
+    assert isinstance(ps["compress.prune.sparsity"], Float)
+    assert isinstance(ps["train.max_steps"], Integer)
+    assert ps["train.max_steps"].upper == 9  # inclusive [4, 8]
+    assert isinstance(ps["compress.quantize"], Categorical)
+    assert ps["compress.quantize"].categories == ["off", "int8"]  # labels, not sections
+    searcher = space_lib.searcher(spec.search)
+    assert isinstance(searcher, OptunaSearch)
+    assert searcher.metric == ["eval/accuracy", "compress/size_bytes"]
+    single = SearchConfig.model_validate(
+        {
+            **spec.search.model_dump(mode="json"),
+            "objectives": [{"metric": "eval/accuracy", "mode": "max"}],
+        }
+    )
+    assert space_lib.searcher(single).metric == "eval/accuracy"
+    grid = load_job(
+        JOB,
+        [
+            "search.algorithm=grid",
+            "search.num_samples=null",
+            _space("{compress.prune.sparsity: {grid: [0.2, 0.5]}}"),
+        ],
+    )
+    assert grid.search.samples == 1
+    assert space_lib.param_space(grid.search)["compress.prune.sparsity"] == {
+        "grid_search": [0.2, 0.5]
+    }
+
+
+def test_concurrency_fits_whole_trials() -> None:
+    search = load_job(JOB).search
+    assert space_lib.concurrency(search, {"CPU": 2}, need_cpu=2, need_gpu=0) == 1
+    assert space_lib.concurrency(search, {"CPU": 16}, need_cpu=2, need_gpu=0) == 8
+    assert space_lib.concurrency(search, {"CPU": 16, "GPU": 2}, need_cpu=2, need_gpu=1) == 2
+    capped = search.model_copy(update={"max_concurrent_trials": 3})
+    assert space_lib.concurrency(capped, {"CPU": 64}, need_cpu=2, need_gpu=0) == 3
+
+
+def test_trial_names_come_from_the_config() -> None:
+    name = space_lib.trial_name(
+        3, {"compress.prune.sparsity": 0.41182, "compress.quantize": "int8"}
+    )
+    assert name == "t003_sparsity0.412_quantize-int8"
+    long = space_lib.trial_name(12, {f"a.key{i}": "value" * 5 for i in range(10)})
+    assert len(long) <= 100
+    validate_job({**load_job(JOB).model_dump(mode="json"), "search": None, "name": long})
