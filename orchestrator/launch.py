@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -26,6 +27,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, float]:
     """Runs on every Ray Train worker: rebuild the job from its dict and run the loop."""
     import ray.train
 
+    _quiet_train_reports()
     spec = JobSpec.model_validate(config["job"])
     context = ray.train.get_context()
 
@@ -43,6 +45,17 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, float]:
             restore_dir=Path(restore) if restore else None,
         )
         return loop.run(spec, ctx)
+
+
+def _quiet_train_reports() -> None:
+    """Ray Train 2.60 logs every ``report`` with its whole metrics dict at INFO, per rank,
+    through a logger named after its source file (``getLogger(__file__)``), which escapes
+    ``LoggingConfig``; the loop prints its own progress lines, so raise that logger alone."""
+    for name in list(logging.root.manager.loggerDict):
+        if name.endswith(
+            os.path.join("ray", "train", "v2", "_internal", "execution", "context.py")
+        ):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def resolve_paths(spec: JobSpec) -> JobSpec:

@@ -61,7 +61,21 @@ def train_driver_fn(
     spec = validate_job(raw, source=f"trial {name}")
     folder = launch.run_dir(spec)
     folder.mkdir(parents=True, exist_ok=True)
-    launch.write_atomic(folder / "job.yaml", dump_job(spec))
+    final, job_text = folder / "metrics.json", dump_job(spec)
+    saved = folder / "job.yaml"
+    if final.is_file() and (folder / "model").is_dir() and saved.is_file():
+        if saved.read_text() == job_text:
+            # Finished before the driver was stopped, but after Tune's last snapshot of the
+            # experiment: hand Tune the result instead of training again.
+            ray.tune.report(
+                {
+                    k: v
+                    for k, v in json.loads(final.read_text()).items()
+                    if isinstance(v, int | float)
+                }
+            )
+            return
+    launch.write_atomic(saved, job_text)
     callback = _forward_complete_results(space_lib.required_metrics(spec_search))
     result = launch.build_trainer(spec, folder, callbacks=[callback]).fit()
     if result.error is not None:
@@ -96,6 +110,8 @@ def _results_callback(run_dir: Path, search: SearchConfig) -> Any:
         def _record(self, trial: Any, status: str, **extra: Any) -> None:
             name = str(trial)  # the trial_name_creator's name
             old = read_trial(run_dir, name) or {}
+            if old.get("status") == "done":
+                return  # finished before a resume: its record stands as it was
             record = {
                 "trial": name,
                 "status": status,
@@ -262,6 +278,10 @@ def search(spec: JobSpec, address: str | None = None, resume: bool = False) -> d
         )
     # Tune's classic progress table honours the columns below (its newer one ignores them).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Snapshot the experiment at every step of Tune's loop instead of every 10+ s: a driver
+    # killed right after a trial finished then resumes knowing it finished (the state is a few
+    # kB per trial).
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     from ray import tune
 
     from orchestrator.results import write_report
@@ -293,7 +313,8 @@ def search(spec: JobSpec, address: str | None = None, resume: bool = False) -> d
     need_gpu = t.num_workers * spec.resources.gpus_per_worker
     parallel = space_lib.concurrency(search_cfg, cluster, need_cpu, need_gpu)
     print(
-        f"[orchestrator] search {folder} | {search_cfg.samples} trials, {parallel} at a time "
+        f"[orchestrator] search {folder} | {space_lib.num_trials(search_cfg)} trials, "
+        f"{parallel} at a time "
         f"({t.num_workers} x {t.strategy} workers each, {need_cpu:g} CPUs of "
         f"{cluster.get('CPU', 0):g}) | objectives "
         + ", ".join(f"{o.mode} {o.metric}" for o in search_cfg.objectives),
@@ -334,7 +355,7 @@ def search(spec: JobSpec, address: str | None = None, resume: bool = False) -> d
             trainable,
             param_space=space_lib.param_space(search_cfg),
             tune_config=tune.TuneConfig(
-                search_alg=space_lib.searcher(search_cfg),
+                search_alg=space_lib.searcher(search_cfg, parallel),
                 scheduler=space_lib.scheduler(search_cfg, total_steps, t.eval_every),
                 num_samples=search_cfg.samples,
                 max_concurrent_trials=parallel,
@@ -348,13 +369,29 @@ def search(spec: JobSpec, address: str | None = None, resume: bool = False) -> d
             run_config=run_config,
         )
     try:
-        tuner.fit()
+        grid = tuner.fit()
     except Exception as e:  # Tune raises on driver-side failures (trial errors are recorded)
         write_report(folder, running=False)
         raise RunError(f"the search failed: {e}\n{traceback.format_exc(limit=3)}") from e
+    _close_lost_trials(folder, {Path(r.path).name for r in grid if r.path})
     summary = write_report(folder, running=False)
     print(pareto_text(folder))
     return summary
+
+
+def _close_lost_trials(folder: Path, known: set[str]) -> None:
+    """A trial the driver started just before it was killed, after Tune's last snapshot of the
+    experiment, is unknown to the resumed experiment: mark its record instead of leaving it
+    "running" forever (Tune drew its recipe again as a new trial)."""
+    for path in (folder / TRIALS).glob("*/trial.json"):
+        record = read_trial(folder, path.parent.name)
+        if record and record["status"] == "running" and record["trial"] not in known:
+            record.update(
+                status="error",
+                error="interrupted: the driver stopped before Ray Tune recorded this trial; "
+                "the resumed search did not continue it",
+            )
+            write_trial(folder, record)
 
 
 def pareto_text(folder: Path) -> str:
@@ -366,30 +403,28 @@ def pareto_text(folder: Path) -> str:
     return format_pareto_table(pq.read_table(folder / "results.parquet"))
 
 
-# Tune deep-copies the experiment spec (and with it the name creator) for every new trial, so
-# the namer's state lives here, per trials folder, not on the namer object.
-_NAMES: dict[str, dict[str, str]] = {}
-
-
 class _TrialNamer:
-    """Trial names from an ordinal and the sampled recipe. Tune calls this for new trials only
-    (restored trials keep their saved names), so the ordinal continues after a resume."""
+    """Trial names from an ordinal and the sampled recipe, kept per Tune trial id in
+    ``trials/names.json``. Tune deep-copies the name creator for every trial and calls it again
+    for trials it restores, so the mapping lives on disk: a resumed trial keeps its name (and
+    with it its folder and its Train checkpoints), a new one takes the next ordinal."""
 
     def __init__(self, trials_dir: Path, search: SearchConfig) -> None:
-        self.key = str(trials_dir)
+        self.path = trials_dir / "names.json"
         self.search = search
-        _NAMES.setdefault(self.key, {})
 
     def __call__(self, trial: Any) -> str:
-        names = _NAMES.setdefault(self.key, {})
+        try:
+            names: dict[str, str] = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            names = {}
         if trial.trial_id not in names:
-            folder = Path(self.key)
-            taken = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
-            taken |= set(names.values())
-            index = 1 + max((int(n[1:4]) for n in taken if n[1:4].isdigit()), default=-1)
+            index = 1 + max((int(n[1:4]) for n in names.values()), default=-1)
             sampled = {k: trial.config[k] for k in self.search.space if k in trial.config}
             # Keys under a section the trial switched off are not part of its recipe.
             used = trial_overrides(self.search.space, sampled)
             recipe = {k: v for k, v in sampled.items() if k in used}
             names[trial.trial_id] = space_lib.trial_name(index, recipe)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            launch.write_atomic(self.path, json.dumps(names, indent=2, sort_keys=True))
         return names[trial.trial_id]

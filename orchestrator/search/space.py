@@ -34,14 +34,15 @@ def param_space(search: SearchConfig) -> dict[str, Any]:
     return out
 
 
-def searcher(search: SearchConfig) -> Any:
+def searcher(search: SearchConfig, max_concurrent: int = 1) -> Any:
     """Optuna (TPE or NSGA-II, one or several objectives) or Tune's own random/grid generator.
     Metrics and modes go to the searcher only: also setting them in ``TuneConfig`` silently
     makes an Optuna study single-objective (ENV.md)."""
     if search.algorithm != "optuna":
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        return BasicVariantGenerator(random_state=search.seed)
+        # Tune ignores TuneConfig.max_concurrent_trials for this generator: it takes its own.
+        return BasicVariantGenerator(random_state=search.seed, max_concurrent=max_concurrent)
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -116,6 +117,14 @@ def trial_job(
     raw["name"] = name
     raw["output"] = {**raw.get("output", {}), "dir": trials_dir}
     return raw
+
+
+def num_trials(search: SearchConfig) -> int:
+    """Trials the search will run: a grid's size times its repeats, else ``num_samples``."""
+    grid = [len(d.candidates()) for d in search.space.values() if d.kind == "grid"]
+    if search.algorithm == "grid":
+        grid = [len(d.candidates()) for d in search.space.values()]
+    return search.samples * math.prod(grid)
 
 
 def concurrency(

@@ -246,6 +246,24 @@ def test_param_space_and_searchers() -> None:
     }
 
 
+def test_trial_counts_and_generator_concurrency() -> None:
+    grid = load_job(
+        JOB,
+        [
+            "search.algorithm=grid",
+            "search.num_samples=2",
+            _space(
+                "{compress.prune.sparsity: {grid: [0.2, 0.5, 0.7]}, "
+                "compress.quantize: {choice: {off: null, int8: {method: dynamic_int8}}}}"
+            ),
+        ],
+    ).search
+    assert space_lib.num_trials(grid) == 2 * 3 * 2
+    assert space_lib.num_trials(load_job(JOB).search) == 2
+    # Tune ignores TuneConfig.max_concurrent_trials for its own generator: it must carry it.
+    assert space_lib.searcher(grid, max_concurrent=3).max_concurrent == 3
+
+
 def test_concurrency_fits_whole_trials() -> None:
     search = load_job(JOB).search
     assert space_lib.concurrency(search, {"CPU": 2}, need_cpu=2, need_gpu=0) == 1
