@@ -134,8 +134,11 @@ class DeepSpeedStrategy(Strategy):
         opt = self.engine.optimizer
         masters = {
             id(lp): hp
-            for lps, hps in zip(getattr(opt, "fp16_groups", []) or [],
-                                getattr(opt, "fp32_groups", []) or [], strict=False)
+            for lps, hps in zip(
+                getattr(opt, "fp16_groups", []) or [],
+                getattr(opt, "fp32_groups", []) or [],
+                strict=False,
+            )
             for lp, hp in zip(lps, hps, strict=False)
         }
         for name, mask in masks.items():

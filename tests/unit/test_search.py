@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from orchestrator.config import dump_job, load_job
@@ -281,3 +283,44 @@ def test_trial_names_come_from_the_config() -> None:
     long = space_lib.trial_name(12, {f"a.key{i}": "value" * 5 for i in range(10)})
     assert len(long) <= 100
     validate_job({**load_job(JOB).model_dump(mode="json"), "search": None, "name": long})
+
+
+def test_asha_uses_our_step_counter() -> None:
+    """After a restore Tune's own iteration counter starts again at 1: ASHA reads train/step."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    search = load_job(
+        JOB,
+        [
+            "search.objectives=[{metric: eval/accuracy, mode: max}]",
+            "search.scheduler=asha",
+            "train.eval_every=2",
+        ],
+    ).search
+    sched = space_lib.scheduler(search, total_steps=12, eval_every=2)
+    assert isinstance(sched, ASHAScheduler)
+    assert sched._time_attr == "train/step" and sched._max_t == 12
+    assert space_lib.required_metrics(search) == ["eval/accuracy", "train/step"]
+
+
+@pytest.mark.parametrize("command", ["report", "export"])
+def test_run_dir_commands_refuse_a_missing_folder(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from orchestrator.cli import main
+
+    missing = tmp_path / "no-such-run"
+    argv = [command, str(missing)] + (
+        ["--best", "--out", str(tmp_path / "out")] * (command == "export")
+    )
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "RUN_DIR" in err and str(missing) in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written
+
+
+def test_search_without_a_search_section_is_refused(capsys: pytest.CaptureFixture) -> None:
+    from orchestrator.cli import main
+
+    assert main(["search", "jobs/debug/ddp.yaml"]) == 2
+    assert "search" in capsys.readouterr().err
