@@ -164,6 +164,7 @@ def connect_ray(spec: JobSpec, address: str | None = None) -> None:
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
+            _warn_other_instances()
             ray.init(
                 address="local",
                 num_cpus=spec.resources.num_cpus or os.cpu_count(),
@@ -173,6 +174,25 @@ def connect_ray(spec: JobSpec, address: str | None = None) -> None:
         raise RunError(
             f"could not connect to Ray at {address or 'a new local instance'}: {e}"
         ) from e
+
+
+def _warn_other_instances() -> None:
+    """Ray Train frees the worker reservation of a run stopped from outside (a trial that early
+    stopping ends) through a helper that finds "the" Ray instance of this machine; with a second
+    instance running it finds two, gives up, and later runs wait for CPUs that never free up."""
+    try:
+        from ray._private.services import find_gcs_addresses  # Ray's own lookup, as the helper
+
+        others = sorted(find_gcs_addresses())
+    except Exception:  # a private helper: never let it stop a run
+        return
+    if others:
+        print(
+            f"[orchestrator] warning: Ray already runs on this machine ({', '.join(others)}); "
+            "starting a second, embedded one. Early-stopped trials can then leave their workers' "
+            f"CPUs reserved. To share the running one: RAY_ADDRESS={others[0]}",
+            flush=True,
+        )
 
 
 def check_capacity(spec: JobSpec) -> None:

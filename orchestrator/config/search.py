@@ -265,7 +265,10 @@ class SearchConfig(_Section):
         "(default 1)",
     )
     time_budget_s: float | None = Field(
-        default=None, gt=0, description="stop starting trials after this many seconds"
+        default=None,
+        gt=0,
+        description="end the search after this many seconds; trials still running are stopped "
+        "and recorded as stopped",
     )
     max_concurrent_trials: int | None = Field(
         default=None,

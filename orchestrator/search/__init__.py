@@ -16,7 +16,7 @@ import os
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator import launch
 from orchestrator.config.loader import apply_overrides, dump_job, validate_job
@@ -24,6 +24,9 @@ from orchestrator.config.schema import JobSpec
 from orchestrator.config.search import SearchConfig, trial_overrides
 from orchestrator.errors import ConfigError, Problem, RunError
 from orchestrator.search import space as space_lib
+
+if TYPE_CHECKING:
+    from orchestrator.results.report import ReportSummary
 
 TUNE_NAME = "tune"  # Tune's experiment folder inside the run directory (restore finds it by name)
 TRIALS = "trials"
@@ -76,25 +79,30 @@ def train_driver_fn(
             )
             return
     launch.write_atomic(saved, job_text)
-    callback = _forward_complete_results(space_lib.required_metrics(spec_search))
+    callback = _forward_intermediate(space_lib.required_metrics(spec_search))
     result = launch.build_trainer(spec, folder, callbacks=[callback]).fit()
     if result.error is not None:
         raise RunError(f"trial {name} failed: {result.error}")
-    launch.collect_result(result, folder)
+    metrics = launch.collect_result(result, folder)
+    # The final result goes to Tune only now, with the artifact in the trial folder: a
+    # scheduler's decision on it can no longer cut the copy short.
+    ray.tune.report(metrics)
 
 
-def _forward_complete_results(required: list[str]) -> Any:
-    """A ``TuneReportCallback`` that forwards only Train reports holding every metric the
-    searcher and scheduler read: Tune rejects results without them, and intermediate reports
-    (train loss every few steps) lack the final artifact measurements."""
+def _forward_intermediate(required: list[str]) -> Any:
+    """A ``TuneReportCallback`` for the Train run's progress reports: it forwards those that
+    hold every metric the searcher and scheduler read (Tune rejects results without them), such
+    as validation accuracy during training for ASHA. The final report (``time/worker_s`` marks
+    it) is the trial function's own, sent after the artifact is in place."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    class ForwardComplete(TuneReportCallback):
+    class ForwardIntermediate(TuneReportCallback):
         def after_report(self, run_context: Any, metrics: list, checkpoint: Any) -> None:
-            if metrics and all(k in metrics[0] for k in required):
+            m = metrics[0] if metrics else {}
+            if "time/worker_s" not in m and all(k in m for k in required):
                 super().after_report(run_context, metrics, checkpoint)
 
-    return ForwardComplete()
+    return ForwardIntermediate()
 
 
 def _results_callback(run_dir: Path, search: SearchConfig) -> Any:
@@ -264,8 +272,8 @@ def check_search_dir(spec: JobSpec, resume: bool) -> None:
         )
 
 
-def search(spec: JobSpec, address: str | None = None, resume: bool = False) -> dict[str, Any]:
-    """Run (or resume) the search of ``spec``; returns the report summary."""
+def search(spec: JobSpec, address: str | None = None, resume: bool = False) -> ReportSummary:
+    """Run (or resume) the search of ``spec``; returns the report's summary."""
     if spec.search is None:
         raise ConfigError(
             Problem(
@@ -362,8 +370,9 @@ def search(spec: JobSpec, address: str | None = None, resume: bool = False) -> d
                 time_budget_s=search_cfg.time_budget_s,
                 trial_name_creator=namer,
                 # One trial process serves trial after trial: no process start-up and imports
-                # per trial (the Train workers themselves are new for every trial).
-                reuse_actors=True,
+                # per trial (the Train workers themselves are new for every trial). Not with
+                # early stopping: a stopped trial's process is killed with its Train run.
+                reuse_actors=search_cfg.scheduler == "none",
                 trial_dirname_creator=namer,
             ),
             run_config=run_config,

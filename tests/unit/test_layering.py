@@ -1,4 +1,5 @@
-"""The layering rule: compress/, models/ and data/ never import Ray or DeepSpeed."""
+"""The layering rule: compress/, models/, data/ and results/ never import Ray or DeepSpeed
+(results/ reads a run directory: `report` and `export` work on any machine that has it)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 
 pytestmark = pytest.mark.unit
 PKG = Path(__file__).resolve().parents[2] / "orchestrator"
-PLAIN = ("compress", "models", "data")
+PLAIN = ("compress", "models", "data", "results")
 
 
 @pytest.mark.parametrize("package", PLAIN)
@@ -35,7 +36,7 @@ def test_no_ray_or_deepspeed_imports_in_source(package: str) -> None:
 def test_importing_plain_packages_loads_neither() -> None:
     code = (
         "import sys; import orchestrator.compress, orchestrator.compress.artifact, "
-        "orchestrator.models, orchestrator.data; "
+        "orchestrator.models, orchestrator.data, orchestrator.results; "
         "bad = [m for m in ('ray', 'deepspeed') if m in sys.modules]; "
         "sys.exit(f'imported: {bad}' if bad else 0)"
     )
