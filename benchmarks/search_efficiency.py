@@ -1,0 +1,516 @@
+"""Search efficiency: hypervolume of the multi-objective Optuna search against random search at
+an equal trial budget, on a cheap but real task, over several seeds (issue goal: >= 1.2x random).
+
+Each trial is one-shot compression (no recovery training) of a fine-tuned MiniLM sentiment
+classifier (by default the dense baseline of ``orchestrator search jobs/quickstart.yaml``, in
+``runs/quickstart/baseline/model``): the trial's job is built from the sampled values exactly as
+``orchestrator search`` builds it (``search.space.trial_job`` + ``validate_job``), compressed
+(``finalize.build_compressed``), written as an artifact, loaded back and measured
+(``finalize.finalize``: validation and test accuracy, bytes on disk, latency). Each trial reports
+``eval/accuracy`` (maximized) and ``compress/size_bytes`` (minimized) with ``ray.tune.report``.
+
+Both searchers come from ``search.space.searcher`` / ``param_space`` (what ``orchestrator search``
+uses) over the same space, with the same trial budget, the same data split and the same seed:
+``algorithm: optuna`` (TPE by default, ``--sampler nsga2``) and ``algorithm: random`` (Tune's
+``BasicVariantGenerator``). The space is joint and mostly poor at random: unstructured pruning
+(magnitude / wanda) at 10-90% sparsity, SVD / ASVD at rank ratios 0.1-0.9 (above ~0.5 the
+factors hold more weights than the matrix), and int8 / 4-bit / 2-bit weights.
+
+Hypervolume is 2-D, over (size / dense size, validation accuracy), with the reference point
+(size ratio 1.0, accuracy 1 / number of classes): only trials smaller than the dense model and
+better than chance count. It is reported after every 4 finished trials (the anytime curve) and
+at the full budget; the ratio is Optuna's hypervolume over random's, per seed and averaged. The
+same trials' test accuracy gives a second hypervolume (a check that the front generalises).
+
+Run (the recorded benchmark, 72 trials, about 20 s each on 2 cores):
+  python benchmarks/search_efficiency.py --trials 12 --seeds 0 1 2
+Smoke test (tiny random model, seconds):
+  python benchmarks/search_efficiency.py --trials 4 --seeds 0 --limit 400 \\
+      --model-name tiny-bert
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import random
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = "runs/quickstart/baseline/model"
+OBJECTIVES = [
+    {"metric": "eval/accuracy", "mode": "max"},
+    {"metric": "compress/size_bytes", "mode": "min"},
+]
+# Dotted job keys -> distributions, as in a job's search.space. A section that is "off" drops
+# the keys below it for that trial (orchestrator.config.search.trial_overrides).
+SPACE: dict[str, Any] = {
+    "compress.prune": {
+        "choice": {
+            "off": None,
+            "magnitude": {"method": "magnitude"},
+            "wanda": {"method": "wanda"},
+        }
+    },
+    "compress.prune.sparsity": {"uniform": [0.1, 0.9]},
+    "compress.factorize": {
+        "choice": {"off": None, "svd": {"method": "svd"}, "asvd": {"method": "asvd"}}
+    },
+    "compress.factorize.rank_ratio": {"uniform": [0.1, 0.9]},
+    "compress.quantize": {
+        "choice": {
+            "off": None,
+            "int8": {"method": "dynamic_int8"},
+            "w4": {"method": "weight_only", "bits": 4, "granularity": "group", "group_size": 64},
+            "w2": {"method": "weight_only", "bits": 2, "granularity": "group", "group_size": 64},
+        }
+    },
+}
+CURVE_EVERY = 4
+GOAL = 1.2
+# Trials finished so far, per search (driver side; filled by the _Progress callback).
+_DONE: dict[str, list[dict[str, Any]]] = {}
+
+
+# ----------------------------------------------------------------------------- hypervolume
+
+
+def hypervolume_2d(points: list[tuple[float, float]], ref: tuple[float, float]) -> float:
+    """Area dominated by ``points`` = [(size ratio, accuracy)] (size minimised, accuracy
+    maximised) and bounded by ``ref``; points that do not dominate ``ref`` add nothing."""
+    inside = sorted((s, a) for s, a in points if s < ref[0] and a > ref[1])
+    area, best = 0.0, ref[1]
+    for size, acc in inside:  # by size ascending: each better accuracy adds a strip
+        if acc > best:
+            area += (ref[0] - size) * (acc - best)
+            best = acc
+    return area
+
+
+def _hypervolume_grid(points: list[tuple[float, float]], ref: tuple[float, float]) -> float:
+    """The same area by brute force over the grid of the points' coordinates (a check)."""
+    pts = [(s, a) for s, a in points if s < ref[0] and a > ref[1]]
+    xs = sorted({s for s, _ in pts} | {ref[0]})
+    ys = sorted({a for _, a in pts} | {ref[1]})
+    area = 0.0
+    for x0, x1 in zip(xs, xs[1:], strict=False):
+        for y0, y1 in zip(ys, ys[1:], strict=False):
+            if any(s <= x0 and a >= y1 for s, a in pts):
+                area += (x1 - x0) * (y1 - y0)
+    return area
+
+
+def check_hypervolume() -> None:
+    """Raises if the sweep disagrees with a hand-computed example or with brute force."""
+    # A=(0.2, 0.7): box [0.2, 1] x [0.5, 0.7] = 0.16; B=(0.5, 0.9): [0.5, 1] x [0.5, 0.9] = 0.2;
+    # overlap [0.5, 1] x [0.5, 0.7] = 0.1 -> 0.26. C is dominated by B; D is larger than the
+    # reference, E below chance: neither counts.
+    example = [(0.2, 0.7), (0.5, 0.9), (0.8, 0.6), (1.2, 0.95), (0.1, 0.4)]
+    got = hypervolume_2d(example, (1.0, 0.5))
+    if abs(got - 0.26) > 1e-12:
+        raise RuntimeError(f"hypervolume_2d: {got} on the hand example, expected 0.26")
+    if hypervolume_2d([], (1.0, 0.5)) != 0.0 or hypervolume_2d([(1.0, 0.9)], (1.0, 0.5)) != 0.0:
+        raise RuntimeError("hypervolume_2d: points on the reference must add nothing")
+    rng = random.Random(0)
+    for _ in range(200):
+        pts = [
+            (round(rng.uniform(0, 1.2), 2), round(rng.uniform(0.3, 1), 2))
+            for _ in range(rng.randint(0, 12))
+        ]
+        a, b = hypervolume_2d(pts, (1.0, 0.5)), _hypervolume_grid(pts, (1.0, 0.5))
+        if abs(a - b) > 1e-9:
+            raise RuntimeError(f"hypervolume_2d: {a} vs brute force {b} on {pts}")
+
+
+# ----------------------------------------------------------------------------- the trials
+
+
+def base_job(args: argparse.Namespace, algorithm: str, seed: int, work: Path) -> dict[str, Any]:
+    model = {"name": args.model_name} if args.model_name else {"path": args.model_path}
+    return {
+        "name": "search-efficiency",
+        "model": model,
+        "data": {"name": "mr", "limit": args.limit, "max_length": args.max_length},
+        # No training: batch_size sets the calibration batches (wanda, asvd) only.
+        "train": {"num_workers": 1, "batch_size": 32, "max_steps": 1},
+        "compress": {"calib_batches": args.calib_batches},
+        "search": {
+            "space": SPACE,
+            "objectives": OBJECTIVES,
+            "algorithm": algorithm,
+            "sampler": args.sampler,
+            "num_samples": args.trials,
+            "seed": seed,
+            "baseline": {"train": False},
+        },
+        "output": {"dir": str(work)},
+    }
+
+
+def trial_fn(config: dict[str, Any], *, base: dict[str, Any], search: dict, work: str) -> None:
+    """One trial (a Tune function trainable): one-shot compression of the trial's job, its
+    artifact written to a temporary folder, loaded back and measured."""
+    import ray.tune
+
+    from orchestrator import data as data_lib
+    from orchestrator import models
+    from orchestrator.config.loader import validate_job
+    from orchestrator.config.search import SearchConfig
+    from orchestrator.finalize import build_compressed, calibration_batches, finalize
+    from orchestrator.search.space import trial_job
+
+    start = time.perf_counter()
+    search_cfg = SearchConfig.model_validate(search)
+    name = ray.tune.get_context().get_trial_name()
+    sampled = {k: config[k] for k in search_cfg.space}
+    spec = validate_job(trial_job(base, search_cfg, sampled, name, work), source=f"trial {name}")
+    tokenizer = models.build_tokenizer(spec.model)
+    bundle = data_lib.build(spec.data, tokenizer)  # the driver warmed the tokenization cache
+    calib = calibration_batches(spec, bundle)
+    model, report = build_compressed(spec, bundle, tokenizer, calib)
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
+        metrics = finalize(
+            spec,
+            model,
+            report,
+            bundle,
+            tokenizer,
+            Path(tmp) / "model",
+            int(report.metrics["compress/params_before"]),
+        )
+    metrics["bench/trial_s"] = time.perf_counter() - start
+    metrics["bench/torch_threads"] = float(torch.get_num_threads())
+    ray.tune.report(metrics)
+
+
+def _progress(label: str, total: int) -> Any:
+    from ray import tune
+
+    class _Progress(tune.Callback):
+        """Prints each finished trial and records it, in finishing order."""
+
+        def _done(self, trial: Any, metrics: dict[str, Any] | None, error: str | None) -> None:
+            done = _DONE.setdefault(label, [])
+            done.append({"config": dict(trial.config), "metrics": metrics, "error": error})
+            recipe = ", ".join(
+                f"{k.split('.', 1)[1]}={v:.2f}" if isinstance(v, float) else f"{k[9:]}={v}"
+                for k, v in trial.config.items()
+                if _active(k, trial.config)
+            )
+            if metrics:
+                print(
+                    f"  {label} {len(done):2d}/{total}: acc {metrics['eval/accuracy']:.3f}, "
+                    f"size {metrics['compress/size_ratio'] ** -1:.3f} of dense "
+                    f"({metrics['bench/trial_s']:.0f} s) [{recipe}]",
+                    flush=True,
+                )
+            else:
+                print(f"  {label} {len(done):2d}/{total}: FAILED [{recipe}]: {error}", flush=True)
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self._done(trial, dict(trial.last_result or {}), None)
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            try:
+                text = str(trial.get_error() or "")
+            except Exception:  # the message only
+                text = ""
+            lines = [line for line in text.splitlines() if line.strip()]
+            self._done(trial, None, lines[-1] if lines else str(trial.error_file or "error"))
+
+    return _Progress()
+
+
+def _active(key: str, config: dict[str, Any]) -> bool:
+    """False for a key below a section the trial switched off (it has no effect)."""
+    section = key.rsplit(".", 1)[0]
+    return config.get(section, "") != "off"
+
+
+def run_search(
+    args: argparse.Namespace, algorithm: str, seed: int, work: Path
+) -> tuple[list[dict[str, Any]], float]:
+    """One Tune experiment; returns its trials in finishing order and its wall time."""
+    from ray import tune
+
+    from orchestrator import launch
+    from orchestrator.config.loader import validate_job
+    from orchestrator.search.space import param_space, searcher
+
+    spec = launch.resolve_paths(validate_job(base_job(args, algorithm, seed, work)))
+    search_cfg = spec.search
+    base = spec.model_dump(mode="json", exclude={"search"})
+    label = f"{algorithm if algorithm == 'random' else args.sampler}-seed{seed}"
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            trial_fn, base=base, search=search_cfg.model_dump(mode="json"), work=str(work)
+        ),
+        {"CPU": 1},
+    )
+    tuner = tune.Tuner(
+        trainable,
+        param_space=param_space(search_cfg),
+        tune_config=tune.TuneConfig(
+            search_alg=searcher(search_cfg),
+            num_samples=args.trials,
+            max_concurrent_trials=args.concurrency,
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=label,
+            storage_path=str(work / "tune"),
+            callbacks=[_progress(label, args.trials)],
+            verbose=0,
+        ),
+    )
+    _DONE[label] = []
+    start = time.perf_counter()
+    tuner.fit()
+    return _DONE[label], time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def curve(
+    trials: list[dict[str, Any]], ref_acc: float, key: str = "eval/accuracy"
+) -> list[tuple[int, float]]:
+    """[(trials finished, hypervolume of those)] every CURVE_EVERY trials and at the end."""
+    points: list[tuple[float, float]] = []
+    out = []
+    for i, t in enumerate(trials, 1):
+        m = t["metrics"]
+        if m:
+            points.append((m["compress/size_bytes"] / m["compress/dense_size_bytes"], m[key]))
+        if i % CURVE_EVERY == 0 or i == len(trials):
+            out.append((i, hypervolume_2d(points, (1.0, ref_acc))))
+    return out
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else (float("inf") if a > 0 else float("nan"))
+
+
+def print_table(
+    rows: list[dict[str, Any]], args: argparse.Namespace, header: dict[str, Any]
+) -> None:
+    name = f"optuna {args.sampler}"
+    marks = [n for n, _ in rows[0]["curves"][0]]
+    print(f"\n### Search efficiency: {name} vs random, {args.trials} trials per search\n")
+    print(f"- date: {header['date']}; wall time {header['wall_min']:.1f} min")
+    print(f"- command: `{header['command']}`")
+    print(
+        f"- machine: {header['cpus']} CPUs ({header['cpu']}), torch {torch.__version__} with "
+        f"{header['threads']} thread(s) per trial, {args.concurrency} trial(s) at a time; "
+        f"ray {header['ray']}, optuna {header['optuna']}"
+    )
+    print(
+        f"- task: one-shot compression of `{header['model']}` (dense validation accuracy "
+        f"{header['dense_acc']:.3f}), MR limit {args.limit} ({header['n_val']} validation / "
+        f"{header['n_test']} test sentences), {args.max_length} tokens; median trial "
+        f"{header['trial_s']:.0f} s"
+    )
+    print(
+        "- hypervolume over (artifact bytes / dense bytes, validation accuracy), reference "
+        f"(1.0, {header['ref_acc']:.2f} = chance); HV test: the same trials' test accuracy\n"
+    )
+    print(
+        "| seed | searcher | "
+        + " | ".join(f"HV @{n}" for n in marks)
+        + " | HV test | failed | HV ratio vs random |"
+    )
+    print("|---|---|" + "---|" * len(marks) + "---|---|---|")
+    for r in rows:
+        for which, label in ((0, name), (1, "random")):
+            hv = [f"{v:.4f}" for _, v in r["curves"][which]]
+            ratio = f"**{r['ratio']:.2f}**" if which == 0 else "1.00"
+            print(
+                f"| {r['seed']} | {label} | {' | '.join(hv)} | {r['test_hv'][which]:.4f} | "
+                f"{r['failed'][which]} | {ratio} |"
+            )
+    ratios = [r["ratio"] for r in rows]
+    mean = sum(ratios) / len(ratios)
+    test_mean = sum(_ratio(*r["test_hv"]) for r in rows) / len(rows)
+    verdict = "met" if mean >= GOAL else "not met"
+    print(
+        f"| mean | | {' | '.join('' for _ in marks)} | ratio {test_mean:.2f} | | "
+        f"**{mean:.2f}** (goal >= {GOAL}: {verdict}) |"
+    )
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--trials", type=int, default=16, help="trial budget of each search")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="searcher seeds")
+    ap.add_argument("--sampler", choices=["tpe", "nsga2"], default="tpe", help="optuna sampler")
+    ap.add_argument(
+        "--model-path", default=DEFAULT_MODEL, help="fine-tuned classifier folder (Hugging Face)"
+    )
+    ap.add_argument(
+        "--model-name", default=None, help="a packaged model instead (tiny-bert, minilm-l6)"
+    )
+    ap.add_argument(
+        "--limit",
+        type=int,
+        default=1000,
+        help="MR examples in all (10%% validation, 20%% test); with the quickstart baseline at "
+        "most 3000, so that validation stays out of its training data (checked)",
+    )
+    ap.add_argument("--max-length", type=int, default=48, help="tokens per sentence")
+    ap.add_argument("--calib-batches", type=int, default=4, help="x 32 sentences (wanda, asvd)")
+    ap.add_argument("--concurrency", type=int, default=2, help="trials at a time (1 CPU each)")
+    ap.add_argument("--out", default=None, help="Tune storage and results.json (default: temp)")
+    args = ap.parse_args()
+
+    check_hypervolume()
+    if not args.model_name:
+        path = Path(args.model_path)
+        args.model_path = str(path if path.is_absolute() else (ROOT / path).resolve())
+        if not (Path(args.model_path) / "config.json").is_file():
+            sys.exit(
+                f"no fine-tuned model in {args.model_path}: run `orchestrator search "
+                "jobs/quickstart.yaml` (its baseline), or pass --model-path / --model-name"
+            )
+        _check_no_leak(Path(args.model_path), args.limit)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="search-efficiency-") as tmp:
+        work = Path(args.out or tmp).resolve()
+        work.mkdir(parents=True, exist_ok=True)
+        header = _preflight(args, work)
+        print(
+            f"{header['cpus']} CPUs, torch {torch.__version__}; model {header['model']} (dense "
+            f"validation accuracy {header['dense_acc']:.3f}); {args.trials} trials x "
+            f"{len(args.seeds)} seeds x 2 searchers, {args.concurrency} at a time",
+            flush=True,
+        )
+        import ray
+
+        ray.init(address="local", num_cpus=2, log_to_driver=False)
+        try:
+            rows, record = [], []
+            for seed in args.seeds:
+                row: dict[str, Any] = {"seed": seed, "curves": [], "test_hv": [], "failed": []}
+                for algorithm in ("optuna", "random"):
+                    trials, wall = run_search(args, algorithm, seed, work)
+                    row["curves"].append(curve(trials, header["ref_acc"]))
+                    test = curve(trials, header["ref_acc"], key="test/accuracy")
+                    row["test_hv"].append(test[-1][1] if test else 0.0)
+                    row["failed"].append(sum(1 for t in trials if not t["metrics"]))
+                    record.append(
+                        {"seed": seed, "algorithm": algorithm, "wall_s": wall, "trials": trials}
+                    )
+                    print(
+                        f"seed {seed} {algorithm}: hypervolume {row['curves'][-1][-1][1]:.4f} "
+                        f"after {len(trials)} trials ({wall:.0f} s)",
+                        flush=True,
+                    )
+                row["ratio"] = _ratio(row["curves"][0][-1][1], row["curves"][1][-1][1])
+                rows.append(row)
+        finally:
+            ray.shutdown()
+        times = sorted(
+            t["metrics"]["bench/trial_s"] for r in record for t in r["trials"] if t["metrics"]
+        )
+        threads = {
+            int(t["metrics"]["bench/torch_threads"])
+            for r in record
+            for t in r["trials"]
+            if t["metrics"]
+        }
+        header.update(
+            wall_min=(time.perf_counter() - started) / 60,
+            trial_s=times[len(times) // 2] if times else float("nan"),
+            threads="/".join(map(str, sorted(threads))) or "?",
+        )
+        (work / "results.json").write_text(
+            json.dumps({"header": header, "rows": rows, "searches": record}, indent=1)
+        )
+        print_table(rows, args, header)
+        if args.out:
+            print(f"\ntrials: {work / 'results.json'}")
+
+
+def _check_no_leak(model: Path, limit: int) -> None:
+    """Refuse a validation set that overlaps the fine-tuned model's own training data: the
+    split is a seeded permutation cut as test | validation | train, so with the same seed our
+    validation slice must end before the baseline's training slice begins."""
+    import yaml
+
+    job = model.parent / "job.yaml"
+    if not job.is_file():
+        return
+    data = (yaml.safe_load(job.read_text()) or {}).get("data") or {}
+    if data.get("name") != "mr" or data.get("seed", 0) != 0:
+        return
+    base_limit = data.get("limit")
+    if base_limit is None:
+        return
+    train_from = round(base_limit * data.get("test_fraction", 0.2)) + round(
+        base_limit * data.get("val_fraction", 0.1)
+    )
+    ours_to = round(limit * 0.2) + round(limit * 0.1)
+    if ours_to > train_from:
+        sys.exit(
+            f"--limit {limit}: its validation sentences overlap the training data of {model} "
+            f"(fine-tuned on data.limit {base_limit}); use --limit <= {int(train_from / 0.3)}"
+        )
+
+
+def _preflight(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Validate the job (every combination of the space), warm the tokenization cache, and
+    measure the dense model once; returns the facts for the table's header."""
+    import optuna
+    import ray
+
+    from orchestrator import launch, models
+    from orchestrator.config.loader import validate_job
+    from orchestrator.finalize import evaluate_plain, label_config
+
+    for algorithm in ("optuna", "random"):
+        spec = launch.resolve_paths(validate_job(base_job(args, algorithm, 0, work)))
+    tokenizer, bundle = launch.preflight(spec)
+    dense = models.build_model(spec.model, bundle.num_labels, tokenizer, seed=spec.train.seed)
+    label_config(dense, bundle)
+    dense_acc = evaluate_plain(dense, bundle, "validation")["eval/accuracy"]
+    argv = [Path(sys.argv[0]).as_posix(), *sys.argv[1:]]
+    return {
+        "date": datetime.date.today().isoformat(),
+        "command": "python " + shlex.join(argv),
+        "cpus": os.cpu_count(),
+        "cpu": _cpu_name(),
+        "ray": ray.__version__,
+        "optuna": optuna.__version__,
+        "model": args.model_name or os.path.relpath(args.model_path, ROOT),
+        "dense_acc": dense_acc,
+        "ref_acc": 1.0 / bundle.num_labels,
+        "n_val": bundle.sizes["validation"],
+        "n_test": bundle.sizes["test"],
+    }
+
+
+if __name__ == "__main__":
+    main()
