@@ -157,7 +157,8 @@ def run(spec: JobSpec, ctx: WorkerContext) -> dict[str, float]:
         if final:
             # Time spent in this function: data, model, compression, training, evaluation and
             # the artifact's measurement. The run's wall time minus this is orchestration cost.
-            metrics["time/worker_s"] = time.perf_counter() - started
+            # The slowest rank's, so that every rank reports identical metrics.
+            metrics["time/worker_s"] = _all_reduce_max(time.perf_counter() - started, device)
         ctx.report(metrics, folder if any(folder.iterdir()) else None)
         shutil.rmtree(folder, ignore_errors=True)
 
