@@ -212,6 +212,9 @@ def build_model(
         config.num_hidden_layers = spec.num_layers
     if tokenizer is not None and getattr(config, "pad_token_id", None) is None:
         config.pad_token_id = tokenizer.pad_token_id
+    # fp32 whatever config.json says: a model saved from bf16 training records "bfloat16" there
+    # (its weights are fp32), and transformers would load it in that dtype. Training precision
+    # is the strategy's business; compression, export and measurement work on fp32 weights.
     return AutoModelForSequenceClassification.from_pretrained(
-        str(folder), config=config, local_files_only=True, use_safetensors=True
+        str(folder), config=config, local_files_only=True, use_safetensors=True, dtype=torch.float32
     )

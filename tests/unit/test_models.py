@@ -157,3 +157,14 @@ def test_same_seed_same_minilm_head(tokenizer) -> None:
     assert _same_weights(a, b)
     assert not torch.equal(a.classifier.weight, c.classifier.weight)
     assert a.classifier.weight.shape == (4, a.config.hidden_size)
+
+
+def test_saved_from_bf16_training_loads_in_fp32(tokenizer, tmp_path) -> None:
+    """A model saved at the end of bf16 training records "bfloat16" in config.json although its
+    weights are fp32; every later stage (a search trial, compression, export) must get fp32."""
+    model = build_model(ModelConfig(name="tiny-bert"), 2, tokenizer)
+    state = {k: v.float() for k, v in model.state_dict().items()}
+    model.to(torch.bfloat16).save_pretrained(str(tmp_path), state_dict=state)
+    tokenizer.save_pretrained(str(tmp_path))
+    again = build_model(ModelConfig(path=str(tmp_path)), 2, tokenizer)
+    assert {p.dtype for p in again.parameters()} == {torch.float32}
