@@ -21,6 +21,7 @@ from orchestrator import loop, models
 from orchestrator.config.loader import dump_job
 from orchestrator.config.schema import JobSpec
 from orchestrator.errors import ConfigError, Problem, RunError
+from orchestrator.files import write_atomic
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> dict[str, float]:
@@ -143,14 +144,6 @@ def claim_run_dir(spec: JobSpec) -> bool:
         ) from None
     write_atomic(saved, text)
     return False
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Temporary file then rename: a kill mid-write leaves the old file, never half of one."""
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def connect_ray(spec: JobSpec, address: str | None = None) -> None:

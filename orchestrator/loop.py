@@ -25,7 +25,7 @@ import torch.distributed as dist
 from orchestrator import data as data_lib
 from orchestrator import finalize, models, strategies
 from orchestrator.config.loader import dump_job
-from orchestrator.config.schema import JobSpec
+from orchestrator.config.schema import JobSpec, TrainConfig
 
 Report = Callable[[dict[str, float], Path | None], None]
 
@@ -83,6 +83,20 @@ def evaluate(
     return {f"{key}/accuracy": correct / total, f"{key}/loss": loss_sum / total}
 
 
+def plan_steps(tspec: TrainConfig, bundle: data_lib.DataBundle, world_size: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps) of a run with ``world_size`` workers."""
+    steps_per_epoch = bundle.batches_per_epoch(tspec.batch_size, world_size) // (
+        tspec.grad_accum_steps
+    )
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"the training split ({bundle.sizes['train']} examples) is smaller than one optimizer "
+            f"step ({tspec.batch_size} x {tspec.grad_accum_steps} x {world_size} workers): "
+            "lower train.batch_size / train.grad_accum_steps or use more data"
+        )
+    return steps_per_epoch, tspec.max_steps or math.ceil(tspec.epochs * steps_per_epoch)
+
+
 def device_for(spec: JobSpec, ctx: WorkerContext) -> torch.device:
     if spec.resources.gpus_per_worker > 0 and torch.cuda.is_available():
         torch.cuda.set_device(ctx.local_rank)
@@ -105,16 +119,7 @@ def run(spec: JobSpec, ctx: WorkerContext) -> dict[str, float]:
     if is_main and dist.is_initialized():
         dist.barrier()
 
-    steps_per_epoch = bundle.batches_per_epoch(tspec.batch_size, ctx.world_size) // (
-        tspec.grad_accum_steps
-    )
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"the training split ({bundle.sizes['train']} examples) is smaller than one optimizer "
-            f"step ({tspec.batch_size} x {tspec.grad_accum_steps} x {ctx.world_size} workers): "
-            "lower train.batch_size / train.grad_accum_steps or use more data"
-        )
-    total_steps = tspec.max_steps or math.ceil(tspec.epochs * steps_per_epoch)
+    steps_per_epoch, total_steps = plan_steps(tspec, bundle, ctx.world_size)
 
     # Compression comes before the strategy wraps the model: the optimizer, DDP buckets and ZeRO
     # partitions must see the final (factorized, structurally pruned, fake-quant) modules.

@@ -9,6 +9,7 @@ import json
 from orchestrator import launch
 from orchestrator.config.schema import JobSpec
 from orchestrator.errors import ConfigError, Problem
+from orchestrator.files import write_atomic
 from orchestrator.finalize import build_compressed, calibration_batches, finalize
 
 
@@ -41,5 +42,5 @@ def compress_job(spec: JobSpec) -> dict:
         int(report.metrics["compress/params_before"]),
     )
     out = {"job": spec.name, **report.to_dict()}
-    launch.write_atomic(folder / "compress_report.json", json.dumps(out, indent=2))
+    write_atomic(folder / "compress_report.json", json.dumps(out, indent=2))
     return out

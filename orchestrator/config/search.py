@@ -347,16 +347,33 @@ def _under(key: str, section: str) -> bool:
     return key.startswith(section + ".")
 
 
+def switched_off(space: dict[str, Distribution], sampled: dict[str, Any]) -> list[str]:
+    """The technique sections this trial's sampled values turn off (a sampled null)."""
+    off = []
+    for section in OPTIONAL_SECTIONS:
+        if section in sampled:
+            try:
+                value = space[section].resolve(sampled[section]) if section in space else None
+            except (KeyError, TypeError):  # a label the space no longer has: not "off"
+                value = sampled[section]
+            if value is None:
+                off.append(section)
+    return off
+
+
+def ignored(key: str, off: list[str]) -> bool:
+    """True for a key below a switched-off section: the trial does not use it."""
+    return any(_under(key, s) for s in off)
+
+
 def trial_overrides(space: dict[str, Distribution], sampled: dict[str, Any]) -> dict[str, Any]:
     """Dotted overrides for one trial: labels resolved, sections applied before their keys, and
     keys below a section the trial switched off dropped (they would re-create it)."""
-    values = {k: space[k].resolve(v) if k in space else v for k, v in sampled.items()}
-    off = [k for k, v in values.items() if v is None and k in OPTIONAL_SECTIONS]
+    off = switched_off(space, sampled)
     out: dict[str, Any] = {}
-    for key in sorted(values, key=lambda k: k.count(".")):
-        if any(_under(key, s) for s in off):
-            continue
-        out[key] = values[key]
+    for key in sorted(sampled, key=lambda k: k.count(".")):
+        if not ignored(key, off):
+            out[key] = space[key].resolve(sampled[key]) if key in space else sampled[key]
     return out
 
 

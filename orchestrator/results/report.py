@@ -8,9 +8,6 @@ reading the parquet) never sees half a file, and a crash leaves the previous ver
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +19,7 @@ from orchestrator.config.loader import read_yaml, validate_job
 from orchestrator.config.schema import JobSpec
 from orchestrator.config.search import SearchConfig
 from orchestrator.errors import ConfigError, Problem
+from orchestrator.files import write_atomic
 from orchestrator.results.html import render_html, status_counts
 from orchestrator.results.plot import render_pareto_png
 from orchestrator.results.table import best_trial, build_table, load_baseline, load_trials
@@ -65,9 +63,11 @@ def _run_dir_error(run_dir: Path, message: str, fix: str) -> ConfigError:
     return ConfigError(Problem("RUN_DIR", str(run_dir), message, fix), source="run directory")
 
 
-def read_run(run_dir: str | Path) -> RunData:
+def read_run(run_dir: str | Path, spec: JobSpec | None = None) -> RunData:
     """Read and validate a search run directory; raises ``ConfigError`` naming RUN_DIR when it
-    is not one (no folder, no job.yaml, a job without a search section)."""
+    is not one (no folder, no job.yaml, a job without a search section). ``spec``: the job the
+    directory's job.yaml holds, when the caller (the search driver) has it validated already;
+    validating a job checks every combination of its search space, once is enough."""
     run_dir = Path(run_dir)
     fix = "pass the run directory of a search: <output.dir>/<job name>, which holds job.yaml"
     if not run_dir.is_dir():
@@ -75,7 +75,8 @@ def read_run(run_dir: str | Path) -> RunData:
     job_path = run_dir / "job.yaml"
     if not job_path.is_file():
         raise _run_dir_error(run_dir, "holds no job.yaml, so it is not a run directory", fix)
-    spec = validate_job(read_yaml(job_path), source=str(job_path))
+    if spec is None:
+        spec = validate_job(read_yaml(job_path), source=str(job_path))
     if spec.search is None:
         raise _run_dir_error(
             run_dir,
@@ -90,35 +91,24 @@ def read_run(run_dir: str | Path) -> RunData:
     return RunData(run_dir, spec, spec.search, text, baseline, trials, notes)
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` to a temporary name beside ``path``, then rename over it."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; reports are meant to be read by others
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_bytes(path: Path, data: bytes) -> None:
-    _write_atomic(path, lambda tmp: tmp.write_bytes(data))
+    write_atomic(path, data)
 
 
 def _write_parquet(path: Path, table: pa.Table) -> None:
-    _write_atomic(path, lambda tmp: pq.write_table(table, tmp))
+    write_atomic(path, lambda tmp: pq.write_table(table, tmp))
 
 
-def write_report(run_dir: str | Path, running: bool = False) -> ReportSummary:
+def write_report(
+    run_dir: str | Path, running: bool = False, spec: JobSpec | None = None
+) -> ReportSummary:
     """Write ``results.parquet``, ``pareto.parquet``, ``pareto.png`` and ``report.html``.
 
     ``running=True`` (the search driver) makes the page reload itself every few seconds. A
     partial run (trials running, failed or stopped, no baseline yet) still gets a full report
     that says what is missing; only a directory that is not a search run is an error, and then
-    nothing is written."""
-    run = read_run(run_dir)
+    nothing is written. ``spec``: see ``read_run``."""
+    run = read_run(run_dir, spec)
     search = run.search
     table = build_table(run.trials, search, run.baseline)
     best = best_trial(table, search)

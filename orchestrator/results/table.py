@@ -18,7 +18,13 @@ from typing import Any
 
 import pyarrow as pa
 
-from orchestrator.config.search import OPTIONAL_SECTIONS, TRIAL_METRICS, SearchConfig
+from orchestrator.config.search import (
+    OPTIONAL_SECTIONS,
+    TRIAL_METRICS,
+    SearchConfig,
+    ignored,
+    switched_off,
+)
 from orchestrator.results.pareto import pareto_front
 
 TRIALS = "trials"
@@ -108,19 +114,8 @@ def effective_config(config: dict[str, Any], search: SearchConfig) -> dict[str, 
     """The trial's sampled values as shown: labels kept (``int8``, ``off``), and keys below a
     section the trial switched off set to None, since the trial ignored them (see
     ``orchestrator.config.search.trial_overrides``)."""
-    off = []
-    for section in OPTIONAL_SECTIONS:
-        if section in config and section in search.space:
-            try:
-                resolved = search.space[section].resolve(config[section])
-            except (KeyError, TypeError):  # a label the space no longer has: show it as is
-                resolved = config[section]
-            if resolved is None:
-                off.append(section)
-    return {
-        key: None if any(key.startswith(s + ".") for s in off) else config.get(key)
-        for key in search.space
-    }
+    off = switched_off(search.space, config)
+    return {key: None if ignored(key, off) else config.get(key) for key in search.space}
 
 
 def _short(value: Any) -> str:

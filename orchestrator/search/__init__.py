@@ -18,11 +18,12 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orchestrator import launch
+from orchestrator import launch, loop
 from orchestrator.config.loader import apply_overrides, dump_job, validate_job
 from orchestrator.config.schema import JobSpec
-from orchestrator.config.search import SearchConfig, trial_overrides
+from orchestrator.config.search import SearchConfig, ignored, switched_off
 from orchestrator.errors import ConfigError, Problem, RunError
+from orchestrator.files import write_atomic
 from orchestrator.search import space as space_lib
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ TRIAL_DRIVER_MEMORY = 256 * 2**20
 def write_trial(run_dir: Path, record: dict[str, Any]) -> None:
     folder = run_dir / TRIALS / record["trial"]
     folder.mkdir(parents=True, exist_ok=True)
-    launch.write_atomic(folder / "trial.json", json.dumps(record, indent=2, sort_keys=True))
+    write_atomic(folder / "trial.json", json.dumps(record, indent=2, sort_keys=True))
 
 
 def read_trial(run_dir: Path, name: str) -> dict[str, Any] | None:
@@ -70,15 +71,9 @@ def train_driver_fn(
         if saved.read_text() == job_text:
             # Finished before the driver was stopped, but after Tune's last snapshot of the
             # experiment: hand Tune the result instead of training again.
-            ray.tune.report(
-                {
-                    k: v
-                    for k, v in json.loads(final.read_text()).items()
-                    if isinstance(v, int | float)
-                }
-            )
+            ray.tune.report(_numbers(json.loads(final.read_text())))
             return
-    launch.write_atomic(saved, job_text)
+    write_atomic(saved, job_text)
     callback = _forward_intermediate(space_lib.required_metrics(spec_search))
     result = launch.build_trainer(spec, folder, callbacks=[callback]).fit()
     if result.error is not None:
@@ -105,14 +100,14 @@ def _forward_intermediate(required: list[str]) -> Any:
     return ForwardIntermediate()
 
 
-def _results_callback(run_dir: Path, search: SearchConfig) -> Any:
+def _results_callback(run_dir: Path, spec: JobSpec) -> Any:
     """Driver side: a ``trial.json`` per trial as its state changes, and the report refreshed
     after each finished trial, so a browser open on report.html follows the search."""
     from ray import tune
 
     from orchestrator.results import write_report
 
-    keys = list(search.space)
+    keys = list(spec.search.space)
 
     class RecordTrials(tune.Callback):
         def _record(self, trial: Any, status: str, **extra: Any) -> None:
@@ -155,13 +150,13 @@ def _results_callback(run_dir: Path, search: SearchConfig) -> Any:
                 self._record(
                     trial, "stopped", metrics=_numbers(trial.last_result or {}), wall_s=wall
                 )
-            write_report(run_dir, running=True)
+            write_report(run_dir, running=True, spec=spec)
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             old = read_trial(run_dir, str(trial)) or {}
             wall = time.time() - old.get("started", time.time())
             self._record(trial, "error", error=_error_text(trial), wall_s=wall)
-            write_report(run_dir, running=True)
+            write_report(run_dir, running=True, spec=spec)
 
     return RecordTrials()
 
@@ -239,7 +234,7 @@ def run_baseline(spec: JobSpec, folder: Path, address: str | None) -> dict[str, 
         metrics = ray.get(task.remote(job, model_path))
     except Exception as e:  # a RayTaskError wraps the worker's exception
         raise RunError(f"measuring the dense baseline failed: {e}") from e
-    launch.write_atomic(out, json.dumps(metrics, indent=2, sort_keys=True))
+    write_atomic(out, json.dumps(metrics, indent=2, sort_keys=True))
     print(
         f"[orchestrator] dense baseline: eval/accuracy {metrics['eval/accuracy']:.4f} | "
         f"{metrics['compress/size_bytes'] / 1e6:.1f} MB | "
@@ -312,8 +307,7 @@ def search(spec: JobSpec, address: str | None = None, resume: bool = False) -> R
             "num_layers": spec.model.num_layers,
         }
     t = spec.train
-    steps_per_epoch = bundle.batches_per_epoch(t.batch_size, t.num_workers) // t.grad_accum_steps
-    total_steps = t.max_steps or math.ceil(t.epochs * steps_per_epoch)
+    _, total_steps = loop.plan_steps(t, bundle, t.num_workers)
     import ray
 
     cluster = ray.cluster_resources()
@@ -343,7 +337,7 @@ def search(spec: JobSpec, address: str | None = None, resume: bool = False) -> R
         name=TUNE_NAME,
         storage_path=str(folder),
         failure_config=tune.FailureConfig(max_failures=search_cfg.max_failures),
-        callbacks=[_results_callback(folder, search_cfg)],
+        callbacks=[_results_callback(folder, spec)],
         progress_reporter=tune.CLIReporter(
             metric_columns=[o.metric for o in search_cfg.objectives],
             parameter_columns=list(search_cfg.space),
@@ -380,10 +374,10 @@ def search(spec: JobSpec, address: str | None = None, resume: bool = False) -> R
     try:
         grid = tuner.fit()
     except Exception as e:  # Tune raises on driver-side failures (trial errors are recorded)
-        write_report(folder, running=False)
+        write_report(folder, running=False, spec=spec)
         raise RunError(f"the search failed: {e}\n{traceback.format_exc(limit=3)}") from e
     _close_lost_trials(folder, {Path(r.path).name for r in grid if r.path})
-    summary = write_report(folder, running=False)
+    summary = write_report(folder, running=False, spec=spec)
     print(pareto_text(folder))
     return summary
 
@@ -431,9 +425,9 @@ class _TrialNamer:
             index = 1 + max((int(n[1:4]) for n in names.values()), default=-1)
             sampled = {k: trial.config[k] for k in self.search.space if k in trial.config}
             # Keys under a section the trial switched off are not part of its recipe.
-            used = trial_overrides(self.search.space, sampled)
-            recipe = {k: v for k, v in sampled.items() if k in used}
+            off = switched_off(self.search.space, sampled)
+            recipe = {k: v for k, v in sampled.items() if not ignored(k, off)}
             names[trial.trial_id] = space_lib.trial_name(index, recipe)
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            launch.write_atomic(self.path, json.dumps(names, indent=2, sort_keys=True))
+            write_atomic(self.path, json.dumps(names, indent=2, sort_keys=True))
         return names[trial.trial_id]
