@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -60,3 +61,16 @@ class RunError(OrchestratorError):
     """A run failed after it started (a worker crashed, Ray could not schedule it, ...)."""
 
     exit_code = 1
+
+
+class CorruptFileError(RunError):
+    """A file this tool wrote (a checkpoint shard, ``trainer_state.pt``, an artifact's
+    ``model.safetensors`` or ``manifest.json``) cannot be read back: missing, truncated, garbled,
+    or holding objects this tool never writes (then it was refused unread, nothing in it ran)."""
+
+    def __init__(self, path: str | Path, what: str, problem: str, fix: str) -> None:
+        self.path = Path(path)
+        self.what = what
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{what} {self.path} {problem}: {fix}")

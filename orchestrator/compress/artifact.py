@@ -17,20 +17,20 @@ alone (no training code), giving the same outputs as the model that was saved.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from orchestrator.compress.common import set_module
 from orchestrator.compress.factorize import LowRankLinear
 from orchestrator.config.compress import QuantizeConfig
+from orchestrator.errors import CorruptFileError
+from orchestrator.files import write_dir_atomic
+from orchestrator.safeload import check_safetensors, load_json, load_safetensors
 
 FORMAT = "orchestrator-compressed/1"
 WEIGHTS = "model.safetensors"
@@ -134,8 +134,6 @@ def save_artifact(
     from orchestrator.compress.quantize import quantized_weight
 
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp", dir=folder.parent))
     tensors: dict[str, torch.Tensor] = {}
     entries: dict[str, dict] = {}
     for name, (t, module, pname) in _plain_state(model).items():
@@ -154,18 +152,19 @@ def save_artifact(
         "tensors": entries,
         **(extra or {}),
     }
-    save_file(tensors, str(tmp / WEIGHTS))
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    config = getattr(model, "config", None)
-    if config is not None:
-        config.save_pretrained(str(tmp))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp))
-    size = artifact_bytes(tmp)
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
-    return size
+
+    def fill(tmp: Path) -> None:
+        save_file(tensors, str(tmp / WEIGHTS))
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        config = getattr(model, "config", None)
+        if config is not None:
+            config.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+
+    # Written beside ``folder`` and swapped in whole: a kill mid-write leaves the old artifact.
+    write_dir_atomic(folder, fill)
+    return artifact_bytes(folder)
 
 
 def artifact_bytes(folder: str | Path) -> int:
@@ -175,20 +174,61 @@ def artifact_bytes(folder: str | Path) -> int:
     return (folder / WEIGHTS).stat().st_size + (folder / MANIFEST).stat().st_size
 
 
+_FIX = (
+    "the artifact was damaged or altered after it was written; export it again from its run "
+    "(orchestrator export RUN_DIR --trial NAME) or re-run the job that wrote it"
+)
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    manifest = load_json(folder / MANIFEST, what="the artifact's manifest", fix=_FIX)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{folder} is not a {FORMAT} artifact")
+    return manifest
+
+
+def check_artifact(folder: str | Path) -> None:
+    """Cheap check that ``folder`` is a whole artifact (the manifest parses, the weights file's
+    header covers the file exactly) without building the model; ``CorruptFileError`` if not."""
+    folder = Path(folder)
+    _read_manifest(folder)
+    check_safetensors(folder / WEIGHTS, what="the artifact's weights file", fix=_FIX)
+
+
 def load_artifact(folder: str | Path) -> nn.Module:
     """Rebuild the compressed model in its inference form (real int8 kernels where the recipe
-    asked for them). Weights load from safetensors: no pickle is ever read."""
+    asked for them). Weights load from safetensors: no pickle is ever read. A damaged artifact
+    (truncated weights, garbled or altered manifest) raises ``CorruptFileError`` naming the file."""
+    folder = Path(folder)
+    manifest = _read_manifest(folder)
+    flat = load_safetensors(folder / WEIGHTS, what="the artifact's weights file", fix=_FIX)
+    try:
+        model = _rebuild(folder, manifest, flat)
+    except (KeyError, ValueError, RuntimeError, TypeError, IndexError, AttributeError) as e:
+        # Both files parse but do not fit each other or the model: one was altered or swapped.
+        raise CorruptFileError(
+            folder,
+            "artifact",
+            f"has a {WEIGHTS} and a {MANIFEST} that do not match ({type(e).__name__}: {e})",
+            _FIX,
+        ) from None
+    return model.eval()
+
+
+def _rebuild(folder: Path, manifest: dict[str, Any], flat: dict[str, torch.Tensor]) -> nn.Module:
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     # Importing it registers the project's own model types (the MLP) with the Auto classes.
     import orchestrator.models.mlp  # noqa: F401
     from orchestrator.compress.quantize import QuantEmbedding, QuantLinear, to_inference_
 
-    folder = Path(folder)
-    manifest = json.loads((folder / MANIFEST).read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{folder} is not a {FORMAT} artifact")
-    config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    try:
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as e:
+        problem = f"cannot be read ({' '.join(str(e).split())[:200]})"
+        raise CorruptFileError(
+            folder / "config.json", "the artifact's config", problem, _FIX
+        ) from None
     model = AutoModelForSequenceClassification.from_config(config)
     if manifest.get("structure"):
         from orchestrator.compress.structured import rebuild_structure_
@@ -210,7 +250,6 @@ def load_artifact(folder: str | Path) -> nn.Module:
             else QuantLinear.from_linear(old, qcfg)
         )
         set_module(model, name, new)
-    flat = load_file(str(folder / WEIGHTS))
     state = {}
     for name, meta in manifest["tensors"].items():
         prefix = name + "."
@@ -226,7 +265,7 @@ def load_artifact(folder: str | Path) -> nn.Module:
     model.load_state_dict(state, strict=False)
     missing = set(_plain_state(model)) - set(state)
     if missing:
-        raise ValueError(f"{folder}: the artifact lacks tensors {sorted(missing)[:5]}")
+        raise KeyError(f"the artifact lacks tensors {sorted(missing)[:5]}")
     if qcfg is not None:
         to_inference_(model, qcfg)
-    return model.eval()
+    return model

@@ -23,9 +23,10 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from orchestrator.config.schema import ModelConfig
-from orchestrator.errors import ConfigError, Problem
+from orchestrator.errors import ConfigError, CorruptFileError, Problem
 from orchestrator.models.mlp import MODEL_TYPE as MLP_MODEL_TYPE
 from orchestrator.models.mlp import MLPConfig, MLPForImageClassification
+from orchestrator.safeload import check_safetensors
 
 # Shapes of the from-config models: small enough that a training step takes milliseconds.
 TINY_SHAPES = {
@@ -215,6 +216,42 @@ def build_model(
     # fp32 whatever config.json says: a model saved from bf16 training records "bfloat16" there
     # (its weights are fp32), and transformers would load it in that dtype. Training precision
     # is the strategy's business; compression, export and measurement work on fp32 weights.
-    return AutoModelForSequenceClassification.from_pretrained(
-        str(folder), config=config, local_files_only=True, use_safetensors=True, dtype=torch.float32
-    )
+    key = "model.path" if spec.path is not None else "model.name"
+    _check_weights(folder, key, spec.path or spec.name)
+    try:
+        # use_safetensors=True: a folder with only pickle weights (pytorch_model.bin) is refused,
+        # never unpickled.
+        return AutoModelForSequenceClassification.from_pretrained(
+            str(folder),
+            config=config,
+            local_files_only=True,
+            use_safetensors=True,
+            dtype=torch.float32,
+        )
+    except OSError as e:
+        raise ConfigError(
+            Problem(
+                key,
+                spec.path or spec.name,
+                f"{folder} has no usable safetensors weights ({' '.join(str(e).split())[:200]}); "
+                "pickled weights (pytorch_model.bin) are never loaded",
+                "save the model with save_pretrained() (safetensors, its default)",
+            )
+        ) from None
+
+
+def _check_weights(folder: Path, key: str, value: str) -> None:
+    """Every safetensors file of a model folder is whole (its header covers the file exactly):
+    a truncated download or copy is named here, not deep inside transformers."""
+    for weights in sorted(folder.glob("*.safetensors")):
+        try:
+            check_safetensors(weights, what="weights file", fix="")
+        except CorruptFileError as e:
+            raise ConfigError(
+                Problem(
+                    key,
+                    value,
+                    f"its weights file {weights} {e.problem}",
+                    "copy or save the model folder again (save_pretrained())",
+                )
+            ) from None

@@ -12,13 +12,12 @@ from __future__ import annotations
 import difflib
 import json
 import math
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from orchestrator.errors import ConfigError, Problem
+from orchestrator.errors import ConfigError, CorruptFileError, Problem
+from orchestrator.files import write_dir_atomic
 from orchestrator.results.report import read_run
 from orchestrator.results.table import best_trial, build_table
 
@@ -97,23 +96,30 @@ def export_trial(run_dir: str | Path, out: str | Path, trial: str | None = None)
             f"has no exported model ({src} is missing)",
             "re-run the search with --resume, or export another trial",
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    # Imported here: it brings torch, which `orchestrator report` does not need.
+    from orchestrator.compress.artifact import check_artifact
+
     try:
+        check_artifact(src)  # never ship a truncated or garbled model
+    except CorruptFileError as e:
+        raise _error(
+            "--trial",
+            name,
+            f"has a damaged model: {e.what} {e.path} {e.problem}",
+            "export another trial, or run that trial again",
+        ) from None
+    provenance = {
+        **record,
+        "run_dir": str(run.run_dir.resolve()),
+        "job": run.spec.name,
+        "source": str(src.resolve()),
+        "row": _json_safe(rows[name]),
+    }
+
+    def fill(tmp: Path) -> None:
         shutil.copytree(src, tmp, dirs_exist_ok=True)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the export is meant to be shared
-        provenance = {
-            **record,
-            "run_dir": str(run.run_dir.resolve()),
-            "job": run.spec.name,
-            "source": str(src.resolve()),
-            "row": _json_safe(rows[name]),
-        }
         (tmp / RECORD).write_text(json.dumps(provenance, indent=2, sort_keys=True))
-        if out.exists():  # an empty folder (checked above): rename cannot replace it
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    # A hidden sibling folder renamed into place (``out`` is absent or empty, checked above).
+    write_dir_atomic(out, fill)
     return record

@@ -13,9 +13,15 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from orchestrator.errors import CorruptFileError
+from orchestrator.files import write_atomic
+from orchestrator.safeload import CHECKPOINT_FIX, check_safetensors, load_json, load_torch
 from orchestrator.strategies.base import Strategy, build_lr_schedule, build_optimizer
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "trainer_state.pt"
+CLIENT_FILE = "client_state.json"
 
 
 class DDPStrategy(Strategy):
@@ -92,21 +98,40 @@ class DDPStrategy(Strategy):
         if dist.is_initialized() and dist.get_rank() != 0:
             return
         folder.mkdir(parents=True, exist_ok=True)
-        save_model(self._module, str(folder / "model.safetensors"))
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
-        torch.save(state, folder / "trainer_state.pt")
-        (folder / "client_state.json").write_text(json.dumps(client_state))
+        # Each file under a temporary name, renamed when whole (a kill never leaves half a file).
+        write_atomic(folder / MODEL_FILE, lambda tmp: save_model(self._module, str(tmp)))
+        write_atomic(folder / STATE_FILE, lambda tmp: torch.save(state, tmp))
+        write_atomic(folder / CLIENT_FILE, json.dumps(client_state))
 
     def load_checkpoint(self, folder: Path) -> dict[str, Any]:
-        load_model(self._module, str(folder / "model.safetensors"), device=str(self.device))
-        state = torch.load(folder / "trainer_state.pt", map_location=self.device, weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and "scaler" in state:
-            self.scaler.load_state_dict(state["scaler"])
-        return json.loads((folder / "client_state.json").read_text())
+        # No pickle runs: the weights are safetensors, the optimizer / schedule / scaler state is
+        # plain tensors and numbers (weights_only=True), the loop's counters JSON. A damaged file
+        # is a CorruptFileError naming it.
+        weights = folder / MODEL_FILE
+        check_safetensors(weights, what="checkpoint file", fix=CHECKPOINT_FIX)
+        load_model(self._module, str(weights), device=str(self.device))
+        state = load_torch(
+            folder / STATE_FILE,
+            what="checkpoint file",
+            fix=CHECKPOINT_FIX,
+            map_location=self.device,
+        )
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if self.scaler is not None and "scaler" in state:
+                self.scaler.load_state_dict(state["scaler"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CorruptFileError(
+                folder / STATE_FILE,
+                "checkpoint file",
+                f"does not hold this run's optimizer state ({type(e).__name__}: {e})",
+                CHECKPOINT_FIX,
+            ) from None
+        return load_json(folder / CLIENT_FILE, what="checkpoint file", fix=CHECKPOINT_FIX)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return {

@@ -14,9 +14,69 @@ import torch
 from torch import nn
 
 from orchestrator.config.schema import TrainConfig
+from orchestrator.errors import CorruptFileError
+from orchestrator.files import write_atomic
+from orchestrator.safeload import CHECKPOINT_FIX, load_torch
 from orchestrator.strategies.base import Strategy, build_lr_schedule, build_optimizer
 
 CHECKPOINT_TAG = "state"  # one fixed tag: the folder holds exactly one checkpoint
+
+
+def checkpoint_safe_globals() -> list[type]:
+    """The only non-tensor classes DeepSpeed pickles into the checkpoints this tool makes, and so
+    the only ones its loads may build. Found by saving ZeRO 0-3 x fp32 / bf16 x AdamW / SGD (with
+    and without optimizer offload) on DeepSpeed 0.19.8 and listing each file's globals with
+    ``torch.serialization.get_unsafe_globals_in_checkpoint``: the ZeRO-1/2/3 optimizer shards hold
+    the loss scaler object, the ZeRO stage enum and (ZeRO-1/2) fp32 fragment addresses; the model
+    state files hold only tensors and plain values. ``DynamicLossScaler`` is what those shards
+    hold instead of ``LossScaler`` with fp16 (GPU only; its fields are numbers and a dtype)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def _checkpoint_fix() -> str:
+    import deepspeed
+
+    return (
+        f"{CHECKPOINT_FIX} (a checkpoint written by another DeepSpeed version than "
+        f"{deepspeed.__version__} may hold other classes: resume it with that version)"
+    )
+
+
+def _safe_checkpoint_engine(config: Any) -> Any:
+    """DeepSpeed's own torch checkpoint engine, with loads that never run a pickle and writes
+    that never leave half a file.
+
+    DeepSpeed reads every file of a (non-universal, non-MoE) checkpoint through
+    ``engine.checkpoint_engine.load``, and ``TorchCheckpointEngine.load`` calls
+    ``torch.load(weights_only=False)``: resuming from a tampered shard would run whatever its
+    pickle names. DeepSpeed 0.19 has no setting that plugs in a user checkpoint engine (the
+    config only picks its Fast / Decoupled writers or DataStates), so ``prepare`` swaps this
+    subclass into the one engine instance it created; the library's globals are untouched."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
+        def save(self, state_dict: Any, path: str) -> None:
+            write_atomic(
+                Path(path),
+                lambda tmp: torch.save(
+                    state_dict, tmp, _use_new_zipfile_serialization=self.zipfile_serialization
+                ),
+            )
+
+        def load(self, path: str, map_location: Any = None) -> Any:
+            return load_torch(
+                path,
+                what="checkpoint file",
+                fix=_checkpoint_fix(),
+                allow=checkpoint_safe_globals(),
+                map_location=map_location,
+            )
+
+    return SafeTorchCheckpointEngine(config)
 
 
 def build_ds_config(
@@ -79,6 +139,22 @@ class DeepSpeedStrategy(Strategy):
             config=self.ds_config,
             dist_init_required=False,  # reuse the process group Ray (or the test) created
         )
+        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import (
+            TorchCheckpointEngine,
+        )
+
+        # Resume must never unpickle arbitrary objects (see ``_safe_checkpoint_engine``). There
+        # is no DeepSpeed option for a user checkpoint engine, so this engine instance's one is
+        # replaced (only this instance: nothing global in DeepSpeed changes), built from the same
+        # config DeepSpeed built its own from (which keeps its file format). Our generated config
+        # never selects DeepSpeed's other engines; should one appear, refuse rather than load
+        # unsafely.
+        if type(self.engine.checkpoint_engine) is not TorchCheckpointEngine:
+            raise RuntimeError(
+                "unexpected DeepSpeed checkpoint engine "
+                f"{type(self.engine.checkpoint_engine).__name__}: resume could not load safely"
+            )
+        self.engine.checkpoint_engine = _safe_checkpoint_engine(self.engine._config)
         self._boundary = True
 
     @property
@@ -114,12 +190,30 @@ class DeepSpeedStrategy(Strategy):
         self.engine.save_checkpoint(str(folder), tag=CHECKPOINT_TAG, client_state=client_state)
 
     def load_checkpoint(self, folder: Path) -> dict[str, Any]:
-        _, client_state = self.engine.load_checkpoint(
+        # Every file goes through the safe checkpoint engine set in ``prepare``: weights_only
+        # loads with DeepSpeed's few classes allowed; a damaged file is a CorruptFileError.
+        tagged = folder / CHECKPOINT_TAG
+        if not tagged.is_dir():
+            raise CorruptFileError(
+                tagged, "checkpoint folder", "is missing (no DeepSpeed checkpoint)", CHECKPOINT_FIX
+            )
+        if not any(tagged.glob("*model_states.pt")):
+            raise CorruptFileError(
+                tagged, "checkpoint folder", "holds no DeepSpeed model states file", CHECKPOINT_FIX
+            )
+        load_path, client_state = self.engine.load_checkpoint(
             str(folder),
             tag=CHECKPOINT_TAG,
             load_optimizer_states=True,
             load_lr_scheduler_states=True,
         )
+        if load_path is None:  # DeepSpeed loaded nothing: never carry on from step 0 silently
+            raise CorruptFileError(
+                tagged,
+                "checkpoint folder",
+                "holds no checkpoint DeepSpeed can load",
+                CHECKPOINT_FIX,
+            )
         keep = ("step", "epoch", "micro_step", "samples_seen", "train_loss_sum", "train_loss_n")
         return {k: v for k, v in (client_state or {}).items() if k in keep}
 

@@ -441,3 +441,32 @@ def test_export_errors(tmp_path: Path, tiny_artifact) -> None:
     p = e.value.problems[0]
     assert p.key == "--best" and "no trial met the search constraints" in p.message
     assert "accuracy drop 0.1 > 0.02" in p.message and "--trial" in p.fix
+
+
+def test_export_refuses_a_damaged_artifact(tmp_path: Path, tiny_artifact) -> None:
+    """A truncated model is never shipped; a shipped one damaged later fails to load clearly."""
+    import shutil
+
+    from orchestrator.compress.artifact import load_artifact
+    from orchestrator.errors import CorruptFileError
+
+    src, batch = tiny_artifact
+    run = _write_run(tmp_path, _trials())
+    weights = run / "trials" / "t_a" / "model" / "model.safetensors"
+    shutil.copytree(src, weights.parent)
+    weights.write_bytes(src.joinpath("model.safetensors").read_bytes()[:1000])
+    out = tmp_path / "export" / "best"
+    with pytest.raises(ConfigError) as e:
+        export_trial(run, out, trial="t_a")
+    p = e.value.problems[0]
+    assert p.key == "--trial" and "has a damaged model" in p.message
+    assert f"{weights} is truncated or corrupt" in p.message and "export another trial" in p.fix
+    assert not out.exists() and not (out.parent.exists() and any(out.parent.iterdir()))
+
+    shutil.copy(src / "model.safetensors", weights)
+    export_trial(run, out, trial="t_a")
+    assert torch.equal(_logits(out, batch), _logits(src, batch))
+    shipped = out / "model.safetensors"
+    shipped.write_bytes(shipped.read_bytes()[:-100])
+    with pytest.raises(CorruptFileError, match=f"{shipped} is truncated or corrupt"):
+        load_artifact(out)
