@@ -26,6 +26,7 @@ from orchestrator import data as data_lib
 from orchestrator import finalize, models, strategies
 from orchestrator.config.loader import dump_job
 from orchestrator.config.schema import JobSpec, TrainConfig
+from orchestrator.files import write_atomic, write_dir_atomic
 
 Report = Callable[[dict[str, float], Path | None], None]
 
@@ -97,6 +98,14 @@ def plan_steps(tspec: TrainConfig, bundle: data_lib.DataBundle, world_size: int)
     return steps_per_epoch, tspec.max_steps or math.ceil(tspec.epochs * steps_per_epoch)
 
 
+def seed_dropout(seed: int, rank: int, step: int) -> None:
+    """Seed the RNG behind dropout from (job seed, rank, step). Called at the start and after
+    every checkpoint, so a run restarted from the checkpoint of step N draws what the
+    uninterrupted run drew after step N. Dropout differs per rank, as in any data-parallel
+    run; the weights were seeded identically before."""
+    torch.manual_seed(seed + 1000 * (rank + 1) + 1_000_003 * step)
+
+
 def device_for(spec: JobSpec, ctx: WorkerContext) -> torch.device:
     if spec.resources.gpus_per_worker > 0 and torch.cuda.is_available():
         torch.cuda.set_device(ctx.local_rank)
@@ -134,9 +143,6 @@ def run(spec: JobSpec, ctx: WorkerContext) -> dict[str, float]:
 
     strategy = strategies.build(tspec, device)
     strategy.prepare(model, total_steps)
-    # Dropout differs per rank (as in any data-parallel run); weights were seeded identically.
-    torch.manual_seed(tspec.seed + 1000 * (ctx.rank + 1))
-
     state = {"step": 0, "epoch": 0, "micro_step": 0, "samples_seen": 0}
     if ctx.restore_dir is not None:
         state.update(strategy.load_checkpoint(ctx.restore_dir))
@@ -144,6 +150,7 @@ def run(spec: JobSpec, ctx: WorkerContext) -> dict[str, float]:
             pruner.restore_from_weights()
         if is_main:
             log(f"resumed from step {state['step']} ({ctx.restore_dir})")
+    seed_dropout(tspec.seed, ctx.rank, state["step"])
 
     def checkpoint(metrics: dict[str, float], final: bool) -> None:
         """Every rank writes its part into a rank-local folder, then reports it; Ray merges the
@@ -152,13 +159,17 @@ def run(spec: JobSpec, ctx: WorkerContext) -> dict[str, float]:
         strategy.save_checkpoint(folder, dict(state))
         full = strategy.full_state_dict() if final else None  # collective on ZeRO-3
         if is_main:
-            (folder / "job.yaml").write_text(dump_job(spec))
+            write_atomic(folder / "job.yaml", dump_job(spec))
         if full is not None and spec.compress.enabled:
             metrics.update(export_compressed(full, folder / "model"))
         elif full is not None and is_main:
-            strategy.module.save_pretrained(str(folder / "model"), state_dict=full)
-            if tokenizer is not None:  # image models (the MLP) have none
-                tokenizer.save_pretrained(str(folder / "model"))
+
+            def save_model(tmp: Path) -> None:
+                strategy.module.save_pretrained(str(tmp), state_dict=full)
+                if tokenizer is not None:  # image models (the MLP) have none
+                    tokenizer.save_pretrained(str(tmp))
+
+            write_dir_atomic(folder / "model", save_model)
         if final:
             # Time spent in this function: data, model, compression, training, evaluation and
             # the artifact's measurement. The run's wall time minus this is orchestration cost.
@@ -166,6 +177,9 @@ def run(spec: JobSpec, ctx: WorkerContext) -> dict[str, float]:
             metrics["time/worker_s"] = _all_reduce_max(time.perf_counter() - started, device)
         ctx.report(metrics, folder if any(folder.iterdir()) else None)
         shutil.rmtree(folder, ignore_errors=True)
+        # A run resumed from this checkpoint re-seeds the same way: it continues exactly as
+        # this one does (same dropout masks), so a worker restart does not change the result.
+        seed_dropout(tspec.seed, ctx.rank, state["step"])
 
     def export_compressed(full: dict[str, torch.Tensor], folder: Path) -> dict[str, float]:
         """Rank 0 rebuilds the compressed structure on a plain CPU model, loads the trained
@@ -186,8 +200,9 @@ def run(spec: JobSpec, ctx: WorkerContext) -> dict[str, float]:
                 folder,
                 int(creport.metrics["compress/params_before"]),
             )
-            (folder.parent / "compress_report.json").write_text(
-                json.dumps({"job": spec.name, **report.to_dict()}, indent=2)
+            write_atomic(
+                folder.parent / "compress_report.json",
+                json.dumps({"job": spec.name, **report.to_dict()}, indent=2),
             )
         if dist.is_initialized():
             dist.broadcast_object_list(out, src=0)
