@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from orchestrator.errors import ConfigError, OrchestratorError
@@ -106,6 +107,9 @@ def _run_dir_command(args: argparse.Namespace) -> int:
     return 0
 
 
+_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     try:
@@ -158,6 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     except OrchestratorError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:
+        if e.errno not in _DISK_ERRORS:
+            raise
+        # The driver's own writes (run directory, report files): name the path and the cause.
+        print(f"error: cannot write {e.filename}: {e.strerror}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

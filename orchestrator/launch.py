@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from orchestrator import loop, models
 from orchestrator.config.loader import dump_job
 from orchestrator.config.schema import JobSpec
 from orchestrator.errors import ConfigError, Problem, RunError
-from orchestrator.files import write_atomic
+from orchestrator.files import copy_dir_atomic, write_atomic
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> dict[str, float]:
@@ -107,11 +106,61 @@ def preflight(spec: JobSpec) -> tuple[Any, data_lib.DataBundle]:
                 "data (data.limit)",
             )
         )
+    model = models.build_model(spec.model, bundle.num_labels, tokenizer)
     if spec.compress.enabled:
         from orchestrator.compress import check_patterns
 
-        check_patterns(models.build_model(spec.model, bundle.num_labels, tokenizer), spec.compress)
+        check_patterns(model, spec.compress)
+    # A checkpoint holds the fp32 weights and AdamW's two moments: 12 bytes per parameter.
+    check_output_dir(spec, 12 * sum(p.numel() for p in model.parameters()))
     return tokenizer, bundle
+
+
+def check_output_dir(spec: JobSpec, need_bytes: int) -> None:
+    """``output.dir`` must be a writable folder (or creatable in one) with room for at least one
+    checkpoint: checked before Ray starts, so a read-only or full disk fails in a second naming
+    the path, not minutes later inside a worker. Nothing is created here."""
+    existing = Path(spec.output.dir)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    fix = "point output.dir at a writable folder with free space"
+    if not existing.is_dir():
+        raise ConfigError(
+            Problem("output.dir", spec.output.dir, f"{existing} is a file, not a folder", fix)
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            Problem(
+                "output.dir",
+                spec.output.dir,
+                f"{existing} is not writable (read-only file system or no permission)",
+                fix,
+            )
+        )
+    free = shutil.disk_usage(existing).free
+    if free < need_bytes:
+        raise ConfigError(
+            Problem(
+                "output.dir",
+                spec.output.dir,
+                f"the disk holding {existing} has {free / 2**20:.1f} MiB free; one checkpoint "
+                f"of this model takes about {need_bytes / 2**20:.0f} MiB",
+                f"free space there, or {fix}",
+            )
+        )
+
+
+def full_disk(error: BaseException, folder: Path) -> RunError | None:
+    """A run that failed because a disk filled up (Ray wraps the worker's OSError in its own
+    error types, so the message is searched) as one clear error naming the run directory."""
+    text = str(error)
+    if "No space left on device" not in text and "Disk quota exceeded" not in text:
+        return None
+    return RunError(
+        f"the disk is full: a write under {folder} (or the workers' temporary folder) failed "
+        "with 'No space left on device'. Free space there or point output.dir at a larger "
+        "disk, then run the same command again to resume from the last checkpoint"
+    )
 
 
 def claim_run_dir(spec: JobSpec) -> bool:
@@ -147,12 +196,27 @@ def claim_run_dir(spec: JobSpec) -> bool:
 
 
 def connect_ray(spec: JobSpec, address: str | None = None) -> None:
-    """Join a cluster (``--address`` or ``RAY_ADDRESS``) or start an embedded local Ray."""
+    """Join a cluster (``--address``, ``resources.address`` or ``RAY_ADDRESS``) or start an
+    embedded local Ray. An address where nothing answers fails in seconds (Ray itself would
+    retry for minutes), and so does a cluster that refuses this client's token."""
     import ray
 
     if ray.is_initialized():
         return
-    address = address or spec.resources.address or os.environ.get("RAY_ADDRESS")
+    key, address = next(
+        (
+            (k, a)
+            for k, a in (
+                ("--address", address),
+                ("resources.address", spec.resources.address),
+                ("RAY_ADDRESS", os.environ.get("RAY_ADDRESS")),
+            )
+            if a
+        ),
+        ("", None),
+    )
+    if address and address != "local":
+        _check_reachable(key, address)
     try:
         if address:
             ray.init(address=address, log_to_driver=True)
@@ -163,10 +227,55 @@ def connect_ray(spec: JobSpec, address: str | None = None) -> None:
                 num_cpus=spec.resources.num_cpus or os.cpu_count(),
                 log_to_driver=True,
             )
+    except ray.exceptions.AuthenticationError as e:
+        raise ConfigError(
+            Problem(
+                key,
+                address,
+                f"the Ray cluster there refused this client's token ({str(e).splitlines()[0]})",
+                "give the client the cluster's token: copy it (`ray get-auth-token` on the head) "
+                "to ~/.ray/auth_token, or set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH",
+            )
+        ) from None
     except (ConnectionError, RuntimeError, ValueError) as e:
+        hint = ""
+        if address and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+            hint = (
+                ". If the cluster uses token authentication (Ray's default), export "
+                "RAY_AUTH_MODE=token and give this client the cluster's token "
+                "(~/.ray/auth_token, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH)"
+            )
         raise RunError(
-            f"could not connect to Ray at {address or 'a new local instance'}: {e}"
+            f"could not connect to Ray at {address or 'a new local instance'}: {e}{hint}"
         ) from e
+
+
+def _check_reachable(key: str, address: str, timeout_s: float = 5.0) -> None:
+    """Open a TCP connection to the address's GCS (or Ray client) port before ``ray.init``,
+    which retries an unreachable address for minutes before giving up."""
+    import socket
+
+    from ray._private.services import canonicalize_bootstrap_address
+
+    fix = (
+        "start Ray there (`ray start --head`, or `bash cluster/local_head.sh start`), correct the "
+        "address, or leave RAY_ADDRESS / --address / resources.address unset for an embedded "
+        "local Ray"
+    )
+    target = address.split("://", 1)[1] if "://" in address else address
+    try:
+        hostport = canonicalize_bootstrap_address(target) if target == "auto" else target
+        if hostport is None:
+            raise ConnectionError("no running Ray cluster was found on this machine")
+        host, _, port = hostport.rpartition(":")
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except ValueError:
+        raise ConfigError(
+            Problem(key, address, "is not a Ray address", "use host:port, e.g. 10.0.0.5:6379")
+        ) from None
+    except (OSError, ConnectionError) as e:
+        raise ConfigError(Problem(key, address, f"nothing answers there ({e})", fix)) from None
 
 
 def _warn_other_instances() -> None:
@@ -188,11 +297,27 @@ def _warn_other_instances() -> None:
         )
 
 
-def check_capacity(spec: JobSpec) -> None:
-    """A run whose workers can never be placed would wait forever: say so before scheduling."""
+def cluster_capacity() -> dict[str, float]:
+    """The most of each resource the cluster can offer: what its nodes have now or, on an
+    autoscaling cluster (``ray up``, KubeRay), what its node types add up to at their maximum
+    counts (the autoscaler publishes that; Ray Train checks its worker groups the same way)."""
     import ray
 
-    total = ray.cluster_resources()
+    total = dict(ray.cluster_resources())
+    try:
+        from ray._private.state import state  # where Ray Train reads it (worker_group.py)
+
+        ceiling = state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # a private helper: without it the nodes present are the limit
+        ceiling = {}
+    for key, value in ceiling.items():
+        total[key] = max(total.get(key, 0.0), float(value))
+    return total
+
+
+def check_capacity(spec: JobSpec) -> None:
+    """A run whose workers can never be placed would wait forever: say so before scheduling."""
+    total = cluster_capacity()
     need_cpu = spec.train.num_workers * spec.resources.cpus_per_worker
     need_gpu = spec.train.num_workers * spec.resources.gpus_per_worker
     problems = []
@@ -202,7 +327,7 @@ def check_capacity(spec: JobSpec) -> None:
                 "train.num_workers",
                 spec.train.num_workers,
                 f"needs {need_cpu:g} CPUs (x resources.cpus_per_worker="
-                f"{spec.resources.cpus_per_worker:g}) but the cluster has "
+                f"{spec.resources.cpus_per_worker:g}) but the cluster has at most "
                 f"{total.get('CPU', 0):g}",
                 "lower train.num_workers or resources.cpus_per_worker, or add nodes",
             )
@@ -212,7 +337,7 @@ def check_capacity(spec: JobSpec) -> None:
             Problem(
                 "resources.gpus_per_worker",
                 spec.resources.gpus_per_worker,
-                f"needs {need_gpu:g} GPUs but the cluster has {total.get('GPU', 0):g}",
+                f"needs {need_gpu:g} GPUs but the cluster has at most {total.get('GPU', 0):g}",
                 "set resources.gpus_per_worker=0 to train on CPUs, or add GPU nodes",
             )
         )
@@ -238,7 +363,7 @@ def train(spec: JobSpec, address: str | None = None) -> dict[str, float]:
     try:
         result = build_trainer(spec, folder).fit()
     except Exception as e:  # Ray wraps worker errors in several types
-        raise RunError(f"training failed: {e}") from e
+        raise full_disk(e, folder) or RunError(f"training failed: {e}") from e
     return collect_result(result, folder)
 
 
@@ -277,11 +402,7 @@ def collect_result(result: Any, folder: Path) -> dict[str, float]:
         raise RunError("training finished without a final checkpoint; see the worker logs above")
     metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
     with result.checkpoint.as_directory() as ckpt:
-        export = Path(ckpt) / "model"
-        tmp = Path(tempfile.mkdtemp(prefix="model.", dir=folder))
-        shutil.copytree(export, tmp, dirs_exist_ok=True)
-        shutil.rmtree(folder / "model", ignore_errors=True)
-        os.replace(tmp, folder / "model")
+        copy_dir_atomic(Path(ckpt) / "model", folder / "model")
         report = Path(ckpt) / "compress_report.json"
         if report.is_file():
             write_atomic(folder / "compress_report.json", report.read_text())

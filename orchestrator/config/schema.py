@@ -250,8 +250,22 @@ class ResourcesConfig(_Section):
 
 class OutputConfig(_Section):
     dir: str = Field(
-        default="runs", description="root of run directories; a run writes <dir>/<name>/"
+        default="runs",
+        description="root of run directories; a run writes <dir>/<name>/. On more than one "
+        "node: a shared file system path mounted at the same place on every node",
     )
+
+    @field_validator("dir")
+    @classmethod
+    def _local_path(cls, value: str) -> str:
+        # Ray Train could persist checkpoints to a URI, but the run directory's other files
+        # (results, the baseline the trials start from) are plain files: not supported yet.
+        if "://" in value:
+            raise ValueError(
+                "is a storage URI, which is not supported yet: use a local path, or on a cluster "
+                "a shared file system (NFS, a mounted bucket) at the same path on every node"
+            )
+        return value
 
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")

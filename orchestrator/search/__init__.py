@@ -308,9 +308,7 @@ def search(spec: JobSpec, address: str | None = None, resume: bool = False) -> R
         }
     t = spec.train
     _, total_steps = loop.plan_steps(t, bundle, t.num_workers)
-    import ray
-
-    cluster = ray.cluster_resources()
+    cluster = launch.cluster_capacity()
     need_cpu = t.num_workers * spec.resources.cpus_per_worker
     need_gpu = t.num_workers * spec.resources.gpus_per_worker
     parallel = space_lib.concurrency(search_cfg, cluster, need_cpu, need_gpu)

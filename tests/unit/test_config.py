@@ -75,6 +75,7 @@ BAD_JOBS = [
         "did you mean data.max_length",
     ),
     ("unknown-output-key", {"output.dirr": "x"}, "output.dirr", "x", "did you mean output.dir"),
+    ("output-uri", {"output.dir": "s3://b/r"}, "output.dir", "s3://b/r", "shared file system"),
     ("lr-not-a-number", {"train.lr": "abc"}, "train.lr", "abc", "valid number"),
     ("lr-zero", {"train.lr": 0}, "train.lr", 0, "greater than 0"),
     ("lr-too-big", {"train.lr": 100}, "train.lr", 100, "less than or equal to 10"),

@@ -1,0 +1,146 @@
+"""The table of bad inputs and limits a user can hit when a job meets a cluster (issue #5): each
+case runs the real CLI in a subprocess and records its exit code and error message. The
+integration test checks every row; ``benchmarks/bad_input.py`` prints the table for
+BENCHMARKS.md. Cases that need a small or read-only file system mount a tmpfs, which needs root;
+they are skipped elsewhere."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from orchestrator.testing.distributed import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+DDP_JOB = str(ROOT / "jobs" / "debug" / "ddp.yaml")
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    # (work dir, cluster address) -> (CLI arguments, extra environment)
+    command: Callable[[Path, str], tuple[list[str], dict[str, str]]]
+    exit_code: int
+    says: tuple[str, ...]  # substrings the error message must contain
+    mount: str = ""  # tmpfs options for <work dir>/mnt (root only), e.g. "size=1m"
+    run_dir: str = "debug-ddp"  # must not exist after an exit-2 case (nothing half-written)
+
+
+def _train(*extra: str, env: dict[str, str] | None = None):
+    def command(work: Path, cluster: str) -> tuple[list[str], dict[str, str]]:
+        args = [
+            "train",
+            DDP_JOB,
+            f"output.dir={work / 'mnt' / 'runs'}",
+            f"data.cache_dir={work / 'cache'}",
+        ]
+        args += [e.replace("{work}", str(work)) for e in extra]
+        return args, {"RAY_ADDRESS": cluster, **(env or {})}
+
+    return command
+
+
+def _unreachable(work: Path, cluster: str) -> tuple[list[str], dict[str, str]]:
+    args, _ = _train()(work, cluster)
+    return args, {"RAY_ADDRESS": f"127.0.0.1:{free_port()}"}
+
+
+CASES = [
+    Case(
+        "RAY_ADDRESS where no Ray runs",
+        _unreachable,
+        2,
+        ("RAY_ADDRESS = '127.0.0.1:", "nothing answers there", "Connection refused"),
+    ),
+    Case(
+        "--address that is not an address",
+        _train("--address", "head-node"),
+        2,
+        ("--address = 'head-node'", "is not a Ray address"),
+    ),
+    Case(
+        "more workers than the cluster has CPUs",
+        _train("train.num_workers=8"),
+        2,
+        ("train.num_workers = 8", "needs 8 CPUs", "the cluster has at most 2"),
+    ),
+    Case(
+        "GPU workers on a cluster without GPUs",
+        _train("resources.gpus_per_worker=1"),
+        2,
+        ("resources.gpus_per_worker = 1", "needs 2 GPUs", "has at most 0"),
+    ),
+    Case(
+        "output.dir is a file",
+        _train("output.dir={work}/cache/../job-file.txt"),
+        2,
+        ("output.dir", "is a file, not a folder"),
+    ),
+    Case(
+        "output.dir on a read-only file system",
+        _train(),
+        2,
+        ("output.dir", "is not writable"),
+        mount="ro,size=1m",
+    ),
+    Case(
+        "output.dir on a full disk (too small for one checkpoint)",
+        _train(),
+        2,
+        ("output.dir", "MiB free", "one checkpoint of this model takes about"),
+        mount="size=4m",
+    ),
+    Case(
+        "the disk fills up during the run",
+        _train(),
+        1,
+        ("the disk is full", "No space left on device", "run the same command again"),
+        mount="size=40m",
+    ),
+]
+
+
+@contextlib.contextmanager
+def prepared(case: Case, work: Path) -> Iterator[None]:
+    """The work folder a case runs in: ``mnt/`` a tmpfs with the case's options (root only),
+    or a plain folder; ``job-file.txt`` a file where a folder is expected."""
+    mnt = work / "mnt"
+    mnt.mkdir(parents=True, exist_ok=True)
+    (work / "job-file.txt").write_text("not a folder\n")
+    if case.mount:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", case.mount, "tmpfs", str(mnt)], check=True)
+    try:
+        yield
+    finally:
+        if case.mount:
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def can_mount() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def run_case(case: Case, work: Path, cluster: str, timeout_s: float = 600) -> tuple[int, str]:
+    """Run one case's CLI command; returns (exit code, the error message on stderr)."""
+    args, env = case.command(work, cluster)
+    with prepared(case, work):
+        proc = subprocess.run(
+            [sys.executable, "-m", "orchestrator", *args],
+            cwd=work,
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+        message = "\n".join(
+            line for line in proc.stderr.splitlines() if line.startswith(("error:", "  - "))
+        )
+        half_written = (work / "mnt" / "runs" / case.run_dir).exists()
+    if proc.returncode == 2 and half_written:
+        message += "\n(a run directory was written)"
+    return proc.returncode, message or proc.stderr[-3000:]
