@@ -301,8 +301,17 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b > 0 else (float("inf") if a > 0 else float("nan"))
 
 
+def headroom(record: list[dict[str, Any]], ref_acc: float) -> float:
+    """Hypervolume of every trial of every search together: the best front this run knows, an
+    upper bound on what one search of the budget reached (a searcher at it cannot be beaten)."""
+    return curve([t for r in record for t in r["trials"]], ref_acc)[-1][1]
+
+
 def print_table(
-    rows: list[dict[str, Any]], args: argparse.Namespace, header: dict[str, Any]
+    rows: list[dict[str, Any]],
+    args: argparse.Namespace,
+    header: dict[str, Any],
+    record: list[dict[str, Any]],
 ) -> None:
     name = f"optuna {args.sampler}"
     marks = [n for n, _ in rows[0]["curves"][0]]
@@ -346,6 +355,13 @@ def print_table(
         f"| mean | | {' | '.join('' for _ in marks)} | ratio {test_mean:.2f} | | "
         f"**{mean:.2f}** (goal >= {GOAL}: {verdict}) |"
     )
+    best = headroom(record, header["ref_acc"])
+    share = [sum(r["curves"][which][-1][1] for r in rows) / len(rows) / best for which in (0, 1)]
+    print(
+        f"\nheadroom: all {sum(len(r['trials']) for r in record)} trials of all searches "
+        f"together reach HV {best:.4f}; the mean final HV is {share[0]:.1%} of that for {name} "
+        f"and {share[1]:.1%} for random (so at most {1 / share[1]:.2f}x random was possible)"
+    )
 
 
 # ----------------------------------------------------------------------------- main
@@ -383,7 +399,15 @@ def main() -> None:
     ap.add_argument("--calib-batches", type=int, default=4, help="x 32 sentences (wanda, asvd)")
     ap.add_argument("--concurrency", type=int, default=2, help="trials at a time (1 CPU each)")
     ap.add_argument("--out", default=None, help="Tune storage and results.json (default: temp)")
+    ap.add_argument(
+        "--table-from", default=None, help="print the table of a saved results.json, run nothing"
+    )
     args = ap.parse_args()
+    if args.table_from:
+        saved = json.loads(Path(args.table_from).read_text())
+        args.trials = max(len(r["trials"]) for r in saved["searches"])
+        print_table(saved["rows"], args, saved["header"], saved["searches"])
+        return
 
     check_hypervolume()
     if not args.model_name:
@@ -449,7 +473,7 @@ def main() -> None:
         (work / "results.json").write_text(
             json.dumps({"header": header, "rows": rows, "searches": record}, indent=1)
         )
-        print_table(rows, args, header)
+        print_table(rows, args, header, record)
         if args.out:
             print(f"\ntrials: {work / 'results.json'}")
 
