@@ -165,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         if e.errno not in _DISK_ERRORS:
             raise
-        # The driver's own writes (run directory, report files): name the path and the cause.
-        print(f"error: cannot write {e.filename}: {e.strerror}", file=sys.stderr)
+        # The driver's own files (run directory, report files): name the path and the cause.
+        print(f"error: {e.filename}: {e.strerror}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -68,3 +68,39 @@ def test_paths_resolved_for_workers(tmp_path, monkeypatch) -> None:
     )
     assert spec.data.path == str(tmp_path / "d.csv")
     assert spec.output.dir == str(tmp_path / "runs")
+
+
+def test_unreachable_address_fails_fast_naming_it(tmp_path, monkeypatch) -> None:
+    """Ray itself retries an address where nothing answers for minutes; the probe says so at
+    once, naming where the address came from."""
+    from orchestrator.testing.distributed import free_port
+
+    spec = _spec(tmp_path)
+    address = f"127.0.0.1:{free_port()}"
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    with pytest.raises(ConfigError, match=r"RAY_ADDRESS = '127\.0\.0\.1:\d+': nothing answers"):
+        launch.connect_ray(spec)
+    with pytest.raises(ConfigError, match=r"--address = 'head-node': is not a Ray address"):
+        launch.connect_ray(spec, "head-node")
+
+
+def test_a_full_disk_is_named(tmp_path) -> None:
+    error = RuntimeError("Training failed ... OSError: [Errno 28] No space left on device: 'x'")
+    named = launch.full_disk(error, tmp_path / "run")
+    assert named is not None and str(tmp_path / "run") in str(named)
+    assert launch.full_disk(RuntimeError("worker died"), tmp_path) is None
+
+
+def test_driver_disk_errors_exit_1_naming_the_file(tmp_path, monkeypatch, capsys) -> None:
+    import errno
+
+    from orchestrator import cli
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "results.parquet"))
+
+    monkeypatch.setattr(launch, "train", full)
+    job = Path(__file__).resolve().parents[2] / "jobs/debug/ddp.yaml"
+    assert cli.main(["train", str(job), f"output.dir={tmp_path}"]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {tmp_path / 'results.parquet'}: No space left on device" in err
