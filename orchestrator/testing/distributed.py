@@ -11,7 +11,10 @@ import os
 import socket
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 
 def free_port() -> int:
@@ -77,3 +80,23 @@ def run_workers(
     if errors:
         raise RuntimeError("a worker failed:\n" + "\n".join(errors))
     return [results[r] for r in range(world_size)]
+
+
+def tiny_classifier(vocab_size: int = 500) -> torch.nn.Module:
+    """A 2-layer BERT classifier (3 labels) without dropout, seeded: small enough for 2-process
+    tests, and the same function on every rank and every run."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=3,
+    )
+    return BertForSequenceClassification(config)

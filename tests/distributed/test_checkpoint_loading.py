@@ -14,26 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.testing import run_workers
+from orchestrator.testing import run_workers, tiny_classifier
 
 pytestmark = pytest.mark.distributed
-
-
-def _tiny_model() -> torch.nn.Module:
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=200,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        num_labels=3,
-    )
-    return BertForSequenceClassification(config)
 
 
 class _Payload:
@@ -106,7 +89,7 @@ def _resume(rank: int, world: int, root_p: Path, stage: int) -> dict:
 
     def build():
         st = strategies.build(spec, torch.device("cpu"))
-        st.prepare(_tiny_model(), total_steps=10)
+        st.prepare(tiny_classifier(200), total_steps=10)
         return st
 
     def train(st, part) -> None:

@@ -6,30 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orchestrator.testing import run_workers
+from orchestrator.testing import run_workers, tiny_classifier
 
 pytestmark = pytest.mark.distributed
 
 PER_RANK = 16  # examples per rank in one optimizer step
 CASES = [("ddp", 0), ("deepspeed", 1), ("deepspeed", 2), ("deepspeed", 3)]
-
-
-def _tiny_model() -> torch.nn.Module:
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    # No dropout: the two runs must compute the same function to compare gradients.
-    config = BertConfig(
-        vocab_size=500,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        num_labels=3,
-    )
-    return BertForSequenceClassification(config)
 
 
 def _full_grads(strategy, stage: int) -> dict[str, torch.Tensor]:
@@ -74,7 +56,7 @@ def grad_worker(rank: int, world: int) -> dict[str, float]:
                 num_workers=world,
             )
             st = strategies.build(spec, torch.device("cpu"))
-            st.prepare(_tiny_model(), total_steps=10)
+            st.prepare(tiny_classifier(), total_steps=10)
             for i in range(gas):
                 sl = slice(i * bs, (i + 1) * bs)
                 with st.accumulate(boundary=(i == gas - 1)), st.autocast():
