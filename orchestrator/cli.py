@@ -6,7 +6,7 @@ import argparse
 import errno
 import sys
 
-from orchestrator.errors import ConfigError, OrchestratorError
+from orchestrator.errors import ConfigError, OrchestratorError, Problem
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -86,23 +86,40 @@ def _modules_table(rows: list[dict]) -> str:
 
 
 def _run_dir_command(args: argparse.Namespace) -> int:
-    """``report`` and ``export``: they read a run directory, and need no Ray."""
-    from pathlib import Path
-
+    """``report`` and ``export``: they read a run directory (a folder or a storage URI), and
+    need no Ray."""
     from orchestrator import results
+    from orchestrator.results.report import OUTPUTS
+    from orchestrator.storage import RunFolder, StorageError
 
-    run_dir = Path(args.run_dir)
+    folder = RunFolder(args.run_dir)
+    try:
+        folder.pull_records()  # a run in storage: this machine's mirror of its records
+    except StorageError as e:
+        raise ConfigError(
+            Problem(
+                "RUN_DIR",
+                args.run_dir,
+                f"cannot be read ({e})",
+                "check the URI, the storage's credentials and that this machine reaches it",
+            ),
+            source="run directory",
+        ) from None
     if args.command == "report":
-        summary = results.write_report(run_dir, running=False)
+        location = folder.location if folder.remote else None
+        summary = results.write_report(folder.local, running=False, location=location)
+        folder.push(*OUTPUTS)
         import pyarrow.parquet as pq
 
-        print(results.format_pareto_table(pq.read_table(run_dir / "results.parquet")))
+        print(results.format_pareto_table(pq.read_table(folder.local / "results.parquet")))
         for note in summary.notes:
             print(f"note: {note}")
-        print(f"report: {run_dir / 'report.html'}")
+        print(f"report: {folder.uri('report.html')}")
+        if folder.remote:
+            print(f"local copy: {folder.local / 'report.html'}")
         return 0
-    out = Path(args.out) if args.out else run_dir / "best"
-    record = results.export_trial(run_dir, out, None if args.best else args.trial)
+    out = args.out or folder.uri("best")
+    record = results.export_trial(folder, out, None if args.best else args.trial)
     print(f"exported trial {record['trial']} to {out}")
     return 0
 
@@ -149,11 +166,13 @@ def main(argv: list[str] | None = None) -> int:
             folder = launch.run_dir(launch.resolve_paths(spec))
             for note in summary.notes:
                 print(f"note: {note}")
-            print(f"report: {folder / 'report.html'}")
+            print(f"report: {folder.uri('report.html')}")
+            if folder.remote:
+                print(f"local copy: {folder.local / 'report.html'}")
             if summary.best:
                 print(
                     f"export the best model: orchestrator export {folder} --best --out "
-                    f"{folder / 'best'}"
+                    f"{folder.uri('best')}"
                 )
             return 0
     except ConfigError as e:

@@ -21,6 +21,7 @@ from orchestrator.config.loader import dump_job
 from orchestrator.config.schema import JobSpec
 from orchestrator.errors import ConfigError, Problem, RunError
 from orchestrator.files import copy_dir_atomic, write_atomic
+from orchestrator.storage import RunFolder, StorageError, copy_within, is_uri, join, kind
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> dict[str, float]:
@@ -62,7 +63,9 @@ def resolve_paths(spec: JobSpec) -> JobSpec:
     """Absolute local paths, so workers (other working directories, other nodes) find them."""
 
     def absolute(p: str | None) -> str | None:
-        return None if p is None or "://" in p else str(Path(p).expanduser().resolve())
+        if p is None or is_uri(p):
+            return p  # a storage URI names the same place on every node already
+        return str(Path(p).expanduser().resolve())
 
     return spec.model_copy(
         update={
@@ -83,8 +86,9 @@ def resolve_paths(spec: JobSpec) -> JobSpec:
     )
 
 
-def run_dir(spec: JobSpec) -> Path:
-    return Path(spec.output.dir) / spec.name
+def run_dir(spec: JobSpec) -> RunFolder:
+    """``<output.dir>/<name>``: a folder, or a place in storage when ``output.dir`` is a URI."""
+    return RunFolder(join(spec.output.dir, spec.name))
 
 
 def preflight(spec: JobSpec) -> tuple[Any, data_lib.DataBundle]:
@@ -120,10 +124,32 @@ def check_output_dir(spec: JobSpec, need_bytes: int) -> None:
     """``output.dir`` must be a writable folder (or creatable in one) with room for at least one
     checkpoint: checked before Ray starts, so a read-only or full disk fails in a second naming
     the path, not minutes later inside a worker. Nothing is created here."""
-    existing = Path(spec.output.dir)
+    fix = "point output.dir at a writable folder with free space"
+    if is_uri(spec.output.dir):
+        try:
+            what = kind(spec.output.dir)
+        except StorageError as e:
+            raise ConfigError(
+                Problem(
+                    "output.dir",
+                    spec.output.dir,
+                    f"cannot be opened ({e})",
+                    "check the URI, the storage's credentials and that this machine reaches it",
+                )
+            ) from None
+        if what == "file":
+            raise ConfigError(
+                Problem("output.dir", spec.output.dir, "is a file, not a folder", fix)
+            )
+        if not spec.output.dir.startswith("file://"):
+            return  # object stores: writes are checked when they happen
+        from orchestrator.storage import resolve
+
+        existing = Path(resolve(spec.output.dir)[1])
+    else:
+        existing = Path(spec.output.dir)
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
-    fix = "point output.dir at a writable folder with free space"
     if not existing.is_dir():
         raise ConfigError(
             Problem("output.dir", spec.output.dir, f"{existing} is a file, not a folder", fix)
@@ -167,8 +193,14 @@ def claim_run_dir(spec: JobSpec) -> bool:
     """Create the run directory with the resolved job. Returns True when an earlier run of the
     identical job is there (it resumes); a different job under the same name is an error."""
     folder = run_dir(spec)
-    saved = folder / "job.yaml"
     text = dump_job(spec)
+    try:
+        folder.pull("job.yaml")
+    except StorageError as e:
+        raise ConfigError(
+            Problem("output.dir", spec.output.dir, f"cannot be read ({e})", "check the URI")
+        ) from None
+    saved = folder.local / "job.yaml"
     if saved.is_file():
         if saved.read_text() == text:
             return True
@@ -181,17 +213,16 @@ def claim_run_dir(spec: JobSpec) -> bool:
             )
         )
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.write_text("job.yaml", text)
     except OSError as e:
         raise ConfigError(
             Problem(
                 "output.dir",
                 spec.output.dir,
-                f"cannot create {folder}: {e.strerror}",
+                f"cannot create {folder}: {e.strerror or e}",
                 "point output.dir at a writable folder",
             )
         ) from None
-    write_atomic(saved, text)
     return False
 
 
@@ -367,7 +398,7 @@ def train(spec: JobSpec, address: str | None = None) -> dict[str, float]:
     return collect_result(result, folder)
 
 
-def build_trainer(spec: JobSpec, folder: Path, callbacks: list | None = None) -> Any:
+def build_trainer(spec: JobSpec, folder: RunFolder, callbacks: list | None = None) -> Any:
     """The ``TorchTrainer`` for one run of ``spec`` whose Train storage is ``folder``."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -384,7 +415,8 @@ def build_trainer(spec: JobSpec, folder: Path, callbacks: list | None = None) ->
         run_config=ray.train.RunConfig(
             # A fixed name under the run directory: starting the same job again resumes it.
             name="train",
-            storage_path=str(folder),
+            # A URI too: Ray Train then writes the checkpoints straight to that storage.
+            storage_path=folder.location,
             failure_config=ray.train.FailureConfig(max_failures=spec.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks or [],
@@ -395,17 +427,25 @@ def build_trainer(spec: JobSpec, folder: Path, callbacks: list | None = None) ->
     )
 
 
-def collect_result(result: Any, folder: Path) -> dict[str, float]:
+def collect_result(result: Any, folder: RunFolder) -> dict[str, float]:
     """Copy the final checkpoint's model (and compression report) into ``folder`` and write
-    ``metrics.json``; returns the final metrics."""
+    ``metrics.json`` last (its presence says the run's model is complete); returns the final
+    metrics. In storage the copy goes from the checkpoint to the run folder directly."""
     if result.checkpoint is None or not result.metrics:
         raise RunError("training finished without a final checkpoint; see the worker logs above")
     metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
-    with result.checkpoint.as_directory() as ckpt:
-        copy_dir_atomic(Path(ckpt) / "model", folder / "model")
-        report = Path(ckpt) / "compress_report.json"
-        if report.is_file():
-            write_atomic(folder / "compress_report.json", report.read_text())
-    metrics_out = {"checkpoint": result.checkpoint.path, **metrics}
-    write_atomic(folder / "metrics.json", json.dumps(metrics_out, indent=2, sort_keys=True))
+    ckpt = result.checkpoint
+    if folder.remote:
+        copy_within(ckpt.filesystem, f"{ckpt.path}/model", folder.uri("model"))
+        report = f"{ckpt.path}/compress_report.json"
+        if ckpt.filesystem.get_file_info(report).is_file:
+            copy_within(ckpt.filesystem, report, folder.uri("compress_report.json"))
+    else:
+        with ckpt.as_directory() as local:
+            copy_dir_atomic(Path(local) / "model", folder.local / "model")
+            report = Path(local) / "compress_report.json"
+            if report.is_file():
+                write_atomic(folder.local / "compress_report.json", report.read_text())
+    metrics_out = {"checkpoint": ckpt.path, **metrics}
+    folder.write_text("metrics.json", json.dumps(metrics_out, indent=2, sort_keys=True))
     return metrics

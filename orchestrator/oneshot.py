@@ -9,7 +9,6 @@ import json
 from orchestrator import launch
 from orchestrator.config.schema import JobSpec
 from orchestrator.errors import ConfigError, Problem
-from orchestrator.files import write_atomic
 from orchestrator.finalize import build_compressed, calibration_batches, finalize
 
 
@@ -38,9 +37,10 @@ def compress_job(spec: JobSpec) -> dict:
         report,
         bundle,
         tokenizer,
-        folder / "model",
+        folder.local / "model",
         int(report.metrics["compress/params_before"]),
     )
+    folder.push("model")  # to storage, when output.dir is a URI
     out = {"job": spec.name, **report.to_dict()}
-    write_atomic(folder / "compress_report.json", json.dumps(out, indent=2))
+    folder.write_text("compress_report.json", json.dumps(out, indent=2))
     return out

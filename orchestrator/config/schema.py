@@ -15,6 +15,7 @@ from pydantic_core import PydanticCustomError
 from orchestrator.config.base import cross_field_error
 from orchestrator.config.compress import CompressConfig
 from orchestrator.config.search import SearchConfig, check_space
+from orchestrator.storage import check_uri, is_uri
 
 
 class _Section(BaseModel):
@@ -37,7 +38,8 @@ class ModelConfig(_Section):
     )
     path: str | None = Field(
         default=None,
-        description="local folder in Hugging Face format (config.json, weights, tokenizer); "
+        description="folder in Hugging Face format (config.json, weights, tokenizer): a local "
+        "path, or a storage URI (s3://, gs://, file://) fetched once per node into the cache; "
         "exclusive with model.name",
     )
     tokenizer_path: str | None = Field(
@@ -252,18 +254,19 @@ class OutputConfig(_Section):
     dir: str = Field(
         default="runs",
         description="root of run directories; a run writes <dir>/<name>/. On more than one "
-        "node: a shared file system path mounted at the same place on every node",
+        "node: a storage URI every node reaches (file:///shared/runs on a shared file system, "
+        "s3://bucket/runs, gs://bucket/runs), or a shared file system path mounted at the same "
+        "place on every node",
     )
 
     @field_validator("dir")
     @classmethod
-    def _local_path(cls, value: str) -> str:
-        # Ray Train could persist checkpoints to a URI, but the run directory's other files
-        # (results, the baseline the trials start from) are plain files: not supported yet.
-        if "://" in value:
+    def _uri(cls, value: str) -> str:
+        why = check_uri(value) if is_uri(value) else None
+        if why:
             raise ValueError(
-                "is a storage URI, which is not supported yet: use a local path, or on a cluster "
-                "a shared file system (NFS, a mounted bucket) at the same path on every node"
+                f"is not a usable storage URI: {why}. Use e.g. s3://bucket/runs, "
+                "file:///shared/runs or a plain path"
             )
         return value
 

@@ -27,6 +27,7 @@ from orchestrator.errors import ConfigError, CorruptFileError, Problem
 from orchestrator.models.mlp import MODEL_TYPE as MLP_MODEL_TYPE
 from orchestrator.models.mlp import MLPConfig, MLPForImageClassification
 from orchestrator.safeload import check_safetensors
+from orchestrator.storage import StorageError, check_uri, fetch, is_uri
 
 # Shapes of the from-config models: small enough that a training step takes milliseconds.
 TINY_SHAPES = {
@@ -80,8 +81,29 @@ def takes_pixels(spec: ModelConfig) -> bool:
     """Whether the model reads ``pixel_values`` (the MLP, by name or saved in a local folder, as
     a search's trials load it from the baseline) rather than tokens: then it has no tokenizer."""
     if spec.path is not None:
-        return _model_type(Path(spec.path).expanduser()) == MLP_MODEL_TYPE
+        return _model_type(_local_path(spec.path)) == MLP_MODEL_TYPE
     return spec.name in PIXEL_MODELS
+
+
+def _local_path(path: str) -> Path:
+    """``model.path`` on this machine: a local folder as is, a storage URI (the baseline model
+    of a search whose ``output.dir`` is one) fetched into this node's cache."""
+    if not is_uri(path):
+        return Path(path).expanduser()
+    why = check_uri(path)
+    try:
+        if why:
+            raise StorageError(why)
+        return fetch(path)
+    except StorageError as e:
+        raise ConfigError(
+            Problem(
+                "model.path",
+                path,
+                f"cannot be fetched: {e}",
+                "check the URI, and that this node reaches the storage (credentials, network)",
+            )
+        ) from None
 
 
 def _check_pixel_model(spec: ModelConfig) -> None:
@@ -112,7 +134,7 @@ def _check_pixel_model(spec: ModelConfig) -> None:
 def model_dir(spec: ModelConfig) -> Path | None:
     """The local folder the weights come from; ``None`` for from-config models."""
     if spec.path is not None:
-        p = Path(spec.path).expanduser()
+        p = _local_path(spec.path)
         if not (p / "config.json").is_file():
             raise ConfigError(
                 Problem(

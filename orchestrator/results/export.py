@@ -13,6 +13,7 @@ import difflib
 import json
 import math
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from orchestrator.errors import ConfigError, CorruptFileError, Problem
 from orchestrator.files import write_dir_atomic
 from orchestrator.results.report import read_run
 from orchestrator.results.table import best_trial, build_table
+from orchestrator.storage import RunFolder, StorageError, fetch, is_uri, kind, upload
 
 RECORD = "trial.json"
 
@@ -32,8 +34,16 @@ def _json_safe(row: dict[str, Any]) -> dict[str, Any]:
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
 
 
-def _check_out(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+def _check_out(out: str) -> None:
+    if is_uri(out):
+        try:
+            taken = kind(out) is not None
+        except StorageError as e:
+            raise _error("--out", out, f"cannot be read ({e})", "check the URI") from None
+    else:
+        path = Path(out)
+        taken = path.exists() and (not path.is_dir() or any(path.iterdir()))
+    if taken:
         raise _error(
             "--out",
             str(out),
@@ -66,15 +76,20 @@ def _pick(rows: dict[str, dict[str, Any]], trial: str | None, best: dict | None)
     return trial
 
 
-def export_trial(run_dir: str | Path, out: str | Path, trial: str | None = None) -> dict[str, Any]:
+def export_trial(
+    run_dir: str | Path | RunFolder, out: str | Path, trial: str | None = None
+) -> dict[str, Any]:
     """Copy a trial's compressed model to ``out`` and return its trial record.
 
     ``trial=None`` exports the best feasible trial (``best_trial``), as ``--best`` does; the
     same table and rule as the report pick it, so the report's "best" is what gets shipped.
     Raises ``ConfigError`` for a non-empty ``out``, an unknown trial (with a did-you-mean), no
-    feasible trial, or a trial that has no finished artifact."""
-    run = read_run(run_dir)
-    out = Path(out)
+    feasible trial, or a trial that has no finished artifact. ``run_dir`` in storage (a
+    ``RunFolder`` whose records are pulled): the model is fetched from there; ``out`` may be a
+    storage URI too."""
+    folder = run_dir if isinstance(run_dir, RunFolder) else RunFolder(str(run_dir))
+    run = read_run(folder.local)
+    out = str(out)
     _check_out(out)
     table = build_table(run.trials, run.search, run.baseline)
     rows = {r["trial"]: r for r in table.to_pylist()}
@@ -88,14 +103,15 @@ def export_trial(run_dir: str | Path, out: str | Path, trial: str | None = None)
             f"is {record['status']}, not done, so it has no final model",
             f"export a finished trial: {', '.join(finished) or 'none has finished yet'}",
         )
-    src = run.run_dir / "trials" / name / (record["artifact"] or "")
-    if record["artifact"] is None or not src.is_dir():
+    rel = f"trials/{name}/{record['artifact'] or ''}"
+    if record["artifact"] is None or not folder.exists(rel):
         raise _error(
             "--trial",
             name,
-            f"has no exported model ({src} is missing)",
+            f"has no exported model ({folder.uri(rel)} is missing)",
             "re-run the search with --resume, or export another trial",
         )
+    src = fetch(folder.uri(rel)) if folder.remote else folder.local / rel
     # Imported here: it brings torch, which `orchestrator report` does not need.
     from orchestrator.compress.artifact import check_artifact
 
@@ -110,9 +126,9 @@ def export_trial(run_dir: str | Path, out: str | Path, trial: str | None = None)
         ) from None
     provenance = {
         **record,
-        "run_dir": str(run.run_dir.resolve()),
+        "run_dir": folder.location if folder.remote else str(run.run_dir.resolve()),
         "job": run.spec.name,
-        "source": str(src.resolve()),
+        "source": folder.uri(rel) if folder.remote else str(src.resolve()),
         "row": _json_safe(rows[name]),
     }
 
@@ -120,6 +136,11 @@ def export_trial(run_dir: str | Path, out: str | Path, trial: str | None = None)
         shutil.copytree(src, tmp, dirs_exist_ok=True)
         (tmp / RECORD).write_text(json.dumps(provenance, indent=2, sort_keys=True))
 
-    # A hidden sibling folder renamed into place (``out`` is absent or empty, checked above).
-    write_dir_atomic(out, fill)
+    if is_uri(out):
+        with tempfile.TemporaryDirectory() as tmp:
+            fill(Path(tmp))
+            upload(Path(tmp), out)
+    else:
+        # A hidden sibling folder renamed into place (``out`` is absent or empty, checked above).
+        write_dir_atomic(Path(out), fill)
     return record

@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from orchestrator.config.search import TRIAL_METRICS, SearchConfig
 from orchestrator.results.table import MB, STATUSES
+from orchestrator.storage import join
 
 REFRESH_S = 15
 _STATUS_WORDS = {
@@ -144,7 +145,7 @@ _METRIC_HEAD = [
 
 
 def _best_section(
-    best: dict[str, Any] | None, rows: list[dict[str, Any]], run_dir: Path, search: SearchConfig
+    best: dict[str, Any] | None, rows: list[dict[str, Any]], run_dir: str, search: SearchConfig
 ) -> str:
     sel = search.selection
     if best is None:
@@ -161,7 +162,7 @@ def _best_section(
         )
     command = (
         f"orchestrator export {shlex.quote(str(run_dir))} --best "
-        f"--out {shlex.quote(str(run_dir / 'best'))}"
+        f"--out {shlex.quote(join(run_dir, 'best'))}"
     )
     return (
         f"<p>Best feasible trial on {escape(sel.metric)} ({escape(sel.mode)}): "
@@ -183,7 +184,7 @@ def render_html(
     *,
     job_name: str,
     job_yaml: str,
-    run_dir: Path,
+    run_dir: str | Path,
     search: SearchConfig,
     table: pa.Table,
     baseline: dict[str, float] | None,
@@ -269,7 +270,7 @@ def render_html(
         f'{data}">'
     )
     body.append("<h2>Best recipe under the constraints</h2>")
-    body.append(f'<div id="best">{_best_section(best, rows, run_dir, search)}</div>')
+    body.append(f'<div id="best">{_best_section(best, rows, str(run_dir), search)}</div>')
     body.append(f"<h2>All trials ({len(rows)})</h2>")
     trial_head = ["trial", "status", "recipe", *_METRIC_HEAD, "feasible", "violations"]
     body.append(_table("trials-table", [*trial_head, "wall s", "error"], trial_rows))

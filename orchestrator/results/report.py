@@ -28,6 +28,7 @@ RESULTS = "results.parquet"
 PARETO = "pareto.parquet"
 PLOT = "pareto.png"
 HTML = "report.html"
+OUTPUTS = (RESULTS, PARETO, PLOT, HTML)
 
 
 @dataclass
@@ -100,14 +101,18 @@ def _write_parquet(path: Path, table: pa.Table) -> None:
 
 
 def write_report(
-    run_dir: str | Path, running: bool = False, spec: JobSpec | None = None
+    run_dir: str | Path,
+    running: bool = False,
+    spec: JobSpec | None = None,
+    location: str | None = None,
 ) -> ReportSummary:
     """Write ``results.parquet``, ``pareto.parquet``, ``pareto.png`` and ``report.html``.
 
     ``running=True`` (the search driver) makes the page reload itself every few seconds. A
     partial run (trials running, failed or stopped, no baseline yet) still gets a full report
     that says what is missing; only a directory that is not a search run is an error, and then
-    nothing is written. ``spec``: see ``read_run``."""
+    nothing is written. ``spec``: see ``read_run``. ``location``: the run's storage URI when
+    ``run_dir`` is this machine's mirror of it (the page names it, and the export command)."""
     run = read_run(run_dir, spec)
     search = run.search
     table = build_table(run.trials, search, run.baseline)
@@ -121,7 +126,7 @@ def write_report(
     page = render_html(
         job_name=run.spec.name,
         job_yaml=run.job_yaml,
-        run_dir=run.run_dir,
+        run_dir=location or run.run_dir,
         search=search,
         table=table,
         baseline=run.baseline,
@@ -130,7 +135,7 @@ def write_report(
         notes=notes,
         running=running,
     )
-    paths = [run.run_dir / name for name in (RESULTS, PARETO, PLOT, HTML)]
+    paths = [run.run_dir / name for name in OUTPUTS]
     _write_parquet(paths[0], table)
     _write_parquet(paths[1], front)
     _write_bytes(paths[2], png)

@@ -23,8 +23,8 @@ from orchestrator.config.loader import apply_overrides, dump_job, validate_job
 from orchestrator.config.schema import JobSpec
 from orchestrator.config.search import SearchConfig, ignored, switched_off
 from orchestrator.errors import ConfigError, Problem, RunError
-from orchestrator.files import write_atomic
 from orchestrator.search import space as space_lib
+from orchestrator.storage import RunFolder, StorageError, join
 
 if TYPE_CHECKING:
     from orchestrator.results.report import ReportSummary
@@ -37,14 +37,14 @@ TRIALS = "trials"
 TRIAL_DRIVER_MEMORY = 256 * 2**20
 
 
-def write_trial(run_dir: Path, record: dict[str, Any]) -> None:
-    folder = run_dir / TRIALS / record["trial"]
-    folder.mkdir(parents=True, exist_ok=True)
-    write_atomic(folder / "trial.json", json.dumps(record, indent=2, sort_keys=True))
+def write_trial(run_dir: RunFolder, record: dict[str, Any]) -> None:
+    rel = f"{TRIALS}/{record['trial']}/trial.json"
+    run_dir.write_text(rel, json.dumps(record, indent=2, sort_keys=True))
 
 
-def read_trial(run_dir: Path, name: str) -> dict[str, Any] | None:
-    path = run_dir / TRIALS / name / "trial.json"
+def read_trial(run_dir: RunFolder, name: str) -> dict[str, Any] | None:
+    """The driver's record of a trial (the driver alone writes it: its mirror is current)."""
+    path = run_dir.local / TRIALS / name / "trial.json"
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -61,19 +61,21 @@ def train_driver_fn(
     spec_search = SearchConfig.model_validate(search)
     name = ray.tune.get_context().get_trial_name()
     sampled = {k: config[k] for k in spec_search.space}
-    raw = space_lib.trial_job(base, spec_search, sampled, name, str(Path(run_dir) / TRIALS))
+    raw = space_lib.trial_job(base, spec_search, sampled, name, join(run_dir, TRIALS))
     spec = validate_job(raw, source=f"trial {name}")
+    # This process may run on another node than the driver: with output.dir in storage, its
+    # trial folder is this node's mirror, pulled from and pushed to storage.
     folder = launch.run_dir(spec)
-    folder.mkdir(parents=True, exist_ok=True)
-    final, job_text = folder / "metrics.json", dump_job(spec)
-    saved = folder / "job.yaml"
-    if final.is_file() and (folder / "model").is_dir() and saved.is_file():
+    folder.pull("metrics.json", "job.yaml")
+    final, job_text = folder.local / "metrics.json", dump_job(spec)
+    saved = folder.local / "job.yaml"
+    if final.is_file() and saved.is_file() and folder.exists("model"):
         if saved.read_text() == job_text:
             # Finished before the driver was stopped, but after Tune's last snapshot of the
             # experiment: hand Tune the result instead of training again.
             ray.tune.report(_numbers(json.loads(final.read_text())))
             return
-    write_atomic(saved, job_text)
+    folder.write_text("job.yaml", job_text)
     callback = _forward_intermediate(space_lib.required_metrics(spec_search))
     result = launch.build_trainer(spec, folder, callbacks=[callback]).fit()
     if result.error is not None:
@@ -100,12 +102,10 @@ def _forward_intermediate(required: list[str]) -> Any:
     return ForwardIntermediate()
 
 
-def _results_callback(run_dir: Path, spec: JobSpec) -> Any:
+def _results_callback(run_dir: RunFolder, spec: JobSpec) -> Any:
     """Driver side: a ``trial.json`` per trial as its state changes, and the report refreshed
     after each finished trial, so a browser open on report.html follows the search."""
     from ray import tune
-
-    from orchestrator.results import write_report
 
     keys = list(spec.search.space)
 
@@ -138,11 +138,12 @@ def _results_callback(run_dir: Path, spec: JobSpec) -> Any:
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             name = str(trial)
-            folder = run_dir / TRIALS / name
+            rel = f"{TRIALS}/{name}"
             old = read_trial(run_dir, name) or {}
             wall = time.time() - old.get("started", time.time())
-            final = folder / "metrics.json"
-            if final.is_file() and (folder / "model").is_dir():
+            run_dir.pull(f"{rel}/metrics.json")  # written by the trial, maybe on another node
+            final = run_dir.local / rel / "metrics.json"
+            if final.is_file() and run_dir.exists(f"{rel}/model"):
                 metrics = _numbers(json.loads(final.read_text()))
                 self._record(trial, "done", metrics=metrics, artifact="model", wall_s=wall)
             else:
@@ -150,15 +151,26 @@ def _results_callback(run_dir: Path, spec: JobSpec) -> Any:
                 self._record(
                     trial, "stopped", metrics=_numbers(trial.last_result or {}), wall_s=wall
                 )
-            write_report(run_dir, running=True, spec=spec)
+            _write_report(run_dir, running=True, spec=spec)
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             old = read_trial(run_dir, str(trial)) or {}
             wall = time.time() - old.get("started", time.time())
             self._record(trial, "error", error=_error_text(trial), wall_s=wall)
-            write_report(run_dir, running=True, spec=spec)
+            _write_report(run_dir, running=True, spec=spec)
 
     return RecordTrials()
+
+
+def _write_report(run_dir: RunFolder, running: bool, spec: JobSpec | None = None) -> ReportSummary:
+    """The report files, written in the run folder (and pushed to storage when it is there)."""
+    from orchestrator.results import write_report
+    from orchestrator.results.report import OUTPUTS
+
+    location = run_dir.location if run_dir.remote else None
+    summary = write_report(run_dir.local, running=running, spec=spec, location=location)
+    run_dir.push(*OUTPUTS)
+    return summary
 
 
 def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
@@ -183,12 +195,12 @@ def _error_text(trial: Any) -> str:
     return "\n".join(lines[-3:]) or "the trial failed (see the driver log)"
 
 
-def baseline_spec(spec: JobSpec, folder: Path) -> JobSpec:
+def baseline_spec(spec: JobSpec, folder: RunFolder) -> JobSpec:
     """The dense job: compression and search removed, the baseline's own overrides applied."""
     raw = spec.model_dump(mode="json", exclude={"search", "compress"})
     raw = apply_overrides(raw, spec.search.baseline.overrides)
     raw["name"] = "baseline"
-    raw["output"] = {"dir": str(folder)}
+    raw["output"] = {"dir": folder.location}
     return validate_job(raw, source="search.baseline")
 
 
@@ -209,23 +221,25 @@ def _measure_dense(job: dict[str, Any], model_path: str | None) -> dict[str, flo
     return finalize.measure_dense(spec, model, bundle, tokenizer)
 
 
-def run_baseline(spec: JobSpec, folder: Path, address: str | None) -> dict[str, float]:
+def run_baseline(spec: JobSpec, folder: RunFolder, address: str | None) -> dict[str, float]:
     """Fine-tune the dense model once (or take the job's model as is), evaluate and measure it,
     and save ``baseline.json``. A finished baseline is reused (resume, or a crash after it)."""
     import ray
 
-    out = folder / "baseline.json"
+    out = folder.local / "baseline.json"
     if out.is_file():
         return json.loads(out.read_text())
     model_path = None
     if spec.search.baseline.train:
         bspec = baseline_spec(spec, folder)
         print(
-            f"[orchestrator] dense baseline: fine-tuning once ({folder / 'baseline'})", flush=True
+            f"[orchestrator] dense baseline: fine-tuning once ({folder.uri('baseline')})",
+            flush=True,
         )
         # Its accuracy is measured again below on the saved model, the same way as trials'.
         launch.train(bspec, address=address)
-        model_path = str(folder / "baseline" / "model")
+        # A URI when output.dir is one: the task (and every trial) fetches it from storage.
+        model_path = folder.uri("baseline", "model")
     job = spec.model_dump(mode="json", exclude={"search", "compress"})
     task = ray.remote(_measure_dense).options(
         num_cpus=spec.resources.cpus_per_worker, num_gpus=0, max_retries=1
@@ -234,7 +248,7 @@ def run_baseline(spec: JobSpec, folder: Path, address: str | None) -> dict[str, 
         metrics = ray.get(task.remote(job, model_path))
     except Exception as e:  # a RayTaskError wraps the worker's exception
         raise RunError(f"measuring the dense baseline failed: {e}") from e
-    write_atomic(out, json.dumps(metrics, indent=2, sort_keys=True))
+    folder.write_text("baseline.json", json.dumps(metrics, indent=2, sort_keys=True))
     print(
         f"[orchestrator] dense baseline: eval/accuracy {metrics['eval/accuracy']:.4f} | "
         f"{metrics['compress/size_bytes'] / 1e6:.1f} MB | "
@@ -250,12 +264,11 @@ def check_search_dir(spec: JobSpec, resume: bool) -> None:
     from ray import tune
 
     folder = launch.run_dir(spec)
-    saved = folder / "job.yaml"
+    saved = folder.local / "job.yaml"
     if saved.is_file() and saved.read_text() != dump_job(spec):
         launch.claim_run_dir(spec)  # raises: a different job under the same name
-    experiment = folder / TUNE_NAME
-    started = experiment.is_dir() and tune.Tuner.can_restore(str(experiment))
-    if (started or (folder / "baseline.json").is_file()) and not resume:
+    started = folder.exists(TUNE_NAME) and tune.Tuner.can_restore(folder.uri(TUNE_NAME))
+    if (started or (folder.local / "baseline.json").is_file()) and not resume:
         raise ConfigError(
             Problem(
                 "name",
@@ -287,15 +300,24 @@ def search(spec: JobSpec, address: str | None = None, resume: bool = False) -> R
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     from ray import tune
 
-    from orchestrator.results import write_report
-
     spec = launch.resolve_paths(spec)
+    folder = launch.run_dir(spec)
+    try:
+        folder.pull_records()  # a run in storage: this machine's mirror starts from it
+    except StorageError as e:
+        raise ConfigError(
+            Problem(
+                "output.dir",
+                spec.output.dir,
+                f"cannot be read ({e})",
+                "check the URI, the storage's credentials and that this machine reaches it",
+            )
+        ) from None
     check_search_dir(spec, resume)
     _, bundle = launch.preflight(spec)
     launch.connect_ray(spec, address)
     launch.check_capacity(spec)
     launch.claim_run_dir(spec)
-    folder = launch.run_dir(spec)
     search_cfg = spec.search
     run_baseline(spec, folder, address)
 
@@ -303,7 +325,7 @@ def search(spec: JobSpec, address: str | None = None, resume: bool = False) -> R
     if search_cfg.baseline.train:
         # Every trial starts from the fine-tuned dense model, not from the raw pretrained one.
         base["model"] = {
-            "path": str(folder / "baseline" / "model"),
+            "path": folder.uri("baseline", "model"),
             "num_layers": spec.model.num_layers,
         }
     t = spec.train
@@ -325,7 +347,7 @@ def search(spec: JobSpec, address: str | None = None, resume: bool = False) -> R
             train_driver_fn,
             base=base,
             search=search_cfg.model_dump(mode="json"),
-            run_dir=str(folder),
+            run_dir=folder.location,
         ),
         {"memory": TRIAL_DRIVER_MEMORY},
     )
@@ -333,7 +355,7 @@ def search(spec: JobSpec, address: str | None = None, resume: bool = False) -> R
     # only complete results (see _forward_complete_results), which always hold them.
     run_config = tune.RunConfig(
         name=TUNE_NAME,
-        storage_path=str(folder),
+        storage_path=folder.location,  # a URI too: Tune keeps its experiment state there
         failure_config=tune.FailureConfig(max_failures=search_cfg.max_failures),
         callbacks=[_results_callback(folder, spec)],
         progress_reporter=tune.CLIReporter(
@@ -343,12 +365,12 @@ def search(spec: JobSpec, address: str | None = None, resume: bool = False) -> R
         ),
         verbose=1,
     )
-    experiment = folder / TUNE_NAME
-    namer = _TrialNamer(folder / TRIALS, search_cfg)
-    if resume and tune.Tuner.can_restore(str(experiment)):
+    experiment = folder.uri(TUNE_NAME)
+    namer = _TrialNamer(folder, search_cfg)
+    if resume and folder.exists(TUNE_NAME) and tune.Tuner.can_restore(experiment):
         print(f"[orchestrator] resuming the search in {experiment}", flush=True)
         tuner = tune.Tuner.restore(
-            str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=True
+            experiment, trainable=trainable, resume_unfinished=True, resume_errored=True
         )
     else:
         tuner = tune.Tuner(
@@ -372,19 +394,19 @@ def search(spec: JobSpec, address: str | None = None, resume: bool = False) -> R
     try:
         grid = tuner.fit()
     except Exception as e:  # Tune raises on driver-side failures (trial errors are recorded)
-        write_report(folder, running=False, spec=spec)
+        _write_report(folder, running=False, spec=spec)
         raise RunError(f"the search failed: {e}\n{traceback.format_exc(limit=3)}") from e
     _close_lost_trials(folder, {Path(r.path).name for r in grid if r.path})
-    summary = write_report(folder, running=False, spec=spec)
-    print(pareto_text(folder))
+    summary = _write_report(folder, running=False, spec=spec)
+    print(pareto_text(folder.local))
     return summary
 
 
-def _close_lost_trials(folder: Path, known: set[str]) -> None:
+def _close_lost_trials(folder: RunFolder, known: set[str]) -> None:
     """A trial the driver started just before it was killed, after Tune's last snapshot of the
     experiment, is unknown to the resumed experiment: mark its record instead of leaving it
     "running" forever (Tune drew its recipe again as a new trial)."""
-    for path in (folder / TRIALS).glob("*/trial.json"):
+    for path in (folder.local / TRIALS).glob("*/trial.json"):
         record = read_trial(folder, path.parent.name)
         if record and record["status"] == "running" and record["trial"] not in known:
             record.update(
@@ -410,8 +432,9 @@ class _TrialNamer:
     for trials it restores, so the mapping lives on disk: a resumed trial keeps its name (and
     with it its folder and its Train checkpoints), a new one takes the next ordinal."""
 
-    def __init__(self, trials_dir: Path, search: SearchConfig) -> None:
-        self.path = trials_dir / "names.json"
+    def __init__(self, run_dir: RunFolder, search: SearchConfig) -> None:
+        self.run_dir = run_dir
+        self.path = run_dir.local / TRIALS / "names.json"
         self.search = search
 
     def __call__(self, trial: Any) -> str:
@@ -426,6 +449,7 @@ class _TrialNamer:
             off = switched_off(self.search.space, sampled)
             recipe = {k: v for k, v in sampled.items() if not ignored(k, off)}
             names[trial.trial_id] = space_lib.trial_name(index, recipe)
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.path, json.dumps(names, indent=2, sort_keys=True))
+            self.run_dir.write_text(
+                f"{TRIALS}/names.json", json.dumps(names, indent=2, sort_keys=True)
+            )
         return names[trial.trial_id]

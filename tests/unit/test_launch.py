@@ -68,6 +68,34 @@ def test_paths_resolved_for_workers(tmp_path, monkeypatch) -> None:
     )
     assert spec.data.path == str(tmp_path / "d.csv")
     assert spec.output.dir == str(tmp_path / "runs")
+    uri = f"file://{tmp_path}/store"
+    in_storage = spec.model_copy(update={"output": spec.output.model_copy(update={"dir": uri})})
+    assert launch.resolve_paths(in_storage).output.dir == uri
+
+
+def test_run_dir_claims_in_storage(tmp_path, monkeypatch) -> None:
+    """With output.dir a storage URI the job is claimed there; the check of an earlier run reads
+    storage, not this machine's mirror (a different machine, or an emptied cache)."""
+    monkeypatch.setenv("ORCHESTRATOR_CACHE", str(tmp_path / "cache"))
+    uri = f"file://{tmp_path}/store"
+    spec = launch.resolve_paths(_spec(tmp_path, batch_size=4))
+    spec = spec.model_copy(update={"output": spec.output.model_copy(update={"dir": uri})})
+    assert launch.claim_run_dir(spec) is False
+    assert (tmp_path / "store" / spec.name / "job.yaml").is_file()
+    import shutil
+
+    shutil.rmtree(tmp_path / "cache")
+    assert launch.claim_run_dir(spec) is True
+    other = spec.model_copy(update={"train": spec.train.model_copy(update={"batch_size": 8})})
+    with pytest.raises(ConfigError, match="different job"):
+        launch.claim_run_dir(other)
+    launch.check_output_dir(spec, 1)
+    (tmp_path / "file").write_text("x")
+    bad = spec.model_copy(
+        update={"output": spec.output.model_copy(update={"dir": f"file://{tmp_path}/file"})}
+    )
+    with pytest.raises(ConfigError, match="is a file"):
+        launch.check_output_dir(bad, 1)
 
 
 def test_unreachable_address_fails_fast_naming_it() -> None:

@@ -470,3 +470,39 @@ def test_export_refuses_a_damaged_artifact(tmp_path: Path, tiny_artifact) -> Non
     shipped.write_bytes(shipped.read_bytes()[:-100])
     with pytest.raises(CorruptFileError, match=f"{shipped} is truncated or corrupt"):
         load_artifact(out)
+
+
+def test_report_and_export_of_a_run_in_storage(
+    tmp_path: Path, tiny_artifact, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """``orchestrator report`` and ``export`` take a storage URI (``file://`` here, as a bucket):
+    the report files go back to storage, the model comes from there."""
+    import shutil
+
+    from orchestrator.cli import main
+
+    monkeypatch.setenv("ORCHESTRATOR_CACHE", str(tmp_path / "cache"))
+    src, batch = tiny_artifact
+    run = _write_run(tmp_path / "store", _trials())
+    shutil.copytree(src, run / "trials" / "t_a" / "model")
+    uri = f"file://{run}"
+
+    assert main(["report", uri]) == 0
+    out = capsys.readouterr().out
+    assert f"report: {uri}/report.html" in out and "local copy:" in out
+    for name in ("results.parquet", "pareto.parquet", "pareto.png", "report.html"):
+        assert (run / name).is_file(), name
+    page = (run / "report.html").read_text()
+    assert f"orchestrator export {uri} --best --out {uri}/best" in page
+
+    assert main(["export", uri, "--best", "--out", str(tmp_path / "shipped")]) == 0
+    assert torch.equal(_logits(tmp_path / "shipped", batch), _logits(src, batch))
+    provenance = json.loads((tmp_path / "shipped" / "trial.json").read_text())
+    assert provenance["source"] == f"{uri}/trials/t_a/model" and provenance["run_dir"] == uri
+    assert main(["export", uri, "--best"]) == 0  # default: <RUN_DIR>/best, in storage
+    assert torch.equal(_logits(run / "best", batch), _logits(src, batch))
+    assert main(["export", uri, "--best"]) == 2  # never overwrites, in storage either
+    assert "exists and is not empty" in capsys.readouterr().err
+
+    assert main(["report", f"file://{tmp_path}/store/nothing"]) == 2
+    assert "holds no job.yaml" in capsys.readouterr().err
