@@ -6,7 +6,7 @@ import argparse
 import errno
 import sys
 
-from orchestrator.errors import ConfigError, OrchestratorError, Problem
+from orchestrator.errors import ConfigError, OrchestratorError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -90,21 +90,13 @@ def _run_dir_command(args: argparse.Namespace) -> int:
     need no Ray."""
     from orchestrator import results
     from orchestrator.results.report import OUTPUTS
-    from orchestrator.storage import RunFolder, StorageError
+    from orchestrator.storage import RunFolder, StorageError, unreachable
 
     folder = RunFolder(args.run_dir)
     try:
         folder.pull_records()  # a run in storage: this machine's mirror of its records
     except StorageError as e:
-        raise ConfigError(
-            Problem(
-                "RUN_DIR",
-                args.run_dir,
-                f"cannot be read ({e})",
-                "check the URI, the storage's credentials and that this machine reaches it",
-            ),
-            source="run directory",
-        ) from None
+        raise unreachable("RUN_DIR", args.run_dir, e, source="run directory") from None
     if args.command == "report":
         location = folder.location if folder.remote else None
         summary = results.write_report(folder.local, running=False, location=location)

@@ -21,7 +21,15 @@ from orchestrator.config.loader import dump_job
 from orchestrator.config.schema import JobSpec
 from orchestrator.errors import ConfigError, Problem, RunError
 from orchestrator.files import copy_dir_atomic, write_atomic
-from orchestrator.storage import RunFolder, StorageError, copy_within, is_uri, join, kind
+from orchestrator.storage import (
+    RunFolder,
+    StorageError,
+    copy_within,
+    is_uri,
+    join,
+    kind,
+    unreachable,
+)
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> dict[str, float]:
@@ -129,14 +137,7 @@ def check_output_dir(spec: JobSpec, need_bytes: int) -> None:
         try:
             what = kind(spec.output.dir)
         except StorageError as e:
-            raise ConfigError(
-                Problem(
-                    "output.dir",
-                    spec.output.dir,
-                    f"cannot be opened ({e})",
-                    "check the URI, the storage's credentials and that this machine reaches it",
-                )
-            ) from None
+            raise unreachable("output.dir", spec.output.dir, e) from None
         if what == "file":
             raise ConfigError(
                 Problem("output.dir", spec.output.dir, "is a file, not a folder", fix)
@@ -197,9 +198,7 @@ def claim_run_dir(spec: JobSpec) -> bool:
     try:
         folder.pull("job.yaml")
     except StorageError as e:
-        raise ConfigError(
-            Problem("output.dir", spec.output.dir, f"cannot be read ({e})", "check the URI")
-        ) from None
+        raise unreachable("output.dir", spec.output.dir, e) from None
     saved = folder.local / "job.yaml"
     if saved.is_file():
         if saved.read_text() == text:

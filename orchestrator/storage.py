@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+from orchestrator.errors import ConfigError, Problem
 from orchestrator.files import replace_dir, write_atomic, write_dir_atomic
 
 SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
@@ -42,6 +43,19 @@ BULK_FOLDERS = ("model", "best", "train", "tune")
 
 class StorageError(OSError):
     """A URI that cannot be opened, read or written (no such bucket, no credentials...)."""
+
+
+def unreachable(key: str, value: str, error: Exception, source: str = "job") -> ConfigError:
+    """The input error for a storage URI that cannot be opened or read, naming its key."""
+    return ConfigError(
+        Problem(
+            key,
+            value,
+            f"cannot be read ({error})",
+            "check the URI, the storage's credentials and that this machine reaches it",
+        ),
+        source=source,
+    )
 
 
 def is_uri(location: str | os.PathLike[str]) -> bool:

@@ -21,7 +21,7 @@ from orchestrator.errors import ConfigError, CorruptFileError, Problem
 from orchestrator.files import write_dir_atomic
 from orchestrator.results.report import read_run
 from orchestrator.results.table import best_trial, build_table
-from orchestrator.storage import RunFolder, StorageError, fetch, is_uri, kind, upload
+from orchestrator.storage import RunFolder, StorageError, fetch, is_uri, kind, unreachable, upload
 
 RECORD = "trial.json"
 
@@ -39,7 +39,7 @@ def _check_out(out: str) -> None:
         try:
             taken = kind(out) is not None
         except StorageError as e:
-            raise _error("--out", out, f"cannot be read ({e})", "check the URI") from None
+            raise unreachable("--out", out, e, source="export") from None
     else:
         path = Path(out)
         taken = path.exists() and (not path.is_dir() or any(path.iterdir()))

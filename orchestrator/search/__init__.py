@@ -24,7 +24,7 @@ from orchestrator.config.schema import JobSpec
 from orchestrator.config.search import SearchConfig, ignored, switched_off
 from orchestrator.errors import ConfigError, Problem, RunError
 from orchestrator.search import space as space_lib
-from orchestrator.storage import RunFolder, StorageError, join
+from orchestrator.storage import RunFolder, StorageError, join, unreachable
 
 if TYPE_CHECKING:
     from orchestrator.results.report import ReportSummary
@@ -305,14 +305,7 @@ def search(spec: JobSpec, address: str | None = None, resume: bool = False) -> R
     try:
         folder.pull_records()  # a run in storage: this machine's mirror starts from it
     except StorageError as e:
-        raise ConfigError(
-            Problem(
-                "output.dir",
-                spec.output.dir,
-                f"cannot be read ({e})",
-                "check the URI, the storage's credentials and that this machine reaches it",
-            )
-        ) from None
+        raise unreachable("output.dir", spec.output.dir, e) from None
     check_search_dir(spec, resume)
     _, bundle = launch.preflight(spec)
     launch.connect_ray(spec, address)
