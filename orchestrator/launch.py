@@ -32,6 +32,9 @@ from orchestrator.storage import (
 )
 
 
+HEALTH_CHECK_ENV, HEALTH_CHECK_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
+
+
 def train_fn_per_worker(config: dict[str, Any]) -> dict[str, float]:
     """Runs on every Ray Train worker: rebuild the job from its dict and run the loop."""
     import ray.train
@@ -402,6 +405,10 @@ def build_trainer(spec: JobSpec, folder: RunFolder, callbacks: list | None = Non
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    # Ray Train's controller polls its workers every 2 s, so it noticed a finished run 1-3 s
+    # late, every run (benchmarks/BENCHMARKS.md, per-trial overhead). Ray passes this variable
+    # from the process that calls fit() to the controller. A user's own setting wins.
+    os.environ.setdefault(HEALTH_CHECK_ENV, HEALTH_CHECK_S)
     res = spec.resources
     return TorchTrainer(
         train_fn_per_worker,

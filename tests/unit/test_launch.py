@@ -3,6 +3,7 @@ and no worker is scheduled for a job that cannot run."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,15 @@ def test_driver_disk_errors_exit_1_naming_the_file(tmp_path, monkeypatch, capsys
     assert cli.main(["train", str(job), f"output.dir={tmp_path}"]) == 1
     err = capsys.readouterr().err
     assert f"error: {tmp_path / 'results.parquet'}: No space left on device" in err
+
+
+def test_trainer_polls_its_workers_often_unless_told(tmp_path, monkeypatch) -> None:
+    """Ray Train's controller polls every 2 s by default (a finished run is seen up to 2 s
+    late); build_trainer sets 0.5 s for the controller Ray starts, and a user's value wins."""
+    spec = launch.resolve_paths(_spec(tmp_path, batch_size=4))
+    monkeypatch.delenv(launch.HEALTH_CHECK_ENV, raising=False)
+    launch.build_trainer(spec, launch.run_dir(spec))
+    assert os.environ[launch.HEALTH_CHECK_ENV] == launch.HEALTH_CHECK_S == "0.5"
+    monkeypatch.setenv(launch.HEALTH_CHECK_ENV, "3")
+    launch.build_trainer(spec, launch.run_dir(spec))
+    assert os.environ[launch.HEALTH_CHECK_ENV] == "3"

@@ -1,0 +1,167 @@
+"""Where a Ray Train run's time goes outside the training loop: the per-trial cost a search pays.
+
+Runs one quickstart-style trial (the packaged MiniLM, structured pruning 30 % + int8, 2 DDP
+workers, a few recovery steps) several times in one embedded Ray, each a fresh ``TorchTrainer``
+as a search trial is, and splits each run's wall time into:
+
+- start: ``fit()`` called -> the train function starts on the workers (Ray Train's controller
+  process, the worker processes, the Train context with torch's process group);
+- imports: the workers importing orchestrator's modules (torch, transformers, datasets);
+- loop: ``loop.run`` (data, model, compression, training, evaluation, the artifact and its
+  measurement), as the run reports it (``time/worker_s``);
+- end: the train function returned -> ``fit()`` returned (the controller noticing, the workers
+  shutting down).
+
+Runs alternate between Ray Train's default controller poll interval (2 s) and the one
+``orchestrator.launch`` sets (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``), side by side in one session.
+The controller's own log splits "start" further (its phases are printed too).
+
+Run: python benchmarks/train_startup.py --runs 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def timed_fn(config: dict[str, Any]) -> None:
+    """The orchestrator's train function, with the times around it written to a file."""
+    t_entry = time.time()
+    import ray.train
+
+    from orchestrator import launch  # what the worker needs: torch, transformers, datasets
+
+    t_imported = time.time()
+    rank = ray.train.get_context().get_world_rank()
+    launch.train_fn_per_worker(config)
+    Path(config["stamp_dir"], f"rank{rank}.json").write_text(
+        json.dumps({"entry": t_entry, "imported": t_imported, "returned": time.time()})
+    )
+
+
+def one_run(work: Path, index: int, interval: str) -> dict[str, float]:
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator import launch
+    from orchestrator.config import load_job
+
+    overrides = [
+        "compress.prune={method: structured, sparsity: 0.3}",
+        "compress.quantize={method: dynamic_int8}",
+        "train.max_steps=4",
+        f"output.dir={work / 'runs'}",
+        f"name=run{index}",
+        "search=null",
+    ]
+    spec = launch.resolve_paths(load_job(str(ROOT / "jobs/quickstart.yaml"), overrides))
+    launch.preflight(spec)
+    launch.claim_run_dir(spec)
+    folder = launch.run_dir(spec)
+    os.environ[launch.HEALTH_CHECK_ENV] = interval
+    base = launch.build_trainer(spec, folder)
+    stamps = work / f"stamps{index}"
+    stamps.mkdir()
+    trainer = TorchTrainer(
+        timed_fn,
+        train_loop_config={**base.train_loop_config, "stamp_dir": str(stamps)},
+        scaling_config=base.scaling_config,
+        run_config=base.run_config,
+    )
+    t0 = time.time()
+    result = trainer.fit()
+    t1 = time.time()
+    ranks = [json.loads(p.read_text()) for p in sorted(stamps.glob("rank*.json"))]
+    loop_s = result.metrics["time/worker_s"]
+    entry = min(r["entry"] for r in ranks) - t0
+    imports = max(r["imported"] for r in ranks) - t0 - entry
+    return {
+        "interval_s": float(interval),
+        "wall": t1 - t0,
+        "start": entry,
+        "imports": imports,
+        "loop": loop_s,
+        "end": t1 - max(r["returned"] for r in ranks),
+        "outside_loop": t1 - t0 - loop_s,
+    }
+
+
+def controller_phases() -> dict[str, list[float]]:
+    """Seconds of the start-up phases Ray Train's controller logs, one value per run."""
+    import re
+
+    wanted = {
+        "worker actors created": "worker processes started",
+        "Train context initialized on workers": "Train context (torch process group)",
+        "Worker group startup completed": "worker group start in all",
+    }
+    out: dict[str, list[float]] = {label: [] for label in wanted.values()}
+    logs = Path("/tmp/ray/session_latest/logs/train")
+    for path in sorted(logs.glob("ray-train-sys-controller-*.log"), key=os.path.getmtime):
+        for line in path.read_text().splitlines():
+            try:
+                message = json.loads(line).get("message", "")
+            except ValueError:
+                continue
+            for key, label in wanted.items():
+                found = re.search(rf"{key} in ([0-9.]+)s", message)
+                if found:
+                    out[label].append(float(found.group(1)))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=4, help="Train runs (alternating intervals)")
+    args = ap.parse_args()
+    import ray
+
+    from orchestrator import launch
+
+    started = time.time()
+    ray.init(address="local", num_cpus=2, log_to_driver=False)
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="train-startup-") as tmp:
+            for i in range(args.runs):
+                interval = "2.0" if i % 2 == 0 else launch.HEALTH_CHECK_S
+                rows.append(one_run(Path(tmp), i, interval))
+                r = rows[-1]
+                print(
+                    f"run {i} (poll {r['interval_s']:g} s): wall {r['wall']:.1f} s | start "
+                    f"{r['start']:.1f} | imports {r['imports']:.1f} | loop {r['loop']:.1f} | end "
+                    f"{r['end']:.1f} | outside the loop {r['outside_loop']:.1f}",
+                    flush=True,
+                )
+        phases = controller_phases()
+    finally:
+        ray.shutdown()
+    print(f"\n- date: {datetime.date.today().isoformat()}, {os.cpu_count()} CPUs")
+    print(f"- command: `python benchmarks/train_startup.py --runs {args.runs}`")
+    print(f"- wall time {(time.time() - started) / 60:.1f} min\n")
+    print("| controller poll | runs | start s | imports s | loop s | end s | outside the loop s |")
+    print("|---|---|---|---|---|---|---|")
+    for interval in sorted({r["interval_s"] for r in rows}, reverse=True):
+        sel = [r for r in rows if r["interval_s"] == interval]
+        med = {k: statistics.median(r[k] for r in sel) for k in sel[0]}
+        print(
+            f"| {interval:g} s | {len(sel)} | {med['start']:.1f} | {med['imports']:.1f} | "
+            f"{med['loop']:.1f} | {med['end']:.1f} | {med['outside_loop']:.1f} |"
+        )
+    print("\nRay Train's controller log, the worker group's part of 'start' (median of all runs):")
+    for label, values in phases.items():
+        if values:
+            print(f"- {label}: {statistics.median(values):.1f} s ({len(values)} runs)")
+
+
+if __name__ == "__main__":
+    main()
