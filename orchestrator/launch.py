@@ -28,9 +28,9 @@ from orchestrator.storage import (
     is_uri,
     join,
     kind,
+    resolve,
     unreachable,
 )
-
 
 HEALTH_CHECK_ENV, HEALTH_CHECK_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
 
@@ -147,8 +147,6 @@ def check_output_dir(spec: JobSpec, need_bytes: int) -> None:
             )
         if not spec.output.dir.startswith("file://"):
             return  # object stores: writes are checked when they happen
-        from orchestrator.storage import resolve
-
         existing = Path(resolve(spec.output.dir)[1])
     else:
         existing = Path(spec.output.dir)

@@ -293,10 +293,6 @@ class RunFolder:
             return cache_root() / "runs" / _local_name(self.location)
         return Path(self.location)
 
-    @property
-    def name(self) -> str:
-        return self.local.name
-
     def __str__(self) -> str:
         return self.location
 
@@ -343,6 +339,7 @@ class RunFolder:
             for rel, _, _ in walk(self.location)
             if rel.endswith(RECORD_SUFFIXES)
             and not any(part in BULK_FOLDERS for part in rel.split("/")[:-1])
+            # Hidden files are temporary; ".." would leave the mirror (a crafted bucket).
             and not any(part.startswith(".") for part in rel.split("/"))
         ]
         staged = Path(tempfile.mkdtemp(prefix="orch-pull-"))
