@@ -472,37 +472,50 @@ def test_export_refuses_a_damaged_artifact(tmp_path: Path, tiny_artifact) -> Non
         load_artifact(out)
 
 
+@pytest.mark.parametrize("store", ["file", "s3"])
 def test_report_and_export_of_a_run_in_storage(
-    tmp_path: Path, tiny_artifact, monkeypatch: pytest.MonkeyPatch, capsys
+    store: str, tmp_path: Path, tiny_artifact, monkeypatch: pytest.MonkeyPatch, capsys, request
 ) -> None:
-    """``orchestrator report`` and ``export`` take a storage URI (``file://`` here, as a bucket):
-    the report files go back to storage, the model comes from there."""
+    """``orchestrator report`` and ``export`` take a storage URI (``file://``, and ``s3://`` on a
+    local S3 server): the report files go back to storage, the model comes from there."""
+    import html
+    import shlex
     import shutil
 
+    from orchestrator import storage
     from orchestrator.cli import main
 
     monkeypatch.setenv("ORCHESTRATOR_CACHE", str(tmp_path / "cache"))
     src, batch = tiny_artifact
     run = _write_run(tmp_path / "store", _trials())
     shutil.copytree(src, run / "trials" / "t_a" / "model")
-    uri = f"file://{run}"
+    if store == "file":
+        uri, nothing = f"file://{run}", f"file://{tmp_path}/store/nothing"
+    else:
+        root = request.getfixturevalue("s3_root")
+        uri, nothing = storage.join(root, tmp_path.name, run.name), storage.join(root, "nothing")
+        storage.upload(run, uri)
 
     assert main(["report", uri]) == 0
     out = capsys.readouterr().out
-    assert f"report: {uri}/report.html" in out and "local copy:" in out
+    assert f"report: {storage.join(uri, 'report.html')}" in out and "local copy:" in out
     for name in ("results.parquet", "pareto.parquet", "pareto.png", "report.html"):
-        assert (run / name).is_file(), name
-    page = (run / "report.html").read_text()
-    assert f"orchestrator export {uri} --best --out {uri}/best" in page
+        assert storage.kind(storage.join(uri, name)) == "file", name
+    page = storage.read_bytes(storage.join(uri, "report.html")).decode()
+    best = storage.join(uri, "best")
+    command = f"orchestrator export {shlex.quote(uri)} --best --out {shlex.quote(best)}"
+    assert html.escape(command) in page
 
     assert main(["export", uri, "--best", "--out", str(tmp_path / "shipped")]) == 0
     assert torch.equal(_logits(tmp_path / "shipped", batch), _logits(src, batch))
     provenance = json.loads((tmp_path / "shipped" / "trial.json").read_text())
-    assert provenance["source"] == f"{uri}/trials/t_a/model" and provenance["run_dir"] == uri
+    assert provenance["source"] == storage.join(uri, "trials/t_a/model")
+    assert provenance["run_dir"] == uri
     assert main(["export", uri, "--best"]) == 0  # default: <RUN_DIR>/best, in storage
-    assert torch.equal(_logits(run / "best", batch), _logits(src, batch))
+    storage.download(best, tmp_path / "best-back")
+    assert torch.equal(_logits(tmp_path / "best-back", batch), _logits(src, batch))
     assert main(["export", uri, "--best"]) == 2  # never overwrites, in storage either
     assert "exists and is not empty" in capsys.readouterr().err
 
-    assert main(["report", f"file://{tmp_path}/store/nothing"]) == 2
+    assert main(["report", nothing]) == 2
     assert "holds no job.yaml" in capsys.readouterr().err

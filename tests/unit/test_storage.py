@@ -169,3 +169,35 @@ def test_a_model_path_uri_is_fetched(tmp_path: Path, cache: Path) -> None:
     with pytest.raises(ConfigError) as e:
         models.model_dir(ModelConfig(path=_uri(tmp_path / "store" / "nothing")))
     assert e.value.problems[0].key == "model.path" and "cannot be fetched" in str(e.value)
+
+
+def test_the_same_on_s3(tmp_path: Path, cache: Path, s3_root: str) -> None:
+    """Whole-file writes, folder copies that replace, fetching once and again after a change,
+    and the run folder's mirror, against an S3 server (moto's, on this machine)."""
+    run = storage.join(s3_root, "runs", "job")
+    folder = RunFolder(run)
+    assert folder.remote and folder.local.is_relative_to(cache / "runs" / "s3" / "runs")
+    folder.write_text("job.yaml", "name: job\n")
+    assert storage.read_bytes(folder.uri("job.yaml")) == b"name: job\n"
+    assert storage.kind(folder.uri("job.yaml")) == "file" and storage.kind(run) == "dir"
+
+    model = folder.uri("baseline", "model")
+    storage.upload(_tree(tmp_path / "v1", {"config.json": "{}", "sub/w": "1"}), model)
+    storage.upload(_tree(tmp_path / "v2", {"config.json": "{}", "w": "22"}), model)
+    assert sorted(rel for rel, _, _ in storage.walk(model)) == ["config.json", "w"]
+    local = storage.fetch(model)
+    assert local.is_relative_to(cache / "fetched" / "s3") and (local / "w").read_text() == "22"
+    assert storage.fetch(model) == local
+    storage.write_bytes(folder.uri("baseline", "model", "w"), b"333")  # another size
+    assert (storage.fetch(model) / "w").read_text() == "333"
+
+    # Another process's records, a trial's model and Ray's folders; then the mirror.
+    for rel in ("trials/t1/trial.json", "trials/t1/metrics.json", "tune/state.json"):
+        storage.write_bytes(folder.uri(rel), b"{}")
+    storage.upload(tmp_path / "v2", folder.uri("trials", "t1", "model"))
+    folder.pull_records()
+    pulled = sorted(str(p.relative_to(folder.local)) for p in folder.local.rglob("*.*"))
+    assert pulled == ["job.yaml", "trials/t1/metrics.json", "trials/t1/trial.json"]
+    assert folder.exists("trials/t1/model") and not folder.exists("trials/t2")
+    folder.pull("trials/t2/metrics.json")  # not there: nothing in the mirror either
+    assert not (folder.local / "trials/t2/metrics.json").exists()
