@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import shlex
 import sys
 
 from orchestrator.errors import ConfigError, OrchestratorError
@@ -163,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"local copy: {folder.local / 'report.html'}")
             if summary.best:
                 print(
-                    f"export the best model: orchestrator export {folder} --best --out "
-                    f"{folder.uri('best')}"
+                    f"export the best model: orchestrator export {shlex.quote(str(folder))} "
+                    f"--best --out {shlex.quote(folder.uri('best'))}"
                 )
             return 0
     except ConfigError as e:

@@ -248,13 +248,15 @@ def cache_root() -> Path:
 
 
 def _local_name(uri: str) -> Path:
-    """A readable relative folder for a URI: <scheme>/<host>/<path> (+ a hash of any query)."""
+    """A readable relative folder for a URI: <scheme>/<host>/<path>. A query (an S3 endpoint,
+    say) adds its hash to the host part, so every path of one store shares one tree."""
     s = urlsplit(uri)
-    name = Path(s.scheme, *([s.netloc] if s.netloc else []), *unquote(s.path).split("/"))
+    host = s.netloc
+    if s.query:
+        host = f"{host}-{hashlib.sha256(s.query.encode()).hexdigest()[:8]}"
+    name = Path(s.scheme, *([host] if host else []), *unquote(s.path).split("/"))
     if any(p in ("..", ".") for p in name.parts):
         raise StorageError(f"{uri}: '.' and '..' are not allowed in a storage URI")
-    if s.query:
-        name = name.with_name(f"{name.name}-{hashlib.sha256(s.query.encode()).hexdigest()[:8]}")
     return name
 
 

@@ -176,7 +176,10 @@ def test_the_same_on_s3(tmp_path: Path, cache: Path, s3_root: str) -> None:
     and the run folder's mirror, against an S3 server (moto's, on this machine)."""
     run = storage.join(s3_root, "runs", "job")
     folder = RunFolder(run)
-    assert folder.remote and folder.local.is_relative_to(cache / "runs" / "s3" / "runs")
+    assert folder.remote and folder.local.is_relative_to(cache / "runs" / "s3")
+    # The endpoint's query marks the store's tree, and paths below it stay in that tree.
+    trials = RunFolder(folder.uri("trials"))
+    assert trials.local == folder.local / "trials"
     folder.write_text("job.yaml", "name: job\n")
     assert storage.read_bytes(folder.uri("job.yaml")) == b"name: job\n"
     assert storage.kind(folder.uri("job.yaml")) == "file" and storage.kind(run) == "dir"
