@@ -90,7 +90,6 @@ def _run_dir_command(args: argparse.Namespace) -> int:
     """``report`` and ``export``: they read a run directory (a folder or a storage URI), and
     need no Ray."""
     from orchestrator import results
-    from orchestrator.results.report import OUTPUTS
     from orchestrator.storage import RunFolder, StorageError, unreachable
 
     folder = RunFolder(args.run_dir)
@@ -99,9 +98,7 @@ def _run_dir_command(args: argparse.Namespace) -> int:
     except StorageError as e:
         raise unreachable("RUN_DIR", args.run_dir, e, source="run directory") from None
     if args.command == "report":
-        location = folder.location if folder.remote else None
-        summary = results.write_report(folder.local, running=False, location=location)
-        folder.push(*OUTPUTS)
+        summary = results.write_run_report(folder)
         import pyarrow.parquet as pq
 
         print(results.format_pareto_table(pq.read_table(folder.local / "results.parquet")))

@@ -23,8 +23,6 @@ import functools
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -228,8 +226,7 @@ def download(uri: str, local: Path) -> None:
     if what is None:
         raise StorageError(f"cannot read {uri}: no such file or folder")
     if what == "file":
-        local.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(local, read_bytes(uri))
+        _download_file(uri, local)
         return
 
     def fill(tmp: Path) -> None:
@@ -241,6 +238,11 @@ def download(uri: str, local: Path) -> None:
             raise StorageError(f"cannot read {uri}: {e}") from None
 
     write_dir_atomic(local, fill)
+
+
+def _download_file(uri: str, local: Path) -> None:
+    local.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(local, read_bytes(uri))
 
 
 def cache_root() -> Path:
@@ -327,7 +329,7 @@ class RunFolder:
             return
         for rel in rels:
             if kind(self.uri(rel)) == "file":
-                download(self.uri(rel), self.local / rel)
+                _download_file(self.uri(rel), self.local / rel)
             else:
                 (self.local / rel).unlink(missing_ok=True)
 
@@ -344,13 +346,10 @@ class RunFolder:
             # Hidden files are temporary; ".." would leave the mirror (a crafted bucket).
             and not any(part.startswith(".") for part in rel.split("/"))
         ]
-        staged = Path(tempfile.mkdtemp(prefix="orch-pull-"))
-        try:
+
+        def fill(tmp: Path) -> None:
             for rel in files:
-                (staged / rel).parent.mkdir(parents=True, exist_ok=True)
-                (staged / rel).write_bytes(read_bytes(self.uri(rel)))
-            write_dir_atomic(
-                self.local, lambda tmp: shutil.copytree(staged, tmp, dirs_exist_ok=True)
-            )
-        finally:
-            shutil.rmtree(staged, ignore_errors=True)
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / rel).write_bytes(read_bytes(self.uri(rel)))
+
+        write_dir_atomic(self.local, fill)

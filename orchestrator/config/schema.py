@@ -18,6 +18,17 @@ from orchestrator.config.search import SearchConfig, check_space
 from orchestrator.storage import check_uri, is_uri
 
 
+def _storage_location(value: str | None) -> str | None:
+    """A plain path as is; a storage URI only in a form this tool can open."""
+    why = check_uri(value) if value is not None and is_uri(value) else None
+    if why:
+        raise ValueError(
+            f"is not a usable storage URI: {why}. Use e.g. s3://bucket/folder, "
+            "file:///shared/folder or a plain path"
+        )
+    return value
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -51,6 +62,11 @@ class ModelConfig(_Section):
         default=None,
         description="keep only the first N transformer blocks (>= 1); default all",
     )
+
+    @field_validator("path")
+    @classmethod
+    def _uri(cls, value: str | None) -> str | None:
+        return _storage_location(value)
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
@@ -262,13 +278,7 @@ class OutputConfig(_Section):
     @field_validator("dir")
     @classmethod
     def _uri(cls, value: str) -> str:
-        why = check_uri(value) if is_uri(value) else None
-        if why:
-            raise ValueError(
-                f"is not a usable storage URI: {why}. Use e.g. s3://bucket/runs, "
-                "file:///shared/runs or a plain path"
-            )
-        return value
+        return _storage_location(value)
 
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")

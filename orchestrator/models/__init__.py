@@ -27,7 +27,7 @@ from orchestrator.errors import ConfigError, CorruptFileError, Problem
 from orchestrator.models.mlp import MODEL_TYPE as MLP_MODEL_TYPE
 from orchestrator.models.mlp import MLPConfig, MLPForImageClassification
 from orchestrator.safeload import check_safetensors
-from orchestrator.storage import StorageError, check_uri, fetch, is_uri
+from orchestrator.storage import StorageError, fetch, is_uri
 
 # Shapes of the from-config models: small enough that a training step takes milliseconds.
 TINY_SHAPES = {
@@ -90,11 +90,8 @@ def _local_path(path: str) -> Path:
     of a search whose ``output.dir`` is one) fetched into this node's cache."""
     if not is_uri(path):
         return Path(path).expanduser()
-    why = check_uri(path)
     try:
-        if why:
-            raise StorageError(why)
-        return fetch(path)
+        return fetch(path)  # the schema checked the URI's form
     except StorageError as e:
         raise ConfigError(
             Problem(

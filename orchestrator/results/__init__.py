@@ -6,13 +6,14 @@ report can be rebuilt and a model exported on any machine that has the folder.
 - ``pareto``: the non-dominated rule;
 - ``table``: trial records -> a pyarrow table with feasibility, violations and the front;
 - ``plot``: ``pareto.png``; ``html``: ``report.html``;
-- ``report``: ``write_report`` (all four files, atomically);
+- ``report``: ``write_report`` (all four files, atomically), ``write_run_report`` (the same for
+  a run folder, copied to storage when the run is in one);
 - ``export``: ``export_trial`` (one trial's compressed model, for ``orchestrator export``).
 """
 
 from orchestrator.results.export import export_trial
 from orchestrator.results.pareto import pareto_front
-from orchestrator.results.report import ReportSummary, read_run, write_report
+from orchestrator.results.report import ReportSummary, read_run, write_report, write_run_report
 from orchestrator.results.table import (
     best_trial,
     build_table,
@@ -36,4 +37,5 @@ __all__ = [
     "read_run",
     "recipe",
     "write_report",
+    "write_run_report",
 ]

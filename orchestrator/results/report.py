@@ -23,6 +23,7 @@ from orchestrator.files import write_atomic
 from orchestrator.results.html import render_html, status_counts
 from orchestrator.results.plot import render_pareto_png
 from orchestrator.results.table import best_trial, build_table, load_baseline, load_trials
+from orchestrator.storage import RunFolder
 
 RESULTS = "results.parquet"
 PARETO = "pareto.parquet"
@@ -147,3 +148,14 @@ def write_report(
         notes=notes,
         paths=paths,
     )
+
+
+def write_run_report(
+    folder: RunFolder, running: bool = False, spec: JobSpec | None = None
+) -> ReportSummary:
+    """``write_report`` for a run folder: written in its folder (this machine's mirror when the
+    run is in storage, the page then naming the URI) and copied to storage."""
+    location = folder.location if folder.remote else None
+    summary = write_report(folder.local, running=running, spec=spec, location=location)
+    folder.push(*OUTPUTS)
+    return summary

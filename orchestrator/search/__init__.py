@@ -107,6 +107,8 @@ def _results_callback(run_dir: RunFolder, spec: JobSpec) -> Any:
     after each finished trial, so a browser open on report.html follows the search."""
     from ray import tune
 
+    from orchestrator.results import write_run_report
+
     keys = list(spec.search.space)
 
     class RecordTrials(tune.Callback):
@@ -151,26 +153,15 @@ def _results_callback(run_dir: RunFolder, spec: JobSpec) -> Any:
                 self._record(
                     trial, "stopped", metrics=_numbers(trial.last_result or {}), wall_s=wall
                 )
-            _write_report(run_dir, running=True, spec=spec)
+            write_run_report(run_dir, running=True, spec=spec)
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             old = read_trial(run_dir, str(trial)) or {}
             wall = time.time() - old.get("started", time.time())
             self._record(trial, "error", error=_error_text(trial), wall_s=wall)
-            _write_report(run_dir, running=True, spec=spec)
+            write_run_report(run_dir, running=True, spec=spec)
 
     return RecordTrials()
-
-
-def _write_report(run_dir: RunFolder, running: bool, spec: JobSpec | None = None) -> ReportSummary:
-    """The report files, written in the run folder (and pushed to storage when it is there)."""
-    from orchestrator.results import write_report
-    from orchestrator.results.report import OUTPUTS
-
-    location = run_dir.location if run_dir.remote else None
-    summary = write_report(run_dir.local, running=running, spec=spec, location=location)
-    run_dir.push(*OUTPUTS)
-    return summary
 
 
 def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
@@ -300,6 +291,8 @@ def search(spec: JobSpec, address: str | None = None, resume: bool = False) -> R
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     from ray import tune
 
+    from orchestrator.results import write_run_report
+
     spec = launch.resolve_paths(spec)
     folder = launch.run_dir(spec)
     try:
@@ -387,10 +380,10 @@ def search(spec: JobSpec, address: str | None = None, resume: bool = False) -> R
     try:
         grid = tuner.fit()
     except Exception as e:  # Tune raises on driver-side failures (trial errors are recorded)
-        _write_report(folder, running=False, spec=spec)
+        write_run_report(folder, running=False, spec=spec)
         raise RunError(f"the search failed: {e}\n{traceback.format_exc(limit=3)}") from e
     _close_lost_trials(folder, {Path(r.path).name for r in grid if r.path})
-    summary = _write_report(folder, running=False, spec=spec)
+    summary = write_run_report(folder, running=False, spec=spec)
     print(pareto_text(folder.local))
     return summary
 

@@ -77,6 +77,13 @@ BAD_JOBS = [
     ("unknown-output-key", {"output.dirr": "x"}, "output.dirr", "x", "did you mean output.dir"),
     ("output-uri-scheme", {"output.dir": "ftp://h/r"}, "output.dir", "ftp://h/r", "s3://bucket"),
     ("output-uri-relative", {"output.dir": "file://r"}, "output.dir", "file://r", "three slashes"),
+    (
+        "model-path-uri-scheme",
+        {"model.name": _DELETE, "model.path": "ftp://h/m"},
+        "model.path",
+        "ftp://h/m",
+        "not a usable storage URI",
+    ),
     ("lr-not-a-number", {"train.lr": "abc"}, "train.lr", "abc", "valid number"),
     ("lr-zero", {"train.lr": 0}, "train.lr", 0, "greater than 0"),
     ("lr-too-big", {"train.lr": 100}, "train.lr", 100, "less than or equal to 10"),
