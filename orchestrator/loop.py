@@ -27,8 +27,11 @@ from orchestrator import finalize, models, strategies
 from orchestrator.config.loader import dump_job
 from orchestrator.config.schema import JobSpec, TrainConfig
 from orchestrator.files import write_atomic, write_dir_atomic
+from orchestrator.safeload import CHECKPOINT_FIX, load_json
 
 Report = Callable[[dict[str, float], Path | None], None]
+# In a final checkpoint only: the run's final metrics. A run restored from it had finished.
+FINAL_FILE = "final.json"
 
 
 @dataclass
@@ -113,9 +116,28 @@ def device_for(spec: JobSpec, ctx: WorkerContext) -> torch.device:
     return torch.device("cpu")
 
 
+def _report_finished(ctx: WorkerContext, restore: Path) -> dict[str, float]:
+    """Restored from a final checkpoint (the run had finished: the same job started again, or a
+    worker lost after the last report): report its metrics and its files again instead of
+    training, since the final checkpoint holds no state to train on from."""
+    saved = load_json(restore / FINAL_FILE, what="checkpoint file", fix=CHECKPOINT_FIX)
+    metrics = {k: float(v) for k, v in saved.items()}
+    if ctx.rank != 0:
+        ctx.report(metrics, None)
+        return metrics
+    folder = Path(tempfile.mkdtemp(prefix="orch-ckpt-"))
+    shutil.copytree(restore, folder, dirs_exist_ok=True)
+    log(f"the run had finished; reporting its final checkpoint again ({restore})")
+    ctx.report(metrics, folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    return metrics
+
+
 def run(spec: JobSpec, ctx: WorkerContext) -> dict[str, float]:
     """Train ``spec`` on this worker; returns the final metrics (identical on every rank)."""
     started = time.perf_counter()
+    if ctx.restore_dir is not None and (ctx.restore_dir / FINAL_FILE).is_file():
+        return _report_finished(ctx, ctx.restore_dir)
     tspec = spec.train
     device = device_for(spec, ctx)
     is_main = ctx.rank == 0
@@ -156,7 +178,11 @@ def run(spec: JobSpec, ctx: WorkerContext) -> dict[str, float]:
         """Every rank writes its part into a rank-local folder, then reports it; Ray merges the
         ranks' folders into one checkpoint in the run's storage."""
         folder = Path(tempfile.mkdtemp(prefix="orch-ckpt-"))
-        strategy.save_checkpoint(folder, dict(state))
+        if not final:
+            # The final checkpoint carries what the run produced, not the state to train on
+            # from (optimizer moments, ZeRO shards: several times the model, of no use once
+            # training is done). Every rank skips it alike: on DeepSpeed it is a collective.
+            strategy.save_checkpoint(folder, dict(state))
         full = strategy.full_state_dict() if final else None  # collective on ZeRO-3
         if is_main:
             write_atomic(folder / "job.yaml", dump_job(spec))
@@ -175,6 +201,8 @@ def run(spec: JobSpec, ctx: WorkerContext) -> dict[str, float]:
             # the artifact's measurement. The run's wall time minus this is orchestration cost.
             # The slowest rank's, so that every rank reports identical metrics.
             metrics["time/worker_s"] = _all_reduce_max(time.perf_counter() - started, device)
+            if is_main:  # marks the checkpoint final: a restore from it reports it again
+                write_atomic(folder / FINAL_FILE, json.dumps(metrics, indent=2, sort_keys=True))
         ctx.report(metrics, folder if any(folder.iterdir()) else None)
         shutil.rmtree(folder, ignore_errors=True)
         # A run resumed from this checkpoint re-seeds the same way: it continues exactly as

@@ -1,5 +1,6 @@
 """The worker loop on 2 gloo processes (no Ray): metrics agree on every rank, bf16 tracks fp32,
-and a run restored from a checkpoint continues from that step instead of step 0."""
+a run restored from a checkpoint continues from that step instead of step 0, and one restored
+from its final checkpoint reports it again without training."""
 
 from __future__ import annotations
 
@@ -70,6 +71,12 @@ def test_metrics_identical_on_every_rank_and_resume(tmp_path: Path, train: dict)
         assert key in r0["final"]
     assert r0["reports"] == r1["reports"]
     assert (store / "step-4").is_dir() and (store / "step-8" / "model" / "config.json").is_file()
+    # The final checkpoint holds the model and the final metrics, not the training state
+    # (weights, optimizer moments, ZeRO shards) that the step-4 one holds.
+    final_files = {p.name for p in (store / "step-8").iterdir()}
+    assert "final.json" in final_files
+    assert len(final_files - {"model", "final.json", "job.yaml"}) == 0, final_files
+    assert len({p.name for p in (store / "step-4").iterdir()} - {"job.yaml"}) > 0
 
     # Restart from the step-4 checkpoint: the first report is after step 4, never step 1..4.
     resumed, _ = run_workers(loop_worker, 2, job, str(tmp_path / "ckpts2"), str(store / "step-4"))
@@ -78,6 +85,15 @@ def test_metrics_identical_on_every_rank_and_resume(tmp_path: Path, train: dict)
     assert resumed["final"]["test/accuracy"] == pytest.approx(
         r0["final"]["test/accuracy"], abs=0.05
     )
+
+    # Restored from the final checkpoint (the same job started again after it finished): no
+    # training, the same metrics and model reported again.
+    again = tmp_path / "ckpts3"
+    done, other = run_workers(loop_worker, 2, job, str(again), str(store / "step-8"))
+    assert done["steps"] == other["steps"] == [8]
+    assert done["final"] == other["final"] == r0["final"]
+    same = {p.name: p.read_bytes() for p in (store / "step-8" / "model").iterdir()}
+    assert {p.name: p.read_bytes() for p in (again / "step-8" / "model").iterdir()} == same
 
 
 def test_bf16_loss_tracks_fp32(tmp_path: Path) -> None:
