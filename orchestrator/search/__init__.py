@@ -37,6 +37,12 @@ TRIALS = "trials"
 TRIAL_DRIVER_MEMORY = 256 * 2**20
 
 
+# A finished trial's timing, measured by its trial function: the Train run's fit() and the
+# whole function. Added to the driver's record of the trial (not to the trial's metrics.json).
+FIT_S = "time/fit_s"
+TRIAL_FN_S = "time/trial_fn_s"
+
+
 def write_trial(run_dir: RunFolder, record: dict[str, Any]) -> None:
     rel = f"{TRIALS}/{record['trial']}/trial.json"
     run_dir.write_text(rel, json.dumps(record, indent=2, sort_keys=True))
@@ -58,6 +64,7 @@ def train_driver_fn(
     fit one ``TorchTrainer``; Train reports reach Tune through a ``TuneReportCallback``."""
     import ray.tune
 
+    entered = time.perf_counter()
     spec_search = SearchConfig.model_validate(search)
     name = ray.tune.get_context().get_trial_name()
     sampled = {k: config[k] for k in spec_search.space}
@@ -77,10 +84,16 @@ def train_driver_fn(
             return
     folder.write_text("job.yaml", job_text)
     callback = _forward_intermediate(space_lib.required_metrics(spec_search))
+    fit_from = time.perf_counter()
     result = launch.build_trainer(spec, folder, callbacks=[callback]).fit()
+    fit_s = time.perf_counter() - fit_from
     if result.error is not None:
         raise RunError(f"trial {name} failed: {result.error}")
     metrics = launch.collect_result(result, folder)
+    # Where a trial's time goes outside its workers' loop (benchmarks/trial_overhead.py): the
+    # Train run's own start and end, and this function around it. Tune's result only.
+    metrics[FIT_S] = fit_s
+    metrics[TRIAL_FN_S] = time.perf_counter() - entered
     # The final result goes to Tune only now, with the artifact in the trial folder: a
     # scheduler's decision on it can no longer cut the copy short.
     ray.tune.report(metrics)
@@ -147,6 +160,8 @@ def _results_callback(run_dir: RunFolder, spec: JobSpec) -> Any:
             final = run_dir.local / rel / "metrics.json"
             if final.is_file() and run_dir.exists(f"{rel}/model"):
                 metrics = _numbers(json.loads(final.read_text()))
+                last = trial.last_result or {}
+                metrics.update({k: float(last[k]) for k in (FIT_S, TRIAL_FN_S) if k in last})
                 self._record(trial, "done", metrics=metrics, artifact="model", wall_s=wall)
             else:
                 # Ended without its final artifact: the scheduler stopped it early.
