@@ -11,10 +11,10 @@ classifier (by default the dense baseline of ``orchestrator search jobs/quicksta
 
 Both searchers come from ``search.space.searcher`` / ``param_space`` (what ``orchestrator search``
 uses) over the same space, with the same trial budget, the same data split and the same seed:
-``algorithm: optuna`` (TPE by default, ``--sampler nsga2``) and ``algorithm: random`` (Tune's
-``BasicVariantGenerator``). The space is joint and mostly poor at random: unstructured pruning
-(magnitude / wanda) at 10-90% sparsity, SVD / ASVD at rank ratios 0.1-0.9 (above ~0.5 the
-factors hold more weights than the matrix), and int8 / 4-bit / 2-bit weights.
+``algorithm: optuna`` (TPE by default, ``--sampler gp`` or ``nsga2``) and ``algorithm: random``
+(Tune's ``BasicVariantGenerator``). The space is joint and mostly poor at random: unstructured
+pruning (magnitude / wanda) at 10-90% sparsity, SVD / ASVD at rank ratios 0.1-0.9 (above ~0.5
+the factors hold more weights than the matrix), and int8 / 4-bit / 2-bit weights.
 
 Hypervolume is 2-D, over (size / dense size, validation accuracy), with the reference point
 (size ratio 1.0, accuracy 1 / number of classes): only trials smaller than the dense model and
@@ -261,7 +261,7 @@ def run_search(
         trainable,
         param_space=param_space(search_cfg),
         tune_config=tune.TuneConfig(
-            search_alg=searcher(search_cfg),
+            search_alg=searcher(search_cfg, args.concurrency),
             num_samples=args.trials,
             max_concurrent_trials=args.concurrency,
             reuse_actors=True,
@@ -381,7 +381,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trials", type=int, default=16, help="trial budget of each search")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="searcher seeds")
-    ap.add_argument("--sampler", choices=["tpe", "nsga2"], default="tpe", help="optuna sampler")
+    ap.add_argument(
+        "--sampler", choices=["tpe", "gp", "nsga2"], default="tpe", help="optuna sampler"
+    )
     ap.add_argument(
         "--model-path", default=DEFAULT_MODEL, help="fine-tuned classifier folder (Hugging Face)"
     )

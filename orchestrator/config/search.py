@@ -250,10 +250,14 @@ class SearchConfig(_Section):
     )
     algorithm: Literal["optuna", "random", "grid"] = Field(
         default="optuna",
-        description="optuna (TPE or NSGA-II through Ray Tune's Optuna integration), random, grid",
+        description="optuna (TPE, Gaussian-process or NSGA-II sampler, through Ray Tune's Optuna "
+        "integration), random, grid",
     )
-    sampler: Literal["tpe", "nsga2"] = Field(
-        default="tpe", description="optuna's sampler: tpe (single or multi-objective) or nsga2"
+    sampler: Literal["tpe", "gp", "nsga2"] = Field(
+        default="tpe",
+        description="optuna's sampler: tpe (tree-structured Parzen estimator), gp (Gaussian-"
+        "process Bayesian optimisation; expected hypervolume improvement with several "
+        "objectives) or nsga2 (a genetic algorithm for many trials)",
     )
     scheduler: Literal["none", "asha"] = Field(
         default="none", description="asha stops poor trials early (single objective only)"

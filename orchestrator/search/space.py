@@ -35,9 +35,9 @@ def param_space(search: SearchConfig) -> dict[str, Any]:
 
 
 def searcher(search: SearchConfig, max_concurrent: int = 1) -> Any:
-    """Optuna (TPE or NSGA-II, one or several objectives) or Tune's own random/grid generator.
-    Metrics and modes go to the searcher only: also setting them in ``TuneConfig`` silently
-    makes an Optuna study single-objective (ENV.md)."""
+    """Optuna (TPE, GP or NSGA-II, one or several objectives) or Tune's own random/grid
+    generator. Metrics and modes go to the searcher only: also setting them in ``TuneConfig``
+    silently makes an Optuna study single-objective (ENV.md)."""
     if search.algorithm != "optuna":
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -46,11 +46,15 @@ def searcher(search: SearchConfig, max_concurrent: int = 1) -> Any:
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
+    # TPE's and GP's start-up phase is random; on a small budget keep it to a third of the trials.
+    startup = max(2, min(10, search.samples // 3))
     if search.sampler == "nsga2":
         sampler = optuna.samplers.NSGAIISampler(seed=search.seed)
+    elif search.sampler == "gp":
+        # Trials still running count as pending points of its batch acquisition function, so
+        # parallel trials are not proposed on top of each other (optuna >= 4.9).
+        sampler = optuna.samplers.GPSampler(seed=search.seed, n_startup_trials=startup)
     else:
-        # TPE's start-up phase is random; on a small budget keep it to a third of the trials.
-        startup = max(2, min(10, search.samples // 3))
         sampler = optuna.samplers.TPESampler(seed=search.seed, n_startup_trials=startup)
     metrics = [o.metric for o in search.objectives]
     modes = [o.mode for o in search.objectives]

@@ -234,6 +234,15 @@ def test_param_space_and_searchers() -> None:
         }
     )
     assert space_lib.searcher(single).metric == "eval/accuracy"
+    import optuna
+
+    for name, cls in (
+        ("tpe", optuna.samplers.TPESampler),
+        ("gp", optuna.samplers.GPSampler),
+        ("nsga2", optuna.samplers.NSGAIISampler),
+    ):
+        chosen = SearchConfig.model_validate({**spec.search.model_dump(), "sampler": name})
+        assert isinstance(space_lib.searcher(chosen)._sampler, cls)
     grid = load_job(
         JOB,
         [
