@@ -16,7 +16,13 @@ Runs alternate between Ray Train's default controller poll interval (2 s) and th
 ``orchestrator.launch`` sets (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``), side by side in one session.
 The controller's own log splits "start" further (its phases are printed too).
 
-Run: python benchmarks/train_startup.py --runs 4
+The floor: ``--empty-runs`` more runs, interleaved with those, fit a ``TorchTrainer`` whose
+train function returns at once (same workers, same poll as ours). Their wall time is what Ray
+Train itself costs per run on this machine whatever the trial does; the machine's busy
+CPU-seconds during each ``fit()`` (from /proc/stat) and the Ray actors each run started
+(from Ray's state API) say where it goes.
+
+Run: python benchmarks/train_startup.py --runs 4 --empty-runs 4
 """
 
 from __future__ import annotations
@@ -49,6 +55,46 @@ def timed_fn(config: dict[str, Any]) -> None:
     )
 
 
+def empty_fn(config: dict[str, Any]) -> None:
+    """A train function that does nothing: the run costs only Ray Train's own start and end."""
+
+
+def busy_cpu_s() -> float:
+    """CPU-seconds the whole machine has spent busy since boot (Linux /proc/stat)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def empty_run(work: Path, index: int) -> dict[str, float]:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator import launch
+
+    os.environ[launch.HEALTH_CHECK_ENV] = launch.HEALTH_CHECK_S
+    trainer = TorchTrainer(
+        empty_fn,
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(storage_path=str(work / "empty"), name=f"empty{index}"),
+    )
+    c0, t0 = busy_cpu_s(), time.time()
+    trainer.fit()
+    t1, c1 = time.time(), busy_cpu_s()
+    return {"wall": t1 - t0, "cpu_s": c1 - c0}
+
+
+def actors_per_run(runs: int) -> dict[str, float]:
+    """Ray actors started in this session by class, per Train run (controller, workers and
+    Ray Train's helpers), from Ray's state API."""
+    from collections import Counter
+
+    from ray.util.state import list_actors
+
+    counts = Counter(a.class_name for a in list_actors(limit=10_000, raise_on_missing_output=False))
+    return {name: n / runs for name, n in sorted(counts.items()) if n >= runs}
+
+
 def one_run(work: Path, index: int, interval: str) -> dict[str, float]:
     from ray.train.torch import TorchTrainer
 
@@ -77,9 +123,9 @@ def one_run(work: Path, index: int, interval: str) -> dict[str, float]:
         scaling_config=base.scaling_config,
         run_config=base.run_config,
     )
-    t0 = time.time()
+    c0, t0 = busy_cpu_s(), time.time()
     result = trainer.fit()
-    t1 = time.time()
+    t1, c1 = time.time(), busy_cpu_s()
     ranks = [json.loads(p.read_text()) for p in sorted(stamps.glob("rank*.json"))]
     loop_s = result.metrics["time/worker_s"]
     entry = min(r["entry"] for r in ranks) - t0
@@ -92,6 +138,7 @@ def one_run(work: Path, index: int, interval: str) -> dict[str, float]:
         "loop": loop_s,
         "end": t1 - max(r["returned"] for r in ranks),
         "outside_loop": t1 - t0 - loop_s,
+        "cpu_s": c1 - c0,
     }
 
 
@@ -122,6 +169,9 @@ def controller_phases() -> dict[str, list[float]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=4, help="Train runs (alternating intervals)")
+    ap.add_argument(
+        "--empty-runs", type=int, default=4, help="runs of an empty train function (the floor)"
+    )
     args = ap.parse_args()
     import ray
 
@@ -129,33 +179,67 @@ def main() -> None:
 
     started = time.time()
     ray.init(address="local", num_cpus=2, log_to_driver=False)
-    rows = []
+    rows: list[dict[str, float]] = []
+    empty: list[dict[str, float]] = []
     try:
         with tempfile.TemporaryDirectory(prefix="train-startup-") as tmp:
-            for i in range(args.runs):
+            for i in range(max(args.runs, args.empty_runs)):
+                if i < args.empty_runs:
+                    empty.append(empty_run(Path(tmp), i))
+                    e = empty[-1]
+                    print(
+                        f"empty run {i}: wall {e['wall']:.1f} s, machine busy {e['cpu_s']:.1f} "
+                        "CPU-s",
+                        flush=True,
+                    )
+                if i >= args.runs:
+                    continue
                 interval = "2.0" if i % 2 == 0 else launch.HEALTH_CHECK_S
                 rows.append(one_run(Path(tmp), i, interval))
                 r = rows[-1]
                 print(
                     f"run {i} (poll {r['interval_s']:g} s): wall {r['wall']:.1f} s | start "
                     f"{r['start']:.1f} | imports {r['imports']:.1f} | loop {r['loop']:.1f} | end "
-                    f"{r['end']:.1f} | outside the loop {r['outside_loop']:.1f}",
+                    f"{r['end']:.1f} | outside the loop {r['outside_loop']:.1f} | machine busy "
+                    f"{r['cpu_s']:.1f} CPU-s",
                     flush=True,
                 )
         phases = controller_phases()
+        actors = actors_per_run(len(rows) + len(empty))
     finally:
         ray.shutdown()
     print(f"\n- date: {datetime.date.today().isoformat()}, {os.cpu_count()} CPUs")
-    print(f"- command: `python benchmarks/train_startup.py --runs {args.runs}`")
+    print(
+        f"- command: `python benchmarks/train_startup.py --runs {args.runs} "
+        f"--empty-runs {args.empty_runs}`"
+    )
     print(f"- wall time {(time.time() - started) / 60:.1f} min\n")
-    print("| controller poll | runs | start s | imports s | loop s | end s | outside the loop s |")
-    print("|---|---|---|---|---|---|---|")
+    if empty:
+        print(
+            f"The floor, an empty train function ({len(empty)} runs, poll "
+            f"{launch.HEALTH_CHECK_S} s): median wall "
+            f"{statistics.median(e['wall'] for e in empty):.1f} s, median machine busy "
+            f"{statistics.median(e['cpu_s'] for e in empty):.1f} CPU-s of "
+            f"{os.cpu_count()} cores\n"
+        )
+    print("Ray actors (each its own process) started per Train run, by class:")
+    for name, per_run in actors.items():
+        print(f"- {name}: {per_run:g}")
+    print()
+    if not rows:
+        return
+    print(
+        "| controller poll | runs | start s | imports s | loop s | end s | outside the loop s "
+        "| machine busy CPU-s |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for interval in sorted({r["interval_s"] for r in rows}, reverse=True):
         sel = [r for r in rows if r["interval_s"] == interval]
         med = {k: statistics.median(r[k] for r in sel) for k in sel[0]}
         print(
             f"| {interval:g} s | {len(sel)} | {med['start']:.1f} | {med['imports']:.1f} | "
-            f"{med['loop']:.1f} | {med['end']:.1f} | {med['outside_loop']:.1f} |"
+            f"{med['loop']:.1f} | {med['end']:.1f} | {med['outside_loop']:.1f} | "
+            f"{med['cpu_s']:.1f} |"
         )
     print("\nRay Train's controller log, the worker group's part of 'start' (median of all runs):")
     for label, values in phases.items():
