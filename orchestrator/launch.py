@@ -395,7 +395,13 @@ def train(spec: JobSpec, address: str | None = None) -> dict[str, float]:
         result = build_trainer(spec, folder).fit()
     except Exception as e:  # Ray wraps worker errors in several types
         raise full_disk(e, folder) or RunError(f"training failed: {e}") from e
-    return collect_result(result, folder)
+    try:
+        return collect_result(result, folder)
+    except OSError as e:  # the disk filled up while the model was copied out of its checkpoint
+        raise full_disk(e, folder) or RunError(
+            f"the run finished, but its model could not be copied from its checkpoint into "
+            f"{folder}: {e}; run the same command again"
+        ) from e
 
 
 def build_trainer(spec: JobSpec, folder: RunFolder, callbacks: list | None = None) -> Any:

@@ -127,7 +127,8 @@ def _report_finished(ctx: WorkerContext, restore: Path) -> dict[str, float]:
         return metrics
     folder = Path(tempfile.mkdtemp(prefix="orch-ckpt-"))
     shutil.copytree(restore, folder, dirs_exist_ok=True)
-    log(f"the run had finished; reporting its final checkpoint again ({restore})")
+    step = int(metrics.get("train/step", 0))
+    log(f"the run had finished (step {step}); reporting its final checkpoint again ({restore})")
     ctx.report(metrics, folder)
     shutil.rmtree(folder, ignore_errors=True)
     return metrics

@@ -96,13 +96,14 @@ def test_deepspeed_zero3_bf16_and_resume(
     assert metrics["test/accuracy"] == pytest.approx(first["test/accuracy"])
     _check_model_loads(run)
 
-    # The same job again resumes from its last checkpoint (the final one): no step is re-run.
+    # The same job again resumes from its last checkpoint, the final one: it reports that
+    # checkpoint again, and no step is re-run.
     capfd.readouterr()
     again = launch.train(spec)
     out = capfd.readouterr().out
-    assert "resuming run" in out and "resumed from step 12" in out
+    assert "resuming run" in out and "the run had finished (step 12)" in out
     assert "step 1/12" not in out
-    assert again["train/step"] == 12
+    assert again == first
 
     # A different job under the same name is refused rather than silently mixed in.
     changed = load_job(
