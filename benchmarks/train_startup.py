@@ -20,7 +20,9 @@ The floor: ``--empty-runs`` more runs, interleaved with those, fit a ``TorchTrai
 train function returns at once (same workers, same poll as ours). Their wall time is what Ray
 Train itself costs per run on this machine whatever the trial does; the machine's busy
 CPU-seconds during each ``fit()`` (from /proc/stat) and the Ray actors each run started
-(from Ray's state API) say where it goes.
+(from Ray's state API) say where it goes. The empty runs alternate Ray Train's preemption
+watcher on (Ray's default) and off (what ``orchestrator`` sets on a Ray it starts itself,
+``launch.embedded_defaults``); the trial runs have it off.
 
 Run: python benchmarks/train_startup.py --runs 4 --empty-runs 4
 """
@@ -73,6 +75,8 @@ def empty_run(work: Path, index: int) -> dict[str, float]:
     from orchestrator import launch
 
     os.environ[launch.HEALTH_CHECK_ENV] = launch.HEALTH_CHECK_S
+    watcher = "1" if index % 2 == 0 else "0"
+    os.environ[launch.PREEMPTION_WATCHER_ENV] = watcher
     trainer = TorchTrainer(
         empty_fn,
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
@@ -81,7 +85,7 @@ def empty_run(work: Path, index: int) -> dict[str, float]:
     c0, t0 = busy_cpu_s(), time.time()
     trainer.fit()
     t1, c1 = time.time(), busy_cpu_s()
-    return {"wall": t1 - t0, "cpu_s": c1 - c0}
+    return {"wall": t1 - t0, "cpu_s": c1 - c0, "watcher": float(watcher)}
 
 
 def actors_per_run(runs: int) -> dict[str, float]:
@@ -92,7 +96,7 @@ def actors_per_run(runs: int) -> dict[str, float]:
     from ray.util.state import list_actors
 
     counts = Counter(a.class_name for a in list_actors(limit=10_000, raise_on_missing_output=False))
-    return {name: n / runs for name, n in sorted(counts.items()) if n >= runs}
+    return {name: n / runs for name, n in sorted(counts.items())}
 
 
 def one_run(work: Path, index: int, interval: str) -> dict[str, float]:
@@ -114,6 +118,7 @@ def one_run(work: Path, index: int, interval: str) -> dict[str, float]:
     launch.claim_run_dir(spec)
     folder = launch.run_dir(spec)
     os.environ[launch.HEALTH_CHECK_ENV] = interval
+    os.environ[launch.PREEMPTION_WATCHER_ENV] = "0"
     base = launch.build_trainer(spec, folder)
     stamps = work / f"stamps{index}"
     stamps.mkdir()
@@ -188,8 +193,8 @@ def main() -> None:
                     empty.append(empty_run(Path(tmp), i))
                     e = empty[-1]
                     print(
-                        f"empty run {i}: wall {e['wall']:.1f} s, machine busy {e['cpu_s']:.1f} "
-                        "CPU-s",
+                        f"empty run {i} (preemption watcher {'on' if e['watcher'] else 'off'}): "
+                        f"wall {e['wall']:.1f} s, machine busy {e['cpu_s']:.1f} CPU-s",
                         flush=True,
                     )
                 if i >= args.runs:
@@ -214,17 +219,20 @@ def main() -> None:
         f"--empty-runs {args.empty_runs}`"
     )
     print(f"- wall time {(time.time() - started) / 60:.1f} min\n")
-    if empty:
-        print(
-            f"The floor, an empty train function ({len(empty)} runs, poll "
-            f"{launch.HEALTH_CHECK_S} s): median wall "
-            f"{statistics.median(e['wall'] for e in empty):.1f} s, median machine busy "
-            f"{statistics.median(e['cpu_s'] for e in empty):.1f} CPU-s of "
-            f"{os.cpu_count()} cores\n"
-        )
+    for on in (1.0, 0.0):
+        sel = [e for e in empty if e["watcher"] == on]
+        if sel:
+            print(
+                f"The floor, an empty train function, preemption watcher {'on' if on else 'off'} "
+                f"({len(sel)} runs, poll {launch.HEALTH_CHECK_S} s): median wall "
+                f"{statistics.median(e['wall'] for e in sel):.1f} s, median machine busy "
+                f"{statistics.median(e['cpu_s'] for e in sel):.1f} CPU-s of "
+                f"{os.cpu_count()} cores"
+            )
+    print()
     print("Ray actors (each its own process) started per Train run, by class:")
     for name, per_run in actors.items():
-        print(f"- {name}: {per_run:g}")
+        print(f"- {name}: {per_run:.2g}")
     print()
     if not rows:
         return

@@ -33,6 +33,7 @@ from orchestrator.storage import (
 )
 
 HEALTH_CHECK_ENV, HEALTH_CHECK_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> dict[str, float]:
@@ -253,6 +254,7 @@ def connect_ray(spec: JobSpec, address: str | None = None) -> None:
             ray.init(address=address, log_to_driver=True)
         else:
             _warn_other_instances()
+            embedded_defaults()
             ray.init(
                 address="local",
                 num_cpus=spec.resources.num_cpus or os.cpu_count(),
@@ -279,6 +281,17 @@ def connect_ray(spec: JobSpec, address: str | None = None) -> None:
         raise RunError(
             f"could not connect to Ray at {address or 'a new local instance'}: {e}{hint}"
         ) from e
+
+
+def embedded_defaults() -> None:
+    """Settings for a Ray this process starts on its own machine, set before it starts: its
+    processes (the search's trial processes among them) inherit them, and Ray passes them from
+    the process that calls ``fit()`` to the Train controller. A user's own value wins.
+
+    No preemption watcher: it watches for a cloud taking a node back, which a local instance
+    has no way to see, and it is one more process per Train run (about 1 s of every trial on
+    2 cores, benchmarks/BENCHMARKS.md). On a cluster Ray's default (on) stays."""
+    os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
 
 
 def _check_reachable(key: str, address: str, timeout_s: float = 5.0) -> None:

@@ -145,3 +145,14 @@ def test_trainer_polls_its_workers_often_unless_told(tmp_path, monkeypatch) -> N
     monkeypatch.setenv(launch.HEALTH_CHECK_ENV, "3")
     launch.build_trainer(spec, launch.run_dir(spec))
     assert os.environ[launch.HEALTH_CHECK_ENV] == "3"
+
+
+def test_embedded_ray_runs_no_preemption_watcher_unless_told(monkeypatch) -> None:
+    """A local instance has no cloud to take its node back: Ray Train's preemption watcher
+    (a process per Train run) is off there, unless the user set it."""
+    monkeypatch.delenv(launch.PREEMPTION_WATCHER_ENV, raising=False)
+    launch.embedded_defaults()
+    assert os.environ[launch.PREEMPTION_WATCHER_ENV] == "0"
+    monkeypatch.setenv(launch.PREEMPTION_WATCHER_ENV, "1")
+    launch.embedded_defaults()
+    assert os.environ[launch.PREEMPTION_WATCHER_ENV] == "1"
