@@ -179,7 +179,7 @@ def check_output_dir(spec: JobSpec, need_bytes: int) -> None:
         )
 
 
-def full_disk(error: BaseException, folder: Path) -> RunError | None:
+def full_disk(error: BaseException, folder: Path | RunFolder) -> RunError | None:
     """A run that failed because a disk filled up (Ray wraps the worker's OSError in its own
     error types, so the message is searched) as one clear error naming the run directory."""
     text = str(error)
@@ -408,13 +408,7 @@ def train(spec: JobSpec, address: str | None = None) -> dict[str, float]:
         result = build_trainer(spec, folder).fit()
     except Exception as e:  # Ray wraps worker errors in several types
         raise full_disk(e, folder) or RunError(f"training failed: {e}") from e
-    try:
-        return collect_result(result, folder)
-    except OSError as e:  # the disk filled up while the model was copied out of its checkpoint
-        raise full_disk(e, folder) or RunError(
-            f"the run finished, but its model could not be copied from its checkpoint into "
-            f"{folder}: {e}; run the same command again"
-        ) from e
+    return collect_result(result, folder)
 
 
 def build_trainer(spec: JobSpec, folder: RunFolder, callbacks: list | None = None) -> Any:
@@ -453,7 +447,19 @@ def build_trainer(spec: JobSpec, folder: RunFolder, callbacks: list | None = Non
 def collect_result(result: Any, folder: RunFolder) -> dict[str, float]:
     """Copy the final checkpoint's model (and compression report) into ``folder`` and write
     ``metrics.json`` last (its presence says the run's model is complete); returns the final
-    metrics. In storage the copy goes from the checkpoint to the run folder directly."""
+    metrics. In storage the copy goes from the checkpoint to the run folder directly. A copy
+    that fails (a full disk, say) is a ``RunError`` naming the folder, for ``train`` and for a
+    search's trials alike."""
+    try:
+        return _collect_result(result, folder)
+    except OSError as e:
+        raise full_disk(e, folder) or RunError(
+            f"the run finished, but its model could not be copied from its checkpoint into "
+            f"{folder}: {e}; run the same command again"
+        ) from e
+
+
+def _collect_result(result: Any, folder: RunFolder) -> dict[str, float]:
     if result.checkpoint is None or not result.metrics:
         raise RunError("training finished without a final checkpoint; see the worker logs above")
     metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
