@@ -119,6 +119,29 @@ def build_ds_config(
     }
 
 
+def _whole_fp32_masters(optimizer: Any) -> dict[int, torch.Tensor]:
+    """The fp32 master of each parameter, keyed by ``id`` of the 16-bit parameter, where the
+    optimizer keeps whole masters rather than ZeRO fragments: DeepSpeed's ZeRO-0 wrappers for
+    bf16 / fp16 (``FP16_UnfusedOptimizer``: a master per parameter in ``fp32_groups``;
+    ``FP16_Optimizer``, chosen for a fused Adam: one flat master per group in
+    ``fp32_groups_flat``, laid out like ``fp16_groups``). Empty for anything else."""
+    lp_groups = getattr(optimizer, "fp16_groups", None) or []
+    hp_groups = getattr(optimizer, "fp32_groups", None) or []
+    flat_groups = getattr(optimizer, "fp32_groups_flat", None) or []
+    masters: dict[int, torch.Tensor] = {}
+    for lps, hps in zip(lp_groups, hp_groups, strict=False):
+        for lp, hp in zip(lps, hps, strict=False):
+            if lp.shape == hp.shape:
+                masters[id(lp)] = hp
+    if not hp_groups:
+        for lps, flat in zip(lp_groups, flat_groups, strict=False):
+            offset = 0
+            for lp in lps:
+                masters[id(lp)] = flat.detach().narrow(0, offset, lp.numel()).view_as(lp)
+                offset += lp.numel()
+    return masters
+
+
 class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
 
@@ -224,17 +247,7 @@ class DeepSpeedStrategy(Strategy):
         # step, which copies the master back. ZeRO-3 is rejected with pruning at validation.
         super().apply_masks_(masks)
         params = dict(self.module.named_parameters())
-        # ZeRO-0 with bf16/fp16 keeps whole fp32 masters in parallel lists instead of fragments.
-        opt = self.engine.optimizer
-        masters = {
-            id(lp): hp
-            for lps, hps in zip(
-                getattr(opt, "fp16_groups", []) or [],
-                getattr(opt, "fp32_groups", []) or [],
-                strict=False,
-            )
-            for lp, hp in zip(lps, hps, strict=False)
-        }
+        masters = _whole_fp32_masters(self.engine.optimizer)
         for name, mask in masks.items():
             mapping = getattr(params[name], "_hp_mapping", None)
             master = masters.get(id(params[name]))
@@ -252,6 +265,17 @@ class DeepSpeedStrategy(Strategy):
         from deepspeed.utils import safe_get_full_fp32_param
 
         module = self.engine.module
+        # ZeRO-1/2/3 and BF16_Optimizer: safe_get_full_fp32_param assembles the master from the
+        # ranks' fragments. ZeRO-0 with bf16/fp16 has no fragments (it returns None there): its
+        # whole masters sit in the optimizer wrapper, and p.data is only their 16-bit rounding.
+        masters = _whole_fp32_masters(self.engine.optimizer)
+
+        def fp32(p: nn.Parameter) -> torch.Tensor:
+            full = safe_get_full_fp32_param(p)
+            if full is None:
+                full = masters.get(id(p), p.data)
+            return full.detach().float().cpu().clone()
+
         out = {}
         if self.spec.zero_stage == 3:
             import deepspeed
@@ -259,12 +283,10 @@ class DeepSpeedStrategy(Strategy):
             # Gathering is a collective: every rank must enter it, even if only rank 0 saves.
             with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
                 for name, p in module.named_parameters():
-                    full = safe_get_full_fp32_param(p)
-                    out[name] = (full if full is not None else p.data).detach().float().cpu()
+                    out[name] = fp32(p)
         else:
             for name, p in module.named_parameters():
-                full = safe_get_full_fp32_param(p)
-                out[name] = (full if full is not None else p.data).detach().float().cpu()
+                out[name] = fp32(p)
         persistent = set(module.state_dict())  # named_buffers() also lists non-persistent ones
         for name, b in module.named_buffers():
             if name in persistent:
