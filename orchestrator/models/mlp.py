@@ -72,6 +72,13 @@ class MLPForImageClassification(PreTrainedModel):
         self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None
     ) -> SequenceClassifierOutput:
         x = pixel_values.flatten(1)
+        # Pixels come as fp32 while DeepSpeed bf16 / fp16 casts the weights: follow the first
+        # layer's dtype, as transformers' models do. A first layer without float weights (int8
+        # kernels) takes its input as it comes.
+        first = self.layers[0] if len(self.layers) else self.classifier
+        dtype = next((p.dtype for p in first.parameters() if p.is_floating_point()), None)
+        if dtype is not None and x.is_floating_point() and x.dtype != dtype:
+            x = x.to(dtype)
         for layer in self.layers:
             x = torch.relu(layer(x))
         logits = self.classifier(x)
