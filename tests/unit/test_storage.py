@@ -11,6 +11,8 @@ import pytest
 from orchestrator import storage
 from orchestrator.storage import RunFolder
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(autouse=True)
 def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
