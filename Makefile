@@ -6,16 +6,22 @@ PY := .venv/bin/python
 setup:
 	bash scripts/setup.sh
 
-# setup + Debian's chromium (the report test opens report.html in headless Chromium).
+# setup + Debian's chromium (the report test opens report.html in headless Chromium) and
+# shellcheck (the unit tier checks cluster/local_head.sh with it).
 setup-test:
 	bash scripts/setup_test.sh
 
-# The whole test suite that CI runs: unit, distributed (2 gloo processes) and integration (real Ray).
+# The whole test suite that CI runs, tier by tier: the unit tier first, and only if it passes
+# the distributed (2 gloo processes) and integration (real Ray) tiers. Every test carries one
+# tier marker (tests/conftest.py refuses one without), so the two runs cover the suite.
 test: setup-test
-	$(PY) -m pytest tests
+	$(PY) -m pytest -m unit tests
+	$(PY) -m pytest -m "distributed or integration" tests
 
+# The unit tier alone, as `make test` runs it first (without the apt packages of setup-test:
+# the shellcheck test skips when shellcheck is missing).
 test-unit: setup
-	$(PY) -m pytest tests/unit
+	$(PY) -m pytest -m unit tests
 
 # The main job: search compression recipes for the packaged MiniLM on MR sentiment (2 DDP
 # workers per trial, embedded local Ray); writes runs/quickstart/report.html.
