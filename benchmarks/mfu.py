@@ -6,6 +6,8 @@ scores and values, with tokens = the mean padded length of the job's training ba
 pads each batch to its longest example). MFU = achieved FLOP/s / peak FLOP/s.
 
 Run: python benchmarks/mfu.py --job JOB.yaml --log RUN.log --peak-tflops 989 [--label NAME]
+     [--override KEY=VALUE ...]   (the overrides the run had, e.g. its train.batch_size)
+The log's samples/s is the whole worker group's, so the peak is that of all the GPUs it used.
 """
 
 from __future__ import annotations
@@ -28,9 +30,16 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, required=True)
     ap.add_argument("--label", default="")
     ap.add_argument("--warmup", type=int, default=20, help="ignore windows up to this step")
+    ap.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a job override the run had (repeatable): the batch size sets the padded length",
+    )
     args = ap.parse_args()
 
-    spec = load_job(args.job)
+    spec = load_job(args.job, args.override)
     tok = models.build_tokenizer(spec.model)
     bundle = data_lib.build(spec.data, tok)
     model = models.build_model(spec.model, bundle.num_labels, tok)
