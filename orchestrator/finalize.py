@@ -19,7 +19,7 @@ from torch import nn
 from orchestrator import data as data_lib
 from orchestrator import models
 from orchestrator.compress import CompressionReport, compress_, summary_metrics
-from orchestrator.compress.artifact import load_artifact, save_artifact
+from orchestrator.compress.artifact import load_artifact, save_artifact, weights_bytes
 from orchestrator.compress.common import param_count
 from orchestrator.compress.measure import measure_latency
 from orchestrator.config.schema import JobSpec
@@ -105,25 +105,20 @@ def finalize(
     bundle: data_lib.DataBundle,
     tokenizer: Any,
     folder: Path,
-    params_before: int,
 ) -> dict[str, float]:
-    """Write ``model``'s artifact to ``folder``, reload it, evaluate and time it against the
-    dense model. Returns the metrics (DESIGN.md 3.3 keys); also fills ``report.metrics``."""
-    if report.pruner is not None:
-        report.pruner.apply_()
-    size = save_artifact(
-        model,
-        folder,
-        quantize=spec.compress.quantize,
-        structure=report.structure,
-        tokenizer=tokenizer,
-    )
+    """Write ``model``'s artifact (``model`` in its training form, made by ``report.steps``) to
+    ``folder``, reload it, evaluate and time it against the dense model. Returns the metrics
+    (the keys of docs/contracts.md); also fills ``report.metrics``."""
+    size = save_artifact(model, folder, steps=report.steps, tokenizer=tokenizer)
     dense = models.build_model(spec.model, bundle.num_labels, tokenizer, seed=spec.train.seed)
     label_config(dense, bundle)
     with tempfile.TemporaryDirectory() as tmp:
-        dense_size = save_artifact(dense, Path(tmp) / "dense")
+        dense_size = save_artifact(dense, Path(tmp) / "dense", tokenizer=tokenizer)
+        dense_weights = weights_bytes(Path(tmp) / "dense")
     shipped = load_artifact(folder)
-    metrics = dict(summary_metrics(model, report, params_before))
+    params_before = int(report.metrics.get("compress/params_before", param_count(dense)))
+    metrics = dict(summary_metrics(model, report.steps, params_before))
+    metrics["compress/skipped_modules"] = float(sum(r.skipped for r in report.rows))
     metrics.update(evaluate_plain(shipped, bundle, "validation"))
     metrics.update(evaluate_plain(shipped, bundle, "test"))
     latency = measure_latency({"dense": dense, "compressed": shipped}, seq_len=spec.data.max_length)
@@ -138,11 +133,21 @@ def finalize(
     metrics["perf/speedup"] = (
         latency["dense"]["perf/latency_ms_b32"] / latency["compressed"]["perf/latency_ms_b32"]
     )
-    metrics["compress/size_bytes"] = float(size)
-    metrics["compress/dense_size_bytes"] = float(dense_size)
-    metrics["compress/size_ratio"] = dense_size / size
+    metrics.update(_sizes(size, weights_bytes(folder), dense_size, dense_weights))
     report.metrics.update(metrics)
     return metrics
+
+
+def _sizes(size: int, weights: int, dense_size: int, dense_weights: int) -> dict[str, float]:
+    """The artifact's bytes on disk (every file, config and tokenizer included) and the model's
+    own (weights file + manifest), for the compressed and the dense model alike."""
+    return {
+        "compress/size_bytes": float(size),
+        "compress/weights_bytes": float(weights),
+        "compress/dense_size_bytes": float(dense_size),
+        "compress/dense_weights_bytes": float(dense_weights),
+        "compress/size_ratio": dense_size / size,
+    }
 
 
 def measure_dense(
@@ -150,19 +155,14 @@ def measure_dense(
 ) -> dict[str, float]:
     """The dense reference's numbers under the same keys a compressed trial reports: accuracy on
     validation and test, artifact bytes, latency (alone: there is nothing to interleave with)."""
-    metrics = dict(summary_metrics(model, CompressionReport(), param_count(model)))
+    metrics = dict(summary_metrics(model, [], param_count(model)))
     metrics.update(evaluate_plain(model, bundle, "validation"))
     metrics.update(evaluate_plain(model, bundle, "test"))
     with tempfile.TemporaryDirectory() as tmp:
         size = save_artifact(model, Path(tmp) / "dense", tokenizer=tokenizer)
+        weights = weights_bytes(Path(tmp) / "dense")
     latency = measure_latency({"dense": model}, seq_len=spec.data.max_length)
     metrics.update(latency["dense"])
-    metrics.update(
-        {
-            "compress/size_bytes": float(size),
-            "compress/dense_size_bytes": float(size),
-            "compress/size_ratio": 1.0,
-            "perf/speedup": 1.0,
-        }
-    )
+    metrics.update(_sizes(size, weights, size, weights))
+    metrics["perf/speedup"] = 1.0
     return metrics

@@ -2,7 +2,8 @@
 
 The driver validates everything it can before Ray starts (bad input exits 2 with nothing
 written), resolves paths to absolute ones (Train workers change their working directory),
-then runs ``train_fn_per_worker`` on every worker and writes the run directory (DESIGN.md 3.2).
+then runs ``train_fn_per_worker`` on every worker and writes the run directory
+(docs/contracts.md, "Run directory").
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 def train_fn_per_worker(config: dict[str, Any]) -> dict[str, float]:
     """Runs on every Ray Train worker: rebuild the job from its dict and run the loop."""
     import ray.train
+    import ray.train.torch
 
     _quiet_train_reports()
     spec = JobSpec.model_validate(config["job"])
@@ -53,9 +55,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, float]:
         ctx = loop.WorkerContext(
             rank=context.get_world_rank(),
             world_size=context.get_world_size(),
-            local_rank=context.get_local_rank(),
             report=report,
             restore_dir=Path(restore) if restore else None,
+            # The device Ray Train assigned this worker (its GPU, fractional or one of several
+            # per worker; the CPU without GPUs), not one derived from the local rank.
+            device=ray.train.torch.get_device(),
         )
         return loop.run(spec, ctx)
 
@@ -462,7 +466,11 @@ def collect_result(result: Any, folder: RunFolder) -> dict[str, float]:
 def _collect_result(result: Any, folder: RunFolder) -> dict[str, float]:
     if result.checkpoint is None or not result.metrics:
         raise RunError("training finished without a final checkpoint; see the worker logs above")
-    metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    metrics = {
+        k: float(v)
+        for k, v in result.metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)  # not the FINAL_REPORT flag
+    }
     ckpt = result.checkpoint
     if folder.remote:
         copy_within(ckpt.filesystem, f"{ckpt.path}/model", folder.uri("model"))

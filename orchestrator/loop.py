@@ -1,13 +1,16 @@
 """The training loop every worker runs. Plain torch.distributed: no Ray, no DeepSpeed imports.
 
 Ray (``orchestrator.launch``) or a test harness supplies a ``WorkerContext``: rank, world size,
-how to report metrics with a checkpoint, and the checkpoint to resume from. The loop reads top to
-bottom: data -> model -> strategy -> (resume) -> steps with periodic eval / checkpoint -> final
-eval on validation and test -> final checkpoint with an exportable model.
+the device, how to report metrics with a checkpoint, and the checkpoint to resume from.
+``Trainer.fit`` reads top to bottom: build data, model (compressed: its training form) and
+strategy; resume; then optimizer steps, each followed by the small steps that decide for
+themselves whether they run now (log, evaluate, checkpoint); then the final export, which
+writes the model that ships and measures that.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import resource
@@ -16,31 +19,38 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from orchestrator import data as data_lib
 from orchestrator import finalize, models, strategies
+from orchestrator.compress import CompressionReport, skeleton
 from orchestrator.config.loader import dump_job
 from orchestrator.config.schema import JobSpec, TrainConfig
 from orchestrator.files import write_atomic, write_dir_atomic
 from orchestrator.safeload import CHECKPOINT_FIX, load_json
 
-Report = Callable[[dict[str, float], Path | None], None]
+Report = Callable[[dict[str, Any], Path | None], None]
 # In a final checkpoint only: the run's final metrics. A run restored from it had finished.
 FINAL_FILE = "final.json"
+# Set (True) in the one report that carries the run's final metrics and model; progress
+# reports during training never have it.
+FINAL_REPORT = "final_report"
 
 
 @dataclass
 class WorkerContext:
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
     report: Report = field(default=lambda metrics, checkpoint: None)
     restore_dir: Path | None = None
+    # The device this worker trains on, as its launcher assigned it (Ray Train picks the GPU
+    # of a worker, fractional or several GPUs per worker included); None: the CPU.
+    device: torch.device | None = None
 
 
 def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
@@ -57,6 +67,14 @@ def _all_reduce_max(value: float, device: torch.device) -> float:
     return float(t.item())
 
 
+def _broadcast(value: Any, is_main: bool) -> Any:
+    """Rank 0's ``value`` on every rank."""
+    box = [value if is_main else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def log(message: str) -> None:
     """A progress line on stdout. Not ``print``: Ray Train patches ``print`` in workers to also
     go through its logger, which printed every line twice on the driver."""
@@ -68,23 +86,6 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def evaluate(
-    strategy: strategies.Strategy,
-    bundle: data_lib.DataBundle,
-    split: str,
-    batch_size: int,
-    ctx: WorkerContext,
-    device: torch.device,
-) -> dict[str, float]:
-    """Accuracy and mean loss over the whole split. Each rank scores its shard; the sums are
-    all-reduced so every rank returns the identical numbers."""
-    batches = bundle.eval_batches(split, batch_size, ctx.rank, ctx.world_size)
-    sums = finalize.score(strategy.eval_model, batches, device, strategy.autocast)
-    correct, total, loss_sum = _all_reduce_sum(sums, device)
-    key = finalize.split_key(split)
-    return {f"{key}/accuracy": correct / total, f"{key}/loss": loss_sum / total}
 
 
 def plan_steps(tspec: TrainConfig, bundle: data_lib.DataBundle, world_size: int) -> tuple[int, int]:
@@ -109,11 +110,298 @@ def seed_dropout(seed: int, rank: int, step: int) -> None:
     torch.manual_seed(seed + 1000 * (rank + 1) + 1_000_003 * step)
 
 
-def device_for(spec: JobSpec, ctx: WorkerContext) -> torch.device:
-    if spec.resources.gpus_per_worker > 0 and torch.cuda.is_available():
-        torch.cuda.set_device(ctx.local_rank)
-        return torch.device("cuda", ctx.local_rank)
-    return torch.device("cpu")
+@dataclass
+class TrainState:
+    """Where training is; saved with every checkpoint and restored from it."""
+
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0
+    micro_step: int = 0  # micro-batches of this epoch consumed
+    samples_seen: int = 0  # training examples over all ranks
+
+
+class Window:
+    """What this rank trained on since the last report: summed loss, micro-batches, examples,
+    and since when (evaluation and checkpoint time excluded)."""
+
+    def __init__(self) -> None:
+        self.restart()
+
+    def restart(self) -> None:
+        self.loss_sum, self.batches, self.samples = 0.0, 0, 0
+        self.start = time.perf_counter()
+
+    def add(self, loss: float, samples: int) -> None:
+        self.loss_sum += loss
+        self.batches += 1
+        self.samples += samples
+
+
+class Trainer:
+    """One worker's run of a job: see the module docstring for the order of things."""
+
+    def __init__(self, spec: JobSpec, ctx: WorkerContext) -> None:
+        self.spec, self.ctx = spec, ctx
+        self.tspec = spec.train
+        self.device = ctx.device or torch.device("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.is_main = ctx.rank == 0
+        self.started = time.perf_counter()
+
+        self.tokenizer = models.build_tokenizer(spec.model)
+        # Rank 0 tokenizes and fills the cache first; the others then read it instead.
+        if not self.is_main and dist.is_initialized():
+            dist.barrier()
+        self.bundle = data_lib.build(spec.data, self.tokenizer)
+        if self.is_main and dist.is_initialized():
+            dist.barrier()
+        self.steps_per_epoch, self.total_steps = plan_steps(self.tspec, self.bundle, ctx.world_size)
+
+        # Compression comes before the strategy wraps the model: the optimizer, DDP buckets and
+        # ZeRO partitions must see the final (factorized, structurally pruned, fake-quant)
+        # modules.
+        self.creport: CompressionReport | None = None
+        if spec.compress.enabled:
+            calib = finalize.calibration_batches(spec, self.bundle)
+            model, self.creport = finalize.build_compressed(
+                spec, self.bundle, self.tokenizer, calib, self.total_steps
+            )
+        else:
+            model = models.build_model(
+                spec.model, self.bundle.num_labels, self.tokenizer, seed=self.tspec.seed
+            )
+            finalize.label_config(model, self.bundle)
+        self.hooks = self.creport.hooks if self.creport is not None else []
+        self.strategy = strategies.build(self.tspec, self.device)
+        self.strategy.prepare(model, self.total_steps)
+        self.state = TrainState()
+        self.window = Window()
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, float]:
+        """Train to ``total_steps`` (from the restored step), then export; returns the final
+        metrics, identical on every rank."""
+        self.restore()
+        seed_dropout(self.tspec.seed, self.ctx.rank, self.state.step)
+        self.strategy.model.train()
+        while self.state.step < self.total_steps:
+            for batch in self.epoch_batches():
+                if self.train_step(batch):
+                    self.after_optimizer_step()
+                    if self.state.step >= self.total_steps:
+                        break
+            if self.state.step >= self.total_steps:
+                break
+            self.state.epoch += 1
+            self.state.micro_step = 0
+        return self.finish()
+
+    def epoch_batches(self) -> Any:
+        """This rank's micro-batches of the current epoch, from where the epoch stands, only
+        as many as fill whole optimizer steps."""
+        t = self.tspec
+        left = self.steps_per_epoch * t.grad_accum_steps - self.state.micro_step
+        batches = self.bundle.train_batches(
+            t.batch_size,
+            self.ctx.rank,
+            self.ctx.world_size,
+            t.seed,
+            self.state.epoch,
+            skip=self.state.micro_step,
+        )
+        for i, batch in enumerate(batches):
+            if i >= left:
+                return
+            yield batch
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> bool:
+        """Forward and backward of one micro-batch; the optimizer steps on the last micro-batch
+        of each ``grad_accum_steps``. Returns True when it did."""
+        gas = self.tspec.grad_accum_steps
+        boundary = self.state.micro_step % gas == gas - 1
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        with self.strategy.accumulate(boundary=boundary), self.strategy.autocast():
+            loss = self.strategy.model(**batch).loss
+        self.strategy.backward(loss)
+        self.window.add(loss.item(), int(batch["labels"].shape[0]))
+        self.state.micro_step += 1
+        if not boundary:
+            return False
+        self.strategy.step()
+        self.state.step += 1
+        for hook in self.hooks:
+            # After the optimizer: Adam's moments would move pruned weights off zero.
+            hook.after_step(self.state.step, self.total_steps, self.strategy.apply_masks_)
+        return True
+
+    def after_optimizer_step(self) -> None:
+        """The periodic steps after an optimizer step, each when it is due. Every report
+        carries the training metrics of this step (not of an earlier logging step)."""
+        step = self.state.step
+        if step >= self.total_steps:
+            return  # the final report (``finish``) covers the last step
+        evaluate, checkpoint = self.eval_due(step), self.checkpoint_due(step)
+        if not (self.log_due(step) or evaluate or checkpoint):
+            return
+        metrics = self.train_metrics()
+        if evaluate:
+            metrics.update(self.evaluate("validation"))
+        if checkpoint:
+            self.checkpoint(metrics)
+        else:
+            # Progress results: Tune's schedulers and TensorBoard see the curve.
+            self.ctx.report(metrics, None)
+        if evaluate or checkpoint:
+            self.window.start = time.perf_counter()  # eval / checkpoint time is not training
+
+    def log_due(self, step: int) -> bool:
+        # Step 1 is logged too: it shows how long start-up took before training began.
+        return step % self.tspec.log_every == 0 or step == 1
+
+    def eval_due(self, step: int) -> bool:
+        return bool(self.tspec.eval_every) and step % self.tspec.eval_every == 0
+
+    def checkpoint_due(self, step: int) -> bool:
+        return bool(self.tspec.checkpoint_every) and step % self.tspec.checkpoint_every == 0
+
+    # -- the steps -----------------------------------------------------------------------------
+
+    def restore(self) -> None:
+        """Continue from the checkpoint the launcher hands over, if any."""
+        if self.ctx.restore_dir is None:
+            return
+        saved = self.strategy.load_checkpoint(self.ctx.restore_dir)
+        self.state = TrainState(**{k: int(saved[k]) for k in asdict(TrainState()) if k in saved})
+        for hook in self.hooks:
+            hook.after_restore()
+        if self.is_main:
+            log(f"resumed from step {self.state.step} ({self.ctx.restore_dir})")
+
+    def train_metrics(self) -> dict[str, float]:
+        """The training window's loss and throughput over all ranks (the slowest rank's time:
+        the whole group's throughput, the same on every rank); starts a new window."""
+        w, step = self.window, self.state.step
+        elapsed = _all_reduce_max(time.perf_counter() - w.start, self.device)
+        loss_sum, batches, samples = _all_reduce_sum(
+            [w.loss_sum, w.batches, w.samples], self.device
+        )
+        self.state.samples_seen += int(samples)
+        per_epoch = self.steps_per_epoch * self.tspec.grad_accum_steps
+        metrics = {
+            "train/loss": loss_sum / max(batches, 1),
+            "train/samples_per_s": samples / max(elapsed, 1e-9),
+            "train/samples_seen": float(self.state.samples_seen),
+            "train/lr": self.strategy.current_lr(),
+            "train/step": float(step),
+            "train/epoch": self.state.epoch + self.state.micro_step / per_epoch,
+        }
+        if self.is_main:
+            log(
+                f"step {step}/{self.total_steps} | epoch {metrics['train/epoch']:.2f} | loss "
+                f"{metrics['train/loss']:.4f} | lr {metrics['train/lr']:.2e} | "
+                f"{metrics['train/samples_per_s']:.1f} samples/s"
+            )
+        w.restart()
+        return metrics
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        """Accuracy and mean loss of the model being trained over the whole split. Each rank
+        scores its shard; the sums are all-reduced so every rank returns the same numbers."""
+        batches = self.bundle.eval_batches(
+            split, self.tspec.batch_size, self.ctx.rank, self.ctx.world_size
+        )
+        sums = finalize.score(
+            self.strategy.eval_model, batches, self.device, self.strategy.autocast
+        )
+        correct, total, loss_sum = _all_reduce_sum(sums, self.device)
+        key = finalize.split_key(split)
+        metrics = {f"{key}/accuracy": correct / total, f"{key}/loss": loss_sum / total}
+        if self.is_main:
+            log(
+                f"step {self.state.step} | {key}/accuracy {metrics[f'{key}/accuracy']:.4f} | "
+                f"{key}/loss {metrics[f'{key}/loss']:.4f}"
+            )
+        return metrics
+
+    def checkpoint(self, metrics: dict[str, float]) -> None:
+        """Every rank writes its part of the training state into a rank-local folder and
+        reports it; Ray merges the ranks' folders into one checkpoint in the run's storage."""
+        folder = Path(tempfile.mkdtemp(prefix="orch-ckpt-"))
+        self.strategy.save_checkpoint(folder, asdict(self.state))  # a collective on DeepSpeed
+        if self.is_main:
+            write_atomic(folder / "job.yaml", dump_job(self.spec))
+        self.ctx.report(metrics, folder if any(folder.iterdir()) else None)
+        shutil.rmtree(folder, ignore_errors=True)
+        # A run resumed from this checkpoint re-seeds the same way: it continues exactly as
+        # this one does (same dropout masks), so a worker restart does not change the result.
+        seed_dropout(self.tspec.seed, self.ctx.rank, self.state.step)
+
+    def finish(self) -> dict[str, float]:
+        """The final report: the last training window, the exported model and its measured
+        figures, in a checkpoint that holds what the run produced (the model, final.json), not
+        the state to train on from (optimizer moments, ZeRO shards: several times the model,
+        of no use once training is done)."""
+        metrics = self.train_metrics()
+        folder = Path(tempfile.mkdtemp(prefix="orch-ckpt-"))
+        metrics.update(self.export(folder))
+        metrics["mem/peak_mb"] = _all_reduce_max(peak_memory_mb(self.device), self.device)
+        # Data, model, compression, training, evaluation and the artifact's measurement: the
+        # run's wall time minus this is orchestration cost. The slowest rank's.
+        metrics["time/worker_s"] = _all_reduce_max(time.perf_counter() - self.started, self.device)
+        if self.is_main:
+            write_atomic(folder / "job.yaml", dump_job(self.spec))
+            # Marks the checkpoint final: a run restored from it reports it again.
+            write_atomic(folder / FINAL_FILE, json.dumps(metrics, indent=2, sort_keys=True))
+        self.ctx.report({**metrics, FINAL_REPORT: True}, folder if any(folder.iterdir()) else None)
+        shutil.rmtree(folder, ignore_errors=True)
+        return metrics
+
+    def export(self, folder: Path) -> dict[str, float]:
+        """The model that ships, written into ``folder/model`` and measured there: every rank
+        gathers the full fp32 weights (a collective on ZeRO-3), rank 0 writes and scores what
+        it wrote while the others wait, and broadcasts the figures so every rank reports the
+        same."""
+        full = self.strategy.full_state_dict()
+        metrics = None
+        if self.is_main:
+            started = time.perf_counter()
+            if self.creport is not None:
+                metrics = self.export_compressed(full, folder)
+            else:
+                metrics = self.export_dense(full, folder)
+            metrics["time/export_s"] = time.perf_counter() - started
+        return _broadcast(metrics, self.is_main)
+
+    def export_dense(self, full: dict[str, torch.Tensor], folder: Path) -> dict[str, float]:
+        """The fine-tuned model in Hugging Face format (fp32 safetensors), scored as saved:
+        not the live model, which may hold 16-bit weights or run under autocast."""
+
+        def save(tmp: Path) -> None:
+            self.strategy.module.save_pretrained(str(tmp), state_dict=full)
+            if self.tokenizer is not None:  # image models (the MLP) have none
+                self.tokenizer.save_pretrained(str(tmp))
+
+        write_dir_atomic(folder / "model", save)
+        saved = models.load_saved(folder / "model")
+        metrics = finalize.evaluate_plain(saved, self.bundle, "validation")
+        metrics.update(finalize.evaluate_plain(saved, self.bundle, "test"))
+        return metrics
+
+    def export_compressed(self, full: dict[str, torch.Tensor], folder: Path) -> dict[str, float]:
+        """The artifact, rebuilt from the applied steps (no second calibration, SVD or pruning:
+        the manifest entries say what the structure is), holding the trained weights; written,
+        reloaded as a user would and measured (``finalize.finalize``)."""
+        config = copy.deepcopy(self.strategy.module.config)
+        model = skeleton(config, self.creport.steps)
+        model.load_state_dict(full)
+        metrics = finalize.finalize(
+            self.spec, model, self.creport, self.bundle, self.tokenizer, folder / "model"
+        )
+        report = {"job": self.spec.name, **self.creport.to_dict()}
+        write_atomic(folder / "compress_report.json", json.dumps(report, indent=2))
+        return metrics
 
 
 def _report_finished(ctx: WorkerContext, restore: Path) -> dict[str, float]:
@@ -123,211 +411,19 @@ def _report_finished(ctx: WorkerContext, restore: Path) -> dict[str, float]:
     saved = load_json(restore / FINAL_FILE, what="checkpoint file", fix=CHECKPOINT_FIX)
     metrics = {k: float(v) for k, v in saved.items()}
     if ctx.rank != 0:
-        ctx.report(metrics, None)
+        ctx.report({**metrics, FINAL_REPORT: True}, None)
         return metrics
     folder = Path(tempfile.mkdtemp(prefix="orch-ckpt-"))
     shutil.copytree(restore, folder, dirs_exist_ok=True)
     step = int(metrics.get("train/step", 0))
     log(f"the run had finished (step {step}); reporting its final checkpoint again ({restore})")
-    ctx.report(metrics, folder)
+    ctx.report({**metrics, FINAL_REPORT: True}, folder)
     shutil.rmtree(folder, ignore_errors=True)
     return metrics
 
 
 def run(spec: JobSpec, ctx: WorkerContext) -> dict[str, float]:
     """Train ``spec`` on this worker; returns the final metrics (identical on every rank)."""
-    started = time.perf_counter()
     if ctx.restore_dir is not None and (ctx.restore_dir / FINAL_FILE).is_file():
         return _report_finished(ctx, ctx.restore_dir)
-    tspec = spec.train
-    device = device_for(spec, ctx)
-    is_main = ctx.rank == 0
-
-    tokenizer = models.build_tokenizer(spec.model)
-    # Rank 0 tokenizes and fills the cache first; the others then read it instead of repeating it.
-    if not is_main and dist.is_initialized():
-        dist.barrier()
-    bundle = data_lib.build(spec.data, tokenizer)
-    if is_main and dist.is_initialized():
-        dist.barrier()
-
-    steps_per_epoch, total_steps = plan_steps(tspec, bundle, ctx.world_size)
-
-    # Compression comes before the strategy wraps the model: the optimizer, DDP buckets and ZeRO
-    # partitions must see the final (factorized, structurally pruned, fake-quant) modules.
-    creport = None
-    if spec.compress.enabled:
-        calib = finalize.calibration_batches(spec, bundle)
-        model, creport = finalize.build_compressed(spec, bundle, tokenizer, calib, total_steps)
-    else:
-        model = models.build_model(spec.model, bundle.num_labels, tokenizer, seed=tspec.seed)
-        finalize.label_config(model, bundle)
-    pruner = creport.pruner if creport is not None else None
-
-    strategy = strategies.build(tspec, device)
-    strategy.prepare(model, total_steps)
-    state = {"step": 0, "epoch": 0, "micro_step": 0, "samples_seen": 0}
-    if ctx.restore_dir is not None:
-        state.update(strategy.load_checkpoint(ctx.restore_dir))
-        if pruner is not None:
-            pruner.restore_from_weights()
-        if is_main:
-            log(f"resumed from step {state['step']} ({ctx.restore_dir})")
-    seed_dropout(tspec.seed, ctx.rank, state["step"])
-
-    def checkpoint(metrics: dict[str, float], final: bool) -> None:
-        """Every rank writes its part into a rank-local folder, then reports it; Ray merges the
-        ranks' folders into one checkpoint in the run's storage."""
-        folder = Path(tempfile.mkdtemp(prefix="orch-ckpt-"))
-        if not final:
-            # The final checkpoint carries what the run produced, not the state to train on
-            # from (optimizer moments, ZeRO shards: several times the model, of no use once
-            # training is done). Every rank skips it alike: on DeepSpeed it is a collective.
-            strategy.save_checkpoint(folder, dict(state))
-        full = strategy.full_state_dict() if final else None  # collective on ZeRO-3
-        if is_main:
-            write_atomic(folder / "job.yaml", dump_job(spec))
-        if full is not None and spec.compress.enabled:
-            metrics.update(export_compressed(full, folder / "model"))
-        elif full is not None and is_main:
-
-            def save_model(tmp: Path) -> None:
-                strategy.module.save_pretrained(str(tmp), state_dict=full)
-                if tokenizer is not None:  # image models (the MLP) have none
-                    tokenizer.save_pretrained(str(tmp))
-
-            write_dir_atomic(folder / "model", save_model)
-        if final:
-            # Time spent in this function: data, model, compression, training, evaluation and
-            # the artifact's measurement. The run's wall time minus this is orchestration cost.
-            # The slowest rank's, so that every rank reports identical metrics.
-            metrics["time/worker_s"] = _all_reduce_max(time.perf_counter() - started, device)
-            if is_main:  # marks the checkpoint final: a restore from it reports it again
-                write_atomic(folder / FINAL_FILE, json.dumps(metrics, indent=2, sort_keys=True))
-        ctx.report(metrics, folder if any(folder.iterdir()) else None)
-        shutil.rmtree(folder, ignore_errors=True)
-        # A run resumed from this checkpoint re-seeds the same way: it continues exactly as
-        # this one does (same dropout masks), so a worker restart does not change the result.
-        seed_dropout(tspec.seed, ctx.rank, state["step"])
-
-    def export_compressed(full: dict[str, torch.Tensor], folder: Path) -> dict[str, float]:
-        """Rank 0 rebuilds the compressed structure on a plain CPU model, loads the trained
-        weights, writes the artifact and measures it while the other ranks wait; the figures
-        are then broadcast so every rank reports the same metrics."""
-        out: list[dict[str, float] | None] = [None]
-        if is_main:
-            export_model, report = finalize.build_compressed(
-                spec, bundle, tokenizer, calib, total_steps
-            )
-            export_model.load_state_dict(full)
-            out[0] = finalize.finalize(
-                spec,
-                export_model,
-                report,
-                bundle,
-                tokenizer,
-                folder,
-                int(creport.metrics["compress/params_before"]),
-            )
-            write_atomic(
-                folder.parent / "compress_report.json",
-                json.dumps({"job": spec.name, **report.to_dict()}, indent=2),
-            )
-        if dist.is_initialized():
-            dist.broadcast_object_list(out, src=0)
-        return out[0]
-
-    metrics: dict[str, float] = {}
-    loss_sum = loss_n = 0.0
-    window_start, window_samples = time.perf_counter(), 0
-    gas = tspec.grad_accum_steps
-    model_fwd = strategy.model
-    model_fwd.train()
-    while state["step"] < total_steps:
-        batches = bundle.train_batches(
-            tspec.batch_size,
-            ctx.rank,
-            ctx.world_size,
-            tspec.seed,
-            state["epoch"],
-            skip=state["micro_step"],
-        )
-        for batch in batches:
-            i = state["micro_step"] % gas
-            if state["micro_step"] >= steps_per_epoch * gas:
-                break  # leftover micro-batches that do not fill an optimizer step
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with strategy.accumulate(boundary=(i == gas - 1)), strategy.autocast():
-                loss = model_fwd(**batch).loss
-            strategy.backward(loss)
-            loss_sum += loss.item()
-            loss_n += 1
-            state["micro_step"] += 1
-            window_samples += batch["labels"].shape[0]
-            if i != gas - 1:
-                continue
-            strategy.step()
-            state["step"] += 1
-            step = state["step"]
-            if pruner is not None:
-                # After the optimizer: Adam's moments would move pruned weights off zero.
-                pruner.step(step, total_steps, strategy.apply_masks_)
-            last = step >= total_steps
-            # Step 1 is logged too: it shows how long start-up took before training began.
-            logged = step % tspec.log_every == 0 or step == 1
-            if logged or last:
-                # The slowest rank's time: throughput is the whole group's, same on every rank.
-                elapsed = _all_reduce_max(time.perf_counter() - window_start, device)
-                loss_sum, loss_n, samples = _all_reduce_sum(
-                    [loss_sum, loss_n, window_samples], device
-                )
-                state["samples_seen"] += int(samples)
-                metrics = {
-                    "train/loss": loss_sum / max(loss_n, 1),
-                    "train/samples_per_s": samples / max(elapsed, 1e-9),
-                    "train/lr": strategy.current_lr(),
-                    "train/step": float(step),
-                    "train/epoch": state["epoch"] + state["micro_step"] / (steps_per_epoch * gas),
-                }
-                if is_main:
-                    log(
-                        f"step {step}/{total_steps} | epoch "
-                        f"{metrics['train/epoch']:.2f} | loss {metrics['train/loss']:.4f} | lr "
-                        f"{metrics['train/lr']:.2e} | "
-                        f"{metrics['train/samples_per_s']:.1f} samples/s"
-                    )
-                loss_sum = loss_n = 0.0
-                window_start, window_samples = time.perf_counter(), 0
-            if last:
-                break
-            do_eval = tspec.eval_every and step % tspec.eval_every == 0
-            do_ckpt = tspec.checkpoint_every and step % tspec.checkpoint_every == 0
-            if do_eval:
-                metrics.update(
-                    evaluate(strategy, bundle, "validation", tspec.batch_size, ctx, device)
-                )
-                if is_main:
-                    log(
-                        f"step {step} | eval/accuracy {metrics['eval/accuracy']:.4f} | "
-                        f"eval/loss {metrics['eval/loss']:.4f}"
-                    )
-            if do_ckpt:
-                checkpoint(dict(metrics), final=False)
-            elif do_eval or logged:
-                # Intermediate results (Tune's schedulers and TensorBoard see the curve).
-                ctx.report(dict(metrics), None)
-            if do_eval or do_ckpt:
-                window_start = time.perf_counter()  # eval / checkpoint time is not training time
-        if state["step"] >= total_steps:
-            break
-        state["epoch"] += 1
-        state["micro_step"] = 0
-
-    if not spec.compress.enabled:
-        # A compressed run is scored on its artifact instead (export_compressed): what ships.
-        metrics.update(evaluate(strategy, bundle, "validation", tspec.batch_size, ctx, device))
-        metrics.update(evaluate(strategy, bundle, "test", tspec.batch_size, ctx, device))
-    metrics["train/step"] = float(state["step"])
-    metrics["mem/peak_mb"] = _all_reduce_max(peak_memory_mb(device), device)
-    checkpoint(metrics, final=True)  # the final figures (artifact measurements) land in metrics
-    return metrics
+    return Trainer(spec, ctx).fit()

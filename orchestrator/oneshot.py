@@ -31,15 +31,7 @@ def compress_job(spec: JobSpec) -> dict:
     # Only now, with the recipe applied without error, does anything get written.
     launch.claim_run_dir(spec)
     folder = launch.run_dir(spec)
-    finalize(
-        spec,
-        model,
-        report,
-        bundle,
-        tokenizer,
-        folder.local / "model",
-        int(report.metrics["compress/params_before"]),
-    )
+    finalize(spec, model, report, bundle, tokenizer, folder.local / "model")
     folder.push("model")  # to storage, when output.dir is a URI
     out = {"job": spec.name, **report.to_dict()}
     folder.write_text("compress_report.json", json.dumps(out, indent=2))

@@ -1,17 +1,20 @@
 """The compressed artifact: what is shipped, measured in bytes, and loaded back.
 
-A folder with ``model.safetensors`` (tensors only: no pickle), ``manifest.json`` (how each tensor
-is stored and how the model's structure was changed), ``config.json`` and the tokenizer (text
-models; an image model has none). Each
-weight is stored in whichever of these is smallest, so the artifact's size is the true size:
+A folder with ``model.safetensors`` (tensors only: no pickle), ``manifest.json`` (the steps that
+made the model, each with its config and its technique's manifest entry, and how each tensor is
+stored), ``config.json`` and the tokenizer (text models; an image model has none). Each weight
+is stored in whichever form is smallest, so the artifact's size is the true size:
 
 - ``dense``: the float32 tensor;
 - ``sparse``: a bitmap of the non-zeros (1 bit per weight) and the non-zero float32 values;
-- ``quant``: packed low-bit codes plus scales (and zero points);
-- ``sparse_quant``: the bitmap plus packed codes of the non-zeros only.
+- the forms a step's technique offers for the weights it owns (quantization: packed low-bit
+  codes plus scales, ``quant``, or the bitmap plus the codes of the non-zeros,
+  ``sparse_quant``); the tensor's entry names the stage whose technique decodes it.
 
 ``load_artifact`` rebuilds a runnable model from the folder with transformers and this package
-alone (no training code), giving the same outputs as the model that was saved.
+alone (no training code): the config's dense model, each step's ``rebuild_`` from its manifest
+entry, the weights, then each step's inference form. ``skeleton`` is the same rebuild without
+weights, used at the end of a training run to hold the trained weights.
 """
 
 from __future__ import annotations
@@ -20,91 +23,65 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from orchestrator.compress.common import set_module
-from orchestrator.compress.factorize import LowRankLinear
-from orchestrator.config.compress import QuantizeConfig
+from orchestrator.compress.common import bitmap, unbitmap
+from orchestrator.compress.technique import Step
 from orchestrator.errors import CorruptFileError
 from orchestrator.files import write_dir_atomic
 from orchestrator.safeload import check_safetensors, load_json, load_safetensors
 
-FORMAT = "orchestrator-compressed/1"
+FORMAT = "orchestrator-compressed/2"
 WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"
-
-
-def _bitmap(mask: torch.Tensor) -> torch.Tensor:
-    return torch.from_numpy(np.packbits(mask.flatten().cpu().numpy().astype(np.uint8)))
-
-
-def _unbitmap(bits: torch.Tensor, numel: int) -> torch.Tensor:
-    return torch.from_numpy(np.unpackbits(bits.numpy())[:numel].astype(bool))
+# The names a stored tensor's parts take in the weights file: ``<tensor>.<part>``.
+PARTS = ("bitmap", "values", "codes", "scale", "zero_point", "nzcodes")
 
 
 def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def encode_weight(t: torch.Tensor, module: nn.Module, pname: str) -> tuple[dict, dict]:
-    """The smallest storage of one parameter: (tensors by suffix, meta)."""
-    from orchestrator.compress.quantize import encode, pack_codes, quantized_weight
-
+def encode_weight(
+    t: torch.Tensor, module: nn.Module, pname: str, steps: list[Step] = ()
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The smallest storage of one parameter: (tensors by part suffix, meta)."""
     t = t.detach().float().cpu().contiguous()
     options: list[tuple[dict, dict]] = [({"": t}, {"format": "dense"})]
     mask = t != 0
-    nnz = int(mask.sum())
-    sparse_ok = t.ndim >= 2 and nnz < t.numel()
-    if sparse_ok:
+    if t.ndim >= 2 and int(mask.sum()) < t.numel():
         options.append(
             (
-                {"bitmap": _bitmap(mask), "values": t[mask]},
+                {"bitmap": bitmap(mask), "values": t[mask]},
                 {"format": "sparse", "shape": list(t.shape)},
             )
         )
-    q = quantized_weight(module) if pname == "weight" else None
-    if q is not None:
-        qt, meta = encode(q)
-        options.append((dict(qt), {"format": "quant", "quant": meta}))
-        if sparse_ok:
-            nz_codes = pack_codes(q.codes.flatten()[mask.flatten()].contiguous(), q.bits)
-            sq = {k: v for k, v in qt.items() if k != "codes"}
-            sq.update(bitmap=_bitmap(mask), nzcodes=nz_codes)
-            options.append(
-                (sq, {"format": "sparse_quant", "quant": meta, "nnz": nnz, "shape": list(t.shape)})
-            )
+    for step in steps:
+        for parts, meta in step.technique.encodings(module, pname, t):
+            options.append((parts, {**meta, "stage": step.stage}))
     return min(options, key=lambda o: _nbytes(o[0]))
 
 
-def decode_weight(tensors: dict[str, torch.Tensor], meta: dict) -> torch.Tensor:
-    from orchestrator.compress.quantize import decode, pack_codes, unpack_codes
-
+def decode_weight(
+    tensors: dict[str, torch.Tensor], meta: dict[str, Any], steps: list[Step] = ()
+) -> torch.Tensor:
+    """The float32 tensor ``encode_weight`` stored."""
     fmt = meta["format"]
     if fmt == "dense":
         return tensors[""]
     if fmt == "sparse":
         shape = meta["shape"]
-        numel = int(np.prod(shape))
-        mask = _unbitmap(tensors["bitmap"], numel)
+        numel = int(torch.tensor(shape).prod())
+        mask = unbitmap(tensors["bitmap"], numel)
         out = torch.zeros(numel, dtype=tensors["values"].dtype)
         out[mask] = tensors["values"]
         return out.view(shape)
-    if fmt == "quant":
-        return decode(tensors, meta["quant"])
-    if fmt == "sparse_quant":
-        q = meta["quant"]
-        shape = meta["shape"]
-        numel = int(np.prod(shape))
-        mask = _unbitmap(tensors["bitmap"], numel)
-        codes = torch.zeros(numel, dtype=torch.uint8)
-        codes[mask] = unpack_codes(tensors["nzcodes"], q["bits"], int(meta["nnz"]))
-        dense = {k: v for k, v in tensors.items() if k not in ("bitmap", "nzcodes")}
-        dense["codes"] = pack_codes(codes, q["bits"])
-        return decode(dense, q) * mask.view(shape).float()
-    raise ValueError(f"unknown tensor format {fmt!r} in the manifest")
+    step = next((s for s in steps if s.stage == meta.get("stage")), None)
+    if step is None:
+        raise ValueError(f"tensor format {fmt!r} names no step of the manifest")
+    return step.technique.decode(tensors, meta)
 
 
 def _plain_state(model: nn.Module) -> dict[str, tuple[torch.Tensor, nn.Module, str]]:
@@ -124,34 +101,21 @@ def save_artifact(
     model: nn.Module,
     folder: str | Path,
     *,
-    quantize: QuantizeConfig | None = None,
-    structure: dict | None = None,
-    extra: dict[str, Any] | None = None,
+    steps: list[Step] = (),
     tokenizer: Any = None,
 ) -> int:
-    """Write ``model`` (in its training form: masks applied, fake-quant modules still in place)
-    to ``folder`` atomically; returns the artifact's size in bytes (weights + manifest)."""
-    from orchestrator.compress.quantize import quantized_weight
-
+    """Write ``model`` (in its training form: masks applied, fake-quant modules in place) made
+    by ``steps`` to ``folder`` atomically; returns the artifact's bytes on disk (every file)."""
     folder = Path(folder)
+    steps = list(steps)
     tensors: dict[str, torch.Tensor] = {}
     entries: dict[str, dict] = {}
     for name, (t, module, pname) in _plain_state(model).items():
-        parts, meta = encode_weight(t, module, pname)
+        parts, meta = encode_weight(t, module, pname, steps)
         entries[name] = meta
         for suffix, value in parts.items():
             tensors[f"{name}.{suffix}" if suffix else name] = value.contiguous()
-    manifest = {
-        "format": FORMAT,
-        "structure": structure,
-        "low_rank": {n: m.rank for n, m in model.named_modules() if isinstance(m, LowRankLinear)},
-        "quantize": quantize.model_dump(mode="json") if quantize is not None else None,
-        "quantized_modules": {
-            n: type(m).__name__ for n, m in model.named_modules() if quantized_weight(m) is not None
-        },
-        "tensors": entries,
-        **(extra or {}),
-    }
+    manifest = {"format": FORMAT, "steps": [s.to_json() for s in steps], "tensors": entries}
 
     def fill(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS))
@@ -168,8 +132,14 @@ def save_artifact(
 
 
 def artifact_bytes(folder: str | Path) -> int:
-    """Bytes that make up the model: the weights file and the manifest (config and tokenizer
-    are the same for a dense and a compressed model and are not counted for either)."""
+    """Bytes on disk of the whole artifact: weights, manifest, config and tokenizer files (what
+    a user ships and downloads)."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def weights_bytes(folder: str | Path) -> int:
+    """Bytes of the model itself: the weights file and the manifest (without the config and
+    tokenizer, which a dense and a compressed model share)."""
     folder = Path(folder)
     return (folder / WEIGHTS).stat().st_size + (folder / MANIFEST).stat().st_size
 
@@ -183,7 +153,14 @@ _FIX = (
 def _read_manifest(folder: Path) -> dict[str, Any]:
     manifest = load_json(folder / MANIFEST, what="the artifact's manifest", fix=_FIX)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ValueError(f"{folder} is not a {FORMAT} artifact")
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise CorruptFileError(
+            folder / MANIFEST,
+            "the artifact's manifest",
+            f"is not a {FORMAT} manifest (format {found!r})",
+            "an artifact written by another version of this tool: export it again with this "
+            "version (orchestrator export RUN_DIR --trial NAME)",
+        )
     return manifest
 
 
@@ -193,6 +170,20 @@ def check_artifact(folder: str | Path) -> None:
     folder = Path(folder)
     _read_manifest(folder)
     check_safetensors(folder / WEIGHTS, what="the artifact's weights file", fix=_FIX)
+
+
+def skeleton(config: Any, steps: list[Step]) -> nn.Module:
+    """The compressed model's structure in its training form, weights not loaded: ``config``'s
+    dense classifier, then each step's ``rebuild_`` from its manifest entry."""
+    from transformers import AutoModelForSequenceClassification
+
+    # Importing it registers the project's own model types (the MLP) with the Auto classes.
+    import orchestrator.models.mlp  # noqa: F401
+
+    model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+    for step in steps:
+        step.technique.rebuild_(model, step.config, step.entry)
+    return model
 
 
 def load_artifact(folder: str | Path) -> nn.Module:
@@ -216,11 +207,8 @@ def load_artifact(folder: str | Path) -> nn.Module:
 
 
 def _rebuild(folder: Path, manifest: dict[str, Any], flat: dict[str, torch.Tensor]) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    # Importing it registers the project's own model types (the MLP) with the Auto classes.
-    import orchestrator.models.mlp  # noqa: F401
-    from orchestrator.compress.quantize import QuantEmbedding, QuantLinear, to_inference_
+    from pydantic import ValidationError
+    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
@@ -229,43 +217,24 @@ def _rebuild(folder: Path, manifest: dict[str, Any], flat: dict[str, torch.Tenso
         raise CorruptFileError(
             folder / "config.json", "the artifact's config", problem, _FIX
         ) from None
-    model = AutoModelForSequenceClassification.from_config(config)
-    if manifest.get("structure"):
-        from orchestrator.compress.structured import rebuild_structure_
-
-        rebuild_structure_(model, manifest["structure"])
-    for name, rank in manifest["low_rank"].items():
-        old = model.get_submodule(name)
-        set_module(
-            model,
-            name,
-            LowRankLinear(old.in_features, old.out_features, rank, bias=old.bias is not None),
-        )
-    qcfg = QuantizeConfig(**manifest["quantize"]) if manifest.get("quantize") else None
-    for name, kind in manifest["quantized_modules"].items():
-        old = model.get_submodule(name)
-        new = (
-            QuantEmbedding.from_embedding(old, qcfg)
-            if kind == "QuantEmbedding"
-            else QuantLinear.from_linear(old, qcfg)
-        )
-        set_module(model, name, new)
+    try:
+        steps = [Step.from_json(raw) for raw in manifest["steps"]]
+    except ValidationError as e:
+        raise ValueError(f"a step of the manifest is not a valid technique config: {e}") from None
+    model = skeleton(config, steps)
     state = {}
     for name, meta in manifest["tensors"].items():
-        prefix = name + "."
-        parts = {
-            k[len(prefix) :]: v
-            for k, v in flat.items()
-            if k.startswith(prefix)
-            and k[len(prefix) :] in ("bitmap", "values", "codes", "scale", "zero_point", "nzcodes")
-        }
         if meta["format"] == "dense":
             parts = {"": flat[name]}
-        state[name] = decode_weight(parts, meta)
+        else:
+            prefix = name + "."
+            parts = {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
+            parts = {k: v for k, v in parts.items() if k in PARTS}
+        state[name] = decode_weight(parts, meta, steps)
     model.load_state_dict(state, strict=False)
     missing = set(_plain_state(model)) - set(state)
     if missing:
         raise KeyError(f"the artifact lacks tensors {sorted(missing)[:5]}")
-    if qcfg is not None:
-        to_inference_(model, qcfg)
+    for step in steps:
+        step.technique.to_inference_(model, step.config)
     return model

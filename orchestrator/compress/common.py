@@ -1,5 +1,6 @@
 """Shared pieces of the compression techniques: module selection, per-module report rows,
-module replacement, calibration activation statistics, SQNR. Plain torch: no Ray, no DeepSpeed."""
+module replacement, calibration activation statistics, SQNR, non-zero bitmaps. Plain torch: no
+Ray, no DeepSpeed."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -161,3 +163,14 @@ def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     if noise == 0:
         return float("inf")
     return 10.0 * torch.log10(torch.tensor(signal / noise)).item()
+
+
+def bitmap(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean mask packed 8 per byte (uint8, 1-D), as the artifact stores where the
+    non-zeros of a sparse weight are."""
+    return torch.from_numpy(np.packbits(mask.flatten().cpu().numpy().astype(np.uint8)))
+
+
+def unbitmap(bits: torch.Tensor, numel: int) -> torch.Tensor:
+    """The first ``numel`` booleans of a ``bitmap``."""
+    return torch.from_numpy(np.unpackbits(bits.numpy())[:numel].astype(bool))

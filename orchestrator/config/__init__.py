@@ -1,13 +1,7 @@
 """The job spec (pydantic models) and how it is loaded, overridden and saved."""
 
-from orchestrator.config.loader import (
-    apply_overrides,
-    dump_job,
-    load_job,
-    parse_override,
-    read_yaml,
-    validate_job,
-)
+from orchestrator.config.loader import EXCLUSIVE, dump_job, load_job, read_yaml, validate_job
+from orchestrator.config.overrides import apply_overrides, parse_override
 from orchestrator.config.schema import (
     DataConfig,
     JobSpec,
@@ -18,6 +12,7 @@ from orchestrator.config.schema import (
 )
 
 __all__ = [
+    "EXCLUSIVE",
     "DataConfig",
     "JobSpec",
     "ModelConfig",

@@ -1,10 +1,19 @@
-"""Shared pieces of the config models."""
+"""What every section of the job shares: the base model and the cross-field error."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
 from pydantic_core import PydanticCustomError
+
+
+class ConfigModel(BaseModel):
+    """Base of every section of the job spec: unknown keys are errors (a typo never silently
+    does nothing) and a validated section never changes (the resolved job saved with a run is
+    the job that ran)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def cross_field_error(problems: list[tuple[str, Any, str, str]]) -> PydanticCustomError:

@@ -1,22 +1,38 @@
-"""The job's ``compress`` section: three optional sub-sections applied in a fixed order
-(prune -> factorize -> quantize), so every knob is a dotted key that overrides and the search
-space address alike (``compress.prune.sparsity``). One config type per technique."""
+"""The job's ``compress`` section: one optional sub-section per stage, applied in the order of
+the fields of ``CompressConfig`` (prune -> factorize -> quantize), so no order can be wrong.
+
+Each sub-section is one technique config, picked by its ``method`` (a pydantic discriminated
+union): a class per method holding only the keys that method takes, so a key that does not apply
+to the chosen method is an error naming it. Every knob is a dotted key that overrides and the
+search space address alike (``compress.prune.sparsity``).
+
+Adding a technique: a ``*Config`` class below, deriving from its stage's base (``PruneMethod``,
+``FactorizeMethod``, ``QuantizeMethod``) with ``method: Literal["name"] = "name"`` (the stage's
+union picks it up), and its handler in ``orchestrator/compress/techniques/`` (registered for the
+class). Nothing else changes.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Discriminator, Field, Tag, TypeAdapter, model_validator
 
-from orchestrator.config.base import cross_field_error
+from orchestrator.config.base import ConfigModel, cross_field_error
 
 # Classification heads stay dense by default: they are tiny and sensitive.
 DEFAULT_EXCLUDE = ["*classifier*", "*score*", "*pooler*"]
 
 
-class _Technique(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class TechniqueConfig(ConfigModel):
+    """Base of every technique's config: its ``method`` tag and which modules it touches."""
 
+    stage: ClassVar[str] = ""  # the compress sub-section that takes it
+    # Unstructured masks are re-applied to whole weights after every optimizer step, which a
+    # ZeRO-3 worker, holding only a shard of each weight, cannot do.
+    needs_whole_weights: ClassVar[bool] = False
+
+    method: str
     include: list[str] = Field(
         default_factory=lambda: ["*"],
         description="module-name glob patterns to compress (fnmatch); each must match a module",
@@ -27,20 +43,24 @@ class _Technique(BaseModel):
     )
 
 
-class PruneConfig(_Technique):
+# ---------------------------------------------------------------------------------------------
+# prune
+
+
+class PruneMethod(TechniqueConfig):
     """Remove weights: unstructured (magnitude, Wanda) or structured (FFN neurons, heads)."""
 
-    method: Literal["magnitude", "wanda", "structured"] = Field(
-        default="magnitude",
-        description="magnitude (|W|), wanda (|W| x ||X|| on calibration data), or structured "
-        "(physically removes FFN neurons and attention heads)",
-    )
+    stage: ClassVar[str] = "prune"
+    default_method: ClassVar[str] = "magnitude"
+
+
+class UnstructuredPruneMethod(PruneMethod):
+    """Zeroes individual weights (masks kept through recovery training)."""
+
+    needs_whole_weights: ClassVar[bool] = True
+
     sparsity: float = Field(
-        default=0.5,
-        ge=0.0,
-        lt=1.0,
-        description="fraction removed, [0, 1): of the targeted weights (unstructured) or of the "
-        "FFN neurons and heads (structured)",
+        default=0.5, ge=0.0, lt=1.0, description="fraction of the targeted weights removed, [0, 1)"
     )
     scope: Literal["global", "layer"] = Field(
         default="layer",
@@ -60,22 +80,10 @@ class PruneConfig(_Technique):
         description="gradual: step where the final sparsity is reached (default: 2/3 of training)",
     )
     update_every: int = Field(default=10, ge=1, description="gradual: steps between mask updates")
-    heads: bool = Field(default=True, description="structured: also prune attention heads")
-    ffn: bool = Field(default=True, description="structured: prune FFN neurons")
 
     @model_validator(mode="after")
-    def _checks(self) -> PruneConfig:
+    def _schedule(self) -> UnstructuredPruneMethod:
         problems = []
-        if self.schedule == "gradual" and self.method == "structured":
-            problems.append(
-                (
-                    "schedule",
-                    "gradual",
-                    "structured pruning is one-shot (shapes "
-                    "change, so it cannot happen mid-training)",
-                    "set compress.prune.schedule=oneshot",
-                )
-            )
         if self.schedule == "gradual" and self.initial_sparsity > self.sparsity:
             problems.append(
                 (
@@ -94,28 +102,64 @@ class PruneConfig(_Technique):
                     "raise compress.prune.end_step",
                 )
             )
-        if self.method == "structured" and not (self.heads or self.ffn):
-            problems.append(
-                (
-                    "ffn",
-                    False,
-                    "structured pruning with heads and ffn both off removes nothing",
-                    "set compress.prune.ffn=true or heads=true",
-                )
-            )
         if problems:
             raise cross_field_error(problems)
         return self
 
 
-class FactorizeConfig(_Technique):
+class MagnitudePruneConfig(UnstructuredPruneMethod):
+    """Unstructured pruning of the smallest |W| (saves bytes, not time: no sparse kernel)."""
+
+    method: Literal["magnitude"] = "magnitude"
+
+
+class WandaPruneConfig(UnstructuredPruneMethod):
+    """Unstructured pruning by |W| x ||X|| on calibration inputs (Wanda, Sun et al. 2023)."""
+
+    method: Literal["wanda"] = "wanda"
+
+
+class StructuredPruneConfig(PruneMethod):
+    """Physically removes FFN neurons and attention heads: smaller and faster layers."""
+
+    method: Literal["structured"] = "structured"
+    sparsity: float = Field(
+        default=0.5,
+        ge=0.0,
+        lt=1.0,
+        description="fraction of the FFN neurons and of the heads removed per block, [0, 1)",
+    )
+    heads: bool = Field(default=True, description="also prune attention heads")
+    ffn: bool = Field(default=True, description="prune FFN neurons")
+
+    @model_validator(mode="after")
+    def _something(self) -> StructuredPruneConfig:
+        if not (self.heads or self.ffn):
+            raise cross_field_error(
+                [
+                    (
+                        "ffn",
+                        False,
+                        "structured pruning with heads and ffn both off removes nothing",
+                        "set compress.prune.ffn=true or heads=true",
+                    )
+                ]
+            )
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# factorize
+
+
+class FactorizeMethod(TechniqueConfig):
     """Low-rank factorization of Linear layers into two thinner Linears (W ~ U V)."""
 
-    method: Literal["svd", "asvd"] = Field(
-        default="svd",
-        description="svd (truncated SVD of W) or asvd (activation-aware: SVD of W whitened by "
-        "the calibration inputs' Gram matrix, minimising the layer's output error)",
-    )
+    stage: ClassVar[str] = "factorize"
+    default_method: ClassVar[str] = "svd"
+    # At most one of these may be given on the command line over a job that sets another.
+    exclusive: ClassVar[tuple[str, ...]] = ("rank", "rank_ratio", "energy")
+
     rank: Annotated[int, Field(ge=1)] | None = Field(
         default=None, description="fixed rank per layer, >= 1 (exclusive with rank_ratio, energy)"
     )
@@ -127,8 +171,8 @@ class FactorizeConfig(_Technique):
     )
 
     @model_validator(mode="after")
-    def _one_rank_rule(self) -> FactorizeConfig:
-        given = [k for k in ("rank", "rank_ratio", "energy") if getattr(self, k) is not None]
+    def _one_rank_rule(self) -> FactorizeMethod:
+        given = [k for k in self.exclusive if getattr(self, k) is not None]
         if len(given) != 1:
             raise cross_field_error(
                 [
@@ -144,67 +188,110 @@ class FactorizeConfig(_Technique):
         return self
 
 
-class QuantizeConfig(_Technique):
+class SvdConfig(FactorizeMethod):
+    """Truncated SVD of each weight: minimises the weight error ||W - W_r||."""
+
+    method: Literal["svd"] = "svd"
+
+
+class AsvdConfig(FactorizeMethod):
+    """Activation-aware SVD: SVD of W whitened by the calibration inputs' Gram matrix, which
+    minimises the layer's output error on that data."""
+
+    method: Literal["asvd"] = "asvd"
+
+
+# ---------------------------------------------------------------------------------------------
+# quantize
+
+
+class QuantizeMethod(TechniqueConfig):
     """Weights (and optionally activations) at reduced precision."""
 
-    method: Literal["fake", "dynamic_int8", "weight_only"] = Field(
-        default="fake",
-        description="fake: quantization-aware training with fake-quant (STE), exported packed; "
-        "dynamic_int8: real int8 CPU kernels for Linear layers (8 bits only); weight_only: "
-        "packed low-bit weights dequantized at load",
+    stage: ClassVar[str] = "quantize"
+    default_method: ClassVar[str] = "fake"
+
+    embeddings: bool = Field(
+        default=True, description="also quantize Embedding tables (weight-only, per row)"
     )
+
+
+class LowBitQuantizeMethod(QuantizeMethod):
+    """Any bit width, packed in the artifact."""
+
     bits: int = Field(default=8, ge=2, le=8, description="bit width of weights, 2-8")
     granularity: Literal["tensor", "channel", "group"] = Field(
         default="channel", description="one scale per tensor, per output channel, or per group"
     )
     group_size: int = Field(default=64, ge=8, description="group granularity: inputs per scale")
     symmetric: bool = Field(default=True, description="symmetric (zero point 0) or asymmetric")
+
+
+class FakeQuantConfig(LowBitQuantizeMethod):
+    """Quantization-aware training: fake-quant with a straight-through estimator during
+    recovery; the artifact stores packed low-bit weights, dequantized at load."""
+
+    method: Literal["fake"] = "fake"
     activations: bool = Field(
-        default=False, description="fake: also fake-quantize Linear inputs (8-bit, per tensor)"
-    )
-    embeddings: bool = Field(
-        default=True, description="also quantize Embedding tables (weight-only, per row)"
+        default=False, description="also fake-quantize Linear inputs (8-bit, per tensor)"
     )
 
-    @model_validator(mode="after")
-    def _checks(self) -> QuantizeConfig:
-        problems = []
-        if self.method == "dynamic_int8" and self.bits != 8:
-            problems.append(
-                (
-                    "bits",
-                    self.bits,
-                    "dynamic_int8 uses 8-bit kernels",
-                    "set compress.quantize.bits=8, or method=weight_only / fake for fewer bits",
-                )
-            )
-        if self.method == "dynamic_int8" and self.granularity == "group":
-            problems.append(
-                (
-                    "granularity",
-                    "group",
-                    "int8 kernels take per-tensor or per-channel scales",
-                    "set compress.quantize.granularity=channel",
-                )
-            )
-        if self.activations and self.method != "fake":
-            problems.append(
-                (
-                    "activations",
-                    True,
-                    "activation fake-quant is for method=fake",
-                    "set compress.quantize.activations=false",
-                )
-            )
-        if problems:
-            raise cross_field_error(problems)
-        return self
+
+class WeightOnlyConfig(LowBitQuantizeMethod):
+    """Packed low-bit weights, dequantized at load (bytes saved, no faster kernel)."""
+
+    method: Literal["weight_only"] = "weight_only"
 
 
-class CompressConfig(BaseModel):
-    """prune -> factorize -> quantize, each optional; absent means not applied."""
+class DynamicInt8Config(QuantizeMethod):
+    """Real int8 CPU kernels for Linear layers (activations quantized per batch on the fly)
+    and int8 embedding tables; always 8-bit symmetric."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    method: Literal["dynamic_int8"] = "dynamic_int8"
+    granularity: Literal["tensor", "channel"] = Field(
+        default="channel", description="one weight scale per tensor or per output channel"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage unions and the section
+
+
+def _methods(stage_base: type[TechniqueConfig]) -> dict[str, type[TechniqueConfig]]:
+    """Every concrete config below ``stage_base``, by its method tag, in definition order."""
+    out: dict[str, type[TechniqueConfig]] = {}
+    pending = list(stage_base.__subclasses__())
+    while pending:
+        cls = pending.pop(0)
+        pending[:0] = cls.__subclasses__()
+        tag = cls.model_fields["method"].annotation
+        if get_origin(tag) is Literal and len(get_args(tag)) == 1:
+            out[get_args(tag)[0]] = cls
+    return out
+
+
+def _technique_union(stage_base: type[TechniqueConfig]) -> Any:
+    """The discriminated union of ``stage_base``'s methods; a section without ``method`` takes
+    the stage's default."""
+    methods = _methods(stage_base)
+
+    def tag(value: Any) -> str | None:
+        if isinstance(value, dict):
+            return value.get("method", stage_base.default_method)
+        return getattr(value, "method", None)
+
+    members = tuple(Annotated[cls, Tag(name)] for name, cls in methods.items())
+    return Annotated[Union[members], Discriminator(tag)]  # noqa: UP007 - built at run time
+
+
+PruneConfig = _technique_union(PruneMethod)
+FactorizeConfig = _technique_union(FactorizeMethod)
+QuantizeConfig = _technique_union(QuantizeMethod)
+
+
+class CompressConfig(ConfigModel):
+    """prune -> factorize -> quantize, each optional; absent means not applied. The fields'
+    order is the order the stages are applied in."""
 
     prune: PruneConfig | None = None
     factorize: FactorizeConfig | None = None
@@ -213,9 +300,30 @@ class CompressConfig(BaseModel):
         default=8,
         ge=1,
         le=1024,
-        description="training batches used for calibration (wanda, asvd, SQNR), 1-1024",
+        description="training batches used for calibration (wanda, asvd, structured "
+        "importance, SQNR), 1-1024",
     )
+
+    def techniques(self) -> list[TechniqueConfig]:
+        """The techniques this job applies, in stage order."""
+        return [getattr(self, s) for s in STAGES if getattr(self, s) is not None]
 
     @property
     def enabled(self) -> bool:
-        return any(s is not None for s in (self.prune, self.factorize, self.quantize))
+        return bool(self.techniques())
+
+
+# The stages, in the order they are applied: the fields of CompressConfig holding a technique.
+STAGES: tuple[str, ...] = tuple(
+    name for name in CompressConfig.model_fields if name not in ("calib_batches",)
+)
+# Each stage's methods by tag (the stage bases are TechniqueConfig's direct subclasses).
+STAGE_METHODS: dict[str, dict[str, type[TechniqueConfig]]] = {
+    base.stage: _methods(base) for base in TechniqueConfig.__subclasses__()
+}
+_ADAPTERS = {s: TypeAdapter(CompressConfig.model_fields[s].annotation) for s in STAGES}
+
+
+def technique_config(stage: str, raw: dict[str, Any]) -> TechniqueConfig:
+    """Validate one stage's section from its JSON form (as a manifest records it)."""
+    return _ADAPTERS[stage].validate_python(raw)

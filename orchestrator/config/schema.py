@@ -7,14 +7,14 @@ that owns the fields and report the exact dotted key through ``cross_field_error
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from orchestrator.config.base import cross_field_error
+from orchestrator.config.base import ConfigModel, cross_field_error
 from orchestrator.config.compress import CompressConfig
-from orchestrator.config.search import SearchConfig, check_space
+from orchestrator.config.search import SearchConfig
 from orchestrator.storage import check_uri, is_uri
 
 
@@ -29,18 +29,17 @@ def _storage_location(value: str | None) -> str | None:
     return value
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
 # Short names of models that ship with the project's dependencies (no download ever happens).
 PACKAGED_MODELS = ("minilm-l6",)
 # Small from-config architectures, for fast tests and debug jobs.
 CONFIG_MODELS = ("tiny-bert", "tiny-gpt2", "mlp")
 
 
-class ModelConfig(_Section):
+class ModelConfig(ConfigModel):
     """Which network to fine-tune and compress: a packaged one, a local folder, or a tiny config."""
+
+    # One of these is set; giving the other on the command line replaces it.
+    exclusive: ClassVar[tuple[str, ...]] = ("name", "path")
 
     name: str | None = Field(
         default=None,
@@ -107,8 +106,11 @@ class ModelConfig(_Section):
 PACKAGED_CORPORA = ("mr", "sms_spam", "trec", "bbc_news", "rotten_tomatoes", "mnist")
 
 
-class DataConfig(_Section):
+class DataConfig(ConfigModel):
     """Labelled text: a packaged corpus by name, or local CSV / JSON lines / Parquet files."""
+
+    # One of these is set; giving the other on the command line replaces it.
+    exclusive: ClassVar[tuple[str, ...]] = ("name", "path")
 
     name: str | None = Field(
         default=None,
@@ -174,7 +176,7 @@ class DataConfig(_Section):
         return self
 
 
-class TrainConfig(_Section):
+class TrainConfig(ConfigModel):
     """Distributed fine-tuning: strategy, precision, optimisation and the loop's cadence."""
 
     strategy: Literal["ddp", "deepspeed"] = Field(
@@ -251,7 +253,7 @@ class TrainConfig(_Section):
         return self
 
 
-class ResourcesConfig(_Section):
+class ResourcesConfig(ConfigModel):
     """What each worker gets and how big an embedded local Ray is."""
 
     cpus_per_worker: float = Field(default=1.0, gt=0, description="CPUs per training worker, > 0")
@@ -266,7 +268,7 @@ class ResourcesConfig(_Section):
     )
 
 
-class OutputConfig(_Section):
+class OutputConfig(ConfigModel):
     dir: str = Field(
         default="runs",
         description="root of run directories; a run writes <dir>/<name>/. On more than one "
@@ -284,7 +286,7 @@ class OutputConfig(_Section):
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
-class JobSpec(_Section):
+class JobSpec(ConfigModel):
     """A whole job. The resolved form is saved with every run and checkpoint."""
 
     name: str = Field(description="run name: letters, digits, . _ -; names the run directory")
@@ -322,39 +324,24 @@ class JobSpec(_Section):
                     "use train.precision=bf16 (or fp32) on CPU, or set resources.gpus_per_worker=1",
                 )
             )
-        prune = self.compress.prune
-        if (
-            prune is not None
-            and prune.method != "structured"
-            and self.train.strategy == "deepspeed"
-            and self.train.zero_stage == 3
-        ):
-            problems.append(
-                (
-                    "compress.prune.method",
-                    prune.method,
-                    "unstructured pruning masks must be re-applied to whole weights after every "
-                    "step, and ZeRO-3 keeps only a shard of each weight on a worker",
-                    "use train.zero_stage=2 (or 0/1) with unstructured pruning, or "
-                    "compress.prune.method=structured",
+        zero3 = self.train.strategy == "deepspeed" and self.train.zero_stage == 3
+        for technique in self.compress.techniques():
+            if technique.needs_whole_weights and zero3:
+                problems.append(
+                    (
+                        f"compress.{technique.stage}.method",
+                        technique.method,
+                        "its masks must be re-applied to whole weights after every step, and "
+                        "ZeRO-3 keeps only a shard of each weight on a worker",
+                        "use train.zero_stage=2 (or 0/1) with it, or "
+                        "compress.prune.method=structured",
+                    )
                 )
-            )
-        if self.search is not None:
-            problems.extend(self._search_problems())
-        if problems:
-            raise cross_field_error(problems)
-        return self
-
-    def _search_problems(self) -> list[tuple[str, object, str, str]]:
-        """The space against this job: every key must be a job key and every combination the
-        searcher can draw must make a valid trial job (checked now, not after hours)."""
-        from pydantic import ValidationError
-
-        from orchestrator.config.loader import apply_overrides, problems_from_validation
-
-        search = self.search
-        problems: list[tuple[str, object, str, str]] = []
-        if search.scheduler == "asha" and self.train.eval_every == 0:
+        if (
+            self.search is not None
+            and self.search.scheduler == "asha"
+            and self.train.eval_every == 0
+        ):
             problems.append(
                 (
                     "train.eval_every",
@@ -364,19 +351,6 @@ class JobSpec(_Section):
                     "set train.eval_every to a few steps (e.g. 10)",
                 )
             )
-        base = self.model_dump(mode="json", exclude={"search"})
-
-        def validate(raw: dict) -> list:
-            try:
-                JobSpec.model_validate(raw)
-            except ValidationError as e:
-                return problems_from_validation(e)
-            return []
-
-        for field, value, message, fix in check_space(base, search.space, validate):
-            problems.append((f"search.{field}", value, message, fix))
-        baseline = search.baseline.overrides
-        if baseline:
-            for p in validate(apply_overrides(base, baseline)):
-                problems.append((f"search.baseline.overrides.{p.key}", p.value, p.message, p.fix))
-        return problems
+        if problems:
+            raise cross_field_error(problems)
+        return self

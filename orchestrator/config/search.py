@@ -10,24 +10,15 @@ ignored for that trial, so conditional spaces ("a rank only when factorizing") n
 from __future__ import annotations
 
 import difflib
-import itertools
-import math
-from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    field_validator,
-    model_serializer,
-    model_validator,
-)
+from pydantic import Field, field_validator, model_serializer, model_validator
 
-from orchestrator.config.base import cross_field_error
-from orchestrator.errors import Problem
+from orchestrator.config.base import ConfigModel, cross_field_error
+from orchestrator.config.compress import STAGES
 
-# Final metrics every trial reports (DESIGN.md 3.3 keys; finalize.py and loop.py produce them).
+# Final metrics every trial reports (docs/contracts.md, "Metric keys"; finalize.py and loop.py
+# produce them).
 TRIAL_METRICS = (
     "eval/accuracy",
     "eval/loss",
@@ -49,20 +40,14 @@ TRIAL_METRICS = (
 )
 # Metrics reported during recovery training too (what an early-stopping scheduler can compare).
 INTERMEDIATE_METRICS = ("eval/accuracy", "eval/loss")
-# Whole sections a sampled null may switch off.
-OPTIONAL_SECTIONS = ("compress.prune", "compress.factorize", "compress.quantize")
-# Beyond this many combinations the space check tries each key alone instead of the product.
-_MAX_COMBINATIONS = 2048
+# Whole sections a sampled null may switch off: the compression stages.
+OPTIONAL_SECTIONS = tuple(f"compress.{stage}" for stage in STAGES)
 # The field named ``int`` shadows the builtin inside the class body.
 _Int = int
 KINDS = ("uniform", "loguniform", "int", "choice", "grid")
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Distribution(_Section):
+class Distribution(ConfigModel):
     """Exactly one of: ``uniform: [lo, hi]``, ``loguniform: [lo, hi]``, ``int: [lo, hi]``
     (inclusive), ``choice: [values]`` or ``choice: {label: value}`` (values may be whole
     sections or null), ``grid: [values]`` (every value is tried)."""
@@ -169,7 +154,7 @@ class Distribution(_Section):
         return sampled
 
 
-class Objective(_Section):
+class Objective(ConfigModel):
     metric: str = Field(description=f"a trial metric: one of {', '.join(TRIAL_METRICS)}")
     mode: Literal["max", "min"] = Field(description="max or min")
 
@@ -192,7 +177,7 @@ class Objective(_Section):
         return self
 
 
-class Constraints(_Section):
+class Constraints(ConfigModel):
     """A trial that breaks one is kept in the results, marked infeasible, and never picked."""
 
     max_accuracy_drop: float | None = Field(
@@ -215,7 +200,7 @@ class Constraints(_Section):
     )
 
 
-class BaselineConfig(_Section):
+class BaselineConfig(ConfigModel):
     """The dense reference every trial is compared with, computed once per search."""
 
     train: bool = Field(
@@ -229,7 +214,7 @@ class BaselineConfig(_Section):
     )
 
 
-class SearchConfig(_Section):
+class SearchConfig(ConfigModel):
     """Ray Tune over dotted job keys; each trial compresses, recovers, evaluates, measures."""
 
     space: dict[str, Distribution] = Field(
@@ -379,76 +364,3 @@ def trial_overrides(space: dict[str, Distribution], sampled: dict[str, Any]) -> 
         if not ignored(key, off):
             out[key] = space[key].resolve(sampled[key]) if key in space else sampled[key]
     return out
-
-
-def check_space(
-    job: dict[str, Any],
-    space: dict[str, Distribution],
-    validate: Callable[[dict[str, Any]], list[Problem]],
-) -> list[tuple[str, Any, str, str]]:
-    """Problems (``(field, value, message, fix)`` relative to ``search``) with the space against
-    the job: keys that are not job keys, and values or combinations that make an invalid job.
-
-    ``validate(raw)`` returns the problems of a raw job (empty when it is valid).
-    Every combination of choice values and range ends is tried (each key alone when there are
-    more than a few thousand), so a bad combination fails before any trial starts."""
-    from orchestrator.config.loader import apply_overrides
-
-    problems: list[tuple[str, Any, str, str]] = []
-    keys = list(space)
-    candidates = [space[k].candidates() for k in keys]
-    if math.prod(len(c) for c in candidates) <= _MAX_COMBINATIONS:
-        combos = list(itertools.product(*candidates))
-    else:
-        first = [c[0] for c in candidates]
-        combos = [
-            tuple(v if j == i else first[j] for j in range(len(keys)))
-            for i, c in enumerate(candidates)
-            for v in c
-        ]
-    seen: set[str] = set()
-    for combo in combos:
-        sampled = dict(zip(keys, combo, strict=True))
-        raw = apply_overrides(job, trial_overrides(space, sampled))
-        for p in validate(raw):
-            key, value, message = p.key, p.value, p.message
-            owner = next((k for k in keys if key == k or _under(key, k) or _under(k, key)), None)
-            if message == "unknown key" and owner is not None:
-                if key in seen:
-                    continue
-                seen.add(key)
-                problems.append(
-                    (
-                        f"space.{owner}",
-                        owner,
-                        "is not a key of the job",
-                        _did_you_mean(p.fix),
-                    )
-                )
-                continue
-            where = owner or key
-            shown = ", ".join(f"{k}={v!r}" for k, v in sampled.items() if len(keys) > 1)
-            tag = f"{where}|{message}"
-            if tag in seen:
-                continue
-            seen.add(tag)
-            problems.append(
-                (
-                    f"space.{where}",
-                    sampled.get(where, value),
-                    f"makes an invalid trial job: {key} = {value!r}: {message}"
-                    + (f" (with {shown})" if shown else ""),
-                    "narrow the range, or use a labelled choice of whole sections so that "
-                    "only valid combinations can be drawn",
-                )
-            )
-        if len(problems) >= 5:
-            break
-    return problems
-
-
-def _did_you_mean(fix: str) -> str:
-    """The loader's "did you mean a.b?" for the unknown key, when it found one."""
-    if fix.startswith("did you mean"):
-        return fix
-    return "use a dotted key of the job (as in `orchestrator validate JOB.yaml`)"

@@ -24,7 +24,7 @@ def recover_worker(rank: int, world: int, job: dict, store: str) -> dict:
         if folder is not None and "compress/size_bytes" in metrics:
             shutil.copytree(folder, Path(store), dirs_exist_ok=True)
 
-    ctx = loop.WorkerContext(rank=rank, world_size=world, local_rank=rank, report=report)
+    ctx = loop.WorkerContext(rank=rank, world_size=world, report=report)
     return loop.run(validate_job(job), ctx)
 
 

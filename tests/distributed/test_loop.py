@@ -49,7 +49,6 @@ def loop_worker(rank: int, world: int, job: dict, store: str, restore: str | Non
     ctx = loop.WorkerContext(
         rank=rank,
         world_size=world,
-        local_rank=rank,
         report=report,
         restore_dir=Path(restore) if restore else None,
     )
@@ -105,3 +104,41 @@ def test_bf16_loss_tracks_fp32(tmp_path: Path) -> None:
     assert len(losses["fp32"]) == len(losses["bf16"]) >= 6
     for a, b in zip(losses["fp32"], losses["bf16"], strict=True):
         assert abs(a - b) < 0.02 * abs(a) + 0.01, (losses["fp32"], losses["bf16"])
+
+
+def test_every_report_carries_its_own_step(tmp_path: Path) -> None:
+    """Logging, evaluation and checkpoint steps that do not coincide: each report holds the
+    training figures of the step it was sent at, and the examples counted in every window add
+    up (ASHA reads train/step as its clock)."""
+    job = _job(tmp_path, max_steps=10, log_every=4, eval_every=3, checkpoint_every=5)
+    r0, r1 = run_workers(loop_worker, 2, job, str(tmp_path / "ckpts"), None)
+    assert r0["steps"] == [1, 3, 4, 5, 6, 8, 9, 10]
+    assert r0["reports"] == r1["reports"]
+    per_step = 8 * 2  # batch_size x workers
+    for m in r0["reports"]:
+        step = int(m["train/step"])
+        assert m["train/samples_seen"] == step * per_step, m
+        assert ("eval/accuracy" in m) == (step % 3 == 0 or step == 10), m
+    assert [bool(m.get("final_report")) for m in r0["reports"]] == [False] * 7 + [True]
+
+
+def test_dense_run_is_scored_on_the_saved_model(tmp_path: Path) -> None:
+    """The final accuracy and loss of a run without compression are those of the fp32 model it
+    saved, not of the live bf16-autocast one."""
+    import torch
+
+    from orchestrator import data, finalize, models
+    from orchestrator.config.schema import DataConfig, ModelConfig
+
+    job = _job(tmp_path, strategy="ddp", precision="bf16", max_steps=6)
+    store = tmp_path / "ckpts"
+    r0, _ = run_workers(loop_worker, 2, job, str(store), None)
+    saved = models.load_saved(store / "step-6" / "model")
+    assert all(p.dtype == torch.float32 for p in saved.parameters())
+    bundle = data.build(
+        DataConfig(**job["data"]), models.build_tokenizer(ModelConfig(**job["model"]))
+    )
+    for split, key in (("validation", "eval"), ("test", "test")):
+        expected = finalize.evaluate_plain(saved, bundle, split)
+        assert r0["final"][f"{key}/loss"] == expected[f"{key}/loss"]
+        assert r0["final"][f"{key}/accuracy"] == expected[f"{key}/accuracy"]

@@ -182,6 +182,49 @@ BAD_JOBS = [
         None,
     ),
     ("num-cpus-zero", {"resources.num_cpus": 0}, "resources.num_cpus", 0, None),
+    # The compress sub-sections: one config class per method (a discriminated union).
+    (
+        "unknown-prune-method",
+        {"compress.prune": {"method": "lottery"}},
+        "compress.prune.method",
+        "lottery",
+        "use one of magnitude, wanda, structured",
+    ),
+    (
+        "key-of-another-method",
+        {"compress.prune": {"method": "structured", "scope": "global"}},
+        "compress.prune.scope",
+        "global",
+        "is not a key of compress.prune with method=structured",
+    ),
+    (
+        "bits-with-int8-kernels",
+        {"compress.quantize": {"method": "dynamic_int8", "bits": 4}},
+        "compress.quantize.bits",
+        4,
+        "use a method that takes it (fake, weight_only)",
+    ),
+    (
+        "typo-in-a-method-section",
+        {"compress.factorize": {"method": "asvd", "rank_ratio": 0.5, "rnak": 4}},
+        "compress.factorize.rnak",
+        4,
+        "did you mean compress.factorize.rank",
+    ),
+    (
+        "out-of-range-in-a-method-section",
+        {"compress.prune": {"method": "structured", "sparsity": 1.5}},
+        "compress.prune.sparsity",
+        1.5,
+        "less than 1",
+    ),
+    (
+        "cross-field-in-a-method-section",
+        {"compress.factorize": {"method": "svd", "rank": 4, "energy": 0.9}},
+        "compress.factorize.energy",
+        0.9,
+        "exactly one of",
+    ),
 ]
 
 
@@ -525,3 +568,54 @@ def test_unstructured_pruning_refused_on_zero3() -> None:
     assert "zero_stage=2" in str(err.value)
     job["compress"]["prune"]["method"] = "structured"  # shapes change before ZeRO-3 partitions
     validate_job(job)
+
+
+def test_a_section_without_method_takes_the_stage_default() -> None:
+    from orchestrator.config.compress import FakeQuantConfig, MagnitudePruneConfig, SvdConfig
+
+    spec = validate_job(
+        _job(
+            {
+                "compress.prune": {"sparsity": 0.3},
+                "compress.factorize": {"rank": 4},
+                "compress.quantize": {"bits": 4},
+            }
+        )
+    )
+    assert [type(t) for t in spec.compress.techniques()] == [
+        MagnitudePruneConfig,
+        SvdConfig,
+        FakeQuantConfig,
+    ]
+    assert [t.stage for t in spec.compress.techniques()] == ["prune", "factorize", "quantize"]
+    assert validate_job(yaml.safe_load(dump_job(spec))) == spec  # the method is written out
+
+
+@pytest.mark.parametrize(
+    ("override", "gone", "kept"),
+    [
+        ("data.path=/data/reviews.csv", "data.name", ("data.path", "/data/reviews.csv")),
+        ("model.path=/models/bert", "model.name", ("model.path", "/models/bert")),
+        ("compress.factorize.rank=8", "compress.factorize.rank_ratio", None),
+    ],
+)
+def test_override_of_one_exclusive_key_replaces_the_other(
+    tmp_path: Path, override: str, gone: str, kept: tuple | None
+) -> None:
+    """A job file naming a packaged corpus (or model, or rank rule), and the command line
+    giving the other key of the pair: the command line wins, no "exactly one of" error."""
+    job = _job({"compress.factorize": {"method": "svd", "rank_ratio": 0.25}})
+    path = _write(tmp_path / "job.yaml", job)
+    spec = load_job(path, [override])
+    section, key = gone.rsplit(".", 1)
+    node = spec
+    for part in section.split("."):
+        node = getattr(node, part)
+    assert getattr(node, key) is None
+    if kept is not None:
+        section, key = kept[0].split(".")
+        assert spec.model_dump()[section][key] == kept[1]
+    assert spec.compress.factorize.rank == (8 if "rank=8" in override else None)
+    # Both given on the command line: still the error naming them.
+    with pytest.raises(ConfigError, match="exactly one"):
+        load_job(path, ["data.path=/data/reviews.csv", "data.name=mr"])

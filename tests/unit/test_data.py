@@ -14,7 +14,7 @@ import pytest
 from pydantic import ValidationError
 
 from orchestrator.config import DataConfig, ModelConfig
-from orchestrator.data import _cache_key, build, load_frames
+from orchestrator.data.bundle import _cache_key, build, load_frames
 from orchestrator.data.corpora import read_corpus
 from orchestrator.errors import ConfigError, DataError
 from orchestrator.models import build_tokenizer

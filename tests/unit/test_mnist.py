@@ -231,7 +231,7 @@ def test_artifact_reload_gives_the_same_logits(recipe, mlp, calib, tmp_path: Pat
     assert report.metrics["compress/skipped_modules"] == 0
     assert not [r for r in report.rows if r.name == "classifier"]  # the head stays dense
     dense_bytes = save_artifact(models.build_model(MLP, 10, None), tmp_path / "dense")
-    size = save_artifact(mlp, tmp_path / "art", quantize=spec.quantize, structure=report.structure)
+    size = save_artifact(mlp, tmp_path / "art", steps=report.steps)
     assert size < dense_bytes
     assert not (tmp_path / "art" / "tokenizer_config.json").exists()
     reloaded = load_artifact(tmp_path / "art")
@@ -243,8 +243,8 @@ def test_artifact_reload_gives_the_same_logits(recipe, mlp, calib, tmp_path: Pat
 
 def test_int8_artifact_runs_int8_kernels(mlp, calib, tmp_path: Path) -> None:
     spec = CompressConfig.model_validate({"quantize": {"method": "dynamic_int8"}})
-    compress_(mlp, spec, calib=calib)
-    save_artifact(mlp, tmp_path / "art", quantize=spec.quantize)
+    report = compress_(mlp, spec, calib=calib)
+    save_artifact(mlp, tmp_path / "art", steps=report.steps)
     reloaded = load_artifact(tmp_path / "art")
     assert [type(m) is nn.Linear for m in (reloaded.layers[0], reloaded.classifier)] == [
         False,
@@ -283,15 +283,7 @@ def test_finalize_measures_the_artifact(small, tmp_path: Path) -> None:
     )
     calib = finalize.calibration_batches(spec, small)
     model, report = finalize.build_compressed(spec, small, None, calib)
-    metrics = finalize.finalize(
-        spec,
-        model,
-        report,
-        small,
-        None,
-        tmp_path / "model",
-        int(report.metrics["compress/params_before"]),
-    )
+    metrics = finalize.finalize(spec, model, report, small, None, tmp_path / "model")
     assert 0.0 <= metrics["test/accuracy"] <= 1.0
     assert metrics["compress/size_bytes"] < metrics["compress/dense_size_bytes"]
     assert metrics["perf/latency_ms_b32"] > 0 and metrics["perf/speedup"] > 0

@@ -7,11 +7,16 @@ import torch
 from conftest import relative_error
 from torch import nn
 
-from orchestrator.compress.prune import cubic_sparsity, prune_
-from orchestrator.config.compress import PruneConfig
+from orchestrator.compress.techniques.prune import cubic_sparsity, prune_
+from orchestrator.config.compress import technique_config
 from orchestrator.errors import ConfigError
 
 pytestmark = pytest.mark.unit
+
+
+def PruneConfig(**keys):  # noqa: N802 - reads like the config class it builds
+    """A ``compress.prune`` section as a job would give it (method magnitude by default)."""
+    return technique_config("prune", keys)
 
 
 def _linear_weights(model: nn.Module, exclude: str = "classifier") -> list[torch.Tensor]:
@@ -97,7 +102,7 @@ def test_cubic_schedule() -> None:
 
 
 def test_masks_survive_adamw_steps_and_gradual_schedule(tiny_bert, calib) -> None:
-    """The training loop's contract: Pruner.step after each optimizer step keeps pruned
+    """The training loop's contract: Pruner.after_step after each optimizer step keeps pruned
     weights at zero (Adam moments would otherwise move them) and follows the schedule."""
     cfg = PruneConfig(
         sparsity=0.6,
@@ -124,7 +129,7 @@ def test_masks_survive_adamw_steps_and_gradual_schedule(tiny_bert, calib) -> Non
         loss.backward()
         opt.step()
         opt.zero_grad()
-        pruner.step(step, 30, apply)
+        pruner.after_step(step, 30, apply)
         if step == 10:
             assert 0.2 < pruner.measured_sparsity() < 0.6
     assert pruner.measured_sparsity() == pytest.approx(0.6, abs=0.005)

@@ -3,26 +3,28 @@
 Masks are kept by a ``Pruner`` and re-applied after every optimizer step: Adam's moments keep
 moving a pruned weight off zero otherwise, and a bf16 run's fp32 master copy would overwrite the
 zeros on the next step. Parameter names are unchanged (no ``weight_orig``), so optimizers, DDP,
-DeepSpeed and checkpoints see an ordinary model. Structured pruning is in ``structured.py``.
+DeepSpeed and checkpoints see an ordinary model. The artifact stores a pruned weight as a bitmap
+plus its non-zeros when that is smaller, so the zeros save bytes; nothing rebuilds at load.
+Structured pruning is in ``structured.py``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from orchestrator.compress.common import (
-    FilterFn,
-    ModuleRow,
-    collect_input_stats,
-    select_modules,
+from orchestrator.compress.common import FilterFn, ModuleRow, collect_input_stats, select_modules
+from orchestrator.compress.technique import Applied, Context, MaskApplier, Technique, register
+from orchestrator.config.compress import (
+    MagnitudePruneConfig,
+    UnstructuredPruneMethod,
+    WandaPruneConfig,
 )
-from orchestrator.config.compress import PruneConfig
 
-MaskApplier = Callable[[dict[str, torch.Tensor]], None]
+PruneConfig = UnstructuredPruneMethod
 
 
 def cubic_sparsity(step: int, cfg: PruneConfig, total_steps: int) -> float:
@@ -119,13 +121,14 @@ class Pruner:
             if mask is not None:
                 module.weight.mul_(mask.to(module.weight.dtype))
 
-    def drop_replaced(self, model: nn.Module) -> list[str]:
+    def sync(self, model: nn.Module) -> list[str]:
         """Forget layers that a later technique replaced (factorizing a pruned layer makes it
-        dense again: its sparsity is superseded). Returns the names dropped."""
+        dense again: its sparsity is superseded); a wrapper sharing the weight (fake-quant) keeps
+        the mask. Returns the names dropped."""
         gone = []
         for name, module in list(self.modules.items()):
             try:
-                present = model.get_submodule(name) is module
+                present = getattr(model.get_submodule(name), "weight", None) is module.weight
             except AttributeError:
                 present = False
             if not present:
@@ -135,7 +138,7 @@ class Pruner:
         return gone
 
     @torch.no_grad()
-    def restore_from_weights(self) -> None:
+    def after_restore(self) -> None:
         """After loading a checkpoint: the masks are where the saved weights are zero."""
         for name, module in self.modules.items():
             self.masks[f"{name}.weight"] = module.weight.detach() != 0
@@ -150,7 +153,7 @@ class Pruner:
             total += w.numel()
         return zeros / max(total, 1)
 
-    def step(self, step: int, total_steps: int, apply_masks: MaskApplier) -> None:
+    def after_step(self, step: int, total_steps: int, apply_masks: MaskApplier) -> None:
         """Called after every optimizer step: advance the schedule, then re-apply the masks
         through ``apply_masks`` (the strategy's, which also reaches fp32 master copies)."""
         cfg = self.cfg
@@ -173,7 +176,7 @@ def prune_(
 ) -> tuple[Pruner, list[ModuleRow]]:
     """Unstructured pruning of the selected Linear layers, in place. One-shot prunes to
     ``cfg.sparsity`` now; gradual starts at ``cfg.initial_sparsity`` and the training loop
-    advances it through ``Pruner.step``."""
+    advances it through ``Pruner.after_step``."""
     modules = select_modules(
         model, cfg.include, cfg.exclude, (nn.Linear,), "compress.prune", filter_fn=filter_fn
     )
@@ -208,3 +211,40 @@ def prune_(
             )
         )
     return pruner, rows
+
+
+@register
+class MagnitudePrune(Technique):
+    config_type = MagnitudePruneConfig
+
+    def apply_(self, model: nn.Module, cfg: PruneConfig, ctx: Context) -> Applied:
+        pruner, rows = prune_(
+            model, cfg, calib=ctx.calib, filter_fn=ctx.filter_fn, total_steps=ctx.total_steps
+        )
+        # The pruned layers, so that sparsity is measured over them (on any copy of the model).
+        return Applied(rows, entry={"modules": sorted(pruner.modules)}, hook=pruner)
+
+    def sparsity_scope(self, model: nn.Module, entry: dict[str, Any]) -> list[nn.Module]:
+        """The pruned layers that still hold their own weight in ``model`` (a layer a later
+        technique factorized does not): what ``compress/sparsity`` is measured over."""
+        out = []
+        for name in entry.get("modules", []):
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                continue
+            if isinstance(getattr(module, "weight", None), torch.Tensor):
+                out.append(module)
+        return out
+
+    def note(self, cfg: PruneConfig) -> str:
+        return (
+            f"unstructured sparsity ({cfg.method}): bytes saved for real (bitmap + non-zero "
+            "values in the artifact); no sparse CPU kernel is used, so it does not reduce latency"
+        )
+
+
+@register
+class WandaPrune(MagnitudePrune):
+    config_type = WandaPruneConfig
+    needs_calibration = True

@@ -27,8 +27,8 @@ Importance of a unit (a neuron or a head) feeding a down projection ``W`` (colum
   stream; Q and K only shape its attention pattern).
 
 The model's config is left untouched (sizes differ per block): ``structure_of`` records the kept
-sizes and ``rebuild_structure_`` reshapes a fresh dense model to them before a state dict saved
-after pruning is loaded. Plain torch + transformers: no Ray, no DeepSpeed.
+sizes (the manifest entry) and ``rebuild_structure_`` reshapes a fresh dense model to them before
+a state dict saved after pruning is loaded. Plain torch + transformers: no Ray, no DeepSpeed.
 """
 
 from __future__ import annotations
@@ -42,10 +42,11 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from orchestrator.compress.common import FilterFn, ModuleRow, first_param, select_modules
-from orchestrator.config.compress import PruneConfig
+from orchestrator.compress.technique import Applied, Context, Technique, register
+from orchestrator.config.compress import StructuredPruneConfig
 from orchestrator.errors import ConfigError, Problem
 
-__all__ = ["prune_structured_", "rebuild_structure_", "structure_of"]
+__all__ = ["StructuredPrune", "prune_structured_", "rebuild_structure_", "structure_of"]
 
 SUPPORTED = (
     "BERT-like encoders (BERT, RoBERTa, ELECTRA, MiniLM...: blocks with attention.self.{query,"
@@ -388,7 +389,7 @@ def _row(
 
 def prune_structured_(
     model: nn.Module,
-    cfg: PruneConfig,
+    cfg: StructuredPruneConfig,
     *,
     calib: list[dict[str, torch.Tensor]] | None = None,
     filter_fn: FilterFn | None = None,
@@ -537,3 +538,23 @@ def rebuild_structure_(model: nn.Module, structure: dict[str, Any]) -> None:
             idx = torch.arange(ffn)
             _keep_outputs(b.up[1], idx)
             _keep_inputs(b.down[1], idx)
+
+
+@register
+class StructuredPrune(Technique):
+    config_type = StructuredPruneConfig
+    module_types = (nn.Module,)  # blocks are selected through their projections' names
+
+    def apply_(self, model: nn.Module, cfg: StructuredPruneConfig, ctx: Context) -> Applied:
+        rows = prune_structured_(model, cfg, calib=ctx.calib, filter_fn=ctx.filter_fn)
+        # Recorded now: a later technique (factorization) replaces the projections it reads.
+        return Applied(rows, entry=structure_of(model))
+
+    def rebuild_(self, model: nn.Module, cfg: StructuredPruneConfig, entry: dict[str, Any]) -> None:
+        rebuild_structure_(model, entry)
+
+    def note(self, cfg: StructuredPruneConfig) -> str:
+        return (
+            "structured pruning: layers are physically smaller, so both bytes and latency drop "
+            "for real"
+        )

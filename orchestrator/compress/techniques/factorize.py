@@ -6,9 +6,13 @@ case). Since L^-1 X has orthonormal rows, truncating W L minimises the layer's *
 ||W X - W_r X|| on the calibration data rather than the weight error ||W - W_r||.
 
 A layer is skipped (and recorded) when the factorized form would not have fewer parameters:
-speed and size then come from physically smaller layers, not from a nominal rank."""
+speed and size then come from physically smaller layers, not from a nominal rank. The manifest
+records each factorized layer's rank; a fresh model is given the same thin layers before the
+saved weights load."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,7 +25,10 @@ from orchestrator.compress.common import (
     select_modules,
     set_module,
 )
-from orchestrator.config.compress import FactorizeConfig
+from orchestrator.compress.technique import Applied, Context, Technique, register
+from orchestrator.config.compress import AsvdConfig, FactorizeMethod, SvdConfig
+
+FactorizeConfig = FactorizeMethod
 
 # Damping added to X^T X before the Cholesky factorization, relative to its mean diagonal:
 # keeps channels the calibration data never excites from making L singular.
@@ -109,7 +116,7 @@ def factorize_(
     # The factors of an already-factorized layer are not factorized again (idempotence).
     modules = [(n, m) for n, m in modules if not _inside_low_rank(model, n)]
     grams = None
-    if cfg.method == "asvd":
+    if isinstance(cfg, AsvdConfig):
         if not calib:
             raise ValueError("asvd factorization needs calibration batches")
         grams = collect_input_stats(model, modules, calib, gram=True)
@@ -135,3 +142,31 @@ def factorize_(
             )
         )
     return rows
+
+
+@register
+class SvdFactorize(Technique):
+    config_type = SvdConfig
+
+    def apply_(self, model: nn.Module, cfg: FactorizeConfig, ctx: Context) -> Applied:
+        rows = factorize_(model, cfg, calib=ctx.calib, filter_fn=ctx.filter_fn)
+        ranks = {r.name: r.details["rank"] for r in rows if not r.skipped}
+        return Applied(rows, entry={"ranks": ranks})
+
+    def rebuild_(self, model: nn.Module, cfg: FactorizeConfig, entry: dict[str, Any]) -> None:
+        for name, rank in entry["ranks"].items():
+            old = model.get_submodule(name)
+            new = LowRankLinear(old.in_features, old.out_features, int(rank), old.bias is not None)
+            set_module(model, name, new)
+
+    def note(self, cfg: FactorizeConfig) -> str:
+        return (
+            f"low-rank factorization ({cfg.method}): two thinner Linear layers, fewer FLOPs and "
+            "bytes for real"
+        )
+
+
+@register
+class AsvdFactorize(SvdFactorize):
+    config_type = AsvdConfig
+    needs_calibration = True

@@ -1,0 +1,316 @@
+"""Quantization techniques: ``fake`` (quantization-aware training), ``weight_only`` (packed
+low-bit weights) and ``dynamic_int8`` (real int8 CPU kernels).
+
+All three train the same way: every selected nn.Linear (and nn.Embedding with ``embeddings``)
+becomes a ``QuantLinear`` / ``QuantEmbedding`` whose forward sees the weights it will ship with
+(straight-through estimator). They differ in the inference form (``to_inference_``): int8
+kernels and int8 embedding tables for ``dynamic_int8``, dequantized float weights otherwise. In
+the artifact a quantized weight is stored as packed codes plus scales (``qtensor.encode``), with
+a bitmap of the non-zeros when it is also sparse; the manifest entry lists the quantized modules
+so that a fresh model is wrapped the same way before its weights load.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from orchestrator.compress.common import (
+    FilterFn,
+    ModuleRow,
+    bitmap,
+    select_modules,
+    set_module,
+    sqnr_db,
+    unbitmap,
+)
+from orchestrator.compress.qmodules import (
+    ActQuantLinear,
+    Int8Embedding,
+    QuantEmbedding,
+    QuantLinear,
+    WeightSpec,
+    dequantized_embedding,
+    dequantized_linear,
+    quantized_bits,
+    quantized_weight,
+    to_dynamic_int8_linear,
+)
+from orchestrator.compress.qtensor import (
+    decode,
+    dequantize,
+    encode,
+    encoded_nbytes,
+    fake_quantize,
+    pack_codes,
+    unpack_codes,
+)
+from orchestrator.compress.technique import Applied, Context, Technique, register
+from orchestrator.config.compress import (
+    DynamicInt8Config,
+    FakeQuantConfig,
+    QuantizeMethod,
+    WeightOnlyConfig,
+)
+
+QuantizeConfig = QuantizeMethod
+
+
+def linear_spec(cfg: QuantizeConfig) -> WeightSpec:
+    """dynamic_int8 trains what the int8 kernels compute: 8-bit symmetric, per channel (or per
+    tensor if asked). fake / weight_only use the config as given."""
+    if isinstance(cfg, DynamicInt8Config):
+        return WeightSpec(8, cfg.granularity, 1, True)
+    return WeightSpec(cfg.bits, cfg.granularity, cfg.group_size, cfg.symmetric)
+
+
+def embedding_spec(cfg: QuantizeConfig) -> WeightSpec:
+    """Embedding tables: per row at the config's bits (int8 symmetric rows for dynamic_int8)."""
+    if isinstance(cfg, DynamicInt8Config):
+        return WeightSpec(8, "channel", 1, True)
+    return WeightSpec(cfg.bits, "channel", 1, cfg.symmetric)
+
+
+def _activations(cfg: QuantizeConfig) -> bool:
+    return bool(getattr(cfg, "activations", False))
+
+
+def _int8_kernels(cfg: QuantizeConfig) -> bool:
+    return isinstance(cfg, DynamicInt8Config)
+
+
+def _skip_reason(model: nn.Module, name: str, module: nn.Module, cfg: QuantizeConfig) -> str:
+    if isinstance(module, (QuantLinear, QuantEmbedding, ActQuantLinear)):
+        return "already quantized"
+    parent = name.rpartition(".")[0]
+    if isinstance(model.get_submodule(parent) if parent else model, nn.MultiheadAttention):
+        return (
+            "inside nn.MultiheadAttention, which reads the weight directly instead of "
+            "calling the Linear's forward"
+        )
+    if isinstance(module, nn.Linear):
+        spec = linear_spec(cfg)
+        if spec.granularity == "group" and module.in_features % spec.group_size:
+            return f"group_size {spec.group_size} does not divide in_features {module.in_features}"
+    return ""
+
+
+def _row(
+    name: str,
+    module: nn.Module,
+    spec: WeightSpec | None,
+    *,
+    skipped: bool = False,
+    reason: str = "",
+    extra: dict | None = None,
+) -> ModuleRow:
+    w = module.weight
+    details: dict[str, Any] = {}
+    if spec is not None:
+        details = {"bits": spec.bits, "granularity": spec.granularity, "symmetric": spec.symmetric}
+        if spec.granularity == "group":
+            details["group_size"] = spec.group_size
+    details.update(extra or {})
+    kind = "Embedding" if isinstance(module, nn.Embedding) else "Linear"
+    n = sum(p.numel() for p in module.parameters())
+    return ModuleRow(
+        name=name,
+        technique="quantize",
+        kind=kind,
+        shape_before=list(w.shape),
+        shape_after=list(w.shape),
+        params_before=n,
+        params_after=n,
+        skipped=skipped,
+        reason=reason,
+        details=details,
+    )
+
+
+def apply_quantize_(
+    model: nn.Module, cfg: QuantizeConfig, *, filter_fn: FilterFn | None = None
+) -> list[ModuleRow]:
+    """Training form, in place: every selected nn.Linear (and nn.Embedding when
+    ``cfg.embeddings``) becomes a QuantLinear / QuantEmbedding sharing its Parameters. Layers
+    that cannot be quantized (or already are) are skipped and reported. Idempotent."""
+    modules = select_modules(
+        model, cfg.include, cfg.exclude, _types(cfg), "compress.quantize", filter_fn=filter_fn
+    )
+    rows = []
+    for name, module in modules:
+        is_emb = isinstance(module, nn.Embedding)
+        spec = embedding_spec(cfg) if is_emb else linear_spec(cfg)
+        reason = _skip_reason(model, name, module, cfg)
+        if reason:
+            rows.append(_row(name, module, spec, skipped=True, reason=reason))
+            continue
+        new = (
+            QuantEmbedding.from_embedding(module, spec)
+            if is_emb
+            else QuantLinear.from_linear(module, spec, _activations(cfg))
+        )
+        with torch.no_grad():
+            w = module.weight.detach()
+            sq = sqnr_db(w, fake_quantize(w, *spec.as_args()))
+        set_module(model, name, new)
+        rows.append(_row(name, module, spec, extra={"sqnr_db": sq, "method": cfg.method}))
+    return rows
+
+
+@torch.no_grad()
+def to_inference_(model: nn.Module, cfg: QuantizeConfig) -> list[ModuleRow]:
+    """Inference form, in place, of a model in training form (if it holds no QuantLinear /
+    QuantEmbedding yet, ``apply_quantize_`` is run first, e.g. on a plain model loaded from a
+    checkpoint).
+
+    * dynamic_int8: QuantLinear -> ``torch.ao.nn.quantized.dynamic.Linear`` (real int8 CPU
+      kernel; a model not on CPU keeps a dequantized nn.Linear and the row says so);
+      QuantEmbedding -> ``Int8Embedding``.
+    * fake / weight_only: QuantLinear -> nn.Linear (``ActQuantLinear`` if it was trained with
+      activation fake-quant) and QuantEmbedding -> nn.Embedding holding the dequantized weights:
+      inference computes exactly what training saw; no speed-up is claimed.
+    Rows carry ``details.backend`` and ``details.packed_bytes`` (codes + scales as ``encode``
+    would store them)."""
+    quant_types = (QuantLinear, QuantEmbedding)
+    if not any(isinstance(m, quant_types) for m in model.modules()):
+        apply_quantize_(model, cfg)
+    int8 = _int8_kernels(cfg)
+    rows = []
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, quant_types):
+            continue
+        q = quantized_weight(module)
+        packed = encoded_nbytes(encode(q)[0])
+        extra = {
+            "packed_bytes": packed,
+            "sqnr_db": sqnr_db(module.weight, dequantize(q)),
+            "method": cfg.method,
+        }
+        skipped, reason = False, ""
+        if isinstance(module, QuantLinear):
+            if int8 and module.weight.device.type == "cpu":
+                new, backend = to_dynamic_int8_linear(module), "torch.ao dynamic int8"
+            else:
+                new, backend = dequantized_linear(module), "dequantized"
+                if int8:
+                    skipped = True
+                    reason = "int8 dynamic kernels are CPU-only; kept as a dequantized Linear"
+        elif int8:
+            new = Int8Embedding.from_qtensor(q, module.padding_idx).to(module.weight.device)
+            backend = "int8 per-row embedding"
+        else:
+            new, backend = dequantized_embedding(module), "dequantized"
+        extra["backend"] = backend
+        rows.append(_row(name, module, module.spec, skipped=skipped, reason=reason, extra=extra))
+        set_module(model, name, new)
+    return rows
+
+
+def _types(cfg: QuantizeConfig) -> tuple[type[nn.Module], ...]:
+    return (nn.Linear, nn.Embedding) if cfg.embeddings else (nn.Linear,)
+
+
+class _Quantize(Technique):
+    """What the three quantization methods share: training form, rebuild, storage."""
+
+    def select(
+        self, model: nn.Module, cfg: QuantizeConfig, filter_fn: FilterFn | None = None
+    ) -> list[tuple[str, nn.Module]]:
+        return select_modules(
+            model, cfg.include, cfg.exclude, _types(cfg), "compress.quantize", filter_fn=filter_fn
+        )
+
+    def apply_(self, model: nn.Module, cfg: QuantizeConfig, ctx: Context) -> Applied:
+        rows = apply_quantize_(model, cfg, filter_fn=ctx.filter_fn)
+        kinds = {r.name: type(model.get_submodule(r.name)).__name__ for r in rows if not r.skipped}
+        return Applied(rows, entry={"modules": kinds})
+
+    def rebuild_(self, model: nn.Module, cfg: QuantizeConfig, entry: dict[str, Any]) -> None:
+        for name, kind in entry["modules"].items():
+            old = model.get_submodule(name)
+            if kind == "QuantEmbedding":
+                new = QuantEmbedding.from_embedding(old, embedding_spec(cfg))
+            elif kind == "QuantLinear":
+                new = QuantLinear.from_linear(old, linear_spec(cfg), _activations(cfg))
+            else:
+                raise ValueError(f"unknown quantized module kind {kind!r} for {name}")
+            set_module(model, name, new)
+
+    def to_inference_(self, model: nn.Module, cfg: QuantizeConfig) -> list[ModuleRow]:
+        return to_inference_(model, cfg)
+
+    def encodings(
+        self, module: nn.Module, pname: str, tensor: torch.Tensor
+    ) -> list[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
+        """Packed codes + scales; with zeros in the weight (pruned before), also a bitmap of
+        the non-zeros plus the codes of the non-zeros only."""
+        q = quantized_weight(module) if pname == "weight" else None
+        if q is None:
+            return []
+        qt, meta = encode(q)
+        out = [(dict(qt), {"format": "quant", "quant": meta})]
+        mask = tensor != 0
+        nnz = int(mask.sum())
+        if tensor.ndim >= 2 and nnz < tensor.numel():
+            sq = {k: v for k, v in qt.items() if k != "codes"}
+            sq.update(
+                bitmap=bitmap(mask),
+                nzcodes=pack_codes(q.codes.flatten()[mask.flatten()].contiguous(), q.bits),
+            )
+            out.append(
+                (sq, {"format": "sparse_quant", "quant": meta, "nnz": nnz, "shape": list(q.shape)})
+            )
+        return out
+
+    def decode(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> torch.Tensor:
+        if meta["format"] == "quant":
+            return decode(tensors, meta["quant"])
+        if meta["format"] != "sparse_quant":
+            return super().decode(tensors, meta)
+        q, shape = meta["quant"], meta["shape"]
+        numel = int(torch.tensor(shape).prod())
+        mask = unbitmap(tensors["bitmap"], numel)
+        codes = torch.zeros(numel, dtype=torch.uint8)
+        codes[mask] = unpack_codes(tensors["nzcodes"], q["bits"], int(meta["nnz"]))
+        dense = {k: v for k, v in tensors.items() if k not in ("bitmap", "nzcodes")}
+        dense["codes"] = pack_codes(codes, q["bits"])
+        return decode(dense, q) * mask.view(shape).float()
+
+    def stored_bits(self, module: nn.Module) -> int | None:
+        return quantized_bits(module)
+
+
+@register
+class FakeQuant(_Quantize):
+    config_type = FakeQuantConfig
+
+    def note(self, cfg: FakeQuantConfig) -> str:
+        return (
+            f"{cfg.bits}-bit weights (trained with fake-quant) are stored packed (real bytes) "
+            "but dequantized to fp32 at load: no speed-up from quantization"
+        )
+
+
+@register
+class WeightOnlyQuant(_Quantize):
+    config_type = WeightOnlyConfig
+
+    def note(self, cfg: WeightOnlyConfig) -> str:
+        return (
+            f"{cfg.bits}-bit weights are stored packed (real bytes) but dequantized to fp32 at "
+            "load: no speed-up from quantization"
+        )
+
+
+@register
+class DynamicInt8(_Quantize):
+    config_type = DynamicInt8Config
+
+    def note(self, cfg: DynamicInt8Config) -> str:
+        return (
+            "dynamic int8: Linear layers run on int8 CPU kernels (real speed-up); weights"
+            + (" and embeddings" if cfg.embeddings else "")
+            + " are stored as int8"
+        )
