@@ -1,7 +1,8 @@
 """Results of a search: the trial table, the Pareto front, the plot, the HTML report, export.
 
-Reads a run directory (DESIGN.md 3.2) written by ``orchestrator.search`` and needs no Ray, so a
-report can be rebuilt and a model exported on any machine that has the folder.
+Reads a run directory (docs/contracts.md, "Run directory") written by ``orchestrator.search``
+and needs no Ray, so a report can be rebuilt and a model exported on any machine that has the
+folder.
 
 - ``pareto``: the non-dominated rule;
 - ``table``: trial records -> a pyarrow table with feasibility, violations and the front;

@@ -1,4 +1,5 @@
-"""The results table: a row per trial of a search run directory (DESIGN.md 3.2).
+"""The results table: a row per trial of a search run directory (docs/contracts.md, "Run
+directory").
 
 The search writes one ``trials/<name>/trial.json`` per trial as the trial's state changes, so
 the directory can be read at any time, including while the search runs or after it was killed.
@@ -29,6 +30,8 @@ from orchestrator.results.pareto import pareto_front
 
 TRIALS = "trials"
 STATUSES = ("done", "running", "stopped", "error")
+# The one artifact folder name a trial record may give: export joins it into a path.
+ARTIFACT = "model"
 ACCURACY = "eval/accuracy"
 # Sizes are shown in MB = 10**6 bytes (what disk and download tools print).
 MB = 1e6
@@ -95,6 +98,13 @@ def load_trials(run_dir: str | Path, notes: list[str] | None = None) -> list[dic
                 f"expected one of {', '.join(STATUSES)}); skipped"
             )
             continue
+        artifact = raw.get("artifact")
+        if artifact not in (None, ARTIFACT):
+            notes.append(
+                f"trial {folder.name}: trial.json names the artifact {artifact!r}, not the "
+                f"folder this tool writes ({ARTIFACT!r}); it is not used"
+            )
+            artifact = None
         config = raw.get("config") if isinstance(raw.get("config"), dict) else {}
         metrics = raw.get("metrics") if isinstance(raw.get("metrics"), dict) else {}
         record = dict(raw)
@@ -103,7 +113,7 @@ def load_trials(run_dir: str | Path, notes: list[str] | None = None) -> list[dic
             config=config,
             metrics={k: f for k, v in metrics.items() if (f := _number(v)) is not None},
             error=None if raw.get("error") is None else str(raw["error"]),
-            artifact=raw.get("artifact") if isinstance(raw.get("artifact"), str) else None,
+            artifact=artifact,
             wall_s=_number(raw.get("wall_s")),
         )
         out.append(record)
@@ -218,7 +228,8 @@ def _config_column(values: list[Any], kind: str) -> pa.Array:
 
 def metric_keys(trials: list[dict[str, Any]], search: SearchConfig) -> list[str]:
     """Metric columns: every key a trial reported, plus the objectives (so the table always has
-    the columns the front is computed on); DESIGN.md 3.3 order first, then others sorted."""
+    the columns the front is computed on); the order of docs/contracts.md first, then others
+    sorted."""
     seen = {k for t in trials for k in t["metrics"]} | {o.metric for o in search.objectives}
     seen.add(search.selection.metric)
     known = [k for k in TRIAL_METRICS if k in seen]

@@ -7,7 +7,7 @@ import math
 import re
 from typing import Any
 
-from orchestrator.config.loader import apply_overrides
+from orchestrator.config.overrides import apply_overrides
 from orchestrator.config.search import SearchConfig, trial_overrides
 
 
@@ -37,7 +37,7 @@ def param_space(search: SearchConfig) -> dict[str, Any]:
 def searcher(search: SearchConfig, max_concurrent: int = 1) -> Any:
     """Optuna (TPE, GP or NSGA-II, one or several objectives) or Tune's own random/grid
     generator. Metrics and modes go to the searcher only: also setting them in ``TuneConfig``
-    silently makes an Optuna study single-objective (ENV.md)."""
+    silently makes an Optuna study single-objective (checked on Ray 2.60)."""
     if search.algorithm != "optuna":
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -63,7 +63,7 @@ def searcher(search: SearchConfig, max_concurrent: int = 1) -> Any:
     return OptunaSearch(metric=metrics, mode=modes, sampler=sampler)
 
 
-# Tune's own counter restarts at 1 after a restore (ENV.md): schedulers use our step counter.
+# Tune's own counter restarts at 1 after a restore: schedulers use our step counter.
 STEP_METRIC = "train/step"
 
 

@@ -1,6 +1,6 @@
 """The debug search through real Ray Tune + Ray Train (trials of 2 DDP workers), driven by the
 CLI as a user runs it: the driver is SIGKILLed after its first finished trial and resumed with
-``--resume``; then the run directory of DESIGN.md 3.2, ``report`` rebuilding it, and ``export``
+``--resume``; then the run directory of docs/contracts.md, ``report`` rebuilding it, and ``export``
 of the best model predicting exactly as the trial's own artifact."""
 
 from __future__ import annotations
@@ -201,3 +201,44 @@ def test_export_best_predicts_like_the_trial(search_run: dict, tmp_path: Path) -
     rows = pq.read_table(run / "results.parquet").to_pylist()
     feasible = [r for r in rows if r["feasible"]]
     assert record["trial"] == min(feasible, key=lambda r: r["compress/size_bytes"])["trial"]
+
+
+def test_asha_stops_the_poor_trial_at_its_first_rung(ray_cluster: str, tmp_path: Path) -> None:
+    """Early stopping end to end: a grid of a sane and a diverging learning rate, validation
+    loss every 2 steps, ASHA with rungs at steps 2, 4 and 8. The diverging trial is stopped
+    at the first rung (its last result is step 2, its record "stopped"); the sane one runs to
+    the end and ships its artifact."""
+    out = tmp_path
+    cmd = [
+        sys.executable,
+        "-m",
+        "orchestrator",
+        "search",
+        str(JOB),
+        f"output.dir={out}",
+        f"data.cache_dir={out / 'cache'}",
+        "name=debug-asha",
+        "train.max_steps=8",
+        "train.eval_every=2",
+        # Logging off the evaluation steps: each progress report must carry its own step.
+        "train.log_every=3",
+        "search.space={train.lr: {grid: [1.0e-3, 10.0]}}",
+        "search.algorithm=grid",
+        "search.num_samples=1",
+        "search.scheduler=asha",
+        "search.objectives=[{metric: eval/loss, mode: min}]",
+        "search.select=null",
+        "search.constraints={}",
+    ]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster}
+    proc = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    rows = pq.read_table(out / "debug-asha" / "results.parquet").to_pylist()
+    by_lr = {r["config/train.lr"]: r for r in rows}
+    assert set(by_lr) == {1.0e-3, 10.0}, rows
+    sane, diverging = by_lr[1.0e-3], by_lr[10.0]
+    assert sane["status"] == "done" and sane["train/step"] == 8, sane
+    assert diverging["status"] == "stopped" and diverging["train/step"] == 2, diverging
+    assert diverging["eval/loss"] > sane["eval/loss"]
+    assert (out / "debug-asha" / "trials" / sane["trial"] / "model").is_dir()
+    assert not (out / "debug-asha" / "trials" / diverging["trial"] / "model").exists()

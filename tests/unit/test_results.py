@@ -519,3 +519,16 @@ def test_report_and_export_of_a_run_in_storage(
 
     assert main(["report", nothing]) == 2
     assert "holds no job.yaml" in capsys.readouterr().err
+
+
+def test_a_record_naming_another_artifact_path_is_not_followed(tmp_path: Path) -> None:
+    """``trial.json``'s artifact field goes into a path: only the folder this tool writes."""
+    record = _trial("t_a", "done", _cfg(0.3), _metrics(0.79, 1), artifact="../../elsewhere")
+    run = _write_run(tmp_path, [record])
+    notes: list[str] = []
+    (loaded,) = load_trials(run, notes)
+    assert loaded["artifact"] is None
+    assert any("'../../elsewhere'" in n and "not used" in n for n in notes)
+    with pytest.raises(ConfigError, match="has no exported model"):
+        export_trial(run, tmp_path / "out", trial="t_a")
+    assert not (tmp_path / "out").exists()

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import dump_job, load_job
-from orchestrator.config.loader import _load, validate_job
+from orchestrator.config.loader import validate_job
+from orchestrator.config.overrides import load_yaml as _load
 from orchestrator.config.search import SearchConfig, trial_overrides
 from orchestrator.errors import ConfigError
 from orchestrator.search import space as space_lib
@@ -97,7 +98,7 @@ def test_each_distribution_kind(text: str, kind: str) -> None:
                 ),
             ),
             "search.space.compress.quantize.bits",
-            "dynamic_int8 uses 8-bit kernels",
+            "is not a key of compress.quantize with method=dynamic_int8",
         ),
         (
             (_space("{compress.prune.sparsity: {uniform: [0.2, 0.5], choice: [0.1]}}"),),
@@ -333,3 +334,54 @@ def test_search_without_a_search_section_is_refused(capsys: pytest.CaptureFixtur
 
     assert main(["search", "jobs/debug/ddp.yaml"]) == 2
     assert "search" in capsys.readouterr().err
+
+
+class _Trial:
+    """What the trial namer reads of a Tune trial."""
+
+    def __init__(self, trial_id: str, config: dict) -> None:
+        self.trial_id, self.config = trial_id, config
+
+
+def test_trial_ordinals_go_past_999(tmp_path: Path) -> None:
+    import json
+
+    from orchestrator.search.names import TrialNamer
+    from orchestrator.search.records import NAMES
+    from orchestrator.storage import RunFolder
+
+    search = load_job(JOB).search
+    folder = RunFolder(str(tmp_path))
+    (tmp_path / "trials").mkdir()
+    taken = {f"id{i}": f"t{i:03d}_sparsity0.3" for i in range(998, 1001)}
+    (tmp_path / NAMES).write_text(json.dumps(taken))
+    namer = TrialNamer(folder, search)
+    config = {"compress.prune.sparsity": 0.25, "compress.quantize": "int8"}
+    first, second = namer(_Trial("new1", config)), namer(_Trial("new2", config))
+    assert first.startswith("t1001_") and second.startswith("t1002_")
+    assert namer(_Trial("id999", config)) == "t999_sparsity0.3"  # a known trial keeps its name
+
+
+def test_resume_refuses_records_this_tool_did_not_write(tmp_path: Path) -> None:
+    import json
+
+    from orchestrator.search.records import check_records
+    from orchestrator.storage import RunFolder
+
+    folder = RunFolder(str(tmp_path))
+    trial = tmp_path / "trials" / "t001_x"
+    trial.mkdir(parents=True)
+    good = {"trial": "t001_x", "status": "done", "artifact": "model"}
+    (trial / "trial.json").write_text(json.dumps(good))
+    (tmp_path / "trials" / "names.json").write_text(json.dumps({"abc": "t001_x"}))
+    check_records(folder)  # as written by the tool
+
+    for bad in ({**good, "artifact": "../../x"}, {**good, "trial": "t002_y"}, [1, 2]):
+        (trial / "trial.json").write_text(json.dumps(bad))
+        with pytest.raises(ConfigError) as e:
+            check_records(folder)
+        assert str(trial / "trial.json") in str(e.value)
+    (trial / "trial.json").write_text(json.dumps(good))
+    (tmp_path / "trials" / "names.json").write_text(json.dumps({"abc": "../evil"}))
+    with pytest.raises(ConfigError, match="not a mapping of trial ids to trial names"):
+        check_records(folder)

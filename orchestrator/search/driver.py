@@ -1,0 +1,213 @@
+"""``orchestrator search``: the driver. It validates the job, trains (or evaluates) the dense
+baseline once, then runs a Ray Tune experiment whose trials (``trial.train_driver_fn``) each
+compress, recover, evaluate and measure one recipe; ``callbacks`` records every trial and
+refreshes the report as trials finish."""
+
+from __future__ import annotations
+
+import os
+import traceback
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from orchestrator import launch, loop
+from orchestrator.config.loader import dump_job
+from orchestrator.config.schema import JobSpec
+from orchestrator.errors import ConfigError, Problem, RunError
+from orchestrator.search import space as space_lib
+from orchestrator.search.baseline import run_baseline
+from orchestrator.search.callbacks import record_trials
+from orchestrator.search.names import TrialNamer
+from orchestrator.search.records import TRIALS, check_records, read_trial, write_trial
+from orchestrator.search.trial import train_driver_fn
+from orchestrator.storage import RunFolder, StorageError, unreachable
+
+if TYPE_CHECKING:
+    from orchestrator.results.report import ReportSummary
+
+TUNE_NAME = "tune"  # Tune's experiment folder inside the run directory (restore finds it by name)
+# What a trial's function needs besides its CPUs: the trial process itself mostly waits on its
+# Train run. Tune rejects a trainable that asks for nothing, and a fraction of a CPU would make
+# a 2-worker x 1-CPU trial need 2.01 CPUs on a 2-CPU laptop, so it reserves memory instead.
+TRIAL_DRIVER_MEMORY = 256 * 2**20
+
+
+def _no_search(spec: JobSpec) -> ConfigError:
+    return ConfigError(
+        Problem(
+            "search",
+            None,
+            "the job has no search section: nothing to search",
+            "add search.space (e.g. compress.prune.sparsity: {uniform: [0.2, 0.7]}), or "
+            "run `orchestrator train` for a single recipe",
+        )
+    )
+
+
+def check_search_dir(spec: JobSpec, resume: bool) -> None:
+    """Before anything starts: the same search again needs ``--resume`` (a finished or
+    interrupted search is never silently mixed with a new one); a different job is refused;
+    a folder to resume must hold records as this tool writes them."""
+    from ray import tune
+
+    folder = launch.run_dir(spec)
+    saved = folder.local / "job.yaml"
+    if saved.is_file() and saved.read_text() != dump_job(spec):
+        launch.claim_run_dir(spec)  # raises: a different job under the same name
+    started = folder.exists(TUNE_NAME) and tune.Tuner.can_restore(folder.uri(TUNE_NAME))
+    if (started or (folder.local / "baseline.json").is_file()) and not resume:
+        raise ConfigError(
+            Problem(
+                "name",
+                spec.name,
+                f"{folder} already holds this search",
+                "add --resume to continue it (finished trials are kept), or choose another "
+                f"name (name={spec.name}-2)",
+            )
+        )
+    if resume:
+        check_records(folder)
+
+
+def trial_base(spec: JobSpec, folder: RunFolder) -> dict[str, Any]:
+    """The raw job every trial starts from (its sampled keys are applied on top)."""
+    base = spec.model_dump(mode="json", exclude={"search"})
+    if spec.search.baseline.train:
+        # Every trial starts from the fine-tuned dense model, not from the raw pretrained one.
+        base["model"] = {
+            "path": folder.uri("baseline", "model"),
+            "num_layers": spec.model.num_layers,
+        }
+    return base
+
+
+def build_tuner(
+    spec: JobSpec, folder: RunFolder, parallel: int, total_steps: int, resume: bool
+) -> Any:
+    """The Tune experiment: a new one, or the interrupted one restored (``--resume``)."""
+    from ray import tune
+
+    search = spec.search
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            train_driver_fn,
+            base=trial_base(spec, folder),
+            search=search.model_dump(mode="json"),
+            run_dir=folder.location,
+        ),
+        {"memory": TRIAL_DRIVER_MEMORY},
+    )
+    experiment = folder.uri(TUNE_NAME)
+    if resume and folder.exists(TUNE_NAME) and tune.Tuner.can_restore(experiment):
+        print(f"[orchestrator] resuming the search in {experiment}", flush=True)
+        return tune.Tuner.restore(
+            experiment, trainable=trainable, resume_unfinished=True, resume_errored=True
+        )
+    namer = TrialNamer(folder, search)
+    return tune.Tuner(
+        trainable,
+        param_space=space_lib.param_space(search),
+        tune_config=tune.TuneConfig(
+            search_alg=space_lib.searcher(search, parallel),
+            scheduler=space_lib.scheduler(search, total_steps, spec.train.eval_every),
+            num_samples=search.samples,
+            max_concurrent_trials=parallel,
+            time_budget_s=search.time_budget_s,
+            trial_name_creator=namer,
+            trial_dirname_creator=namer,
+            # One trial process serves trial after trial: no process start-up and imports per
+            # trial (the Train workers themselves are new for every trial). Not with early
+            # stopping: a stopped trial's process is killed with its Train run.
+            reuse_actors=search.scheduler == "none",
+        ),
+        # Tune's strict check rejects any result without the searcher's metrics; trials forward
+        # only results that hold them (trial.forward_progress).
+        run_config=tune.RunConfig(
+            name=TUNE_NAME,
+            storage_path=folder.location,  # a URI too: Tune keeps its experiment state there
+            failure_config=tune.FailureConfig(max_failures=search.max_failures),
+            callbacks=[record_trials(folder, spec)],
+            progress_reporter=tune.CLIReporter(
+                metric_columns=[o.metric for o in search.objectives],
+                parameter_columns=list(search.space),
+                max_report_frequency=30,
+            ),
+            verbose=1,
+        ),
+    )
+
+
+def search(spec: JobSpec, address: str | None = None, resume: bool = False) -> ReportSummary:
+    """Run (or resume) the search of ``spec``; returns the report's summary."""
+    if spec.search is None:
+        raise _no_search(spec)
+    # Tune's classic progress table honours the columns below (its newer one ignores them).
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Snapshot the experiment at every step of Tune's loop instead of every 10+ s: a driver
+    # killed right after a trial finished then resumes knowing it finished (the state is a few
+    # kB per trial).
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+    from orchestrator.results import write_run_report
+
+    # Everything that can be checked before Ray starts, then Ray, then the run folder.
+    spec = launch.resolve_paths(spec)
+    folder = launch.run_dir(spec)
+    try:
+        folder.pull_records()  # a run in storage: this machine's mirror starts from it
+    except StorageError as e:
+        raise unreachable("output.dir", spec.output.dir, e) from None
+    check_search_dir(spec, resume)
+    _, bundle = launch.preflight(spec)
+    launch.connect_ray(spec, address)
+    launch.check_capacity(spec)
+    launch.claim_run_dir(spec)
+
+    run_baseline(spec, folder, address)
+
+    t = spec.train
+    _, total_steps = loop.plan_steps(t, bundle, t.num_workers)
+    cluster = launch.cluster_capacity()
+    need_cpu = t.num_workers * spec.resources.cpus_per_worker
+    need_gpu = t.num_workers * spec.resources.gpus_per_worker
+    parallel = space_lib.concurrency(spec.search, cluster, need_cpu, need_gpu)
+    print(
+        f"[orchestrator] search {folder} | {space_lib.num_trials(spec.search)} trials, "
+        f"{parallel} at a time ({t.num_workers} x {t.strategy} workers each, {need_cpu:g} CPUs "
+        f"of {cluster.get('CPU', 0):g}) | objectives "
+        + ", ".join(f"{o.mode} {o.metric}" for o in spec.search.objectives),
+        flush=True,
+    )
+    tuner = build_tuner(spec, folder, parallel, total_steps, resume)
+    try:
+        grid = tuner.fit()
+    except Exception as e:  # Tune raises on driver-side failures (trial errors are recorded)
+        write_run_report(folder, running=False, spec=spec)
+        raise RunError(f"the search failed: {e}\n{traceback.format_exc(limit=3)}") from e
+    close_lost_trials(folder, {Path(r.path).name for r in grid if r.path})
+    summary = write_run_report(folder, running=False, spec=spec)
+    print(pareto_text(folder.local))
+    return summary
+
+
+def close_lost_trials(folder: RunFolder, known: set[str]) -> None:
+    """A trial the driver started just before it was killed, after Tune's last snapshot of the
+    experiment, is unknown to the resumed experiment: mark its record instead of leaving it
+    "running" forever (Tune drew its recipe again as a new trial)."""
+    for path in (folder.local / TRIALS).glob("*/trial.json"):
+        record = read_trial(folder, path.parent.name)
+        if record and record["status"] == "running" and record["trial"] not in known:
+            record.update(
+                status="error",
+                error="interrupted: the driver stopped before Ray Tune recorded this trial; "
+                "the resumed search did not continue it",
+            )
+            write_trial(folder, record)
+
+
+def pareto_text(folder: Path) -> str:
+    """The Pareto table for the terminal, from the results table just written."""
+    import pyarrow.parquet as pq
+
+    from orchestrator.results import format_pareto_table
+
+    return format_pareto_table(pq.read_table(folder / "results.parquet"))
