@@ -1,20 +1,10 @@
-"""Distributed training strategies behind one interface (``Strategy``)."""
+"""Distributed training strategies behind one interface (``Strategy``): torch DDP and DeepSpeed
+ZeRO stages 0-3."""
 
-from __future__ import annotations
-
-import torch
-
-from orchestrator.config.schema import TrainConfig
 from orchestrator.strategies.base import Strategy, build_lr_schedule, build_optimizer
+from orchestrator.strategies.build import build
 from orchestrator.strategies.ddp import DDPStrategy
 from orchestrator.strategies.deepspeed import DeepSpeedStrategy, build_ds_config
-
-_STRATEGIES: dict[str, type[Strategy]] = {"ddp": DDPStrategy, "deepspeed": DeepSpeedStrategy}
-
-
-def build(spec: TrainConfig, device: torch.device) -> Strategy:
-    return _STRATEGIES[spec.strategy](spec, device)
-
 
 __all__ = [
     "DDPStrategy",
