@@ -1,4 +1,5 @@
-"""``orchestrator`` command line (DESIGN.md 3.1). Exit codes: 0 ok, 2 bad input, 1 run failure."""
+"""``orchestrator`` command line (docs/contracts.md, "Command line"). Exit codes: 0 ok, 2 bad
+input, 1 run failure."""
 
 from __future__ import annotations
 

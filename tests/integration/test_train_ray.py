@@ -1,5 +1,5 @@
 """The debug jobs through real Ray Train with 2 workers (DDP and DeepSpeed ZeRO-3 bf16): the run
-directory of DESIGN.md 3.2, a final model that loads back from safetensors and predicts, and a
+directory of docs/contracts.md, a final model that loads back from safetensors and predicts, and a
 re-run of the same job that resumes instead of starting over."""
 
 from __future__ import annotations
