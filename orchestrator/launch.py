@@ -293,8 +293,8 @@ def embedded_defaults() -> None:
     the process that calls ``fit()`` to the Train controller. A user's own value wins.
 
     No preemption watcher: it watches for a cloud taking a node back, which a local instance
-    has no way to see, and it is one more process per Train run (about 1 s of every trial on
-    2 cores, benchmarks/BENCHMARKS.md). On a cluster Ray's default (on) stays."""
+    has no way to see, and it is one more process per Train run (its cost is measured in
+    benchmarks/BENCHMARKS.md, "One helper fewer"). On a cluster Ray's default (on) stays."""
     os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
 
 
@@ -420,9 +420,10 @@ def build_trainer(spec: JobSpec, folder: RunFolder, callbacks: list | None = Non
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    # Ray Train's controller polls its workers every 2 s, so it noticed a finished run 1-3 s
-    # late, every run (benchmarks/BENCHMARKS.md, per-trial overhead). Ray passes this variable
-    # from the process that calls fit() to the controller. A user's own setting wins.
+    # Ray Train's controller polls its workers every 2 s by default, so it notices a finished
+    # run up to that late, every run (benchmarks/BENCHMARKS.md, per-trial overhead). Ray passes
+    # this variable from the process that calls fit() to the controller. A user's own setting
+    # wins.
     os.environ.setdefault(HEALTH_CHECK_ENV, HEALTH_CHECK_S)
     res = spec.resources
     return TorchTrainer(

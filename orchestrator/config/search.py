@@ -26,6 +26,8 @@ TRIAL_METRICS = (
     "test/loss",
     "compress/size_bytes",
     "compress/dense_size_bytes",
+    "compress/weights_bytes",
+    "compress/dense_weights_bytes",
     "compress/size_ratio",
     "compress/params",
     "compress/nonzero_params",

@@ -127,6 +127,7 @@ def _metric_cells(r: dict[str, Any]) -> list[str]:
         _td(_num(r.get("test/accuracy"), ".4f"), num=True),
         _td(_num(r.get("accuracy_drop"), "+.4f"), num=True),
         _td(_num(r.get("compress/size_bytes"), ".3f", MB), num=True),
+        _td(_num(r.get("compress/weights_bytes"), ".3f", MB), num=True),
         _td(_num(r.get("compress/size_ratio"), ".2f"), num=True),
         _td(_num(r.get("perf/latency_ms_b32"), ".2f"), num=True),
         _td(_num(r.get("perf/speedup"), ".2f"), num=True),
@@ -137,7 +138,8 @@ _METRIC_HEAD = [
     "eval/accuracy",
     "test/accuracy",
     "accuracy drop",
-    "size MB",
+    "size MB (on disk)",
+    "weights MB",
     "size ratio (x smaller)",
     "latency b32 ms",
     "speedup",
@@ -180,6 +182,72 @@ def _constraints_text(search: SearchConfig) -> str:
     return ", ".join(f"{k} = {v}" for k, v in given.items()) or "none"
 
 
+def _trial_row(r: dict[str, Any]) -> tuple[str, list[str]]:
+    feasible = {True: "yes", False: "no", None: "&ndash;"}[r.get("feasible")]
+    error = f'<pre class="error">{escape(r["error"])}</pre>' if r.get("error") else ""
+    css = " ".join(
+        c
+        for c, on in (("pareto", r.get("pareto")), ("infeasible", r.get("feasible") is False))
+        if on
+    )
+    cells = [
+        _td(escape(r["trial"])),
+        _td(escape(_STATUS_WORDS.get(r["status"], r["status"]))),
+        _td(escape(r.get("recipe") or "")),
+        *_metric_cells(r),
+        _td(feasible),
+        _td(escape(r.get("violations") or "")),
+        _td(_num(r.get("wall_s"), ".0f"), num=True),
+        _td(error),
+    ]
+    return css, cells
+
+
+def _head(job_name: str, running: bool) -> list[str]:
+    head = ['<meta charset="utf-8">']
+    if running:
+        head.append(f'<meta http-equiv="refresh" content="{REFRESH_S}">')
+    head.append(f"<title>{escape(job_name)}: compression search report</title>")
+    head.append(f"<style>{_STYLE}</style>")
+    return head
+
+
+def _status_section(
+    counts: dict[str, int], running: bool, notes: list[str], search: SearchConfig, run_dir: str
+) -> list[str]:
+    """Where the search stands: trial counts, what is partial, notes, objectives."""
+    line, partial = status_lines(counts, running)
+    out = [f'<p id="status">{escape(line)}</p>']
+    if running:
+        out.append(
+            f'<p class="note" id="refresh-note">The search is running: this page reloads every '
+            f"{REFRESH_S} s.</p>"
+        )
+    if partial:
+        out.append(f'<p class="partial" id="partial-note">{escape(partial)}</p>')
+    if notes:
+        items = "".join(f"<li>{escape(n)}</li>" for n in notes)
+        out.append(f'<ul class="note" id="notes">{items}</ul>')
+    objectives = ", ".join(f"{o.metric} ({o.mode})" for o in search.objectives)
+    out.append(
+        f"<p>Objectives: {escape(objectives)}. Constraints: {escape(_constraints_text(search))}. "
+        f"Run directory: <code>{escape(run_dir)}</code>.</p>"
+    )
+    return out
+
+
+def _pareto_section(rows: list[dict[str, Any]]) -> list[str]:
+    front = [r for r in rows if r.get("pareto")]
+    out = [f"<h2>Pareto front ({len(front)} trials)</h2>"]
+    if not front:
+        return [*out, '<p id="pareto-empty">No finished, feasible trial yet.</p>']
+    cells = [
+        ("pareto", [_td(escape(r["trial"])), _td(escape(r.get("recipe") or "")), *_metric_cells(r)])
+        for r in front
+    ]
+    return [*out, _table("pareto-table", ["trial", "recipe", *_METRIC_HEAD], cells)]
+
+
 def render_html(
     *,
     job_name: str,
@@ -195,89 +263,30 @@ def render_html(
 ) -> str:
     """The whole page as a string (the caller writes it atomically)."""
     rows = table.to_pylist()
-    counts = status_counts(table)
-    line, partial = status_lines(counts, running)
-    objectives = ", ".join(f"{o.metric} ({o.mode})" for o in search.objectives)
-    front = [r for r in rows if r.get("pareto")]
-    pareto_rows = [
-        ("pareto", [_td(escape(r["trial"])), _td(escape(r.get("recipe") or "")), *_metric_cells(r)])
-        for r in front
-    ]
-    trial_rows = []
-    for r in rows:
-        feasible = {True: "yes", False: "no", None: "&ndash;"}[r.get("feasible")]
-        error = f'<pre class="error">{escape(r["error"])}</pre>' if r.get("error") else ""
-        css = " ".join(
-            c
-            for c, on in (("pareto", r.get("pareto")), ("infeasible", r.get("feasible") is False))
-            if on
-        )
-        trial_rows.append(
-            (
-                css,
-                [
-                    _td(escape(r["trial"])),
-                    _td(escape(_STATUS_WORDS.get(r["status"], r["status"]))),
-                    _td(escape(r.get("recipe") or "")),
-                    *_metric_cells(r),
-                    _td(feasible),
-                    _td(escape(r.get("violations") or "")),
-                    _td(_num(r.get("wall_s"), ".0f"), num=True),
-                    _td(error),
-                ],
-            )
-        )
-    head = ['<meta charset="utf-8">']
-    if running:
-        head.append(f'<meta http-equiv="refresh" content="{REFRESH_S}">')
-    head.append(f"<title>{escape(job_name)}: compression search report</title>")
-    head.append(f"<style>{_STYLE}</style>")
     body = [f"<h1>{escape(job_name)}: compression search</h1>"]
-    body.append(f'<p id="status">{escape(line)}</p>')
-    if running:
-        body.append(
-            f'<p class="note" id="refresh-note">The search is running: this page reloads every '
-            f"{REFRESH_S} s.</p>"
-        )
-    if partial:
-        body.append(f'<p class="partial" id="partial-note">{escape(partial)}</p>')
-    if notes:
-        body.append(
-            '<ul class="note" id="notes">'
-            + "".join(f"<li>{escape(n)}</li>" for n in notes)
-            + "</ul>"
-        )
-    body.append(
-        f"<p>Objectives: {escape(objectives)}. Constraints: {escape(_constraints_text(search))}. "
-        f"Run directory: <code>{escape(str(run_dir))}</code>.</p>"
-    )
+    body += _status_section(status_counts(table), running, notes, search, str(run_dir))
     # The resolved job writes every default out, so it is folded away unless asked for.
     body.append(
         "<h2>Job</h2><details><summary>the resolved job.yaml</summary>"
         f'<pre id="job-yaml">{escape(job_yaml)}</pre></details>'
     )
-    body.append("<h2>Dense baseline</h2>")
-    body.append(_baseline_section(baseline))
-    body.append(f"<h2>Pareto front ({len(front)} trials)</h2>")
-    if front:
-        body.append(_table("pareto-table", ["trial", "recipe", *_METRIC_HEAD], pareto_rows))
-    else:
-        body.append('<p id="pareto-empty">No finished, feasible trial yet.</p>')
-    body.append("<h2>Plot</h2>")
+    body += ["<h2>Dense baseline</h2>", _baseline_section(baseline)]
+    body += _pareto_section(rows)
     data = base64.b64encode(png).decode("ascii")
     body.append(
-        f'<img id="pareto-plot" alt="accuracy vs size and latency" src="data:image/png;base64,'
-        f'{data}">'
+        '<h2>Plot</h2><img id="pareto-plot" alt="accuracy vs size and latency" '
+        f'src="data:image/png;base64,{data}">'
     )
     body.append("<h2>Best recipe under the constraints</h2>")
     body.append(f'<div id="best">{_best_section(best, rows, str(run_dir), search)}</div>')
     body.append(f"<h2>All trials ({len(rows)})</h2>")
     trial_head = ["trial", "status", "recipe", *_METRIC_HEAD, "feasible", "violations"]
+    trial_rows = [_trial_row(r) for r in rows]
     body.append(_table("trials-table", [*trial_head, "wall s", "error"], trial_rows))
     body.append(f"<script>{_SCRIPT}</script>")
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n'
-        + "\n".join(head)
+        + "\n".join(_head(job_name, running))
         + "\n</head>\n<body>\n"
         + "\n".join(body)
         + "\n</body>\n</html>\n"

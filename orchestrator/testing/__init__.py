@@ -1,5 +1,20 @@
-"""Helpers for tests and benchmarks: run a function on N local gloo processes."""
+"""Helpers for tests and benchmarks: run a function on N local gloo processes, and the small
+models, batches and training steps the 2-process tests share."""
 
-from orchestrator.testing.distributed import free_port, run_workers, tiny_classifier
+from orchestrator.testing.distributed import (
+    deepspeed_bf16,
+    free_port,
+    random_token_batches,
+    run_workers,
+    tiny_classifier,
+    train_steps,
+)
 
-__all__ = ["free_port", "run_workers", "tiny_classifier"]
+__all__ = [
+    "deepspeed_bf16",
+    "free_port",
+    "random_token_batches",
+    "run_workers",
+    "tiny_classifier",
+    "train_steps",
+]

@@ -1,6 +1,6 @@
 """The table of bad inputs and limits a user can hit when a job meets a cluster (issue #5): each
 case runs the real CLI in a subprocess and records its exit code and error message. The
-integration test checks every row; ``benchmarks/bad_input.py`` prints the table for
+integration test checks every row; ``benchmarks/faults.py`` prints the table for
 BENCHMARKS.md. Cases that need a small or read-only file system mount a tmpfs, which needs root;
 they are skipped elsewhere."""
 

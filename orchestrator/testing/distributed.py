@@ -100,3 +100,46 @@ def tiny_classifier(vocab_size: int = 500) -> torch.nn.Module:
         num_labels=3,
     )
     return BertForSequenceClassification(config)
+
+
+def deepspeed_bf16(stage: int, world: int, batch_size: int = 4, lr: float = 1e-3) -> Any:
+    """A ``TrainConfig`` for DeepSpeed ZeRO ``stage`` in bf16 with AdamW and no warm-up: the
+    strategy tests' usual run."""
+    from orchestrator.config.schema import TrainConfig
+
+    return TrainConfig(
+        strategy="deepspeed",
+        zero_stage=stage,
+        precision="bf16",
+        optimizer="adamw",
+        batch_size=batch_size,
+        lr=lr,
+        warmup_ratio=0.0,
+        num_workers=world,
+    )
+
+
+def random_token_batches(seed: int, n: int = 3, vocab: int = 200) -> list[dict[str, Any]]:
+    """``n`` batches of 4 x 12 random token ids with 3-class labels, seeded per caller."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [
+        {
+            "input_ids": torch.randint(1, vocab, (4, 12), generator=g),
+            "labels": torch.randint(0, 3, (4,), generator=g),
+        }
+        for _ in range(n)
+    ]
+
+
+def train_steps(strategy: Any, batches: list[dict[str, Any]]) -> list[float]:
+    """One optimizer step per batch through ``strategy`` (no accumulation); the losses."""
+    losses = []
+    for batch in batches:
+        with strategy.accumulate(boundary=True), strategy.autocast():
+            loss = strategy.model(**batch).loss
+        strategy.backward(loss)
+        strategy.step()
+        losses.append(float(loss.detach().float()))
+    return losses

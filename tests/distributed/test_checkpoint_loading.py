@@ -14,7 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.testing import run_workers, tiny_classifier
+from orchestrator.testing import (
+    deepspeed_bf16,
+    random_token_batches,
+    run_workers,
+    tiny_classifier,
+    train_steps,
+)
 
 pytestmark = pytest.mark.distributed
 
@@ -68,43 +74,22 @@ def _resume(rank: int, world: int, root_p: Path, stage: int) -> dict:
     import torch.distributed as dist
 
     from orchestrator import strategies
-    from orchestrator.config.schema import TrainConfig
     from orchestrator.errors import CorruptFileError
 
-    spec = TrainConfig(
-        strategy="deepspeed",
-        zero_stage=stage,
-        precision="bf16",
-        optimizer="adamw",
-        batch_size=4,
-        lr=1e-2,
-        warmup_ratio=0.0,
-        num_workers=world,
-    )
-    g = torch.Generator().manual_seed(100 + rank)
-    batches = [
-        (torch.randint(1, 200, (4, 12), generator=g), torch.randint(0, 3, (4,), generator=g))
-        for _ in range(3)
-    ]
+    spec = deepspeed_bf16(stage, world, lr=1e-2)
+    batches = random_token_batches(100 + rank)
 
     def build():
         st = strategies.build(spec, torch.device("cpu"))
         st.prepare(tiny_classifier(200), total_steps=10)
         return st
 
-    def train(st, part) -> None:
-        for ids, labels in part:
-            with st.accumulate(boundary=True), st.autocast():
-                loss = st.model(input_ids=ids, labels=labels).loss
-            st.backward(loss)
-            st.step()
-
     good = root_p / "good"
     saved = build()
-    train(saved, batches[:2])
+    train_steps(saved, batches[:2])
     saved.save_checkpoint(good, {"step": 2, "epoch": 0, "samples_seen": 16})
     dist.barrier()
-    train(saved, batches[2:])  # the step a resumed run must reproduce
+    train_steps(saved, batches[2:])  # the step a resumed run must reproduce
     want = saved.full_state_dict()
 
     resumed = build()
@@ -134,7 +119,7 @@ def _resume(rank: int, world: int, root_p: Path, stage: int) -> dict:
         client = resumed.load_checkpoint(good)
     finally:
         torch.load = real_load
-    train(resumed, batches[2:])
+    train_steps(resumed, batches[2:])
     got = resumed.full_state_dict()
     return {
         "client": client,

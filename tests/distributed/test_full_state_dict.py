@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator.testing import run_workers, tiny_classifier
+from orchestrator.testing import (
+    deepspeed_bf16,
+    random_token_batches,
+    run_workers,
+    tiny_classifier,
+    train_steps,
+)
 
 pytestmark = pytest.mark.distributed
 
@@ -41,32 +47,13 @@ def _fragments_zero2(strategy) -> dict[str, tuple[int, torch.Tensor]]:
 
 def export_worker(rank: int, world: int) -> dict[int, dict]:
     from orchestrator import strategies
-    from orchestrator.config.schema import TrainConfig
 
-    g = torch.Generator().manual_seed(7 + rank)
-    batches = [
-        (torch.randint(1, 200, (4, 12), generator=g), torch.randint(0, 3, (4,), generator=g))
-        for _ in range(3)
-    ]
+    batches = random_token_batches(7 + rank)
     out: dict[int, dict] = {}
     for stage in STAGES:
-        spec = TrainConfig(
-            strategy="deepspeed",
-            zero_stage=stage,
-            precision="bf16",
-            optimizer="adamw",
-            batch_size=4,
-            lr=1e-3,
-            warmup_ratio=0.0,
-            num_workers=world,
-        )
-        st = strategies.build(spec, torch.device("cpu"))
+        st = strategies.build(deepspeed_bf16(stage, world), torch.device("cpu"))
         st.prepare(tiny_classifier(200), total_steps=10)
-        for ids, labels in batches:
-            with st.accumulate(boundary=True), st.autocast():
-                loss = st.model(input_ids=ids, labels=labels).loss
-            st.backward(loss)
-            st.step()
+        train_steps(st, batches)
         exported = st.full_state_dict()
         params = [n for n, _ in st.module.named_parameters()]
         # numpy, not tensors: tensors would go back through shared memory that a finished

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator.testing import run_workers
+from orchestrator.testing import deepspeed_bf16, run_workers, train_steps
 
 pytestmark = pytest.mark.distributed
 
@@ -22,30 +22,14 @@ STEPS = 3
 
 def mlp_worker(rank: int, world: int, shards: list[list[dict[str, np.ndarray]]]) -> dict:
     from orchestrator import models, strategies
-    from orchestrator.config.schema import ModelConfig, TrainConfig
+    from orchestrator.config.schema import ModelConfig
 
     batches = [{k: torch.from_numpy(v) for k, v in b.items()} for b in shards[rank]]
     out = {}
     for stage in STAGES:
-        spec = TrainConfig(
-            strategy="deepspeed",
-            zero_stage=stage,
-            precision="bf16",
-            optimizer="adamw",
-            batch_size=BATCH,
-            lr=1e-3,
-            warmup_ratio=0.0,
-            num_workers=world,
-        )
-        st = strategies.build(spec, torch.device("cpu"))
+        st = strategies.build(deepspeed_bf16(stage, world, batch_size=BATCH), torch.device("cpu"))
         st.prepare(models.build_model(ModelConfig(name="mlp"), 10, None, seed=0), STEPS)
-        losses = []
-        for batch in batches:
-            with st.accumulate(boundary=True), st.autocast():
-                loss = st.model(**batch).loss
-            st.backward(loss)
-            st.step()
-            losses.append(float(loss.detach().float()))
+        losses = train_steps(st, batches)
         st.eval_model.eval()
         with torch.no_grad():
             logits = st.eval_model(pixel_values=batches[0]["pixel_values"]).logits

@@ -1,7 +1,7 @@
 """Bad input and limits where a job meets a cluster: each row of
 ``orchestrator.testing.bad_input.CASES`` through the real CLI against the tier's Ray head: the
 exit code, an error naming the key or path and the fix, and (exit 2) no run directory written.
-benchmarks/bad_input.py prints the same table into BENCHMARKS.md."""
+benchmarks/faults.py prints the same table into BENCHMARKS.md."""
 
 from __future__ import annotations
 

@@ -209,14 +209,8 @@ def test_asha_stops_the_poor_trial_at_its_first_rung(ray_cluster: str, tmp_path:
     at the first rung (its last result is step 2, its record "stopped"); the sane one runs to
     the end and ships its artifact."""
     out = tmp_path
-    cmd = [
-        sys.executable,
-        "-m",
-        "orchestrator",
-        "search",
-        str(JOB),
-        f"output.dir={out}",
-        f"data.cache_dir={out / 'cache'}",
+    cmd = _command(
+        out,
         "name=debug-asha",
         "train.max_steps=8",
         "train.eval_every=2",
@@ -224,12 +218,12 @@ def test_asha_stops_the_poor_trial_at_its_first_rung(ray_cluster: str, tmp_path:
         "train.log_every=3",
         "search.space={train.lr: {grid: [1.0e-3, 10.0]}}",
         "search.algorithm=grid",
-        "search.num_samples=1",
+        "search.num_samples=1",  # the later value of a key wins: one pass over the grid
         "search.scheduler=asha",
         "search.objectives=[{metric: eval/loss, mode: min}]",
         "search.select=null",
         "search.constraints={}",
-    ]
+    )
     env = {**os.environ, "RAY_ADDRESS": ray_cluster}
     proc = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
