@@ -10,7 +10,7 @@ ignored for that trial, so conditional spaces ("a rank only when factorizing") n
 from __future__ import annotations
 
 import difflib
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_serializer, model_validator
 
@@ -21,8 +21,14 @@ from orchestrator.config.compress import STAGES
 # produce them).
 TRIAL_METRICS = (
     "eval/accuracy",
+    "eval/accuracy_drop",
+    "eval/accuracy_drop_lo",
+    "eval/accuracy_drop_hi",
     "eval/loss",
     "test/accuracy",
+    "test/accuracy_drop",
+    "test/accuracy_drop_lo",
+    "test/accuracy_drop_hi",
     "test/loss",
     "compress/size_bytes",
     "compress/dense_size_bytes",
@@ -186,7 +192,14 @@ class Constraints(ConfigModel):
         default=None,
         ge=0,
         le=1,
-        description="eval/accuracy at most this far below the dense baseline's (0.01 = 1 point)",
+        description="eval/accuracy at most this far below the dense model's on the same "
+        "validation examples (0.01 = 1 point)",
+    )
+    confidence: Annotated[float, Field(gt=0, lt=1)] | None = Field(
+        default=None,
+        description="with max_accuracy_drop: a trial is feasible only if the upper end of the "
+        "two-sided interval of its paired validation drop at this confidence is within the "
+        "bound (e.g. 0.95); unset: the point estimate decides. (0, 1)",
     )
     max_size_bytes: float | None = Field(
         default=None, gt=0, description="compress/size_bytes (the artifact on disk) at most this"
@@ -200,6 +213,23 @@ class Constraints(ConfigModel):
     min_speedup: float | None = Field(
         default=None, gt=0, description="perf/speedup (dense / compressed latency) at least this"
     )
+
+    @model_validator(mode="after")
+    def _confidence_needs_a_bound(self) -> Constraints:
+        if self.confidence is not None and self.max_accuracy_drop is None:
+            raise cross_field_error(
+                [
+                    (
+                        "confidence",
+                        self.confidence,
+                        "is the confidence of the accuracy-drop interval, and no "
+                        "max_accuracy_drop is set",
+                        "set search.constraints.max_accuracy_drop (e.g. 0.01), or remove "
+                        "search.constraints.confidence",
+                    )
+                ]
+            )
+        return self
 
 
 class BaselineConfig(ConfigModel):

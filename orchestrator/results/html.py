@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 
 from orchestrator.config.search import TRIAL_METRICS, SearchConfig
-from orchestrator.results.table import MB, STATUSES
+from orchestrator.results.table import MB, STATUSES, drop_text, held_text, selection_rule
 from orchestrator.storage import join
 
 REFRESH_S = 15
@@ -125,7 +125,24 @@ def _metric_cells(r: dict[str, Any]) -> list[str]:
     return [
         _td(_num(r.get("eval/accuracy"), ".4f"), num=True),
         _td(_num(r.get("test/accuracy"), ".4f"), num=True),
-        _td(_num(r.get("accuracy_drop"), "+.4f"), num=True),
+        _td(
+            escape(
+                drop_text(
+                    r.get("accuracy_drop"), r.get("accuracy_drop_lo"), r.get("accuracy_drop_hi")
+                )
+            ),
+            num=True,
+        ),
+        _td(
+            escape(
+                drop_text(
+                    r.get("test_accuracy_drop"),
+                    r.get("test_accuracy_drop_lo"),
+                    r.get("test_accuracy_drop_hi"),
+                )
+            ),
+            num=True,
+        ),
         _td(_num(r.get("compress/size_bytes"), ".3f", MB), num=True),
         _td(_num(r.get("compress/weights_bytes"), ".3f", MB), num=True),
         _td(_num(r.get("compress/size_ratio"), ".2f"), num=True),
@@ -137,7 +154,8 @@ def _metric_cells(r: dict[str, Any]) -> list[str]:
 _METRIC_HEAD = [
     "eval/accuracy",
     "test/accuracy",
-    "accuracy drop",
+    "validation drop, points [interval]",
+    "test drop, points [interval]",
     "size MB (on disk)",
     "weights MB",
     "size ratio (x smaller)",
@@ -173,6 +191,8 @@ def _best_section(
         f"{_num(best.get('eval/accuracy'), '.4f')}, size "
         f"{_num(best.get('compress/size_bytes'), '.3f', MB)} MB, latency b32 "
         f"{_num(best.get('perf/latency_ms_b32'), '.2f')} ms.</p>"
+        f'<p id="held-on-test">Selected on validation; the accuracy constraint '
+        f"{escape(held_text(best))}.</p>"
         f'<p>Export it with:</p><pre id="export-command">{escape(command)}</pre>'
     )
 
@@ -232,6 +252,11 @@ def _status_section(
     out.append(
         f"<p>Objectives: {escape(objectives)}. Constraints: {escape(_constraints_text(search))}. "
         f"Run directory: <code>{escape(run_dir)}</code>.</p>"
+    )
+    out.append(
+        f'<p id="selection-rule">Accuracy drops are paired with the dense model on the same '
+        f"examples, in points, with their {search.constraints.confidence or 0.95:.0%} "
+        f"interval. Rule: {escape(selection_rule(search))}.</p>"
     )
     return out
 

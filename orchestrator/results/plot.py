@@ -42,6 +42,7 @@ def _panel(
     the dense baseline a star. Returns the colour-mapped scatter (for the colourbar) or None."""
     points = [(x_of(r), r.get(ACCURACY), r) for r in rows]
     points = [(x, y, r) for x, y, r in points if x is not None and x > 0 and y is not None]
+    _error_bars(ax, points)
     grey = [(x, y) for x, y, r in points if not r.get("feasible")]
     fine = [(x, y, r.get(LATENCY)) for x, y, r in points if r.get("feasible")]
     if grey:
@@ -101,6 +102,35 @@ def _panel(
     return mapped
 
 
+def _error_bars(ax: Any, points: list[tuple[float, float, dict[str, Any]]]) -> None:
+    """Each trial's accuracy with the interval of its paired drop against the dense model
+    (accuracy = dense accuracy - drop, so the drop's [lo, hi] is [y - (hi - drop), y + (drop -
+    lo)])."""
+    bars = [
+        (
+            x,
+            y,
+            r["accuracy_drop_hi"] - r["accuracy_drop"],
+            r["accuracy_drop"] - r["accuracy_drop_lo"],
+        )
+        for x, y, r in points
+        if None
+        not in (r.get("accuracy_drop"), r.get("accuracy_drop_lo"), r.get("accuracy_drop_hi"))
+    ]
+    if bars:
+        xs, ys, below, above = zip(*bars, strict=True)
+        ax.errorbar(
+            xs,
+            ys,
+            yerr=[below, above],
+            fmt="none",
+            ecolor="#888888",
+            elinewidth=1,
+            capsize=2,
+            zorder=1,
+        )
+
+
 def _label(ax: Any, x: float, y: float, text: str, all_x: list[float], log_x: bool) -> None:
     """A recipe label beside a Pareto point, wrapped to two short lines and put on the side
     with more room, so labels stay inside the panel instead of widening the figure."""
@@ -158,13 +188,13 @@ def render_pareto_png(
     if has_sizes:
         _plain_ticks(left)
     left.set_xlabel("artifact size (MB, log scale)")
-    left.set_ylabel("eval/accuracy")
+    left.set_ylabel("eval/accuracy (bars: interval of the paired drop)")
     left.set_title("accuracy vs size")
     if mapped is not None:
         fig.colorbar(mapped, ax=left, label="latency, batch 32 (ms)")
     _panel(right, rows, lambda r: r.get(LATENCY), baseline, colour_range)
     right.set_xlabel("latency, batch 32 (ms)")
-    right.set_ylabel("eval/accuracy")
+    right.set_ylabel("eval/accuracy (bars: interval of the paired drop)")
     right.set_title("accuracy vs latency")
     if title:
         fig.suptitle(title)

@@ -27,12 +27,15 @@ from orchestrator.config.search import (
     switched_off,
 )
 from orchestrator.results.pareto import pareto_front
+from orchestrator.stats import PairedCounts
 
 TRIALS = "trials"
 STATUSES = ("done", "running", "stopped", "error")
 # The one artifact folder name a trial record may give: export joins it into a path.
 ARTIFACT = "model"
 ACCURACY = "eval/accuracy"
+# The interval shown beside a drop when the search sets no confidence of its own.
+DEFAULT_CONFIDENCE = 0.95
 # Sizes are shown in MB = 10**6 bytes (what disk and download tools print).
 MB = 1e6
 RANGE_KINDS = ("uniform", "loguniform", "int")
@@ -158,6 +161,45 @@ def _fmt(v: float) -> str:
     return f"{v:.4g}"
 
 
+def confidence_of(search: SearchConfig) -> float:
+    return search.constraints.confidence or DEFAULT_CONFIDENCE
+
+
+def accuracy_drop(
+    metrics: dict[str, float],
+    baseline: dict[str, float] | None,
+    prefix: str = "eval",
+    confidence: float = DEFAULT_CONFIDENCE,
+) -> tuple[float | None, float | None, float | None]:
+    """(drop, lo, hi) of the split ``prefix``: paired with the dense model on the same
+    examples when the trial reported its counts, the interval at ``confidence``; else the
+    difference from the baseline's accuracy, without an interval."""
+    counts = PairedCounts.from_metrics(metrics, prefix)
+    if counts is not None and counts.n > 0:
+        lo, hi = counts.interval(confidence)
+        return counts.drop, lo, hi
+    base = None if baseline is None else baseline.get(f"{prefix}/accuracy")
+    acc = metrics.get(f"{prefix}/accuracy")
+    return (None if base is None or acc is None else base - acc), None, None
+
+
+def selection_rule(search: SearchConfig) -> str:
+    """In words, when a trial meets max_accuracy_drop (the report states it)."""
+    c = search.constraints
+    if c.max_accuracy_drop is None:
+        return "no accuracy constraint"
+    bound = f"{c.max_accuracy_drop:g}"
+    if c.confidence is None:
+        return (
+            f"a trial is feasible when its validation accuracy drop (point estimate) is at "
+            f"most {bound}"
+        )
+    return (
+        f"a trial is feasible when the upper end of the {c.confidence:.0%} interval of its "
+        f"paired validation accuracy drop is at most {bound}"
+    )
+
+
 def check_constraints(
     metrics: dict[str, float], search: SearchConfig, baseline: dict[str, float] | None
 ) -> list[str]:
@@ -175,14 +217,23 @@ def check_constraints(
         return v
 
     if c.max_accuracy_drop is not None:
-        base = None if baseline is None else baseline.get(ACCURACY)
-        if base is None:
-            broken.append("accuracy drop unknown (no dense baseline eval/accuracy to compare with)")
-        elif (acc := need(ACCURACY, "accuracy drop")) is not None:
-            drop = base - acc
-            # A tolerance so that a drop equal to the bound, up to float noise, passes.
-            if drop > c.max_accuracy_drop + 1e-12:
-                broken.append(f"accuracy drop {drop:.3g} > {_fmt(c.max_accuracy_drop)}")
+        drop, _, hi = accuracy_drop(metrics, baseline, "eval", confidence_of(search))
+        # A tolerance so that a drop equal to the bound, up to float noise, passes.
+        limit = c.max_accuracy_drop + 1e-12
+        if c.confidence is not None:
+            if hi is None:
+                broken.append(
+                    "accuracy drop interval unknown (the trial reported no paired counts)"
+                )
+            elif hi > limit:
+                broken.append(
+                    f"accuracy drop upper bound {hi:.3g} ({c.confidence:.0%} interval) > "
+                    f"{_fmt(c.max_accuracy_drop)}"
+                )
+        elif drop is None:
+            broken.append("accuracy drop unknown (no paired counts and no dense baseline)")
+        elif drop > limit:
+            broken.append(f"accuracy drop {drop:.3g} > {_fmt(c.max_accuracy_drop)}")
     if c.max_size_bytes is not None:
         size = need("compress/size_bytes", "size")
         if size is not None and size > c.max_size_bytes:
@@ -247,7 +298,6 @@ def build_table(
     trials = sorted(trials, key=lambda t: t["trial"])
     configs = [effective_config(t["config"], search) for t in trials]
     keys = metric_keys(trials, search)
-    base_acc = None if baseline is None else baseline.get(ACCURACY)
     columns: dict[str, pa.Array] = {
         "trial": pa.array([t["trial"] for t in trials], pa.string()),
         "status": pa.array([t["status"] for t in trials], pa.string()),
@@ -257,13 +307,19 @@ def build_table(
     columns["recipe"] = pa.array([recipe(c) for c in configs], pa.string())
     for key in keys:
         columns[key] = pa.array([t["metrics"].get(key) for t in trials], pa.float64())
-    drops = [
-        None
-        if base_acc is None or t["metrics"].get(ACCURACY) is None
-        else base_acc - t["metrics"][ACCURACY]
-        for t in trials
+    level = confidence_of(search)
+    for prefix, name in (("eval", "accuracy_drop"), ("test", "test_accuracy_drop")):
+        drops = [accuracy_drop(t["metrics"], baseline, prefix, level) for t in trials]
+        for i, suffix in enumerate(("", "_lo", "_hi")):
+            columns[name + suffix] = pa.array([d[i] for d in drops], pa.float64())
+    bound = search.constraints.max_accuracy_drop
+    held = [
+        None if bound is None or t["status"] != "done" or d is None else d <= bound + 1e-12
+        for t, d in zip(trials, columns["test_accuracy_drop"].to_pylist(), strict=True)
     ]
-    columns["accuracy_drop"] = pa.array(drops, pa.float64())
+    # Whether the accuracy constraint also holds on the held-out test split (point estimate):
+    # selection saw only validation, so this is the check that the answer generalises.
+    columns["held_on_test"] = pa.array(held, pa.bool_())
     feasible: list[bool | None] = []
     violations: list[str | None] = []
     for t in trials:
@@ -323,12 +379,45 @@ def _cell(v: Any, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
+def drop_text(drop: float | None, lo: float | None = None, hi: float | None = None) -> str:
+    """An accuracy drop in points with its interval: ``+0.40 [-0.31, +1.12]``."""
+    if drop is None:
+        return "-"
+    text = f"{100 * drop:+.2f}"
+    if lo is not None and hi is not None:
+        text += f" [{100 * lo:+.2f}, {100 * hi:+.2f}]"
+    return text
+
+
+def held_text(row: dict[str, Any]) -> str:
+    """Whether a trial's accuracy constraint held on the test split, in words."""
+    drop = drop_text(
+        row.get("test_accuracy_drop"),
+        row.get("test_accuracy_drop_lo"),
+        row.get("test_accuracy_drop_hi"),
+    )
+    if row.get("held_on_test") is None:
+        return f"test drop {drop} points"
+    verdict = "held on test" if row["held_on_test"] else "did not hold on test"
+    return f"{verdict} (test drop {drop} points)"
+
+
 def format_pareto_table(table: pa.Table) -> str:
-    """The Pareto rows as aligned plain text for the terminal, and a line for the best
-    feasible trial (or the reason there is none)."""
+    """The Pareto rows as aligned plain text for the terminal (accuracy drops in points, with
+    their intervals), and a line for the best feasible trial (or the reason there is none)."""
     rows = table.to_pylist()
     front = [r for r in rows if r.get("pareto")]
-    head = ["trial", "recipe", "eval acc", "test acc", "size MB", "x smaller", "ms b32", "speedup"]
+    head = [
+        "trial",
+        "recipe",
+        "eval acc",
+        "eval drop [interval]",
+        "test drop [interval]",
+        "size MB",
+        "x smaller",
+        "ms b32",
+        "speedup",
+    ]
     body = []
     for r in front:
         size = r.get("compress/size_bytes")
@@ -337,7 +426,14 @@ def format_pareto_table(table: pa.Table) -> str:
                 r["trial"],
                 r.get("recipe") or "",
                 _cell(r.get("eval/accuracy"), ".4f"),
-                _cell(r.get("test/accuracy"), ".4f"),
+                drop_text(
+                    r.get("accuracy_drop"), r.get("accuracy_drop_lo"), r.get("accuracy_drop_hi")
+                ),
+                drop_text(
+                    r.get("test_accuracy_drop"),
+                    r.get("test_accuracy_drop_lo"),
+                    r.get("test_accuracy_drop_hi"),
+                ),
                 _cell(None if size is None else size / MB, ".3f"),
                 _cell(r.get("compress/size_ratio"), ".2f"),
                 _cell(r.get("perf/latency_ms_b32"), ".2f"),
@@ -360,6 +456,7 @@ def format_pareto_table(table: pa.Table) -> str:
     best = next((r for r in rows if r.get("best")), None)
     if best is not None:
         out.append(f"best feasible trial: {best['trial']} ({best.get('recipe') or ''})")
+        out.append(f"  {held_text(best)}")
     elif done:
         out.append("best feasible trial: none (no finished trial met the constraints)")
     else:

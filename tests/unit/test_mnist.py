@@ -270,8 +270,10 @@ def test_measure_latency_on_pixels(mlp) -> None:
     assert out["perf/latency_ms_b1"] > 0 and out["perf/latency_ms_b32"] > 0
 
 
-def test_finalize_measures_the_artifact(small, tmp_path: Path) -> None:
-    """The whole rank-0 export path with no tokenizer: artifact, reload, accuracy, latency."""
+def test_finalize_measures_the_artifact(small, tmp_path: Path, monkeypatch) -> None:
+    """The whole rank-0 export path with no tokenizer: artifact, reload, accuracy paired with
+    the dense model on the same examples, latency."""
+    monkeypatch.setenv("ORCHESTRATOR_CACHE", str(tmp_path / "cache"))
     spec = validate_job(
         {
             "name": "mnist-finalize",
@@ -288,5 +290,14 @@ def test_finalize_measures_the_artifact(small, tmp_path: Path) -> None:
     assert metrics["compress/size_bytes"] < metrics["compress/dense_size_bytes"]
     assert metrics["perf/latency_ms_b32"] > 0 and metrics["perf/speedup"] > 0
     assert json.loads((tmp_path / "model" / "config.json").read_text())["id2label"]["3"] == "3"
+    for key, split in (("eval", "validation"), ("test", "test")):
+        assert metrics[f"{key}/examples"] == small.sizes[split]
+        lo, drop, hi = (metrics[f"{key}/accuracy_drop{s}"] for s in ("_lo", "", "_hi"))
+        assert lo <= drop <= hi
+        assert metrics[f"{key}/accuracy"] == pytest.approx(metrics[f"{key}/dense_accuracy"] - drop)
+    # The dense model's answers were cached on this node; the baseline measure reuses them.
+    (cached,) = (tmp_path / "cache" / "dense_answers").glob("*.json")
     dense = finalize.measure_dense(spec, models.build_model(MLP, 10, None), small, None)
     assert dense["compress/size_ratio"] == 1.0
+    assert dense["eval/accuracy"] == pytest.approx(metrics["eval/dense_accuracy"])
+    assert list((tmp_path / "cache" / "dense_answers").glob("*.json")) == [cached]

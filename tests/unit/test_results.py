@@ -256,7 +256,8 @@ def test_empty_table_and_format() -> None:
     assert lines[0].startswith("Pareto front: 3 of 4 finished trials (6 in all)")
     assert lines[1].split()[:3] == ["trial", "recipe", "eval"]
     assert any(ln.startswith("t_a ") and "sparsity=0.3" in ln for ln in lines)
-    assert lines[-1].startswith("best feasible trial: t_a")
+    assert lines[-2].startswith("best feasible trial: t_a")
+    assert lines[-1].strip() == "test drop +0.50 points"  # no accuracy constraint: no verdict
 
 
 # ---------------------------------------------------------------- run directory
@@ -532,3 +533,75 @@ def test_a_record_naming_another_artifact_path_is_not_followed(tmp_path: Path) -
     with pytest.raises(ConfigError, match="has no exported model"):
         export_trial(run, tmp_path / "out", trial="t_a")
     assert not (tmp_path / "out").exists()
+
+
+def _paired(both: int, worse: int, better: int, neither: int, prefix: str = "eval") -> dict:
+    from orchestrator.stats import PairedCounts
+
+    return PairedCounts(both, worse, better, neither).metrics(prefix)
+
+
+def test_confidence_decides_on_the_upper_end_of_the_paired_interval() -> None:
+    """Both trials' point drops are within 1 point; only the one measured on enough examples
+    has the upper end of its interval within it too."""
+    # 0.5-point drop on 300 examples (6 worse, 4 better) and on 6,000 (60 worse, 30 better).
+    few = {**_metrics(0.795, 1e6), **_paired(230, 6, 4, 60), **_paired(230, 6, 4, 60, "test")}
+    many = {
+        **_metrics(0.795, 1e6),
+        **_paired(4700, 60, 30, 1210),
+        **_paired(4700, 60, 30, 1210, "test"),
+    }
+    trials = [_trial("t_few", "done", _cfg(0.3), few), _trial("t_many", "done", _cfg(0.3), many)]
+    point = {
+        r["trial"]: r
+        for r in build_table(trials, _search(max_accuracy_drop=0.01), None).to_pylist()
+    }
+    assert point["t_few"]["feasible"] and point["t_many"]["feasible"]
+    rows = {
+        r["trial"]: r
+        for r in build_table(
+            trials, _search(max_accuracy_drop=0.01, confidence=0.95), None
+        ).to_pylist()
+    }
+    assert rows["t_few"]["accuracy_drop"] == pytest.approx(2 / 300)
+    assert rows["t_few"]["accuracy_drop_lo"] < 0 < 0.01 < rows["t_few"]["accuracy_drop_hi"]
+    assert rows["t_few"]["feasible"] is False
+    assert (
+        "upper bound" in rows["t_few"]["violations"]
+        and "95% interval" in rows["t_few"]["violations"]
+    )
+    assert rows["t_many"]["feasible"] is True and rows["t_many"]["accuracy_drop_hi"] < 0.01
+    assert rows["t_many"]["held_on_test"] is True and rows["t_many"]["best"]
+    text = format_pareto_table(
+        build_table(trials, _search(max_accuracy_drop=0.01, confidence=0.95), None)
+    )
+    assert "held on test (test drop +0.50 [" in text
+
+
+def test_held_on_test_and_the_rule_in_the_report(tmp_path: Path) -> None:
+    """Selected on validation, the report says whether the constraint held on test, and which
+    rule selection used."""
+    good_val_bad_test = {
+        **_metrics(0.80, 1e6),
+        **_paired(4700, 40, 35, 1225),  # validation: +0.08 points
+        **_paired(4600, 200, 20, 1180, "test"),  # test: +3 points
+    }
+    run = _write_run(tmp_path, [_trial("t_a", "done", _cfg(0.3), good_val_bad_test)])
+    summary = write_report(run)
+    assert summary.best == "t_a"
+    row = pq.read_table(run / "results.parquet").to_pylist()[0]
+    assert row["held_on_test"] is False and row["test_accuracy_drop"] == pytest.approx(0.03)
+    html = (run / "report.html").read_text()
+    assert "did not hold on test (test drop +3.00 [" in html
+    assert "validation accuracy drop (point estimate) is at most 0.02" in html
+
+
+def test_confidence_outside_the_open_interval_is_refused() -> None:
+    for value in (0, 1, 1.5):
+        with pytest.raises(ConfigError) as e:
+            _search(max_accuracy_drop=0.01, confidence=value)
+        assert e.value.problems[0].key == "search.constraints.confidence"
+    with pytest.raises(ConfigError) as e:
+        _search(confidence=0.95)
+    assert e.value.problems[0].key == "search.constraints.confidence"
+    assert "max_accuracy_drop" in e.value.problems[0].fix

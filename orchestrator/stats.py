@@ -1,0 +1,109 @@
+"""Accuracy with its uncertainty: the paired accuracy drop of a compressed model against the
+dense model on the same examples, and its confidence interval.
+
+Paired, because both models answer the same examples: what varies between them is only the
+examples where they disagree, so the interval is far narrower than two independent accuracy
+intervals would suggest. The interval is Newcombe's hybrid score interval for a difference of
+paired proportions (Newcombe 1998, "Improved confidence intervals for the difference between
+binomial proportions based on paired data", method 10): Wilson score intervals of both
+accuracies combined with the correlation of the paired outcomes. It has close to nominal
+coverage down to small samples, and needs no resampling (the same counts always give the same
+interval). Plain Python: no torch, no scipy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+
+
+def wilson(successes: int, n: int, z: float) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``successes / n`` at normal quantile ``z``."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass(frozen=True)
+class PairedCounts:
+    """The 2 x 2 table of a dense and a compressed model answering the same ``n`` examples."""
+
+    both: int  # both right
+    worse: int  # the dense model right, the compressed one wrong
+    better: int  # the dense model wrong, the compressed one right
+    neither: int  # both wrong
+
+    @classmethod
+    def of(cls, dense: list[bool], compressed: list[bool]) -> PairedCounts:
+        if len(dense) != len(compressed):
+            raise ValueError(f"{len(dense)} dense and {len(compressed)} compressed answers")
+        pairs = list(zip(dense, compressed, strict=True))
+        return cls(
+            both=sum(d and c for d, c in pairs),
+            worse=sum(d and not c for d, c in pairs),
+            better=sum(c and not d for d, c in pairs),
+            neither=sum(not (d or c) for d, c in pairs),
+        )
+
+    @property
+    def n(self) -> int:
+        return self.both + self.worse + self.better + self.neither
+
+    @property
+    def dense_accuracy(self) -> float:
+        return (self.both + self.worse) / self.n
+
+    @property
+    def accuracy(self) -> float:
+        return (self.both + self.better) / self.n
+
+    @property
+    def drop(self) -> float:
+        """Dense accuracy minus compressed accuracy (positive: the compressed model is worse)."""
+        return (self.worse - self.better) / self.n
+
+    def interval(self, confidence: float = 0.95) -> tuple[float, float]:
+        """The two-sided ``confidence`` interval of ``drop`` (Newcombe's method 10)."""
+        if not 0.0 < confidence < 1.0:
+            raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+        z = NormalDist().inv_cdf(0.5 + confidence / 2)
+        n, p1, p2 = self.n, self.dense_accuracy, self.accuracy
+        l1, u1 = wilson(self.both + self.worse, n, z)
+        l2, u2 = wilson(self.both + self.better, n, z)
+        a, b, c, d = self.both, self.worse, self.better, self.neither
+        denominator = (a + b) * (c + d) * (a + c) * (b + d)
+        phi = (a * d - b * c) / math.sqrt(denominator) if denominator > 0 else 0.0
+        below = math.sqrt(
+            max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2)
+        )
+        above = math.sqrt(
+            max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2)
+        )
+        return self.drop - below, self.drop + above
+
+    def metrics(self, prefix: str, confidence: float = 0.95) -> dict[str, float]:
+        """The metric keys of docs/contracts.md for one split (``prefix``: eval or test)."""
+        lo, hi = self.interval(confidence)
+        return {
+            f"{prefix}/accuracy_drop": self.drop,
+            f"{prefix}/accuracy_drop_lo": lo,
+            f"{prefix}/accuracy_drop_hi": hi,
+            f"{prefix}/dense_accuracy": self.dense_accuracy,
+            f"{prefix}/examples": float(self.n),
+            f"{prefix}/pairs_both": float(self.both),
+            f"{prefix}/pairs_worse": float(self.worse),
+            f"{prefix}/pairs_better": float(self.better),
+        }
+
+    @classmethod
+    def from_metrics(cls, metrics: dict[str, float], prefix: str) -> PairedCounts | None:
+        """The counts a trial reported, or None when it reported none."""
+        keys = [f"{prefix}/{k}" for k in ("examples", "pairs_both", "pairs_worse", "pairs_better")]
+        if any(metrics.get(k) is None for k in keys):
+            return None
+        n, both, worse, better = (int(round(metrics[k])) for k in keys)
+        return cls(both, worse, better, n - both - worse - better)
