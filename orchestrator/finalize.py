@@ -8,6 +8,8 @@ accuracy on validation and test, and its latency against the dense model, side b
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -21,8 +23,11 @@ from orchestrator import models
 from orchestrator.compress import CompressionReport, compress_, summary_metrics
 from orchestrator.compress.artifact import load_artifact, save_artifact, weights_bytes
 from orchestrator.compress.common import param_count
-from orchestrator.compress.measure import measure_latency
+from orchestrator.compress.measure import kernel_summary, measure_latency
 from orchestrator.config.schema import JobSpec
+from orchestrator.files import write_atomic
+from orchestrator.stats import PairedCounts
+from orchestrator.storage import cache_root
 
 
 def calibration_batches(
@@ -48,7 +53,14 @@ def build_compressed(
     """The job's model with its compression recipe applied (training form)."""
     model = models.build_model(spec.model, bundle.num_labels, tokenizer, seed=spec.train.seed)
     label_config(model, bundle)
-    report = compress_(model, spec.compress, calib=calib, total_steps=total_steps)
+    report = compress_(
+        model,
+        spec.compress,
+        calib=calib,
+        total_steps=total_steps,
+        tokenizer=tokenizer,
+        token_counts=(lambda: bundle.token_counts("train")) if tokenizer is not None else None,
+    )
     return model, report
 
 
@@ -58,7 +70,7 @@ def label_config(model: nn.Module, bundle: data_lib.DataBundle) -> None:
 
 
 def split_key(split: str) -> str:
-    """Metric namespace: validation is ``eval/*`` (DESIGN 3.3), held-out test ``test/*``."""
+    """Metric namespace: validation is ``eval/*``, held-out test ``test/*`` (docs/contracts.md)."""
     return {"validation": "eval"}.get(split, split)
 
 
@@ -93,9 +105,72 @@ def evaluate_plain(
     model: nn.Module, bundle: data_lib.DataBundle, split: str, batch_size: int = 64
 ) -> dict[str, float]:
     """Accuracy and mean loss of ``model`` over the whole ``split``, in this process."""
-    correct, total, loss_sum = score(model, bundle.eval_batches(split, batch_size, 0, 1))
+    return evaluate_answers(model, bundle, split, batch_size)[0]
+
+
+@torch.no_grad()
+def evaluate_answers(
+    model: nn.Module, bundle: data_lib.DataBundle, split: str, batch_size: int = 64
+) -> tuple[dict[str, float], list[bool]]:
+    """Accuracy and mean loss over the whole ``split`` in this process, and whether each
+    example (in the split's order) was answered right: what a paired comparison needs."""
+    was_training = model.training
+    model.eval()
+    answers: list[bool] = []
+    loss_sum = 0.0
+    for batch, _ in bundle.eval_batches(split, batch_size, 0, 1):
+        labels = batch.pop("labels")
+        logits = model(**batch).logits.float()
+        loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        answers += (logits.argmax(-1) == labels).tolist()
+    model.train(was_training)
     key = split_key(split)
-    return {f"{key}/accuracy": correct / total, f"{key}/loss": loss_sum / total}
+    n = len(answers)
+    return {f"{key}/accuracy": sum(answers) / n, f"{key}/loss": loss_sum / n}, answers
+
+
+def _dense_answers_path(spec: JobSpec) -> Path:
+    """Where the dense model's answers for this job's data are cached on this node: keyed by
+    the model's files (or its from-config spec and seed) and every data key that changes the
+    splits or the tokens."""
+    h = hashlib.sha256()
+    h.update(spec.model.model_dump_json(exclude={"path", "tokenizer_path"}).encode())
+    h.update(spec.data.model_dump_json(exclude={"cache_dir"}).encode())
+    h.update(str(spec.train.seed).encode())
+    folder = models.model_dir(spec.model)
+    for path in sorted(folder.rglob("*")) if folder is not None else []:
+        if path.is_file():
+            h.update(path.name.encode())
+            with path.open("rb") as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    h.update(chunk)
+    return cache_root() / "dense_answers" / f"{h.hexdigest()[:32]}.json"
+
+
+def dense_answers(
+    spec: JobSpec, dense: nn.Module, bundle: data_lib.DataBundle
+) -> tuple[dict[str, float], dict[str, list[bool]]]:
+    """The dense model's accuracy and loss on validation and test, and its right / wrong
+    answer for every example: computed once per node and cached (every trial of a search
+    compares with the same dense model)."""
+    path = _dense_answers_path(spec)
+    splits = ("validation", "test")
+    try:
+        cached = json.loads(path.read_text())
+        if all(len(cached["answers"][s]) == bundle.sizes[s] for s in splits):
+            answers = {s: [bool(a) for a in cached["answers"][s]] for s in splits}
+            return {k: float(v) for k, v in cached["metrics"].items()}, answers
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # not cached yet (or unreadable): compute it
+    metrics: dict[str, float] = {}
+    answers = {}
+    for split in splits:
+        split_metrics, answers[split] = evaluate_answers(dense, bundle, split)
+        metrics.update(split_metrics)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    saved = {"metrics": metrics, "answers": {s: [int(a) for a in v] for s, v in answers.items()}}
+    write_atomic(path, json.dumps(saved))
+    return metrics, answers
 
 
 def finalize(
@@ -119,9 +194,22 @@ def finalize(
     params_before = int(report.metrics.get("compress/params_before", param_count(dense)))
     metrics = dict(summary_metrics(model, report.steps, params_before))
     metrics["compress/skipped_modules"] = float(sum(r.skipped for r in report.rows))
-    metrics.update(evaluate_plain(shipped, bundle, "validation"))
-    metrics.update(evaluate_plain(shipped, bundle, "test"))
-    latency = measure_latency({"dense": dense, "compressed": shipped}, seq_len=spec.data.max_length)
+    _, reference = dense_answers(spec, dense, bundle)
+    for split in ("validation", "test"):
+        # Paired with the dense model on the same examples: the drop and its interval.
+        split_metrics, answers = evaluate_answers(shipped, bundle, split)
+        metrics.update(split_metrics)
+        metrics.update(PairedCounts.of(reference[split], answers).metrics(split_key(split)))
+    latency = measure_latency(
+        {"dense": dense, "compressed": shipped},
+        seq_len=spec.data.max_length,
+        threads=spec.measure.threads,
+    )
+    kernels = kernel_summary(shipped)
+    report.kernels = kernels
+    report.notes.append(
+        "runs on: " + ", ".join(f"{n} x {kind}" for kind, n in sorted(kernels.items()))
+    )
     metrics.update(latency["compressed"])
     metrics.update(
         {
@@ -156,12 +244,17 @@ def measure_dense(
     """The dense reference's numbers under the same keys a compressed trial reports: accuracy on
     validation and test, artifact bytes, latency (alone: there is nothing to interleave with)."""
     metrics = dict(summary_metrics(model, [], param_count(model)))
-    metrics.update(evaluate_plain(model, bundle, "validation"))
-    metrics.update(evaluate_plain(model, bundle, "test"))
+    # Also cached for the trials on this node, which compare with these answers.
+    accuracy, answers = dense_answers(spec, model, bundle)
+    metrics.update(accuracy)
+    for split, values in answers.items():
+        metrics[f"{split_key(split)}/examples"] = float(len(values))
     with tempfile.TemporaryDirectory() as tmp:
         size = save_artifact(model, Path(tmp) / "dense", tokenizer=tokenizer)
         weights = weights_bytes(Path(tmp) / "dense")
-    latency = measure_latency({"dense": model}, seq_len=spec.data.max_length)
+    latency = measure_latency(
+        {"dense": model}, seq_len=spec.data.max_length, threads=spec.measure.threads
+    )
     metrics.update(latency["dense"])
     metrics.update(_sizes(size, weights, size, weights))
     metrics["perf/speedup"] = 1.0

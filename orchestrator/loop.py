@@ -31,6 +31,7 @@ from orchestrator import finalize, models, strategies
 from orchestrator.compress import CompressionReport, skeleton
 from orchestrator.config.loader import dump_job
 from orchestrator.config.schema import JobSpec, TrainConfig
+from orchestrator.distill import Distiller
 from orchestrator.files import write_atomic, write_dir_atomic
 from orchestrator.safeload import CHECKPOINT_FIX, load_json
 
@@ -173,10 +174,28 @@ class Trainer:
             )
             finalize.label_config(model, self.bundle)
         self.hooks = self.creport.hooks if self.creport is not None else []
+        self.distiller = self.build_distiller() if self.tspec.distill is not None else None
         self.strategy = strategies.build(self.tspec, self.device)
         self.strategy.prepare(model, self.total_steps)
         self.state = TrainState()
         self.window = Window()
+
+    def build_distiller(self) -> Distiller:
+        """The frozen dense teacher (the job's model before compression: in a search, the dense
+        baseline), on this worker's device, running under the training precision's autocast."""
+        teacher = models.build_model(
+            self.spec.model, self.bundle.num_labels, self.tokenizer, seed=self.tspec.seed
+        ).to(self.device)
+        bf16 = self.tspec.precision == "bf16"
+
+        def autocast() -> Any:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+
+        # A student with blocks removed is matched to the teacher blocks it kept.
+        steps = self.creport.steps if self.creport is not None else []
+        kept = [s.technique.kept_hidden_states(s.entry) for s in steps]
+        block_map = next((k for k in kept if k is not None), None)
+        return Distiller(teacher, self.tspec.distill, autocast, block_map)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -223,7 +242,13 @@ class Trainer:
         boundary = self.state.micro_step % gas == gas - 1
         batch = {k: v.to(self.device) for k, v in batch.items()}
         with self.strategy.accumulate(boundary=boundary), self.strategy.autocast():
-            loss = self.strategy.model(**batch).loss
+            if self.distiller is None:
+                loss = self.strategy.model(**batch).loss
+            else:
+                hidden = (
+                    {"output_hidden_states": True} if self.distiller.wants_hidden_states else {}
+                )
+                loss = self.distiller.loss(self.strategy.model(**batch, **hidden), batch)
         self.strategy.backward(loss)
         self.window.add(loss.item(), int(batch["labels"].shape[0]))
         self.state.micro_step += 1

@@ -41,10 +41,28 @@ def measure_latency(
     batch_sizes: tuple[int, ...] = BATCH_SIZES,
     repeats: int = 7,
     warmup: int = 2,
+    threads: int | None = None,
 ) -> dict[str, dict[str, float]]:
-    """``{model label: {"perf/latency_ms_b1": ..., "perf/latency_ms_b32": ...}}`` on CPU with
-    the current torch thread count; fixed-length inputs of ``seq_len`` tokens (for token
-    models), built once from the first model so that every model times the same batch."""
+    """``{model label: {"perf/latency_ms_b1": ..., "perf/latency_ms_b32": ...}}`` on CPU at
+    ``threads`` torch intra-op threads (default: the current count); fixed-length inputs of
+    ``seq_len`` tokens (for token models), built once from the first model so that every model
+    times the same batch."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _measure(models, seq_len, batch_sizes, repeats, warmup)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _measure(
+    models: dict[str, nn.Module],
+    seq_len: int,
+    batch_sizes: tuple[int, ...],
+    repeats: int,
+    warmup: int,
+) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {label: {} for label in models}
     for m in models.values():
         m.eval()
@@ -63,3 +81,30 @@ def measure_latency(
     for label in models:
         out[label]["perf/threads"] = float(torch.get_num_threads())
     return out
+
+
+def kernel_summary(model: nn.Module) -> dict[str, int]:
+    """What the model's layers run on: a count per kind of leaf module that holds weights
+    (``int8 Linear (torch.ao dynamic)``, ``fp32 Linear``, ``4-bit packed embedding``, ...)."""
+    from orchestrator.compress.qmodules import (
+        Int8Embedding,
+        PackedEmbedding,
+        dynamic_linear_type,
+    )
+
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, dynamic_linear_type()):
+            kind = "int8 Linear (torch.ao dynamic int8 kernel)"
+        elif isinstance(module, Int8Embedding):
+            kind = "int8 embedding (rows dequantized on lookup)"
+        elif isinstance(module, PackedEmbedding):
+            kind = f"{module.bits}-bit packed embedding (rows dequantized on lookup)"
+        elif isinstance(module, nn.Linear):
+            kind = f"{str(module.weight.dtype).removeprefix('torch.')} Linear"
+        elif isinstance(module, nn.Embedding):
+            kind = f"{str(module.weight.dtype).removeprefix('torch.')} embedding"
+        else:
+            continue
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts

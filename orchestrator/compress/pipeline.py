@@ -8,6 +8,7 @@ Plain torch: this package never imports Ray or DeepSpeed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,11 +32,14 @@ class CompressionReport:
     notes: list[str] = field(default_factory=list)
     steps: list[Step] = field(default_factory=list)
     hooks: list[TrainingHook] = field(default_factory=list)
+    # What the shipped model's layers run on (filled when the artifact is measured).
+    kernels: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "metrics": dict(self.metrics),
             "notes": list(self.notes),
+            "kernels": dict(self.kernels),
             "steps": [s.to_json() for s in self.steps],
             "modules": [r.to_dict() for r in self.rows],
         }
@@ -88,14 +92,24 @@ def compress_(
     filter_fn: FilterFn | None = None,
     calib: list[Batch] | None = None,
     total_steps: int = 0,
+    tokenizer: Any = None,
+    token_counts: Callable[[], dict[int, int]] | None = None,
 ) -> CompressionReport:
     """Apply ``spec`` to ``model`` in place (training form). ``calib`` batches feed Wanda, ASVD,
-    structured importance and SQNR; ``total_steps`` sizes a gradual pruning schedule."""
+    structured importance, block similarity and SQNR; ``total_steps`` sizes a gradual pruning
+    schedule; ``tokenizer`` and ``token_counts`` (the training split's) feed vocabulary
+    trimming."""
     report = CompressionReport()
     params_before = param_count(model)
     targets = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
     reference = _capture_outputs(model, calib[0] if calib else None, targets)
-    ctx = Context(calib=calib, filter_fn=filter_fn, total_steps=total_steps)
+    ctx = Context(
+        calib=calib,
+        filter_fn=filter_fn,
+        total_steps=total_steps,
+        tokenizer=tokenizer,
+        token_counts=token_counts,
+    )
     for cfg in spec.techniques():
         technique = technique_for(cfg)
         if technique.needs_calibration and not calib:

@@ -32,7 +32,9 @@ from orchestrator.compress.qtensor import (
     check_spec,
     dequantize,
     fake_quantize,
+    pack_codes,
     quantize_tensor,
+    unpack_codes,
 )
 
 ACT_BITS = 8  # activation fake-quant: 8-bit, per tensor, asymmetric
@@ -260,10 +262,62 @@ class Int8Embedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, int8 per-row"
 
 
+class PackedEmbedding(nn.Module):
+    """Inference embedding table kept packed: ``bits``-bit codes (``packed``: uint8, one
+    byte-aligned row per token), a float scale per row and, asymmetric, a zero point per row.
+    A lookup unpacks and dequantizes only the rows it reads, so the whole table never exists in
+    float, in memory or on disk."""
+
+    def __init__(self, q: QTensor, padding_idx: int | None = None) -> None:
+        super().__init__()
+        if q.granularity != "channel" or len(q.shape) != 2:
+            raise ValueError("PackedEmbedding needs per-row codes of a 2-D table")
+        self.num_embeddings, self.embedding_dim = q.shape
+        if (self.embedding_dim * q.bits) % 8:
+            raise ValueError(f"{self.embedding_dim} x {q.bits} bits is not whole bytes per row")
+        self.bits, self.symmetric, self.padding_idx = q.bits, q.symmetric, padding_idx
+        row_bytes = self.embedding_dim * q.bits // 8
+        packed = pack_codes(q.codes, q.bits).reshape(self.num_embeddings, row_bytes)
+        self.register_buffer("packed", packed.contiguous())
+        self.register_buffer("scale", q.scale.float().reshape(-1, 1).contiguous())
+        zero = q.zero_point if q.zero_point is not None else torch.zeros(0, dtype=torch.uint8)
+        self.register_buffer("zero_point", zero.reshape(-1, 1) if zero.numel() else zero)
+
+    def qtensor(self) -> QTensor:
+        n, d = self.num_embeddings, self.embedding_dim
+        codes = unpack_codes(self.packed.reshape(-1), self.bits, n * d).reshape(n, d)
+        return QTensor(
+            codes=codes,
+            scale=self.scale,
+            zero_point=self.zero_point if self.zero_point.numel() else None,
+            shape=(n, d),
+            bits=self.bits,
+            granularity="channel",
+            group_size=1,
+            symmetric=self.symmetric,
+        )
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        flat = input.reshape(-1)
+        rows = self.packed[flat]  # [tokens, row_bytes]: only the rows looked up
+        codes = unpack_codes(rows.reshape(-1), self.bits, flat.numel() * self.embedding_dim)
+        codes = codes.reshape(flat.numel(), self.embedding_dim).float()
+        if self.symmetric:
+            centered = codes - 2 ** (self.bits - 1)
+        else:
+            centered = codes - self.zero_point[flat].float()
+        return (centered * self.scale[flat]).reshape(*input.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.bits}-bit packed per-row"
+
+
 def quantized_bits(module: nn.Module) -> int | None:
     """The stored bit width of a quantized module's weight, without quantizing anything."""
     if isinstance(module, (QuantLinear, QuantEmbedding)):
         return module.spec.bits
+    if isinstance(module, PackedEmbedding):
+        return module.bits
     if isinstance(module, (Int8Embedding, dynamic_linear_type())):
         return 8
     return None
@@ -274,7 +328,7 @@ def quantized_weight(module: nn.Module) -> QTensor | None:
     Int8Embedding, int8 dynamic Linear); None for anything else."""
     if isinstance(module, (QuantLinear, QuantEmbedding)):
         return quantize_tensor(module.weight.detach(), *module.spec.as_args())
-    if isinstance(module, Int8Embedding):
+    if isinstance(module, (Int8Embedding, PackedEmbedding)):
         return module.qtensor()
     if isinstance(module, dynamic_linear_type()):
         return qtensor_from_torch_qint8(module.weight())

@@ -12,7 +12,8 @@ A handler (a ``Technique``) owns everything about its technique:
 - ``encodings`` / ``decode``: storage forms of the weights it owns in the artifact, and how to
   read them back;
 - ``stored_bits``, ``sparsity_scope``: the bit width a module's weights are stored with, and
-  the modules a technique sparsified (for the measured figures);
+  the modules a technique sparsified (for the measured figures); ``kept_hidden_states``: which
+  of the dense model's hidden states remain (for distillation);
 - ``note``: which savings are real (bytes, kernels) and which only nominal.
 
 Handlers live one family per module in ``orchestrator.compress.techniques`` and register with
@@ -58,6 +59,10 @@ class Context:
     calib: list[Batch] | None = None  # calibration batches (Wanda, ASVD, structured importance)
     filter_fn: FilterFn | None = None  # an extra module filter (torchao's filter_fn)
     total_steps: int = 0  # recovery training steps (sizes a gradual schedule)
+    tokenizer: Any = None  # the model's tokenizer, None for a model that reads pixels
+    # How often each token id occurs in the training split (vocabulary trimming); computed on
+    # demand, since only one technique needs it.
+    token_counts: Callable[[], dict[int, int]] | None = None
 
 
 @dataclass
@@ -146,6 +151,12 @@ class Technique:
     def sparsity_scope(self, model: nn.Module, entry: dict[str, Any]) -> list[nn.Module] | None:
         """The modules whose weights ``compress/sparsity`` is measured over, if this technique
         sparsifies (None: it does not)."""
+        return None
+
+    def kept_hidden_states(self, entry: dict[str, Any]) -> list[int] | None:
+        """Which of the dense model's hidden states (0: the embeddings, i: block i's output)
+        the compressed model's correspond to, when this technique removes blocks (hidden-state
+        distillation matches them); None: it keeps them all."""
         return None
 
     def note(self, cfg: TechniqueConfig) -> str:

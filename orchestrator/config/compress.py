@@ -1,15 +1,16 @@
 """The job's ``compress`` section: one optional sub-section per stage, applied in the order of
-the fields of ``CompressConfig`` (prune -> factorize -> quantize), so no order can be wrong.
+the fields of ``CompressConfig`` (vocab -> depth -> prune -> factorize -> quantize), so no order
+can be wrong.
 
 Each sub-section is one technique config, picked by its ``method`` (a pydantic discriminated
 union): a class per method holding only the keys that method takes, so a key that does not apply
 to the chosen method is an error naming it. Every knob is a dotted key that overrides and the
 search space address alike (``compress.prune.sparsity``).
 
-Adding a technique: a ``*Config`` class below, deriving from its stage's base (``PruneMethod``,
-``FactorizeMethod``, ``QuantizeMethod``) with ``method: Literal["name"] = "name"`` (the stage's
-union picks it up), and its handler in ``orchestrator/compress/techniques/`` (registered for the
-class). Nothing else changes.
+Adding a technique: a ``*Config`` class below, deriving from its stage's base
+(``VocabMethod``, ``DepthMethod``, ``PruneMethod``, ``FactorizeMethod``, ``QuantizeMethod``)
+with ``method: Literal["name"] = "name"`` (the stage's union picks it up), and its handler in
+``orchestrator/compress/techniques/`` (registered for the class). Nothing else changes.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ DEFAULT_EXCLUDE = ["*classifier*", "*score*", "*pooler*"]
 
 
 class TechniqueConfig(ConfigModel):
-    """Base of every technique's config: its ``method`` tag and which modules it touches."""
+    """Base of every technique's config: its ``method`` tag."""
 
     stage: ClassVar[str] = ""  # the compress sub-section that takes it
     # Unstructured masks are re-applied to whole weights after every optimizer step, which a
@@ -33,6 +34,11 @@ class TechniqueConfig(ConfigModel):
     needs_whole_weights: ClassVar[bool] = False
 
     method: str
+
+
+class SelectsModules(TechniqueConfig):
+    """A technique applied to the modules ``include`` / ``exclude`` select."""
+
     include: list[str] = Field(
         default_factory=lambda: ["*"],
         description="module-name glob patterns to compress (fnmatch); each must match a module",
@@ -44,10 +50,86 @@ class TechniqueConfig(ConfigModel):
 
 
 # ---------------------------------------------------------------------------------------------
+# vocab
+
+
+class VocabMethod(TechniqueConfig):
+    """Shrink the input embedding table to the vocabulary a task uses."""
+
+    stage: ClassVar[str] = "vocab"
+    default_method: ClassVar[str] = "trim"
+
+
+class TrimVocabConfig(VocabMethod):
+    """Keep the embedding rows of the tokens the training split uses (and every special
+    token); the others map to the unknown token's row. The tokenizer is unchanged, so the model
+    still takes raw text and tokenizes exactly as before."""
+
+    method: Literal["trim"] = "trim"
+    min_count: int = Field(
+        default=1,
+        ge=1,
+        description="keep a token the training split uses at least this many times, >= 1",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# depth
+
+
+class DepthMethod(SelectsModules):
+    """Remove whole transformer blocks (the model gets shallower: bytes and time drop)."""
+
+    stage: ClassVar[str] = "depth"
+    default_method: ClassVar[str] = "similarity"
+
+
+class SimilarityDepthConfig(DepthMethod):
+    """Remove the blocks that change their input least on calibration data: the highest cosine
+    similarity between a block's input and output hidden states (ShortGPT's block influence,
+    Men et al. 2024)."""
+
+    exclusive: ClassVar[tuple[str, ...]] = ("blocks", "ratio")
+
+    method: Literal["similarity"] = "similarity"
+    blocks: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="how many blocks to remove, >= 1 (exclusive with ratio)"
+    )
+    ratio: Annotated[float, Field(gt=0.0, lt=1.0)] | None = Field(
+        default=None, description="fraction of the blocks to remove, rounded, (0, 1)"
+    )
+
+    @model_validator(mode="after")
+    def _one_count(self) -> SimilarityDepthConfig:
+        given = [k for k in self.exclusive if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise cross_field_error(
+                [
+                    (
+                        given[1] if len(given) > 1 else "blocks",
+                        getattr(self, given[1]) if len(given) > 1 else None,
+                        "exactly one of compress.depth.blocks and ratio must be set",
+                        "keep one, e.g. compress.depth.blocks=2",
+                    )
+                ]
+            )
+        return self
+
+
+class NamedDepthConfig(DepthMethod):
+    """Remove the blocks the user names."""
+
+    method: Literal["named"] = "named"
+    remove: list[Annotated[int, Field(ge=0)]] = Field(
+        min_length=1, description="indices of the blocks to remove (0: the first block)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # prune
 
 
-class PruneMethod(TechniqueConfig):
+class PruneMethod(SelectsModules):
     """Remove weights: unstructured (magnitude, Wanda) or structured (FFN neurons, heads)."""
 
     stage: ClassVar[str] = "prune"
@@ -152,7 +234,7 @@ class StructuredPruneConfig(PruneMethod):
 # factorize
 
 
-class FactorizeMethod(TechniqueConfig):
+class FactorizeMethod(SelectsModules):
     """Low-rank factorization of Linear layers into two thinner Linears (W ~ U V)."""
 
     stage: ClassVar[str] = "factorize"
@@ -205,14 +287,20 @@ class AsvdConfig(FactorizeMethod):
 # quantize
 
 
-class QuantizeMethod(TechniqueConfig):
+class QuantizeMethod(SelectsModules):
     """Weights (and optionally activations) at reduced precision."""
 
     stage: ClassVar[str] = "quantize"
     default_method: ClassVar[str] = "fake"
 
     embeddings: bool = Field(
-        default=True, description="also quantize Embedding tables (weight-only, per row)"
+        default=True,
+        description="also quantize Embedding tables (per row, stored packed; only the rows "
+        "looked up are dequantized)",
+    )
+    embedding_bits: Annotated[int, Field(ge=2, le=8)] | None = Field(
+        default=None,
+        description="bit width of the Embedding tables, 2-8; default: the method's bit width",
     )
 
 
@@ -284,15 +372,19 @@ def _technique_union(stage_base: type[TechniqueConfig]) -> Any:
     return Annotated[Union[members], Discriminator(tag)]  # noqa: UP007 - built at run time
 
 
+VocabConfig = _technique_union(VocabMethod)
+DepthConfig = _technique_union(DepthMethod)
 PruneConfig = _technique_union(PruneMethod)
 FactorizeConfig = _technique_union(FactorizeMethod)
 QuantizeConfig = _technique_union(QuantizeMethod)
 
 
 class CompressConfig(ConfigModel):
-    """prune -> factorize -> quantize, each optional; absent means not applied. The fields'
-    order is the order the stages are applied in."""
+    """vocab -> depth -> prune -> factorize -> quantize, each optional; absent means not
+    applied. The fields' order is the order the stages are applied in."""
 
+    vocab: VocabConfig | None = None
+    depth: DepthConfig | None = None
     prune: PruneConfig | None = None
     factorize: FactorizeConfig | None = None
     quantize: QuantizeConfig | None = None
@@ -317,9 +409,22 @@ class CompressConfig(ConfigModel):
 STAGES: tuple[str, ...] = tuple(
     name for name in CompressConfig.model_fields if name not in ("calib_batches",)
 )
-# Each stage's methods by tag (the stage bases are TechniqueConfig's direct subclasses).
+
+
+def _stage_bases() -> list[type[TechniqueConfig]]:
+    """The classes that open a stage: they set ``stage`` and ``default_method`` themselves."""
+    out, pending = [], list(TechniqueConfig.__subclasses__())
+    while pending:
+        cls = pending.pop(0)
+        pending += cls.__subclasses__()
+        if "stage" in cls.__dict__ and "default_method" in cls.__dict__:
+            out.append(cls)
+    return out
+
+
+# Each stage's methods by tag.
 STAGE_METHODS: dict[str, dict[str, type[TechniqueConfig]]] = {
-    base.stage: _methods(base) for base in TechniqueConfig.__subclasses__()
+    base.stage: _methods(base) for base in _stage_bases()
 }
 _ADAPTERS = {s: TypeAdapter(CompressConfig.model_fields[s].annotation) for s in STAGES}
 

@@ -176,6 +176,28 @@ class DataConfig(ConfigModel):
         return self
 
 
+class DistillConfig(ConfigModel):
+    """Knowledge distillation during recovery: the dense model (in a search, the dense
+    baseline) is a frozen teacher on every worker."""
+
+    alpha: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description="weight of the distillation loss; the task loss gets 1 - alpha, [0, 1]",
+    )
+    temperature: float = Field(
+        default=2.0, gt=0.0, le=100.0, description="softmax temperature of both models, > 0"
+    )
+    hidden: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="weight of matching the student's block outputs to the teacher's (mean "
+        "squared error over real tokens; blocks keep their width under head / FFN pruning and "
+        "factorization); 0 turns it off",
+    )
+
+
 class TrainConfig(ConfigModel):
     """Distributed fine-tuning: strategy, precision, optimisation and the loop's cadence."""
 
@@ -225,6 +247,11 @@ class TrainConfig(ConfigModel):
     max_failures: int = Field(
         default=0, ge=-1, description="worker-group restarts allowed (-1: unlimited)"
     )
+    distill: DistillConfig | None = Field(
+        default=None,
+        description="distil from the dense model while recovering a compressed one "
+        "(alpha, temperature, hidden); unset: plain fine-tuning",
+    )
 
     @model_validator(mode="after")
     def _strategy_knobs(self) -> TrainConfig:
@@ -268,6 +295,18 @@ class ResourcesConfig(ConfigModel):
     )
 
 
+class MeasureConfig(ConfigModel):
+    """How the artifact's latency is measured (side by side with the dense model)."""
+
+    threads: int = Field(
+        default=1,
+        ge=1,
+        le=256,
+        description="torch intra-op threads while timing, as the model will be deployed with; "
+        ">= 1 (perf/threads records it)",
+    )
+
+
 class OutputConfig(ConfigModel):
     dir: str = Field(
         default="runs",
@@ -295,6 +334,7 @@ class JobSpec(ConfigModel):
     train: TrainConfig = TrainConfig()
     compress: CompressConfig = CompressConfig()
     resources: ResourcesConfig = ResourcesConfig()
+    measure: MeasureConfig = MeasureConfig()
     output: OutputConfig = OutputConfig()
     search: SearchConfig | None = Field(
         default=None, description="Ray Tune search over compression recipes (orchestrator search)"
@@ -324,6 +364,7 @@ class JobSpec(ConfigModel):
                     "use train.precision=bf16 (or fp32) on CPU, or set resources.gpus_per_worker=1",
                 )
             )
+        problems += self._distill_problems()
         zero3 = self.train.strategy == "deepspeed" and self.train.zero_stage == 3
         for technique in self.compress.techniques():
             if technique.needs_whole_weights and zero3:
@@ -354,3 +395,34 @@ class JobSpec(ConfigModel):
         if problems:
             raise cross_field_error(problems)
         return self
+
+    def _distill_problems(self) -> list[tuple[str, object, str, str]]:
+        """Distillation needs a compressed student and a fine-tuned teacher: the dense baseline
+        of a search, or a fine-tuned model named by model.path."""
+        if self.train.distill is None:
+            return []
+        if self.search is None and not self.compress.enabled:
+            return [
+                (
+                    "train.distill",
+                    self.train.distill.model_dump(),
+                    "distils the dense model into a compressed one, and the job compresses nothing",
+                    "add a compress section, or remove train.distill",
+                )
+            ]
+        fine_tuned_teacher = self.model.path is not None or (
+            self.search is not None and self.search.baseline.train
+        )
+        if not fine_tuned_teacher:
+            return [
+                (
+                    "train.distill",
+                    self.train.distill.model_dump(),
+                    f"has no fine-tuned model to distil from: model.name={self.model.name} "
+                    "has a new, untrained classifier head",
+                    "set model.path to a fine-tuned model folder (e.g. runs/<job>/model), or "
+                    "distil inside a search whose dense baseline is fine-tuned "
+                    "(search.baseline.train: true)",
+                )
+            ]
+        return []

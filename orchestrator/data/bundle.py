@@ -101,6 +101,15 @@ class DataBundle:
     def batches_per_epoch(self, batch_size: int, world_size: int) -> int:
         return (len(self.splits["train"]) // world_size) // batch_size
 
+    def token_counts(self, split: str) -> dict[int, int]:
+        """How often each token id occurs in ``split`` (padding excluded: the splits hold
+        unpadded ids); empty for an image corpus."""
+        ds = self.splits[split]
+        if "input_ids" not in ds.column_names:
+            return {}
+        counts = np.bincount(np.concatenate([np.asarray(r) for r in ds["input_ids"]]))
+        return {int(t): int(counts[t]) for t in np.nonzero(counts)[0]}
+
     def eval_batches(
         self, split: str, batch_size: int, rank: int, world_size: int
     ) -> Iterator[tuple[dict[str, torch.Tensor], int]]:

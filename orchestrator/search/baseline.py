@@ -18,6 +18,7 @@ from orchestrator.storage import RunFolder
 def baseline_spec(spec: JobSpec, folder: RunFolder) -> JobSpec:
     """The dense job: compression and search removed, the baseline's own overrides applied."""
     raw = spec.model_dump(mode="json", exclude={"search", "compress"})
+    raw["train"]["distill"] = None  # the dense model is the teacher: it learns from the labels
     raw = apply_overrides(raw, spec.search.baseline.overrides, EXCLUSIVE)
     raw["name"] = "baseline"
     raw["output"] = {"dir": folder.location}
@@ -61,6 +62,7 @@ def run_baseline(spec: JobSpec, folder: RunFolder, address: str | None) -> dict[
         # A URI when output.dir is one: the task (and every trial) fetches it from storage.
         model_path = folder.uri("baseline", "model")
     job = spec.model_dump(mode="json", exclude={"search", "compress"})
+    job["train"]["distill"] = None
     task = ray.remote(_measure_dense).options(
         num_cpus=spec.resources.cpus_per_worker, num_gpus=0, max_retries=1
     )

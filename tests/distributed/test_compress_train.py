@@ -88,3 +88,40 @@ def test_masks_survive_recovery_training(tmp_path: Path, train: dict) -> None:
     ]
     zeros = sum(int((w == 0).sum()) for w in linears) / sum(w.numel() for w in linears)
     assert zeros == pytest.approx(0.5, abs=0.005)
+
+
+@pytest.mark.parametrize(
+    "train",
+    [{"strategy": "ddp"}, {"strategy": "deepspeed", "zero_stage": 3, "precision": "bf16"}],
+    ids=["ddp", "zero3-bf16"],
+)
+def test_distillation_from_the_dense_teacher(tmp_path: Path, train: dict) -> None:
+    """A structurally pruned student recovers with the dense model (a saved, trained one) as a
+    frozen teacher on every worker: soft targets and block outputs, DDP and ZeRO-3 bf16."""
+    from orchestrator import models
+    from orchestrator.config.schema import ModelConfig
+
+    tokenizer = models.build_tokenizer(ModelConfig(name="tiny-bert"))
+    teacher = models.build_model(ModelConfig(name="tiny-bert"), 2, tokenizer, seed=3)
+    teacher.save_pretrained(str(tmp_path / "teacher"))
+    tokenizer.save_pretrained(str(tmp_path / "teacher"))
+    job = {
+        "name": "distil",
+        "model": {"path": str(tmp_path / "teacher")},
+        "data": {"name": "mr", "limit": 300, "max_length": 32, "cache_dir": str(tmp_path / "c")},
+        "train": {
+            "num_workers": 2,
+            "batch_size": 8,
+            "max_steps": 6,
+            "lr": 1e-3,
+            "log_every": 3,
+            "distill": {"alpha": 0.7, "temperature": 2.0, "hidden": 1.0},
+            **train,
+        },
+        "compress": {"prune": {"method": "structured", "sparsity": 0.5}, "calib_batches": 2},
+        "output": {"dir": str(tmp_path / "runs")},
+    }
+    m0, m1 = run_workers(recover_worker, 2, job, str(tmp_path / "final"))
+    assert m0 == m1
+    assert m0["train/loss"] > 0 and m0["eval/accuracy"] > 0
+    assert -1 <= m0["eval/accuracy_drop"] <= 1

@@ -29,6 +29,7 @@ from orchestrator.compress.common import (
 from orchestrator.compress.qmodules import (
     ActQuantLinear,
     Int8Embedding,
+    PackedEmbedding,
     QuantEmbedding,
     QuantLinear,
     WeightSpec,
@@ -67,10 +68,11 @@ def linear_spec(cfg: QuantizeConfig) -> WeightSpec:
 
 
 def embedding_spec(cfg: QuantizeConfig) -> WeightSpec:
-    """Embedding tables: per row at the config's bits (int8 symmetric rows for dynamic_int8)."""
+    """Embedding tables: per row, at ``embedding_bits`` when given, else the method's bits
+    (8, symmetric, for dynamic_int8)."""
     if isinstance(cfg, DynamicInt8Config):
-        return WeightSpec(8, "channel", 1, True)
-    return WeightSpec(cfg.bits, "channel", 1, cfg.symmetric)
+        return WeightSpec(cfg.embedding_bits or 8, "channel", 1, True)
+    return WeightSpec(cfg.embedding_bits or cfg.bits, "channel", 1, cfg.symmetric)
 
 
 def _activations(cfg: QuantizeConfig) -> bool:
@@ -166,11 +168,13 @@ def to_inference_(model: nn.Module, cfg: QuantizeConfig) -> list[ModuleRow]:
     checkpoint).
 
     * dynamic_int8: QuantLinear -> ``torch.ao.nn.quantized.dynamic.Linear`` (real int8 CPU
-      kernel; a model not on CPU keeps a dequantized nn.Linear and the row says so);
-      QuantEmbedding -> ``Int8Embedding``.
+      kernel; a model not on CPU keeps a dequantized nn.Linear and the row says so).
     * fake / weight_only: QuantLinear -> nn.Linear (``ActQuantLinear`` if it was trained with
-      activation fake-quant) and QuantEmbedding -> nn.Embedding holding the dequantized weights:
-      inference computes exactly what training saw; no speed-up is claimed.
+      activation fake-quant) holding the dequantized weights: inference computes exactly what
+      training saw; no speed-up is claimed.
+    * Embeddings, every method: 8-bit symmetric tables -> ``Int8Embedding``, other widths ->
+      ``PackedEmbedding`` (kept packed; a lookup dequantizes only its rows), both computing
+      exactly the rows training saw.
     Rows carry ``details.backend`` and ``details.packed_bytes`` (codes + scales as ``encode``
     would store them)."""
     quant_types = (QuantLinear, QuantEmbedding)
@@ -197,9 +201,12 @@ def to_inference_(model: nn.Module, cfg: QuantizeConfig) -> list[ModuleRow]:
                 if int8:
                     skipped = True
                     reason = "int8 dynamic kernels are CPU-only; kept as a dequantized Linear"
-        elif int8:
+        elif q.bits == 8 and q.symmetric:
             new = Int8Embedding.from_qtensor(q, module.padding_idx).to(module.weight.device)
             backend = "int8 per-row embedding"
+        elif (module.embedding_dim * q.bits) % 8 == 0:
+            new = PackedEmbedding(q, module.padding_idx).to(module.weight.device)
+            backend = f"{q.bits}-bit packed per-row embedding"
         else:
             new, backend = dequantized_embedding(module), "dequantized"
         extra["backend"] = backend

@@ -44,6 +44,11 @@ RECIPES = {
     "fake4-group": {
         "quantize": {"method": "fake", "bits": 4, "granularity": "group", "group_size": 32}
     },
+    "depth+structured+int8": {
+        "depth": {"method": "similarity", "blocks": 1},
+        "prune": {"method": "structured", "sparsity": 0.5},
+        "quantize": {"method": "dynamic_int8"},
+    },
     "wanda+asym3": {
         "prune": {"method": "wanda", "sparsity": 0.6},
         "quantize": {"method": "weight_only", "bits": 3, "symmetric": False},

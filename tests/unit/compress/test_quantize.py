@@ -13,6 +13,7 @@ from orchestrator.compress.common import sqnr_db
 from orchestrator.compress.qmodules import (
     ActQuantLinear,
     Int8Embedding,
+    PackedEmbedding,
     QuantEmbedding,
     QuantLinear,
     quantized_weight,
@@ -260,6 +261,28 @@ def test_int8_embedding_lookup_equals_dequantized_rows() -> None:
     assert torch.equal(dequantize(quantized_weight(emb)), dequantize(q))
 
 
+@pytest.mark.parametrize(("bits", "symmetric"), [(4, True), (4, False), (3, True), (2, False)])
+def test_packed_embedding_dequantizes_only_the_rows_looked_up(bits: int, symmetric: bool) -> None:
+    table = torch.randn(50, 16)
+    q = quantize_tensor(table, bits, "channel", 1, symmetric)
+    emb = PackedEmbedding(q, padding_idx=0)
+    assert emb.packed.dtype == torch.uint8 and emb.packed.shape == (50, 16 * bits // 8)
+    ids = torch.tensor([[0, 7, 49], [3, 3, 1]])
+    assert torch.equal(emb(ids), dequantize(q)[ids])  # exactly what training saw
+    assert torch.equal(quantized_weight(emb).codes, q.codes)
+    # Stored at its bit width: no float copy of the table anywhere in the module.
+    assert not any(t.is_floating_point() and t.numel() >= 50 * 16 for t in emb.buffers())
+
+
+def test_dynamic_int8_with_4_bit_embeddings(tokenizer) -> None:
+    model = _tiny_bert(tokenizer)
+    rows = to_inference_(model, quantize_config(method="dynamic_int8", embedding_bits=4))
+    backends = {r.name: r.details["backend"] for r in rows}
+    assert backends["bert.embeddings.word_embeddings"] == "4-bit packed per-row embedding"
+    assert backends["bert.encoder.layer.0.attention.self.query"] == "torch.ao dynamic int8"
+    assert torch.isfinite(model(**_batch()).logits).all()
+
+
 def test_quant_embedding_fake_quantizes_rows() -> None:
     emb = nn.Embedding(40, 16)
     qe = QuantEmbedding.from_embedding(
@@ -359,11 +382,12 @@ def test_fake_inference_form_computes_what_training_saw(tokenizer, acts: bool) -
     with torch.no_grad():
         ref = model(**batch).logits
     rows = to_inference_(model, cfg)
-    assert rows and all(r.details["backend"] == "dequantized" for r in rows)
+    backends = {r.kind: r.details["backend"] for r in rows}
+    assert backends == {"Linear": "dequantized", "Embedding": "4-bit packed per-row embedding"}
     assert not any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules())
     q = model.bert.encoder.layer[0].attention.self.query
     assert type(q) is (ActQuantLinear if acts else nn.Linear)
-    assert type(model.bert.embeddings.word_embeddings) is nn.Embedding
+    assert type(model.bert.embeddings.word_embeddings) is PackedEmbedding
     with torch.no_grad():
         got = model(**batch).logits
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

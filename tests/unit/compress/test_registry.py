@@ -12,13 +12,14 @@ from orchestrator.config.compress import STAGE_METHODS, STAGES, technique_config
 pytestmark = pytest.mark.unit
 
 # The keys a section needs besides its method (a factorization needs a rank rule).
-REQUIRED = {"factorize": {"rank_ratio": 0.5}}
+REQUIRED = {"factorize": {"rank_ratio": 0.5}, "depth": {"blocks": 1}}
 METHODS = [(stage, method) for stage in STAGES for method in STAGE_METHODS[stage]]
 
 
 @pytest.mark.parametrize(("stage", "method"), METHODS)
 def test_every_method_has_its_handler(stage: str, method: str) -> None:
-    cfg = technique_config(stage, {"method": method, **REQUIRED.get(stage, {})})
+    keys = {"remove": [0]} if method == "named" else REQUIRED.get(stage, {})
+    cfg = technique_config(stage, {"method": method, **keys})
     assert type(cfg) is STAGE_METHODS[stage][method] and cfg.stage == stage
     handler = technique_for(cfg)
     assert isinstance(handler, Technique) and handler.config_type is type(cfg)

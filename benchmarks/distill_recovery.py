@@ -1,0 +1,128 @@
+"""Recovery with and without knowledge distillation, at equal steps, over several seeds.
+
+The quickstart's data (MR, the quickstart's splits) and a dense MiniLM-L6 fine-tuned once on it
+(``--epochs``, cached in ``--work``); then for each recipe and seed, the compressed model
+recovers for ``--steps`` optimizer steps with plain fine-tuning and with distillation from the
+dense model (``train.distill``), and the artifact is measured as every trial is: the paired
+accuracy drop against the dense model on the validation and test splits, with its 95 % interval.
+One process (no Ray): recovery quality, not orchestration, is what is compared.
+
+Run: python benchmarks/distill_recovery.py [--seeds 0 1 2] [--steps 40] [--work /tmp/distill]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from orchestrator import loop
+from orchestrator.config.loader import load_job, validate_job
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB = ROOT / "jobs" / "quickstart.yaml"
+FFN = ["*intermediate.dense", "*layer.?.output.dense"]
+RECIPES: dict[str, dict[str, Any]] = {
+    # The most aggressive recipe of the quickstart's space: every stage on.
+    "trim + 1 block + structured 0.4 + int8 (4-bit emb)": {
+        "vocab": {"method": "trim"},
+        "depth": {"method": "similarity", "blocks": 1},
+        "prune": {"method": "structured", "sparsity": 0.4},
+        "quantize": {"method": "dynamic_int8", "embedding_bits": 4},
+    },
+    "structured 0.46 + ASVD-FFN 0.5 + int8": {
+        "prune": {"method": "structured", "sparsity": 0.46},
+        "factorize": {"method": "asvd", "rank_ratio": 0.5, "include": FFN},
+        "quantize": {"method": "dynamic_int8"},
+    },
+}
+DISTILL = {"alpha": 0.5, "temperature": 2.0, "hidden": 1.0}
+
+
+def _job(name: str, work: Path, **changes: Any) -> dict[str, Any]:
+    base = load_job(JOB).model_dump(mode="json", exclude={"search"})
+    base.update(name=name, output={"dir": str(work / "runs")})
+    base["train"].update(num_workers=1, batch_size=32, log_every=20)
+    for key, value in changes.items():
+        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+    return base
+
+
+def _run(raw: dict[str, Any]) -> dict[str, float]:
+    return loop.run(validate_job(raw, source=raw["name"]), loop.WorkerContext())
+
+
+def dense_model(work: Path, epochs: float) -> Path:
+    """The fine-tuned dense model (the teacher and the starting point), trained once."""
+    folder = work / "dense"
+    if not (folder / "config.json").is_file():
+        job = _job("dense", work, train={"epochs": epochs, "max_steps": None, "seed": 0})
+        store: dict[str, Any] = {}
+
+        def keep(metrics: dict[str, Any], ckpt: Path | None) -> None:
+            if ckpt is not None and (ckpt / "model").is_dir():
+                import shutil
+
+                shutil.copytree(ckpt / "model", folder, dirs_exist_ok=True)
+                store.update(metrics)
+
+        spec = validate_job(job, source="dense")
+        loop.run(spec, loop.WorkerContext(report=keep))
+        print(f"dense: eval/accuracy {store['eval/accuracy']:.4f}", flush=True)
+    return folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/distill-recovery"))
+    parser.add_argument("--recipes", nargs="*", default=list(RECIPES))
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    dense = dense_model(args.work, args.epochs)
+    rows = []
+    for label in args.recipes:
+        for seed in args.seeds:
+            for distill in (None, DISTILL):
+                name = f"r{list(RECIPES).index(label)}-s{seed}-{'kd' if distill else 'ft'}"
+                raw = _job(
+                    name,
+                    args.work,
+                    model={"name": None, "path": str(dense)},
+                    train={"max_steps": args.steps, "seed": seed, "distill": distill},
+                    compress=RECIPES[label],
+                )
+                start = time.perf_counter()
+                m = _run(raw)
+                row = {
+                    "recipe": label,
+                    "seed": seed,
+                    "distill": bool(distill),
+                    "wall_s": time.perf_counter() - start,
+                    **{k: v for k, v in m.items() if k.startswith(("eval/", "test/", "compress/s"))},
+                }
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    print("\nrecipe | recovery | test drop, points (mean +- sd over seeds) | val drop | each seed")
+    for label in args.recipes:
+        for distill in (False, True):
+            these = [r for r in rows if r["recipe"] == label and r["distill"] == distill]
+            test = [100 * r["test/accuracy_drop"] for r in these]
+            val = [100 * r["eval/accuracy_drop"] for r in these]
+            sd = statistics.stdev(test) if len(test) > 1 else 0.0
+            print(
+                f"{label} | {'distill' if distill else 'fine-tune'} | "
+                f"{statistics.mean(test):+.2f} +- {sd:.2f} | {statistics.mean(val):+.2f} | "
+                + ", ".join(f"{t:+.2f}" for t in test)
+            )
+
+
+if __name__ == "__main__":
+    main()
