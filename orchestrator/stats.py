@@ -85,6 +85,14 @@ class PairedCounts:
         )
         return self.drop - below, self.drop + above
 
+    def upper_bound(self, confidence: float = 0.95) -> float:
+        """The one-sided upper confidence bound of ``drop`` at ``confidence``: the drop is at
+        most this with that confidence (the upper end of the two-sided interval at
+        ``2 * confidence - 1``). ``confidence`` in (0.5, 1)."""
+        if not 0.5 < confidence < 1.0:
+            raise ValueError(f"a one-sided confidence must be in (0.5, 1), got {confidence}")
+        return self.interval(2 * confidence - 1)[1]
+
     def metrics(self, prefix: str, confidence: float = 0.95) -> dict[str, float]:
         """The metric keys of docs/contracts.md for one split (``prefix``: eval or test)."""
         lo, hi = self.interval(confidence)

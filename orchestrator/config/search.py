@@ -9,6 +9,7 @@ ignored for that trial, so conditional spaces ("a rank only when factorizing") n
 
 from __future__ import annotations
 
+import copy
 import difflib
 from typing import Annotated, Any, Literal
 
@@ -16,6 +17,7 @@ from pydantic import Field, field_validator, model_serializer, model_validator
 
 from orchestrator.config.base import ConfigModel, cross_field_error
 from orchestrator.config.compress import STAGES
+from orchestrator.config.overrides import apply_overrides
 
 # Final metrics every trial reports (docs/contracts.md, "Metric keys"; finalize.py and loop.py
 # produce them).
@@ -195,11 +197,12 @@ class Constraints(ConfigModel):
         description="eval/accuracy at most this far below the dense model's on the same "
         "validation examples (0.01 = 1 point)",
     )
-    confidence: Annotated[float, Field(gt=0, lt=1)] | None = Field(
+    confidence: Annotated[float, Field(gt=0.5, lt=1)] | None = Field(
         default=None,
-        description="with max_accuracy_drop: a trial is feasible only if the upper end of the "
-        "two-sided interval of its paired validation drop at this confidence is within the "
-        "bound (e.g. 0.95); unset: the point estimate decides. (0, 1)",
+        description="with max_accuracy_drop: a trial is feasible only if its paired "
+        "validation drop is within the bound with this confidence (the one-sided upper "
+        "confidence bound of the drop, e.g. at 0.95); unset: the point estimate decides. "
+        "(0.5, 1)",
     )
     max_size_bytes: float | None = Field(
         default=None, gt=0, description="compress/size_bytes (the artifact on disk) at most this"
@@ -396,3 +399,24 @@ def trial_overrides(space: dict[str, Distribution], sampled: dict[str, Any]) -> 
         if not ignored(key, off):
             out[key] = space[key].resolve(sampled[key]) if key in space else sampled[key]
     return out
+
+
+def trial_base(job: dict[str, Any], search: SearchConfig, baseline_model: str) -> dict[str, Any]:
+    """The raw job every trial starts from (its sampled keys go on top): the job without its
+    search section, starting from the fine-tuned dense baseline at ``baseline_model`` when the
+    search trains one (and distilling from it, when the job distils)."""
+    base = copy.deepcopy({k: v for k, v in job.items() if k != "search"})
+    if search.baseline.train:
+        num_layers = (job.get("model") or {}).get("num_layers")
+        base["model"] = {"path": baseline_model, "num_layers": num_layers}
+    return base
+
+
+def baseline_base(
+    job: dict[str, Any], search: SearchConfig, exclusive: list[tuple[str, ...]] | tuple = ()
+) -> dict[str, Any]:
+    """The raw dense job: no search, no compression, no distillation (the dense model is the
+    teacher: it learns from the labels), the baseline's own overrides applied."""
+    raw = copy.deepcopy({k: v for k, v in job.items() if k not in ("search", "compress")})
+    raw.setdefault("train", {})["distill"] = None
+    return apply_overrides(raw, search.baseline.overrides, exclusive)

@@ -14,7 +14,13 @@ from collections.abc import Callable
 from typing import Any
 
 from orchestrator.config.overrides import apply_overrides
-from orchestrator.config.search import Distribution, SearchConfig, trial_overrides
+from orchestrator.config.search import (
+    Distribution,
+    SearchConfig,
+    baseline_base,
+    trial_base,
+    trial_overrides,
+)
 from orchestrator.errors import Problem
 
 # Beyond this many combinations the space check tries each key alone instead of the product.
@@ -29,18 +35,20 @@ def search_problems(
     validate: Validate,
     exclusive: list[tuple[str, ...]] | None = None,
 ) -> list[Problem]:
-    """Problems of ``search`` against ``job`` (the job's raw form without its search section);
+    """Problems of ``search`` against ``job`` (the job's raw form);
     ``validate(raw)`` returns the problems of a raw job, empty when it is valid; ``exclusive``:
     the groups of exclusive keys the baseline's overrides replace (see ``apply_overrides``)."""
+    # The jobs as the search builds them: trials start from the dense baseline (a placeholder
+    # path here: where it will be), the baseline is the dense job with its own overrides.
+    trials = trial_base(job, search, "baseline/model")
     problems = [
         Problem(f"search.{p.key}", p.value, p.message, p.fix)
-        for p in _space_problems(job, search.space, validate)
+        for p in _space_problems(trials, search.space, validate)
     ]
     if search.baseline.overrides:
-        for p in validate(apply_overrides(job, search.baseline.overrides, exclusive or ())):
-            problems.append(
-                Problem(f"search.baseline.overrides.{p.key}", p.value, p.message, p.fix)
-            )
+        for p in validate(baseline_base(job, search, exclusive or ())):
+            key = f"search.baseline.overrides.{p.key}"
+            problems.append(Problem(key, p.value, p.message, p.fix))
     return problems
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 
 from orchestrator.config.search import TRIAL_METRICS, SearchConfig
-from orchestrator.results.table import MB, STATUSES, drop_text, held_text, selection_rule
+from orchestrator.results.table import MB, STATUSES, held_text, row_drop_text, selection_rule
 from orchestrator.storage import join
 
 REFRESH_S = 15
@@ -125,24 +125,8 @@ def _metric_cells(r: dict[str, Any]) -> list[str]:
     return [
         _td(_num(r.get("eval/accuracy"), ".4f"), num=True),
         _td(_num(r.get("test/accuracy"), ".4f"), num=True),
-        _td(
-            escape(
-                drop_text(
-                    r.get("accuracy_drop"), r.get("accuracy_drop_lo"), r.get("accuracy_drop_hi")
-                )
-            ),
-            num=True,
-        ),
-        _td(
-            escape(
-                drop_text(
-                    r.get("test_accuracy_drop"),
-                    r.get("test_accuracy_drop_lo"),
-                    r.get("test_accuracy_drop_hi"),
-                )
-            ),
-            num=True,
-        ),
+        _td(escape(row_drop_text(r)), num=True),
+        _td(escape(row_drop_text(r, "test_")), num=True),
         _td(_num(r.get("compress/size_bytes"), ".3f", MB), num=True),
         _td(_num(r.get("compress/weights_bytes"), ".3f", MB), num=True),
         _td(_num(r.get("compress/size_ratio"), ".2f"), num=True),
@@ -154,8 +138,8 @@ def _metric_cells(r: dict[str, Any]) -> list[str]:
 _METRIC_HEAD = [
     "eval/accuracy",
     "test/accuracy",
-    "validation drop, points [interval]",
-    "test drop, points [interval]",
+    "validation drop, points [95 % interval] <= bound",
+    "test drop, points [95 % interval]",
     "size MB (on disk)",
     "weights MB",
     "size ratio (x smaller)",
@@ -256,7 +240,8 @@ def _status_section(
     out.append(
         f'<p id="selection-rule">Accuracy drops are paired with the dense model on the same '
         f"examples, in points, with their {search.constraints.confidence or 0.95:.0%} "
-        f"interval. Rule: {escape(selection_rule(search))}.</p>"
+        "two-sided interval (and, when selection uses one, the one-sided upper bound after "
+        f"&le;). Rule: {escape(selection_rule(search))}.</p>"
     )
     return out
 

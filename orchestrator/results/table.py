@@ -183,6 +183,12 @@ def accuracy_drop(
     return (None if base is None or acc is None else base - acc), None, None
 
 
+def drop_bound(metrics: dict[str, float], confidence: float, prefix: str = "eval") -> float | None:
+    """The one-sided upper confidence bound of a trial's paired drop, or None without counts."""
+    counts = PairedCounts.from_metrics(metrics, prefix)
+    return None if counts is None or counts.n == 0 else counts.upper_bound(confidence)
+
+
 def selection_rule(search: SearchConfig) -> str:
     """In words, when a trial meets max_accuracy_drop (the report states it)."""
     c = search.constraints
@@ -195,8 +201,9 @@ def selection_rule(search: SearchConfig) -> str:
             f"most {bound}"
         )
     return (
-        f"a trial is feasible when the upper end of the {c.confidence:.0%} interval of its "
-        f"paired validation accuracy drop is at most {bound}"
+        f"a trial is feasible when its paired validation accuracy drop is at most {bound} "
+        f"with {c.confidence:.0%} confidence (its one-sided {c.confidence:.0%} upper bound, "
+        "the accuracy_drop_bound column)"
     )
 
 
@@ -217,17 +224,16 @@ def check_constraints(
         return v
 
     if c.max_accuracy_drop is not None:
-        drop, _, hi = accuracy_drop(metrics, baseline, "eval", confidence_of(search))
+        drop, _, _ = accuracy_drop(metrics, baseline, "eval", confidence_of(search))
         # A tolerance so that a drop equal to the bound, up to float noise, passes.
         limit = c.max_accuracy_drop + 1e-12
         if c.confidence is not None:
-            if hi is None:
+            bound = drop_bound(metrics, c.confidence)
+            if bound is None:
+                broken.append("accuracy drop bound unknown (the trial reported no paired counts)")
+            elif bound > limit:
                 broken.append(
-                    "accuracy drop interval unknown (the trial reported no paired counts)"
-                )
-            elif hi > limit:
-                broken.append(
-                    f"accuracy drop upper bound {hi:.3g} ({c.confidence:.0%} interval) > "
+                    f"accuracy drop upper bound {bound:.3g} (one-sided {c.confidence:.0%}) > "
                     f"{_fmt(c.max_accuracy_drop)}"
                 )
         elif drop is None:
@@ -312,6 +318,11 @@ def build_table(
         drops = [accuracy_drop(t["metrics"], baseline, prefix, level) for t in trials]
         for i, suffix in enumerate(("", "_lo", "_hi")):
             columns[name + suffix] = pa.array([d[i] for d in drops], pa.float64())
+    if search.constraints.confidence is not None:
+        columns["accuracy_drop_bound"] = pa.array(
+            [drop_bound(t["metrics"], search.constraints.confidence) for t in trials],
+            pa.float64(),
+        )
     bound = search.constraints.max_accuracy_drop
     held = [
         None if bound is None or t["status"] != "done" or d is None else d <= bound + 1e-12
@@ -379,23 +390,35 @@ def _cell(v: Any, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
-def drop_text(drop: float | None, lo: float | None = None, hi: float | None = None) -> str:
-    """An accuracy drop in points with its interval: ``+0.40 [-0.31, +1.12]``."""
+def drop_text(
+    drop: float | None,
+    lo: float | None = None,
+    hi: float | None = None,
+    bound: float | None = None,
+) -> str:
+    """An accuracy drop in points with its interval and, when selection used one, its
+    one-sided upper bound: ``+0.40 [-0.31, +1.12] <= +0.98``."""
     if drop is None:
         return "-"
     text = f"{100 * drop:+.2f}"
     if lo is not None and hi is not None:
         text += f" [{100 * lo:+.2f}, {100 * hi:+.2f}]"
+    if bound is not None:
+        text += f" <= {100 * bound:+.2f}"
     return text
+
+
+def row_drop_text(row: dict[str, Any], prefix: str = "") -> str:
+    """``drop_text`` of a results-table row (``prefix`` "test_" for the test split)."""
+    name = f"{prefix}accuracy_drop"
+    return drop_text(
+        row.get(name), row.get(f"{name}_lo"), row.get(f"{name}_hi"), row.get(f"{name}_bound")
+    )
 
 
 def held_text(row: dict[str, Any]) -> str:
     """Whether a trial's accuracy constraint held on the test split, in words."""
-    drop = drop_text(
-        row.get("test_accuracy_drop"),
-        row.get("test_accuracy_drop_lo"),
-        row.get("test_accuracy_drop_hi"),
-    )
+    drop = row_drop_text(row, "test_")
     if row.get("held_on_test") is None:
         return f"test drop {drop} points"
     verdict = "held on test" if row["held_on_test"] else "did not hold on test"
@@ -411,8 +434,8 @@ def format_pareto_table(table: pa.Table) -> str:
         "trial",
         "recipe",
         "eval acc",
-        "eval drop [interval]",
-        "test drop [interval]",
+        "val drop [95 % interval] <= bound",
+        "test drop [95 % interval]",
         "size MB",
         "x smaller",
         "ms b32",
@@ -426,14 +449,8 @@ def format_pareto_table(table: pa.Table) -> str:
                 r["trial"],
                 r.get("recipe") or "",
                 _cell(r.get("eval/accuracy"), ".4f"),
-                drop_text(
-                    r.get("accuracy_drop"), r.get("accuracy_drop_lo"), r.get("accuracy_drop_hi")
-                ),
-                drop_text(
-                    r.get("test_accuracy_drop"),
-                    r.get("test_accuracy_drop_lo"),
-                    r.get("test_accuracy_drop_hi"),
-                ),
+                row_drop_text(r),
+                row_drop_text(r, "test_"),
                 _cell(None if size is None else size / MB, ".3f"),
                 _cell(r.get("compress/size_ratio"), ".2f"),
                 _cell(r.get("perf/latency_ms_b32"), ".2f"),

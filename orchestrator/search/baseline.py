@@ -9,17 +9,15 @@ from typing import Any
 
 from orchestrator import launch
 from orchestrator.config.loader import EXCLUSIVE, validate_job
-from orchestrator.config.overrides import apply_overrides
 from orchestrator.config.schema import JobSpec
+from orchestrator.config.search import baseline_base
 from orchestrator.errors import RunError
 from orchestrator.storage import RunFolder
 
 
 def baseline_spec(spec: JobSpec, folder: RunFolder) -> JobSpec:
     """The dense job: compression and search removed, the baseline's own overrides applied."""
-    raw = spec.model_dump(mode="json", exclude={"search", "compress"})
-    raw["train"]["distill"] = None  # the dense model is the teacher: it learns from the labels
-    raw = apply_overrides(raw, spec.search.baseline.overrides, EXCLUSIVE)
+    raw = baseline_base(spec.model_dump(mode="json"), spec.search, EXCLUSIVE)
     raw["name"] = "baseline"
     raw["output"] = {"dir": folder.location}
     return validate_job(raw, source="search.baseline")

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from orchestrator import launch, loop
 from orchestrator.config.loader import dump_job
 from orchestrator.config.schema import JobSpec
+from orchestrator.config.search import trial_base
 from orchestrator.errors import ConfigError, Problem, RunError
 from orchestrator.search import space as space_lib
 from orchestrator.search.baseline import run_baseline
@@ -69,18 +70,6 @@ def check_search_dir(spec: JobSpec, resume: bool) -> None:
         check_records(folder)
 
 
-def trial_base(spec: JobSpec, folder: RunFolder) -> dict[str, Any]:
-    """The raw job every trial starts from (its sampled keys are applied on top)."""
-    base = spec.model_dump(mode="json", exclude={"search"})
-    if spec.search.baseline.train:
-        # Every trial starts from the fine-tuned dense model, not from the raw pretrained one.
-        base["model"] = {
-            "path": folder.uri("baseline", "model"),
-            "num_layers": spec.model.num_layers,
-        }
-    return base
-
-
 def build_tuner(
     spec: JobSpec, folder: RunFolder, parallel: int, total_steps: int, resume: bool
 ) -> Any:
@@ -91,7 +80,8 @@ def build_tuner(
     trainable = tune.with_resources(
         tune.with_parameters(
             train_driver_fn,
-            base=trial_base(spec, folder),
+            # Every trial starts from the fine-tuned dense model, not the raw pretrained one.
+            base=trial_base(spec.model_dump(mode="json"), search, folder.uri("baseline", "model")),
             search=search.model_dump(mode="json"),
             run_dir=folder.location,
         ),
@@ -186,7 +176,20 @@ def search(spec: JobSpec, address: str | None = None, resume: bool = False) -> R
     close_lost_trials(folder, {Path(r.path).name for r in grid if r.path})
     summary = write_run_report(folder, running=False, spec=spec)
     print(pareto_text(folder.local))
+    if summary.counts["error"] and not summary.counts["done"]:
+        # Nothing to choose from: a failed run, not a search that found nothing feasible.
+        records = [read_trial(folder, n) for n in sorted(_trial_names(folder))]
+        errors = [r["error"] for r in records if r and r.get("status") == "error" and r["error"]]
+        error = errors[0] if errors else "see the log above"
+        raise RunError(
+            f"every trial of the search failed ({summary.counts['error']} of "
+            f"{summary.n_trials}); the first error:\n{error}\nreport: {folder.uri('report.html')}"
+        )
     return summary
+
+
+def _trial_names(folder: RunFolder) -> list[str]:
+    return [p.parent.name for p in (folder.local / TRIALS).glob("*/trial.json")]
 
 
 def close_lost_trials(folder: RunFolder, known: set[str]) -> None:

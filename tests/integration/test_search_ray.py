@@ -236,3 +236,21 @@ def test_asha_stops_the_poor_trial_at_its_first_rung(ray_cluster: str, tmp_path:
     assert diverging["eval/loss"] > sane["eval/loss"]
     assert (out / "debug-asha" / "trials" / sane["trial"] / "model").is_dir()
     assert not (out / "debug-asha" / "trials" / diverging["trial"] / "model").exists()
+
+
+def test_a_search_whose_every_trial_fails_exits_1(ray_cluster: str, tmp_path: Path) -> None:
+    """A recipe that cannot apply to the model (more blocks removed than the tiny BERT has,
+    which only the model can tell): the trial fails, and with no trial done the search is a
+    failed run (exit 1) that shows the trial's error, not a search that found nothing."""
+    cmd = _command(
+        tmp_path,
+        "name=debug-fails",
+        "search.space={compress.depth: {choice: {five: {method: named, remove: [0, 1, 2, 3, 4]}}}}",
+        "search.num_samples=1",
+    )
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "every trial of the search failed (1 of 1)" in proc.stderr
+    assert "compress.depth.remove" in proc.stderr
+    assert (tmp_path / "debug-fails" / "report.html").is_file()

@@ -38,6 +38,14 @@ def test_interval_holds_the_drop_and_narrows_with_more_examples() -> None:
         small.interval(1.0)
 
 
+def test_one_sided_bound_is_the_upper_end_of_a_narrower_interval() -> None:
+    c = PairedCounts(230, 6, 4, 60)
+    assert c.upper_bound(0.95) == c.interval(0.90)[1]
+    assert c.drop < c.upper_bound(0.95) < c.interval(0.95)[1]
+    with pytest.raises(ValueError, match=r"\(0.5, 1\)"):
+        c.upper_bound(0.4)
+
+
 def test_metrics_round_trip() -> None:
     c = PairedCounts(230, 6, 4, 60)
     m = c.metrics("eval")
