@@ -44,10 +44,24 @@ def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def _smallest_int(t: torch.Tensor) -> torch.Tensor:
+    """An integer tensor in the narrowest signed type that holds its values (an id map of a
+    trimmed vocabulary fits int16)."""
+    lo, hi = (int(t.min()), int(t.max())) if t.numel() else (0, 0)
+    for dtype in (torch.int8, torch.int16, torch.int32):
+        info = torch.iinfo(dtype)
+        if info.min <= lo and hi <= info.max:
+            return t.to(dtype)
+    return t.to(torch.int64)
+
+
 def encode_weight(
     t: torch.Tensor, module: nn.Module, pname: str, steps: list[Step] = ()
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The smallest storage of one parameter: (tensors by part suffix, meta)."""
+    """The smallest storage of one parameter or buffer: (tensors by part suffix, meta).
+    Integer buffers stay integers, in the narrowest type that holds them."""
+    if not t.is_floating_point():
+        return {"": _smallest_int(t.detach().cpu().contiguous())}, {"format": "dense"}
     t = t.detach().float().cpu().contiguous()
     options: list[tuple[dict, dict]] = [({"": t}, {"format": "dense"})]
     mask = t != 0

@@ -62,14 +62,19 @@ class VocabMethod(TechniqueConfig):
 
 class TrimVocabConfig(VocabMethod):
     """Keep the embedding rows of the tokens the training split uses (and every special
-    token); the others map to the unknown token's row. The tokenizer is unchanged, so the model
-    still takes raw text and tokenizes exactly as before."""
+    token); the others read a kept row. The tokenizer is unchanged, so the model still takes
+    raw text and tokenizes exactly as before."""
 
     method: Literal["trim"] = "trim"
     min_count: int = Field(
         default=1,
         ge=1,
         description="keep a token the training split uses at least this many times, >= 1",
+    )
+    unseen: Literal["nearest", "unknown"] = Field(
+        default="nearest",
+        description="what a token that was not kept reads: nearest (the kept row closest to "
+        "its own embedding, by cosine) or unknown (the unknown token's row)",
     )
 
 

@@ -210,6 +210,7 @@ class SimilarityDepth(Technique):
         _check(list_name, blocks, cfg)
         chosen, scores = self.removed(model, cfg, ctx)
         removed = set(chosen)
+        # A row per removed block (a kept block is not one the technique declined).
         rows = [
             ModuleRow(
                 name=f"{list_name}.{i}",
@@ -218,13 +219,12 @@ class SimilarityDepth(Technique):
                 shape_before=[],
                 shape_after=[],
                 params_before=param_count(block),
-                params_after=0 if i in removed else param_count(block),
-                skipped=i not in removed,
-                reason="" if i in removed else "kept",
+                params_after=0,
                 details={"method": cfg.method}
                 | ({"similarity": scores[i]} if scores is not None else {}),
             )
             for i, block in enumerate(blocks)
+            if i in removed
         ]
         kept = [i for i in range(len(blocks)) if i not in removed]
         _keep(model, list_name, blocks, kept)

@@ -4,9 +4,12 @@ parameters) and costs no time.
 
 The tokens kept: every token the training split uses (at least ``min_count`` times) and every
 special token of the tokenizer. The table becomes an ``IdMappedEmbedding``: a small lookup
-(``id_map``: original token id -> row, int16 when the rows fit, else int32) in front of an
-ordinary nn.Embedding of the kept rows. Tokens that were not kept map to the unknown token's
-row, which is what a tokenizer that had never seen them would have produced. The tokenizer
+(``id_map``: original token id -> row; int32 in memory, which every collective backend
+broadcasts, and stored as int16 in the artifact when the rows fit) in front of an
+ordinary nn.Embedding of the kept rows. A token that was not kept reads the kept row nearest
+to its own embedding (cosine similarity: a word the training data never showed keeps roughly
+its meaning, at no cost in bytes), or, with ``unseen: unknown``, the unknown token's row
+(what a tokenizer that had never seen it would produce). The tokenizer
 itself is unchanged, so the model takes raw text and every kept token is looked up exactly as
 before; a later quantization stage finds the inner nn.Embedding like any other and can store
 it at low bit width. The manifest entry records the table's shape; the id map is a tensor of
@@ -66,8 +69,16 @@ def _table(model: nn.Module, key: str) -> tuple[str, nn.Embedding]:
     return name, table
 
 
-def _id_dtype(rows: int) -> torch.dtype:
-    return torch.int16 if rows <= torch.iinfo(torch.int16).max else torch.int32
+@torch.no_grad()
+def nearest_rows(weight: torch.Tensor, keep: list[int], chunk: int = 4096) -> torch.Tensor:
+    """For every token id, the index (into ``keep``) of the kept row whose embedding is the
+    most cosine-similar to its own (a kept token finds itself)."""
+    w = torch.nn.functional.normalize(weight.float(), dim=-1)
+    kept = w[torch.tensor(keep, device=w.device)]
+    out = torch.empty(w.shape[0], dtype=torch.long)
+    for start in range(0, w.shape[0], chunk):
+        out[start : start + chunk] = (w[start : start + chunk] @ kept.T).argmax(-1).cpu()
+    return out
 
 
 def _set(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -114,7 +125,10 @@ class TrimVocab(Technique):
                 )
             )
         row_of = {t: i for i, t in enumerate(keep)}
-        id_map = torch.full((vocab,), row_of[unknown], dtype=torch.long)
+        if cfg.unseen == "nearest":
+            id_map = nearest_rows(table.weight.detach(), keep)
+        else:
+            id_map = torch.full((vocab,), row_of[unknown], dtype=torch.long)
         id_map[torch.tensor(keep)] = torch.arange(len(keep))
         inner = nn.Embedding(
             len(keep),
@@ -126,7 +140,7 @@ class TrimVocab(Technique):
         with torch.no_grad():
             inner.weight.copy_(table.weight[torch.tensor(keep, device=table.weight.device)])
         inner.weight.requires_grad_(table.weight.requires_grad)
-        _set(model, name, IdMappedEmbedding(inner, id_map.to(_id_dtype(len(keep)))))
+        _set(model, name, IdMappedEmbedding(inner, id_map.to(torch.int32)))
         row = ModuleRow(
             name=name,
             technique="vocab",
@@ -135,20 +149,26 @@ class TrimVocab(Technique):
             shape_after=[len(keep), table.embedding_dim],
             params_before=param_count(table),
             params_after=param_count(inner),
-            details={"method": cfg.method, "kept": len(keep), "min_count": cfg.min_count},
+            details={
+                "method": cfg.method,
+                "kept": len(keep),
+                "min_count": cfg.min_count,
+                "unseen": cfg.unseen,
+            },
         )
         entry = {"table": name, "vocab": vocab, "rows": len(keep), "dim": table.embedding_dim}
         return Applied([row], entry=entry)
 
     def rebuild_(self, model: nn.Module, cfg: TechniqueConfig, entry: dict[str, Any]) -> None:
-        rows = int(entry["rows"])
-        inner = nn.Embedding(rows, int(entry["dim"]))  # the weights and id map load after
-        id_map = torch.zeros(int(entry["vocab"]), dtype=_id_dtype(rows))
+        # Stand-ins of the recorded shapes: the saved weights and id map load into them.
+        inner = nn.Embedding(int(entry["rows"]), int(entry["dim"]))
+        id_map = torch.zeros(int(entry["vocab"]), dtype=torch.int32)
         _set(model, entry["table"], IdMappedEmbedding(inner, id_map))
 
     def note(self, cfg: TechniqueConfig) -> str:
+        fallback = "the nearest kept row" if cfg.unseen == "nearest" else "the unknown token's row"
         return (
             "vocabulary trimming: the embedding table keeps only the rows of the tokens the "
             "training split uses (bytes saved for real, no time cost); the tokenizer is "
-            "unchanged, other tokens read the unknown token's row"
+            f"unchanged, other tokens read {fallback}"
         )

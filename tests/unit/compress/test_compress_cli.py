@@ -65,3 +65,45 @@ def test_bad_input_exits_2_naming_the_key(tmp_path, capsys, override, key) -> No
     assert rc == 2
     assert key in err
     assert not (tmp_path / "debug-compress").exists()  # nothing half-written
+
+
+@pytest.mark.parametrize(
+    ("command", "overrides", "key", "words"),
+    [
+        (
+            "compress",
+            ["compress.depth={method: similarity, blocks: 2}"],
+            "compress.depth.blocks",
+            "would remove all 2 blocks",
+        ),
+        (
+            "train",
+            ["compress.depth={method: named, remove: [0, 1]}"],
+            "compress.depth.remove",
+            "would remove all 2 blocks",
+        ),
+        (
+            "train",
+            ["model.name=mlp", "data.name=mnist", "compress={vocab: {method: trim}}"],
+            "compress.vocab.method",
+            "no token embedding table",
+        ),
+        (
+            "train",
+            ["train.distill={alpha: 0.5}"],
+            "train.distill",
+            "no fine-tuned model to distil from",
+        ),
+    ],
+)
+def test_bad_new_technique_input_exits_2_writing_nothing(
+    tmp_path, capsys, command, overrides, key, words
+) -> None:
+    """Each refused before anything runs or is written: exit 2, the key and why."""
+    rc = main(
+        [command, JOB, f"output.dir={tmp_path}", f"data.cache_dir={tmp_path / 'c'}", *overrides]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert key in err and words in err
+    assert not (tmp_path / "debug-compress").exists()
