@@ -28,11 +28,27 @@ ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "jobs" / "quickstart.yaml"
 FFN = ["*intermediate.dense", "*layer.?.output.dense"]
 RECIPES: dict[str, dict[str, Any]] = {
-    # The most aggressive recipe of the quickstart's space: every stage on.
+    # The most aggressive corner of the quickstart's search space.
+    "quickstart's most aggressive: trim (min 2) + structured 0.45 + int8, 4-bit emb": {
+        "vocab": {"method": "trim", "min_count": 2},
+        "prune": {"method": "structured", "sparsity": 0.45},
+        "quantize": {"method": "dynamic_int8", "embedding_bits": 4},
+    },
+    # Every stage on (the vocabulary trim as it was then: unseen tokens read the unknown row).
     "trim + 1 block + structured 0.4 + int8 (4-bit emb)": {
-        "vocab": {"method": "trim"},
+        "vocab": {"method": "trim", "unseen": "unknown"},
         "depth": {"method": "similarity", "blocks": 1},
         "prune": {"method": "structured", "sparsity": 0.4},
+        "quantize": {"method": "dynamic_int8", "embedding_bits": 4},
+    },
+    "trim + structured 0.3 + int8": {
+        "vocab": {"method": "trim"},
+        "prune": {"method": "structured", "sparsity": 0.3},
+        "quantize": {"method": "dynamic_int8"},
+    },
+    "trim + structured 0.3 + int8 (4-bit emb)": {
+        "vocab": {"method": "trim"},
+        "prune": {"method": "structured", "sparsity": 0.3},
         "quantize": {"method": "dynamic_int8", "embedding_bits": 4},
     },
     "structured 0.46 + ASVD-FFN 0.5 + int8": {
@@ -45,11 +61,14 @@ DISTILL = {"alpha": 0.5, "temperature": 2.0, "hidden": 1.0}
 
 
 def _job(name: str, work: Path, **changes: Any) -> dict[str, Any]:
-    base = load_job(JOB).model_dump(mode="json", exclude={"search"})
+    """The quickstart's job (data, training) in one process; no compression or distillation
+    unless ``changes`` give them; ``compress`` replaces the section, other sections merge."""
+    base = load_job(JOB).model_dump(mode="json", exclude={"search", "compress"})
     base.update(name=name, output={"dir": str(work / "runs")})
-    base["train"].update(num_workers=1, batch_size=32, log_every=20)
+    base["train"].update(num_workers=1, batch_size=32, log_every=20, distill=None)
     for key, value in changes.items():
-        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+        merge = isinstance(value, dict) and key != "compress"
+        base[key] = {**base.get(key, {}), **value} if merge else value
     return base
 
 
@@ -61,7 +80,10 @@ def dense_model(work: Path, epochs: float) -> Path:
     """The fine-tuned dense model (the teacher and the starting point), trained once."""
     folder = work / "dense"
     if not (folder / "config.json").is_file():
-        job = _job("dense", work, train={"epochs": epochs, "max_steps": None, "seed": 0})
+        # As the quickstart's baseline: its own learning rate and epochs.
+        job = _job(
+            "dense", work, train={"epochs": epochs, "max_steps": None, "seed": 0, "lr": 5e-5}
+        )
         store: dict[str, Any] = {}
 
         def keep(metrics: dict[str, Any], ckpt: Path | None) -> None:
@@ -83,20 +105,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--work", type=Path, default=Path("/tmp/distill-recovery"))
-    parser.add_argument("--recipes", nargs="*", default=list(RECIPES))
+    parser.add_argument("--recipes", nargs="*", default=[list(RECIPES)[0]])
+    parser.add_argument("--lr", type=float, default=None, help="default: the quickstart's")
+    parser.add_argument("--only", choices=["both", "distill", "fine-tune"], default="both")
     args = parser.parse_args()
     torch.set_num_threads(2)
     dense = dense_model(args.work, args.epochs)
     rows = []
     for label in args.recipes:
         for seed in args.seeds:
-            for distill in (None, DISTILL):
+            modes = {"both": (None, DISTILL), "distill": (DISTILL,), "fine-tune": (None,)}
+            for distill in modes[args.only]:
                 name = f"r{list(RECIPES).index(label)}-s{seed}-{'kd' if distill else 'ft'}"
                 raw = _job(
                     name,
                     args.work,
                     model={"name": None, "path": str(dense)},
-                    train={"max_steps": args.steps, "seed": seed, "distill": distill},
+                    train={"max_steps": args.steps, "seed": seed, "distill": distill}
+                    | ({"lr": args.lr} if args.lr else {}),
                     compress=RECIPES[label],
                 )
                 start = time.perf_counter()
@@ -106,7 +132,9 @@ def main() -> None:
                     "seed": seed,
                     "distill": bool(distill),
                     "wall_s": time.perf_counter() - start,
-                    **{k: v for k, v in m.items() if k.startswith(("eval/", "test/", "compress/s"))},
+                    **{
+                        k: v for k, v in m.items() if k.startswith(("eval/", "test/", "compress/s"))
+                    },
                 }
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -114,6 +142,8 @@ def main() -> None:
     for label in args.recipes:
         for distill in (False, True):
             these = [r for r in rows if r["recipe"] == label and r["distill"] == distill]
+            if not these:
+                continue
             test = [100 * r["test/accuracy_drop"] for r in these]
             val = [100 * r["eval/accuracy_drop"] for r in these]
             sd = statistics.stdev(test) if len(test) > 1 else 0.0
