@@ -20,6 +20,11 @@ from orchestrator.results.table import MB, STATUSES, held_text, row_drop_text, s
 from orchestrator.storage import join
 
 REFRESH_S = 15
+# The list of all trials comes in pages of this many rows, each folded away but the first, so
+# the page stays light at thousands of trials; every trial is in results.parquet too.
+TRIAL_PAGE = 500
+# A search where nothing was feasible lists what each trial broke: the first this many.
+BROKEN_SHOWN = 50
 _STATUS_WORDS = {
     "done": "done",
     "running": "running",
@@ -158,8 +163,11 @@ def _best_section(
             return "<p>No trial has finished yet, so there is no best recipe.</p>"
         broken = "".join(
             f"<li>{escape(r['trial'])}: {escape(r.get('violations') or 'no ' + sel.metric)}</li>"
-            for r in done
+            for r in done[:BROKEN_SHOWN]
         )
+        more = len(done) - BROKEN_SHOWN
+        if more > 0:
+            broken += f"<li>and {more} more (the violations column of the trials below)</li>"
         return (
             "<p>No finished trial met the constraints, so there is nothing to export. "
             f"What each broke:</p><ul>{broken}</ul>"
@@ -258,6 +266,29 @@ def _pareto_section(rows: list[dict[str, Any]]) -> list[str]:
     return [*out, _table("pareto-table", ["trial", "recipe", *_METRIC_HEAD], cells)]
 
 
+def _trials_section(rows: list[dict[str, Any]]) -> list[str]:
+    """Every trial, in pages of ``TRIAL_PAGE`` rows: the first shown, the others folded
+    (``<details>``), so thousands of trials keep the page quick to open."""
+    head = ["trial", "status", "recipe", *_METRIC_HEAD, "feasible", "violations", "wall s"]
+    head.append("error")
+    if len(rows) <= TRIAL_PAGE:
+        return [_table("trials-table", head, [_trial_row(r) for r in rows])]
+    out = [
+        f'<p class="note" id="trial-pages">{len(rows)} trials in pages of {TRIAL_PAGE}; open a '
+        "page to see its rows. Every trial is also in results.parquet.</p>"
+    ]
+    for page, start in enumerate(range(0, len(rows), TRIAL_PAGE), 1):
+        chunk = rows[start : start + TRIAL_PAGE]
+        html_id = "trials-table" if page == 1 else f"trials-table-{page}"
+        label = f"trials {chunk[0]['trial']} to {chunk[-1]['trial']} ({len(chunk)})"
+        out.append(
+            f"<details{' open' if page == 1 else ''}><summary>{escape(label)}</summary>"
+            + _table(html_id, head, [_trial_row(r) for r in chunk])
+            + "</details>"
+        )
+    return out
+
+
 def render_html(
     *,
     job_name: str,
@@ -290,9 +321,7 @@ def render_html(
     body.append("<h2>Best recipe under the constraints</h2>")
     body.append(f'<div id="best">{_best_section(best, rows, str(run_dir), search)}</div>')
     body.append(f"<h2>All trials ({len(rows)})</h2>")
-    trial_head = ["trial", "status", "recipe", *_METRIC_HEAD, "feasible", "violations"]
-    trial_rows = [_trial_row(r) for r in rows]
-    body.append(_table("trials-table", [*trial_head, "wall s", "error"], trial_rows))
+    body += _trials_section(rows)
     body.append(f"<script>{_SCRIPT}</script>")
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n'

@@ -46,8 +46,19 @@ def pareto_front(points: Sequence[Sequence[float | None]], modes: Sequence[str])
         if len(row) != len(modes):
             raise ValueError(f"a point has {len(row)} values for {len(modes)} objectives")
     complete = [i for i, row in enumerate(points) if not any(_missing(v) for v in row)]
-    rows = {i: [float(v) for v in points[i] if v is not None] for i in complete}
+    # Objectives as "bigger is better"; a point can only be dominated by one that sorts before
+    # it in this lexicographic order, and if it is dominated at all, then by a point of the
+    # front found so far (dominance is transitive). So each point is compared with the front
+    # only: O(n log n + n * front) instead of every pair, which matters at thousands of trials.
+    signs = [1.0 if mode == "max" else -1.0 for mode in modes]
+    rows = {i: [s * float(v) for s, v in zip(signs, points[i], strict=True)] for i in complete}
+    order = sorted(complete, key=lambda i: rows[i], reverse=True)
+    ups = ["max"] * len(modes)
+    front: list[int] = []
+    for i in order:
+        if not any(dominates(rows[j], rows[i], ups) for j in front):
+            front.append(i)
     mask = [False] * len(points)
-    for i in complete:
-        mask[i] = not any(j != i and dominates(rows[j], rows[i], modes) for j in complete)
+    for i in front:
+        mask[i] = True
     return mask

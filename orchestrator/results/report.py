@@ -65,11 +65,17 @@ def _run_dir_error(run_dir: Path, message: str, fix: str) -> ConfigError:
     return ConfigError(Problem("RUN_DIR", str(run_dir), message, fix), source="run directory")
 
 
-def read_run(run_dir: str | Path, spec: JobSpec | None = None) -> RunData:
+def read_run(
+    run_dir: str | Path,
+    spec: JobSpec | None = None,
+    trials: list[dict[str, Any]] | None = None,
+) -> RunData:
     """Read and validate a search run directory; raises ``ConfigError`` naming RUN_DIR when it
     is not one (no folder, no job.yaml, a job without a search section). ``spec``: the job the
     directory's job.yaml holds, when the caller (the search driver) has it validated already;
-    validating a job checks every combination of its search space, once is enough."""
+    validating a job checks every combination of its search space, once is enough.
+    ``trials``: the trial records, when the caller (the search driver) holds them in memory
+    already, as ``load_trials`` returns them; else they are read from the directory."""
     run_dir = Path(run_dir)
     fix = "pass the run directory of a search: <output.dir>/<job name>, which holds job.yaml"
     if not run_dir.is_dir():
@@ -88,7 +94,8 @@ def read_run(run_dir: str | Path, spec: JobSpec | None = None) -> RunData:
         )
     notes: list[str] = []
     baseline = load_baseline(run_dir, notes)
-    trials = load_trials(run_dir, notes)
+    if trials is None:
+        trials = load_trials(run_dir, notes)
     text = job_path.read_text(encoding="utf-8")
     return RunData(run_dir, spec, spec.search, text, baseline, trials, notes)
 
@@ -106,6 +113,7 @@ def write_report(
     running: bool = False,
     spec: JobSpec | None = None,
     location: str | None = None,
+    trials: list[dict[str, Any]] | None = None,
 ) -> ReportSummary:
     """Write ``results.parquet``, ``pareto.parquet``, ``pareto.png`` and ``report.html``.
 
@@ -113,8 +121,9 @@ def write_report(
     partial run (trials running, failed or stopped, no baseline yet) still gets a full report
     that says what is missing; only a directory that is not a search run is an error, and then
     nothing is written. ``spec``: see ``read_run``. ``location``: the run's storage URI when
-    ``run_dir`` is this machine's mirror of it (the page names it, and the export command)."""
-    run = read_run(run_dir, spec)
+    ``run_dir`` is this machine's mirror of it (the page names it, and the export command).
+    ``trials``: see ``read_run``."""
+    run = read_run(run_dir, spec, trials)
     search = run.search
     table = build_table(run.trials, search, run.baseline)
     best = best_trial(table, search)
@@ -151,11 +160,16 @@ def write_report(
 
 
 def write_run_report(
-    folder: RunFolder, running: bool = False, spec: JobSpec | None = None
+    folder: RunFolder,
+    running: bool = False,
+    spec: JobSpec | None = None,
+    trials: list[dict[str, Any]] | None = None,
 ) -> ReportSummary:
     """``write_report`` for a run folder: written in its folder (this machine's mirror when the
     run is in storage, the page then naming the URI) and copied to storage."""
     location = folder.location if folder.remote else None
-    summary = write_report(folder.local, running=running, spec=spec, location=location)
+    summary = write_report(
+        folder.local, running=running, spec=spec, location=location, trials=trials
+    )
     folder.push(*OUTPUTS)
     return summary

@@ -94,33 +94,41 @@ def load_trials(run_dir: str | Path, notes: list[str] | None = None) -> list[dic
         except (OSError, ValueError) as e:
             notes.append(f"trial {folder.name}: trial.json is unreadable ({e}); skipped")
             continue
-        if not isinstance(raw, dict) or raw.get("status") not in STATUSES:
-            status = raw.get("status") if isinstance(raw, dict) else None
-            notes.append(
-                f"trial {folder.name}: trial.json is not a trial record (status {status!r}, "
-                f"expected one of {', '.join(STATUSES)}); skipped"
-            )
-            continue
-        artifact = raw.get("artifact")
-        if artifact not in (None, ARTIFACT):
-            notes.append(
-                f"trial {folder.name}: trial.json names the artifact {artifact!r}, not the "
-                f"folder this tool writes ({ARTIFACT!r}); it is not used"
-            )
-            artifact = None
-        config = raw.get("config") if isinstance(raw.get("config"), dict) else {}
-        metrics = raw.get("metrics") if isinstance(raw.get("metrics"), dict) else {}
-        record = dict(raw)
-        record.update(
-            trial=folder.name,
-            config=config,
-            metrics={k: f for k, v in metrics.items() if (f := _number(v)) is not None},
-            error=None if raw.get("error") is None else str(raw["error"]),
-            artifact=artifact,
-            wall_s=_number(raw.get("wall_s")),
-        )
-        out.append(record)
+        record = normalize_record(folder.name, raw, notes)
+        if record is not None:
+            out.append(record)
     return out
+
+
+def normalize_record(name: str, raw: Any, notes: list[str]) -> dict[str, Any] | None:
+    """A trial record as ``load_trials`` returns it (every field there, with its type), or
+    None with a note when ``raw`` is not a trial record. ``name``: the trial's folder name."""
+    if not isinstance(raw, dict) or raw.get("status") not in STATUSES:
+        status = raw.get("status") if isinstance(raw, dict) else None
+        notes.append(
+            f"trial {name}: trial.json is not a trial record (status {status!r}, "
+            f"expected one of {', '.join(STATUSES)}); skipped"
+        )
+        return None
+    artifact = raw.get("artifact")
+    if artifact not in (None, ARTIFACT):
+        notes.append(
+            f"trial {name}: trial.json names the artifact {artifact!r}, not the "
+            f"folder this tool writes ({ARTIFACT!r}); it is not used"
+        )
+        artifact = None
+    config = raw.get("config") if isinstance(raw.get("config"), dict) else {}
+    metrics = raw.get("metrics") if isinstance(raw.get("metrics"), dict) else {}
+    record = dict(raw)
+    record.update(
+        trial=name,
+        config=config,
+        metrics={k: f for k, v in metrics.items() if (f := _number(v)) is not None},
+        error=None if raw.get("error") is None else str(raw["error"]),
+        artifact=artifact,
+        wall_s=_number(raw.get("wall_s")),
+    )
+    return record
 
 
 def effective_config(config: dict[str, Any], search: SearchConfig) -> dict[str, Any]:

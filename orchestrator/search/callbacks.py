@@ -1,23 +1,63 @@
 """Driver side of a search: a ``trial.json`` per trial as its state changes, and the report
-refreshed after each finished trial, so a browser open on report.html follows the search."""
+refreshed as trials finish, so a browser open on report.html follows the search.
+
+The driver's cost per finished trial stays bounded at thousands of trials
+(``benchmarks/driver_scale.py``): the records are kept in memory (each trial's file is written,
+never read back), and the report, which is rebuilt from every trial so far and takes seconds at
+thousands of them (mostly the plot), is rebuilt when a trial ends only if the previous rebuild
+ended at least ``REPORT_COST_FACTOR`` times its own duration ago; otherwise at a later step of
+Tune's loop. The report path so takes at most about 1 / (1 + factor) of the driver's time, and
+a small search, whose trials take minutes, still gets a report after every trial. The driver
+writes the final report when the search ends.
+"""
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 from orchestrator.config.schema import JobSpec
+from orchestrator.results.table import load_trials, normalize_record
 from orchestrator.search.records import (
     ARTIFACT,
     TRIALS,
     error_text,
     numbers,
-    read_trial,
     write_trial,
 )
 from orchestrator.search.trial import FIT_S, TRIAL_FN_S
 from orchestrator.storage import RunFolder
+
+REPORT_COST_FACTOR = 20.0
+
+
+class ReportSchedule:
+    """When the report is due: something changed since the last rebuild, and the last one
+    ended at least ``factor`` times its own duration ago."""
+
+    def __init__(
+        self, factor: float = REPORT_COST_FACTOR, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.factor, self.clock = factor, clock
+        self.dirty = False
+        self.last_end: float | None = None
+        self.last_cost = 0.0
+        self.rebuilds = 0
+
+    def due(self) -> bool:
+        if not self.dirty:
+            return False
+        return self.last_end is None or self.clock() - self.last_end >= self.factor * self.last_cost
+
+    def run(self, rebuild: Callable[[], Any]) -> None:
+        start = self.clock()
+        self.dirty = False
+        rebuild()
+        self.last_end = self.clock()
+        self.last_cost = self.last_end - start
+        self.rebuilds += 1
 
 
 def record_trials(run_dir: RunFolder, spec: JobSpec) -> Any:
@@ -29,9 +69,15 @@ def record_trials(run_dir: RunFolder, spec: JobSpec) -> Any:
     keys = list(spec.search.space)
 
     class RecordTrials(tune.Callback):
+        def __init__(self) -> None:
+            # The records of a resumed search's earlier trials, read once; from here on the
+            # driver, their only writer, keeps them in memory.
+            self.records = {t["trial"]: t for t in load_trials(run_dir.local)}
+            self.schedule = ReportSchedule()
+
         def _record(self, trial: Any, status: str, **extra: Any) -> None:
             name = str(trial)  # the trial_name_creator's name
-            old = read_trial(run_dir, name) or {}
+            old = self.records.get(name, {})
             if old.get("status") == "done":
                 return  # finished before a resume: its record stands as it was
             record = {
@@ -46,10 +92,26 @@ def record_trials(run_dir: RunFolder, spec: JobSpec) -> Any:
             }
             record.update(extra)
             write_trial(run_dir, record)
+            self.records[name] = record
 
         def _wall(self, name: str) -> float:
-            old = read_trial(run_dir, name) or {}
-            return time.time() - old.get("started", time.time())
+            return time.time() - self.records.get(name, {}).get("started", time.time())
+
+        def _report(self) -> None:
+            notes: list[str] = []
+            trials = [normalize_record(n, r, notes) for n, r in sorted(self.records.items())]
+            write_run_report(
+                run_dir, running=True, spec=spec, trials=[t for t in trials if t is not None]
+            )
+
+        def _trial_ended(self) -> None:
+            self.schedule.dirty = True
+            if self.schedule.due():
+                self.schedule.run(self._report)
+
+        def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+            if self.schedule.due():
+                self.schedule.run(self._report)
 
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self._record(trial, "running", started=time.time())
@@ -75,11 +137,11 @@ def record_trials(run_dir: RunFolder, spec: JobSpec) -> Any:
                 self._record(
                     trial, "stopped", metrics=numbers(trial.last_result or {}), wall_s=wall
                 )
-            write_run_report(run_dir, running=True, spec=spec)
+            self._trial_ended()
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             wall = self._wall(str(trial))
             self._record(trial, "error", error=error_text(trial), wall_s=wall)
-            write_run_report(run_dir, running=True, spec=spec)
+            self._trial_ended()
 
     return RecordTrials()

@@ -31,6 +31,8 @@ TUNE_NAME = "tune"  # Tune's experiment folder inside the run directory (restore
 # Train run. Tune rejects a trainable that asks for nothing, and a fraction of a CPU would make
 # a 2-worker x 1-CPU trial need 2.01 CPUs on a 2-CPU laptop, so it reserves memory instead.
 TRIAL_DRIVER_MEMORY = 256 * 2**20
+# Searches of at most this many trials snapshot Tune's experiment state at every step.
+SNAPSHOT_EVERY_STEP_UP_TO = 50
 
 
 def _no_search(spec: JobSpec) -> ConfigError:
@@ -133,10 +135,14 @@ def search(spec: JobSpec, address: str | None = None, resume: bool = False) -> R
         raise _no_search(spec)
     # Tune's classic progress table honours the columns below (its newer one ignores them).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    # Snapshot the experiment at every step of Tune's loop instead of every 10+ s: a driver
-    # killed right after a trial finished then resumes knowing it finished (the state is a few
-    # kB per trial).
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+    # Snapshot the experiment at every step of Tune's loop instead of Tune's adaptive period
+    # (10 s or more): a driver killed right after a trial started or finished then resumes
+    # knowing it. The snapshot holds every trial (about 50 kB each with the debug search's
+    # results), so a large search keeps Tune's period: a driver killed there may lose the trials
+    # started in its last seconds (marked interrupted and drawn again), never a finished one
+    # (its trial function hands Tune the saved result).
+    if space_lib.num_trials(spec.search) <= SNAPSHOT_EVERY_STEP_UP_TO:
+        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     from orchestrator.results import write_run_report
 
     # Everything that can be checked before Ray starts, then Ray, then the run folder.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from orchestrator.results import (
     recipe,
     write_report,
 )
+from orchestrator.results.pareto import dominates
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
@@ -134,6 +136,29 @@ def test_pareto_mixed_modes_and_missing_values() -> None:
     assert pareto_front([], ["max"]) == []
     with pytest.raises(ValueError, match="mode"):
         pareto_front([[1.0]], ["up"])
+
+
+def test_pareto_front_equals_the_pairwise_definition_on_random_points() -> None:
+    """The front is found by comparing each point with the front so far (fast at thousands
+    of trials); it must equal the definition: no other point dominates it."""
+    rng = random.Random(0)
+    modes = ["max", "min", "min"]
+    for trial in range(200):
+        n = rng.randint(0, 40)
+        # Few distinct values, so ties and duplicates are common.
+        points = [
+            [
+                rng.choice([None, 1, 2, 3, 3.5]) if trial % 5 == 0 else rng.randint(0, 4)
+                for _ in modes
+            ]
+            for _ in range(n)
+        ]
+        full = [i for i, p in enumerate(points) if None not in p]
+        expected = [
+            i in full and not any(j != i and dominates(points[j], points[i], modes) for j in full)
+            for i in range(n)
+        ]
+        assert pareto_front(points, modes) == expected, points
 
 
 # ---------------------------------------------------------------- build_table
