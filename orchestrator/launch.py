@@ -34,6 +34,7 @@ from orchestrator.storage import (
 )
 
 HEALTH_CHECK_ENV, HEALTH_CHECK_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # train.start_timeout_s
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
@@ -411,8 +412,28 @@ def train(spec: JobSpec, address: str | None = None) -> dict[str, float]:
     try:
         result = build_trainer(spec, folder).fit()
     except Exception as e:  # Ray wraps worker errors in several types
-        raise full_disk(e, folder) or RunError(f"training failed: {e}") from e
+        raise full_disk(e, folder) or RunError(f"training failed: {train_failure(e, spec)}") from e
     return collect_result(result, folder)
+
+
+def train_failure(error: BaseException, spec: JobSpec) -> str:
+    """Why a Train run failed, in words where the cause is the cluster's, else Ray's text."""
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+    from ray.train.v2.api.exceptions import ControllerError
+
+    cause = error.controller_failure if isinstance(error, ControllerError) else None
+    if isinstance(cause, WorkerGroupStartupTimeoutError):
+        t, res = spec.train, spec.resources
+        timeout = os.environ.get(START_TIMEOUT_ENV, "60")
+        return (
+            f"the cluster did not have the resources for {t.num_workers} workers x "
+            f"{res.cpus_per_worker:g} CPU / {res.gpus_per_worker:g} GPU within the start "
+            f"timeout ({timeout} s), {t.max_start_failures + 1} times (train.max_start_failures="
+            f"{t.max_start_failures}): a node lost and not back, or a cluster too small. Fix: "
+            "bring the node back or add nodes, lower train.num_workers, or set "
+            "train.max_start_failures=-1 to wait for nodes"
+        )
+    return str(error)
 
 
 def build_trainer(spec: JobSpec, folder: RunFolder, callbacks: list | None = None) -> Any:
@@ -425,6 +446,8 @@ def build_trainer(spec: JobSpec, folder: RunFolder, callbacks: list | None = Non
     # this variable from the process that calls fit() to the controller. A user's own setting
     # wins.
     os.environ.setdefault(HEALTH_CHECK_ENV, HEALTH_CHECK_S)
+    if spec.train.start_timeout_s is not None:  # passed on to the controller the same way
+        os.environ[START_TIMEOUT_ENV] = f"{spec.train.start_timeout_s:g}"
     res = spec.resources
     return TorchTrainer(
         train_fn_per_worker,
@@ -439,7 +462,13 @@ def build_trainer(spec: JobSpec, folder: RunFolder, callbacks: list | None = Non
             name="train",
             # A URI too: Ray Train then writes the checkpoints straight to that storage.
             storage_path=folder.location,
-            failure_config=ray.train.FailureConfig(max_failures=spec.train.max_failures),
+            # Worker losses, and separately (Ray's own budget, unlimited) losses to a
+            # preempted node; a worker group that cannot get its resources in time counts
+            # against max_start_failures.
+            failure_config=ray.train.FailureConfig(
+                max_failures=spec.train.max_failures,
+                controller_failure_limit=spec.train.max_start_failures,
+            ),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks or [],
             # Ray Train logs every report with its whole metrics dict, per rank, at INFO; the

@@ -245,7 +245,23 @@ class TrainConfig(ConfigModel):
         default=0, ge=0, description="checkpoint every N steps; 0: only at the end"
     )
     max_failures: int = Field(
-        default=0, ge=-1, description="worker-group restarts allowed (-1: unlimited)"
+        default=0,
+        ge=-1,
+        description="worker-group restarts allowed (-1: unlimited); a worker lost with a "
+        "preempted node restarts without counting",
+    )
+    max_start_failures: int = Field(
+        default=-1,
+        ge=-1,
+        description="times the worker group may fail to get its resources within the start "
+        "timeout before the run fails, e.g. a lost node that does not come back; -1: wait for "
+        "ever, as on a cluster whose autoscaler replaces nodes",
+    )
+    start_timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="seconds each start of the worker group may wait for its resources "
+        "(Ray Train's start timeout); unset: Ray's own, 60 s",
     )
     distill: DistillConfig | None = Field(
         default=None,

@@ -300,7 +300,10 @@ class SearchConfig(ConfigModel):
         description="cap on trials at once; default: as many as the cluster's CPUs/GPUs fit",
     )
     max_failures: int = Field(
-        default=0, ge=0, description="retries of a trial that errored (Tune's FailureConfig)"
+        default=0,
+        ge=-1,
+        description="retries of a trial that errored (Tune's FailureConfig; -1: unlimited); a "
+        "trial whose node was preempted retries without counting",
     )
     seed: int = Field(default=0, ge=0, description="seed of the searcher")
     baseline: BaselineConfig = BaselineConfig()

@@ -52,10 +52,13 @@ def train_driver_fn(
     folder.write_text("job.yaml", job_text)
     callback = forward_progress(space_lib.required_metrics(spec_search))
     fit_from = time.perf_counter()
-    result = launch.build_trainer(spec, folder, callbacks=[callback]).fit()
+    try:
+        result = launch.build_trainer(spec, folder, callbacks=[callback]).fit()
+    except Exception as e:  # Ray Train raises why the run failed
+        raise RunError(f"trial {name} failed: {launch.train_failure(e, spec)}") from e
     fit_s = time.perf_counter() - fit_from
     if result.error is not None:
-        raise RunError(f"trial {name} failed: {result.error}")
+        raise RunError(f"trial {name} failed: {launch.train_failure(result.error, spec)}")
     metrics = launch.collect_result(result, folder)
     # Where a trial's time goes outside its workers' loop (benchmarks/trial_overhead.py): the
     # Train run's own start and end, and this function around it. Tune's result only.

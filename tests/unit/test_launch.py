@@ -156,3 +156,37 @@ def test_embedded_ray_runs_no_preemption_watcher_unless_told(monkeypatch) -> Non
     monkeypatch.setenv(launch.PREEMPTION_WATCHER_ENV, "1")
     launch.embedded_defaults()
     assert os.environ[launch.PREEMPTION_WATCHER_ENV] == "1"
+
+
+def test_a_run_that_cannot_get_its_workers_says_why() -> None:
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+    from ray.train.v2.api.exceptions import ControllerError
+
+    from orchestrator.config import load_job
+
+    root = Path(__file__).resolve().parents[2]
+    spec = load_job(
+        root / "jobs/debug/ddp.yaml", ["train.num_workers=4", "train.max_start_failures=2"]
+    )
+    error = ControllerError(WorkerGroupStartupTimeoutError(num_workers=4))
+    text = launch.train_failure(error, spec)
+    assert "4 workers x 1 CPU / 0 GPU" in text and "3 times (train.max_start_failures=2)" in text
+    assert "Fix:" in text
+    assert launch.train_failure(RuntimeError("boom"), spec) == "boom"
+
+
+def test_failure_budgets_reach_ray_train(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.config import load_job
+    from orchestrator.storage import RunFolder
+
+    root = Path(__file__).resolve().parents[2]
+    spec = load_job(
+        root / "jobs/debug/ddp.yaml",
+        ["train.max_failures=3", "train.max_start_failures=1", "train.start_timeout_s=7.5"],
+    )
+    monkeypatch.delenv(launch.START_TIMEOUT_ENV, raising=False)
+    failure = launch.build_trainer(spec, RunFolder(str(tmp_path))).run_config.failure_config
+    assert (failure.max_failures, failure.controller_failure_limit) == (3, 1)
+    assert failure.max_preemption_failures == -1  # preemptions: Ray's own unlimited budget
+    # Ray Train reads its start timeout from the variable, passed on to its controller.
+    assert os.environ[launch.START_TIMEOUT_ENV] == "7.5"
