@@ -42,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
         "Pareto front, report.html and the best recipe",
     )
     s.add_argument("--resume", action="store_true", help="continue an interrupted search")
+    s.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also print Ray Tune's full trial table every 30 s (default: a line per trial)",
+    )
     s.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     r = sub.add_parser(
         "report",
@@ -153,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "search":
             from orchestrator import launch, search
 
-            summary = search.search(spec, address=args.address, resume=args.resume)
+            summary = search.search(
+                spec, address=args.address, resume=args.resume, verbose=args.verbose
+            )
             folder = launch.run_dir(launch.resolve_paths(spec))
             for note in summary.notes:
                 print(f"note: {note}")

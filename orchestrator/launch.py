@@ -256,11 +256,11 @@ def connect_ray(spec: JobSpec, address: str | None = None) -> None:
         _check_reachable(key, address)
     try:
         if address:
-            ray.init(address=address, log_to_driver=True)
+            context = ray.init(address=address, log_to_driver=True)
         else:
             _warn_other_instances()
             embedded_defaults()
-            ray.init(
+            context = ray.init(
                 address="local",
                 num_cpus=spec.resources.num_cpus or os.cpu_count(),
                 log_to_driver=True,
@@ -286,6 +286,10 @@ def connect_ray(spec: JobSpec, address: str | None = None) -> None:
         raise RunError(
             f"could not connect to Ray at {address or 'a new local instance'}: {e}{hint}"
         ) from e
+    dashboard = getattr(context, "dashboard_url", None)
+    if dashboard:
+        url = dashboard if "://" in dashboard else f"http://{dashboard}"
+        print(f"[orchestrator] Ray dashboard: {url}", flush=True)
 
 
 def embedded_defaults() -> None:

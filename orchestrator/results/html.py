@@ -35,8 +35,12 @@ _STATUS_WORDS = {
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1300px; color: #222; }
 h1 { margin-bottom: 0.2em; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; max-width: 100%; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
+td { overflow-wrap: anywhere; }
+#trials-section table { font-size: 0.8em; }
+#answer table { font-size: 1em; }
+#answer td.change { font-weight: bold; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 tr.infeasible td { color: #888; }
 tr.pareto td:first-child { font-weight: bold; }
@@ -48,7 +52,8 @@ img { max-width: 100%; }
 """
 
 # Marks the body once the plot image is decoded, so a headless browser test can tell a broken
-# data URI from a good one (a failed image load prints nothing to the console).
+# data URI from a good one (a failed image load prints nothing to the console), and whether
+# the page fits its window's width (no sideways scrolling).
 _SCRIPT = """
 (function () {
   var img = document.getElementById("pareto-plot");
@@ -56,6 +61,8 @@ _SCRIPT = """
     if (img.naturalWidth > 0) { document.body.dataset.plotLoaded = "1"; }
   }
   if (img.complete) { mark(); } else { img.addEventListener("load", mark); }
+  var doc = document.documentElement;
+  document.body.dataset.fitsWidth = doc.scrollWidth <= doc.clientWidth ? "1" : "0";
 })();
 """
 
@@ -153,14 +160,53 @@ _METRIC_HEAD = [
 ]
 
 
-def _best_section(
-    best: dict[str, Any] | None, rows: list[dict[str, Any]], run_dir: str, search: SearchConfig
+def _answer_rows(best: dict[str, Any], baseline: dict[str, float] | None) -> list[str]:
+    """The selected recipe against the dense model, in words: accuracy (validation, test),
+    size on disk, latency."""
+    dense = baseline or {}
+
+    def row(label: str, key: str, fmt: str, change: str, scale: float = 1.0) -> str:
+        return (
+            f"<tr><td>{escape(label)}</td>"
+            + _td(_num(dense.get(key), fmt, scale), num=True)
+            + _td(_num(best.get(key), fmt, scale), num=True)
+            + f'<td class="num change">{escape(change)}</td></tr>'
+        )
+
+    def times(key: str, word: str) -> str:
+        v = best.get(key)
+        return "-" if v is None else f"{v:.2f}x {word}"
+
+    return [
+        row("validation accuracy", "eval/accuracy", ".4f", f"drop {row_drop_text(best)} points"),
+        row("test accuracy", "test/accuracy", ".4f", f"drop {row_drop_text(best, 'test_')} points"),
+        row(
+            "size on disk (MB)",
+            "compress/size_bytes",
+            ".2f",
+            times("compress/size_ratio", "smaller"),
+            MB,
+        ),
+        row(
+            "latency, batch 32 (ms)", "perf/latency_ms_b32", ".2f", times("perf/speedup", "faster")
+        ),
+    ]
+
+
+def _answer_section(
+    best: dict[str, Any] | None,
+    rows: list[dict[str, Any]],
+    baseline: dict[str, float] | None,
+    run_dir: str,
+    search: SearchConfig,
 ) -> str:
+    """The answer first: the selected recipe, its figures against the dense model, whether it
+    held on test, and the command that exports it; or why there is none."""
     sel = search.selection
     if best is None:
         done = [r for r in rows if r["status"] == "done"]
         if not done:
-            return "<p>No trial has finished yet, so there is no best recipe.</p>"
+            return "<p>No trial has finished yet, so there is no selected recipe.</p>"
         broken = "".join(
             f"<li>{escape(r['trial'])}: {escape(r.get('violations') or 'no ' + sel.metric)}</li>"
             for r in done[:BROKEN_SHOWN]
@@ -176,13 +222,12 @@ def _best_section(
         f"orchestrator export {shlex.quote(str(run_dir))} --best "
         f"--out {shlex.quote(join(run_dir, 'best'))}"
     )
+    head = "<tr><th></th><th>dense</th><th>selected</th><th>change</th></tr>"
     return (
-        f"<p>Best feasible trial on {escape(sel.metric)} ({escape(sel.mode)}): "
+        f"<p>Selected (best feasible on {escape(sel.metric)}, {escape(sel.mode)}): "
         f"<strong>{escape(best['trial'])}</strong> &mdash; "
-        f"<code>{escape(best.get('recipe') or '')}</code>; eval/accuracy "
-        f"{_num(best.get('eval/accuracy'), '.4f')}, size "
-        f"{_num(best.get('compress/size_bytes'), '.3f', MB)} MB, latency b32 "
-        f"{_num(best.get('perf/latency_ms_b32'), '.2f')} ms.</p>"
+        f"<code>{escape(best.get('recipe') or '')}</code></p>"
+        f'<table id="answer-table">{head}{"".join(_answer_rows(best, baseline))}</table>'
         f'<p id="held-on-test">Selected on validation; the accuracy constraint '
         f"{escape(held_text(best))}.</p>"
         f'<p>Export it with:</p><pre id="export-command">{escape(command)}</pre>'
@@ -228,8 +273,8 @@ def _status_section(
     counts: dict[str, int], running: bool, notes: list[str], search: SearchConfig, run_dir: str
 ) -> list[str]:
     """Where the search stands: trial counts, what is partial, notes, objectives."""
-    line, partial = status_lines(counts, running)
-    out = [f'<p id="status">{escape(line)}</p>']
+    _, partial = status_lines(counts, running)
+    out = []
     if running:
         out.append(
             f'<p class="note" id="refresh-note">The search is running: this page reloads every '
@@ -304,24 +349,35 @@ def render_html(
 ) -> str:
     """The whole page as a string (the caller writes it atomically)."""
     rows = table.to_pylist()
+    counts = status_counts(table)
     body = [f"<h1>{escape(job_name)}: compression search</h1>"]
-    body += _status_section(status_counts(table), running, notes, search, str(run_dir))
-    # The resolved job writes every default out, so it is folded away unless asked for.
+    body.append(f'<p id="status">{escape(status_lines(counts, running)[0])}</p>')
+    # The answer first, then the choices around it, then how to read them, then everything.
+    body.append("<h2>Selected recipe</h2>")
     body.append(
-        "<h2>Job</h2><details><summary>the resolved job.yaml</summary>"
-        f'<pre id="job-yaml">{escape(job_yaml)}</pre></details>'
+        f'<div id="answer">{_answer_section(best, rows, baseline, str(run_dir), search)}</div>'
     )
-    body += ["<h2>Dense baseline</h2>", _baseline_section(baseline)]
     body += _pareto_section(rows)
     data = base64.b64encode(png).decode("ascii")
     body.append(
         '<h2>Plot</h2><img id="pareto-plot" alt="accuracy vs size and latency" '
         f'src="data:image/png;base64,{data}">'
     )
-    body.append("<h2>Best recipe under the constraints</h2>")
-    body.append(f'<div id="best">{_best_section(best, rows, str(run_dir), search)}</div>')
-    body.append(f"<h2>All trials ({len(rows)})</h2>")
+    body.append("<h2>The search</h2>")
+    body += _status_section(counts, running, notes, search, str(run_dir))
+    # The resolved job writes every default out, so it is folded away unless asked for.
+    body.append(
+        "<details><summary>the resolved job.yaml</summary>"
+        f'<pre id="job-yaml">{escape(job_yaml)}</pre></details>'
+    )
+    body.append(
+        "<details><summary>the dense baseline's metrics</summary>"
+        f"{_baseline_section(baseline)}</details>"
+    )
+    body.append(f'<h2 id="trials-section-title">All trials ({len(rows)})</h2>')
+    body.append('<div id="trials-section">')
     body += _trials_section(rows)
+    body.append("</div>")
     body.append(f"<script>{_SCRIPT}</script>")
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n'

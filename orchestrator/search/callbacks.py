@@ -19,7 +19,20 @@ from collections.abc import Callable
 from typing import Any
 
 from orchestrator.config.schema import JobSpec
-from orchestrator.results.table import load_trials, normalize_record
+from orchestrator.config.search import SearchConfig
+from orchestrator.results.table import (
+    accuracy_drop,
+    check_constraints,
+    confidence_of,
+    drop_bound,
+    drop_text,
+    effective_config,
+    load_baseline,
+    load_trials,
+    normalize_record,
+    recipe,
+)
+from orchestrator.search import space as space_lib
 from orchestrator.search.records import (
     ARTIFACT,
     TRIALS,
@@ -31,6 +44,40 @@ from orchestrator.search.trial import FIT_S, TRIAL_FN_S
 from orchestrator.storage import RunFolder
 
 REPORT_COST_FACTOR = 20.0
+
+
+def _say(line: str) -> None:
+    print(f"[orchestrator] {line}", flush=True)
+
+
+def started_line(name: str, config: dict[str, Any], search: SearchConfig) -> str:
+    return f"trial {name} started: {recipe(effective_config(config, search))}"
+
+
+def finished_line(
+    name: str,
+    metrics: dict[str, float],
+    search: SearchConfig,
+    baseline: dict[str, float] | None,
+    progress: str,
+) -> str:
+    """A finished trial in one line: validation accuracy with its paired drop, how much
+    smaller and faster, and whether it meets the constraints (else the first one it broke)."""
+    level = confidence_of(search)
+    drop, lo, hi = accuracy_drop(metrics, baseline, "eval", level)
+    bound = None if search.constraints.confidence is None else drop_bound(metrics, level)
+    acc = metrics.get("eval/accuracy")
+    parts = [
+        f"trial {name} done {progress}:",
+        "val acc -" if acc is None else f"val acc {acc:.4f}",
+        f"(drop {drop_text(drop, lo, hi, bound)} points)",
+    ]
+    for key, word in (("compress/size_ratio", "smaller"), ("perf/speedup", "faster")):
+        if metrics.get(key) is not None:
+            parts.append(f"| {metrics[key]:.2f}x {word}")
+    broken = check_constraints(metrics, search, baseline)
+    parts.append("| feasible" if not broken else f"| infeasible: {broken[0]}")
+    return " ".join(parts)
 
 
 class ReportSchedule:
@@ -74,6 +121,12 @@ def record_trials(run_dir: RunFolder, spec: JobSpec) -> Any:
             # driver, their only writer, keeps them in memory.
             self.records = {t["trial"]: t for t in load_trials(run_dir.local)}
             self.schedule = ReportSchedule()
+            self.total = space_lib.num_trials(spec.search)
+            self.baseline: dict[str, float] | None = None
+
+        def _progress(self) -> str:
+            ended = sum(r.get("status") != "running" for r in self.records.values())
+            return f"({ended} of {self.total})"
 
         def _record(self, trial: Any, status: str, **extra: Any) -> None:
             name = str(trial)  # the trial_name_creator's name
@@ -114,6 +167,8 @@ def record_trials(run_dir: RunFolder, spec: JobSpec) -> Any:
                 self.schedule.run(self._report)
 
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            if self.records.get(str(trial), {}).get("status") != "done":
+                _say(started_line(str(trial), trial.config, spec.search))
             self._record(trial, "running", started=time.time())
 
         def on_trial_result(
@@ -132,16 +187,25 @@ def record_trials(run_dir: RunFolder, spec: JobSpec) -> Any:
                 last = trial.last_result or {}
                 metrics.update({k: float(last[k]) for k in (FIT_S, TRIAL_FN_S) if k in last})
                 self._record(trial, "done", metrics=metrics, artifact=ARTIFACT, wall_s=wall)
+                if self.baseline is None:  # written before the first trial started
+                    self.baseline = load_baseline(run_dir.local)
+                line = finished_line(name, metrics, spec.search, self.baseline, self._progress())
             else:
                 # Ended without its final artifact: the scheduler stopped it early.
-                self._record(
-                    trial, "stopped", metrics=numbers(trial.last_result or {}), wall_s=wall
-                )
+                last = numbers(trial.last_result or {})
+                self._record(trial, "stopped", metrics=last, wall_s=wall)
+                step = last.get("train/step")
+                at = "" if step is None else f" at step {step:.0f}"
+                line = f"trial {name} stopped early by the scheduler{at} {self._progress()}"
+            _say(line)
             self._trial_ended()
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             wall = self._wall(str(trial))
-            self._record(trial, "error", error=error_text(trial), wall_s=wall)
+            error = error_text(trial)
+            self._record(trial, "error", error=error, wall_s=wall)
+            last = error.strip().splitlines()[-1] if error.strip() else "see the log above"
+            _say(f"trial {trial} failed {self._progress()}: {last}")
             self._trial_ended()
 
     return RecordTrials()

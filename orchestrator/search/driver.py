@@ -73,9 +73,15 @@ def check_search_dir(spec: JobSpec, resume: bool) -> None:
 
 
 def build_tuner(
-    spec: JobSpec, folder: RunFolder, parallel: int, total_steps: int, resume: bool
+    spec: JobSpec,
+    folder: RunFolder,
+    parallel: int,
+    total_steps: int,
+    resume: bool,
+    verbose: bool = False,
 ) -> Any:
-    """The Tune experiment: a new one, or the interrupted one restored (``--resume``)."""
+    """The Tune experiment: a new one, or the interrupted one restored (``--resume``).
+    ``verbose``: Tune's own trial table every 30 s besides the driver's line per trial."""
     from ray import tune
 
     search = spec.search
@@ -123,14 +129,19 @@ def build_tuner(
                 metric_columns=[o.metric for o in search.objectives],
                 parameter_columns=list(search.space),
                 max_report_frequency=30,
-            ),
-            verbose=1,
+            )
+            if verbose
+            else None,
+            verbose=1 if verbose else 0,
         ),
     )
 
 
-def search(spec: JobSpec, address: str | None = None, resume: bool = False) -> ReportSummary:
-    """Run (or resume) the search of ``spec``; returns the report's summary."""
+def search(
+    spec: JobSpec, address: str | None = None, resume: bool = False, verbose: bool = False
+) -> ReportSummary:
+    """Run (or resume) the search of ``spec``; returns the report's summary. The terminal gets
+    a line per started and finished trial (``verbose``: Tune's trial table too)."""
     if spec.search is None:
         raise _no_search(spec)
     # Tune's classic progress table honours the columns below (its newer one ignores them).
@@ -173,7 +184,7 @@ def search(spec: JobSpec, address: str | None = None, resume: bool = False) -> R
         + ", ".join(f"{o.mode} {o.metric}" for o in spec.search.objectives),
         flush=True,
     )
-    tuner = build_tuner(spec, folder, parallel, total_steps, resume)
+    tuner = build_tuner(spec, folder, parallel, total_steps, resume, verbose)
     try:
         grid = tuner.fit()
     except Exception as e:  # Tune raises on driver-side failures (trial errors are recorded)

@@ -56,6 +56,7 @@ def _dump_dom(page: Path, profile: Path) -> tuple[str, list[str]]:
         "--enable-logging=stderr",
         "--v=0",
         "--virtual-time-budget=3000",
+        "--window-size=1400,900",  # a laptop browser window
         "--dump-dom",
         page.resolve().as_uri(),
     ]
@@ -116,17 +117,26 @@ def test_a_broken_page_is_caught(report: Path, tmp_path: Path) -> None:
     page = report.read_text()
     page = re.sub(r"base64,[A-Za-z0-9+/=]+", "base64,bm90IGEgcG5n", page)
     page = page.replace("</body>", "<script>undefined_function();</script></body>")
+    page = page.replace("<body>", '<body><div style="width: 3000px">too wide</div>')
     broken = tmp_path / "broken.html"
     broken.write_text(page)
     dom, console = _dump_dom(broken, tmp_path / "profile-broken")
     assert any("undefined_function" in ln for ln in console), console
     assert 'data-plot-loaded="1"' not in dom
+    assert 'data-fits-width="0"' in dom
 
 
 def test_report_renders_in_chromium(report: Path, tmp_path: Path) -> None:
     dom, console = _dump_dom(report, tmp_path / "profile")
     assert console == [], "the page logged to the console:\n" + "\n".join(console)
     assert 'data-plot-loaded="1"' in dom, "the embedded pareto.png did not decode"
+    assert 'data-fits-width="1"' in dom, "the page scrolls sideways in a 1400-pixel window"
+    # The answer comes first: the selected recipe against the dense model, then the front.
+    assert (
+        dom.index('id="answer"') < dom.index('id="pareto-table"') < dom.index('id="trials-table"')
+    )
+    answer = dom.split('id="answer-table"')[1].split("</table>")[0]
+    assert "validation accuracy" in answer and "x smaller" in answer and "x faster" in answer
     table = dom.split('id="pareto-table"')[1].split("</table>")[0]
     rows = re.findall(r"<tr[ >].*?</tr>", table, flags=re.S)
     assert len(rows) == 3  # header, trial_000, trial_001

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -104,8 +105,12 @@ def test_resume_reruns_no_finished_trial(search_run: dict) -> None:
             name
         ]
         assert json.loads((run / "trials" / name / "trial.json").read_text()) == record
-    assert "resuming the search" in search_run["stdout"]
-    assert "Pareto front" in search_run["stdout"]
+    out = search_run["stdout"]
+    assert "resuming the search" in out and "Pareto front" in out
+    # The terminal: the dashboard's address, a line per trial, no Tune table without --verbose.
+    assert "[orchestrator] Ray dashboard: http" in out
+    assert re.search(r"\[orchestrator\] trial t\d+\S* done \(\d+ of \d+\): val acc", out), out
+    assert "Trial status" not in out
 
 
 def test_run_directory_has_every_file(search_run: dict) -> None:

@@ -189,3 +189,23 @@ def test_thousands_of_trials_make_a_light_paged_report(tmp_path: Path) -> None:
     assert page.count('<tr class="') >= n  # every trial is still listed
     # Well under 5 MB at 5,000 trials: under 1 kB a trial row here.
     assert len(page.encode()) / n < 1000
+
+
+def test_a_line_per_started_and_finished_trial(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    folder, spec = _run(tmp_path)
+    callback = record_trials(folder, spec)
+    rng = random.Random(3)
+    _finish(callback, folder, FakeTrial("t001_a", 0.3), rng)
+    failed = FakeTrial("t002_b", 0.5)
+    callback.on_trial_start(0, [], failed)
+    callback.on_trial_error(0, [], failed)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[orchestrator]")]
+    assert lines[0] == "[orchestrator] trial t001_a started: sparsity=0.3 quantize=int8"
+    done = lines[1]
+    assert done.startswith("[orchestrator] trial t001_a done (1 of 2): val acc 0.")
+    assert "(drop +" in done or "(drop -" in done
+    assert done.endswith("| feasible") or "| infeasible: accuracy drop" in done
+    assert lines[2] == "[orchestrator] trial t002_b started: sparsity=0.5 quantize=int8"
+    assert lines[3].startswith("[orchestrator] trial t002_b failed (2 of 2): ")
