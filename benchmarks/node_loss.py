@@ -133,7 +133,11 @@ def main() -> None:
             print("|---|---|---|---|---|")
             for i, k in enumerate(run.kills, 1):
                 after = "-" if k.resumed_after_s is None else f"{k.resumed_after_s:.1f}"
-                print(f"| {i} | {k.last_step} | {k.resumed_step} | {k.steps_redone} | {after} |")
+                # Training may pass the step last seen (and its checkpoint) before the kill
+                # lands: then nothing was done twice (marked *).
+                redone = k.steps_redone
+                twice = "-" if redone is None else f"{max(0, redone)}{'*' if redone < 0 else ''}"
+                print(f"| {i} | {k.last_step} | {k.resumed_step} | {twice} | {after} |")
             print(
                 f"\nwall time: undisturbed {calm_s:.0f} s, with {len(run.kills)} kills "
                 f"{run.wall_s:.0f} s ({run.wall_s / calm_s:.2f}x)"
