@@ -64,6 +64,13 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--best", action="store_true", help="the best trial under the constraints")
     which.add_argument("--trial", metavar="ID", help="a trial by name (see report.html)")
     e.add_argument("--out", metavar="DIR", help="output folder (default: RUN_DIR/best)")
+    e.add_argument(
+        "--format",
+        choices=["artifact", "onnx"],
+        default="artifact",
+        help="artifact: the compressed model as the search wrote it (load_artifact); onnx: "
+        "model.onnx for ONNX Runtime, checked against the artifact on the test split",
+    )
     return p
 
 
@@ -115,8 +122,19 @@ def _run_dir_command(args: argparse.Namespace) -> int:
             print(f"local copy: {folder.local / 'report.html'}")
         return 0
     out = args.out or folder.uri("best")
-    record = results.export_trial(folder, out, None if args.best else args.trial)
-    print(f"exported trial {record['trial']} to {out}")
+    record = results.export_trial(folder, out, None if args.best else args.trial, args.format)
+    print(
+        f"exported trial {record['trial']} to {out}" + (" as ONNX" if args.format == "onnx" else "")
+    )
+    check = record.get("onnx_check")
+    if check:
+        print(
+            f"ONNX Runtime against the artifact on {check['examples']} test examples: "
+            f"{check['agreement']:.2%} same labels, largest logit difference "
+            f"{check['max_logit_diff']:.3g}, accuracy {check['accuracy_onnx']:.4f} (artifact "
+            f"{check['accuracy_artifact']:.4f}); {check['int8_matmuls']} int8 MatMuls, "
+            f"{check['bytes'] / 1e6:.2f} MB"
+        )
     return 0
 
 

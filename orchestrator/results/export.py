@@ -1,4 +1,5 @@
-"""``orchestrator export RUN_DIR (--best | --trial NAME) --out DIR``: ship one trial's model.
+"""``orchestrator export RUN_DIR (--best | --trial NAME) --out DIR [--format onnx]``: ship one
+trial's model.
 
 The trial's artifact folder (safetensors + manifest + config + tokenizer, written by
 ``orchestrator.compress.artifact.save_artifact``) is copied as is, so the export loads with
@@ -76,8 +77,46 @@ def _pick(rows: dict[str, dict[str, Any]], trial: str | None, best: dict | None)
     return trial
 
 
+FORMATS = ("artifact", "onnx")
+CHECK_BATCH = 64
+
+
+def _onnx_fill(tmp: Path, src: Path, run_dir: Path, name: str) -> dict[str, Any]:
+    """Fill ``tmp`` with the ONNX model of the artifact ``src``, its tokenizer and config, and
+    the agreement check on the trial's test split; returns the check."""
+    from orchestrator import data as data_lib
+    from orchestrator import models
+    from orchestrator.compress import onnx_export
+    from orchestrator.compress.artifact import load_artifact
+    from orchestrator.config.loader import read_yaml, validate_job
+
+    onnx_export.require_runtime()
+    spec = validate_job(read_yaml(run_dir / "trials" / name / "job.yaml"), source=f"trial {name}")
+    model = load_artifact(src).eval()
+    tokenizer = models.build_tokenizer(spec.model)
+    bundle = data_lib.build(spec.data, tokenizer)
+    test = bundle.splits["test"]
+    rows = [test[i] for i in range(len(test))]
+    batches = [bundle.collate(rows[i : i + CHECK_BATCH]) for i in range(0, len(rows), CHECK_BATCH)]
+    steps = onnx_export.manifest_steps(src)
+    done = onnx_export.to_onnx(model, steps, tmp / onnx_export.ONNX_FILE, batches[0])
+    check = {
+        **done,
+        "split": "test",
+        **onnx_export.agreement(model, tmp / onnx_export.ONNX_FILE, batches),
+    }
+    for path in src.iterdir():  # the tokenizer and config: the model takes raw text as before
+        if path.is_file() and path.suffix != ".safetensors" and path.name != "manifest.json":
+            shutil.copy2(path, tmp / path.name)
+    onnx_export.write_check(tmp, check)
+    return check
+
+
 def export_trial(
-    run_dir: str | Path | RunFolder, out: str | Path, trial: str | None = None
+    run_dir: str | Path | RunFolder,
+    out: str | Path,
+    trial: str | None = None,
+    fmt: str = "artifact",
 ) -> dict[str, Any]:
     """Copy a trial's compressed model to ``out`` and return its trial record.
 
@@ -86,7 +125,10 @@ def export_trial(
     Raises ``ConfigError`` for a non-empty ``out``, an unknown trial (with a did-you-mean), no
     feasible trial, or a trial that has no finished artifact. ``run_dir`` in storage (a
     ``RunFolder`` whose records are pulled): the model is fetched from there; ``out`` may be a
-    storage URI too."""
+    storage URI too. ``fmt="onnx"``: see the module doc; the trial record then holds the
+    agreement check under ``onnx_check``."""
+    if fmt not in FORMATS:
+        raise _error("--format", fmt, "is not a format this tool writes", f"use one of {FORMATS}")
     folder = run_dir if isinstance(run_dir, RunFolder) else RunFolder(str(run_dir))
     run = read_run(folder.local)
     out = str(out)
@@ -132,8 +174,14 @@ def export_trial(
         "row": _json_safe(rows[name]),
     }
 
+    if fmt == "onnx":
+        folder.pull(f"trials/{name}/job.yaml")  # the trial's data, for the agreement check
+
     def fill(tmp: Path) -> None:
-        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        if fmt == "onnx":
+            provenance["onnx_check"] = _onnx_fill(tmp, Path(src), folder.local, name)
+        else:
+            shutil.copytree(src, tmp, dirs_exist_ok=True)
         (tmp / RECORD).write_text(json.dumps(provenance, indent=2, sort_keys=True))
 
     if is_uri(out):
@@ -143,4 +191,4 @@ def export_trial(
     else:
         # A hidden sibling folder renamed into place (``out`` is absent or empty, checked above).
         write_dir_atomic(Path(out), fill)
-    return record
+    return provenance if fmt == "onnx" else record

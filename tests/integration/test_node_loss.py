@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CHECKPOINT_EVERY, MAX_STEPS, TRIALS = 10, 60, 2
 
 
-def _search(tmp_path: Path, name: str, failures: int) -> list[str]:
+def _search(tmp_path: Path, name: str, failures: int, trials: int = TRIALS) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -41,16 +41,16 @@ def _search(tmp_path: Path, name: str, failures: int) -> list[str]:
         "train.log_every=1",
         f"train.max_failures={failures}",
         f"search.max_failures={failures}",
-        f"search.num_samples={TRIALS}",
+        f"search.num_samples={trials}",
     ]
 
 
-def _check_run(run: Path) -> None:
+def _check_run(run: Path, trials: int = TRIALS) -> None:
     from orchestrator.compress.artifact import load_artifact
 
     table = pq.read_table(run / "results.parquet").to_pylist()
-    assert [r["status"] for r in table] == ["done"] * TRIALS, table
-    assert len({r["trial"] for r in table}) == TRIALS
+    assert [r["status"] for r in table] == ["done"] * trials, table
+    assert len({r["trial"] for r in table}) == trials
     for row in table:
         folder = run / "trials" / row["trial"]
         assert json.loads((folder / "metrics.json").read_text())["train/step"] == MAX_STEPS
@@ -106,7 +106,7 @@ def test_a_preempted_node_costs_no_failure_budget(
     ray_head, second_node: SecondNode, tmp_path: Path
 ) -> None:
     run = search_with_node_kills(
-        _search(tmp_path, "preempted", failures=0),
+        _search(tmp_path, "preempted", failures=0, trials=1),
         second_node,
         kills=1,
         checkpoint_every=CHECKPOINT_EVERY,
@@ -120,7 +120,7 @@ def test_a_preempted_node_costs_no_failure_budget(
     assert len(run.kills) == 1 and run.kills[0].preempted
     assert run.kills[0].resumed_step is not None, run.timeline()
     assert run.kills[0].resumed_step > 0, run.timeline()
-    _check_run(tmp_path / "runs" / "preempted")
+    _check_run(tmp_path / "runs" / "preempted", trials=1)
 
 
 def test_a_node_that_never_comes_back_fails_its_trials_with_the_reason(

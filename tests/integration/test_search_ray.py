@@ -208,6 +208,34 @@ def test_export_best_predicts_like_the_trial(search_run: dict, tmp_path: Path) -
     assert record["trial"] == min(feasible, key=lambda r: r["compress/size_bytes"])["trial"]
 
 
+def test_export_to_onnx_or_a_clear_refusal(
+    search_run: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Every finished trial of the run: ONNX for a recipe ONNX Runtime can run (checked on the
+    test split against the artifact), exit 2 naming --format and nothing written for 4-bit
+    weights."""
+    run = search_run["run"]
+    rows = [r for r in pq.read_table(run / "results.parquet").to_pylist() if r["status"] == "done"]
+    for row in rows:
+        out = tmp_path / row["trial"]
+        rc = main(
+            ["export", str(run), "--trial", row["trial"], "--format", "onnx", "--out", str(out)]
+        )
+        text = capsys.readouterr()
+        if row["config/compress.quantize"] == "int4":
+            assert rc == 2 and "--format = 'onnx'" in text.err and "weight_only" in text.err
+            assert not out.exists()
+            continue
+        assert rc == 0, text.out + text.err
+        check = json.loads((out / "onnx_check.json").read_text())
+        test_examples = json.loads((run / "trials" / row["trial"] / "metrics.json").read_text())
+        assert check["examples"] == test_examples["test/examples"]
+        assert check["float_graph_max_diff"] < 1e-3 and check["agreement"] >= 0.9, check
+        assert (out / "model.onnx").is_file() and (out / "tokenizer.json").is_file()
+        assert not list(out.glob("*.safetensors"))
+        assert "same labels" in text.out
+
+
 def test_asha_stops_the_poor_trial_at_its_first_rung(ray_cluster: str, tmp_path: Path) -> None:
     """Early stopping end to end: a grid of a sane and a diverging learning rate, validation
     loss every 2 steps, ASHA with rungs at steps 2, 4 and 8. The diverging trial is stopped
