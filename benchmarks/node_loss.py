@@ -30,27 +30,22 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from faults import start_head  # noqa: E402
 
-from orchestrator.testing.nodes import SecondNode, search_with_node_kills  # noqa: E402
+from orchestrator.testing.nodes import (  # noqa: E402
+    SecondNode,
+    debug_search,
+    search_with_node_kills,
+)
 
 
 def search_cmd(work: Path, name: str, args: argparse.Namespace, failures: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "orchestrator",
-        "search",
-        str(ROOT / "jobs/debug/search.yaml"),
-        f"name={name}",
-        f"output.dir={work / 'runs'}",
-        f"data.cache_dir={work / 'data-cache'}",
-        "train.num_workers=4",
-        f"train.max_steps={args.steps}",
-        f"train.checkpoint_every={args.checkpoint_every}",
-        "train.log_every=1",
-        f"train.max_failures={failures}",
-        f"search.max_failures={failures}",
-        f"search.num_samples={args.trials}",
-    ]
+    return debug_search(
+        work,
+        name,
+        steps=args.steps,
+        checkpoint_every=args.checkpoint_every,
+        failures=failures,
+        trials=args.trials,
+    )
 
 
 def check(run: Path, trials: int, steps: int) -> str:

@@ -29,8 +29,35 @@ from pathlib import Path
 from orchestrator.testing.faults import RESUMED_LINE, STEP_LINE
 
 RAY = str(Path(sys.executable).with_name("ray"))
+ROOT = Path(__file__).resolve().parents[2]
 # The driver prints this once the dense baseline is done and the trials start.
 SEARCH_LINE = re.compile(r"\[orchestrator\] search \S+ \| ")
+
+
+def debug_search(
+    work: Path, name: str, *, steps: int, checkpoint_every: int, failures: int, trials: int
+) -> list[str]:
+    """The command of the debug search (``jobs/debug/search.yaml``) that the node-loss test
+    and benchmark kill nodes under: 4 DDP workers per trial (2 on each 2-CPU node, so every
+    trial spans both and they run one at a time), a progress line every step, both failure
+    budgets ``failures``; its run folder is ``work/runs/name``."""
+    return [
+        sys.executable,
+        "-m",
+        "orchestrator",
+        "search",
+        str(ROOT / "jobs" / "debug" / "search.yaml"),
+        f"name={name}",
+        f"output.dir={work / 'runs'}",
+        f"data.cache_dir={work / 'data-cache'}",
+        "train.num_workers=4",
+        f"train.max_steps={steps}",
+        f"train.checkpoint_every={checkpoint_every}",
+        "train.log_every=1",
+        f"train.max_failures={failures}",
+        f"search.max_failures={failures}",
+        f"search.num_samples={trials}",
+    ]
 
 
 def alive_nodes() -> list[str]:

@@ -12,37 +12,31 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from orchestrator.testing.nodes import SecondNode, search_with_node_kills, wait_alive
+from orchestrator.testing.nodes import (
+    SecondNode,
+    debug_search,
+    search_with_node_kills,
+    wait_alive,
+)
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[2]
 CHECKPOINT_EVERY, MAX_STEPS, TRIALS = 10, 60, 2
 
 
 def _search(tmp_path: Path, name: str, failures: int, trials: int = TRIALS) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "orchestrator",
-        "search",
-        str(ROOT / "jobs/debug/search.yaml"),
-        f"name={name}",
-        f"output.dir={tmp_path / 'runs'}",
-        f"data.cache_dir={tmp_path / 'data-cache'}",
-        "train.num_workers=4",  # 4 x 1 CPU: 2 on the head, 2 on the second node
-        f"train.max_steps={MAX_STEPS}",
-        f"train.checkpoint_every={CHECKPOINT_EVERY}",
-        "train.log_every=1",
-        f"train.max_failures={failures}",
-        f"search.max_failures={failures}",
-        f"search.num_samples={trials}",
-    ]
+    return debug_search(
+        tmp_path,
+        name,
+        steps=MAX_STEPS,
+        checkpoint_every=CHECKPOINT_EVERY,
+        failures=failures,
+        trials=trials,
+    )
 
 
 def _check_run(run: Path, trials: int = TRIALS) -> None:

@@ -13,30 +13,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
+from orchestrator.testing.nodes import wait_alive
+
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def _alive_nodes() -> list[str]:
-    import ray
-
-    return [n["NodeID"] for n in ray.nodes() if n["Alive"]]
-
-
-def _wait_nodes(count: int, timeout_s: float = 120) -> list[str]:
-    deadline = time.monotonic() + timeout_s
-    while len(nodes := _alive_nodes()) != count:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{len(nodes)} Ray nodes alive, waited for {count}")
-        time.sleep(0.5)
-    return nodes
 
 
 def _train_worker_nodes() -> dict[str, str]:
@@ -47,7 +33,7 @@ def _train_worker_nodes() -> dict[str, str]:
 
 
 def test_search_in_storage_spans_a_second_node(ray_head, tmp_path: Path) -> None:
-    before_nodes = _wait_nodes(1)
+    before_nodes = wait_alive(1)
     node_dir, driver_dir = tmp_path / "node2", tmp_path / "driver"
     node_cache, driver_cache = tmp_path / "node2-cache", tmp_path / "driver-cache"
     node_dir.mkdir()
@@ -74,7 +60,7 @@ def test_search_in_storage_spans_a_second_node(ray_head, tmp_path: Path) -> None
         start_new_session=True,
     )
     try:
-        nodes = _wait_nodes(2)
+        nodes = wait_alive(2)
         second = next(n for n in nodes if n not in before_nodes)
         known = set(_train_worker_nodes())
         proc = subprocess.run(
@@ -106,7 +92,7 @@ def test_search_in_storage_spans_a_second_node(ray_head, tmp_path: Path) -> None
     finally:
         os.killpg(node.pid, signal.SIGTERM)
         node.wait(timeout=60)
-    _wait_nodes(1, timeout_s=180)
+    wait_alive(1, timeout_s=180)
     assert f"report: {uri}/debug-search/report.html" in proc.stdout
 
     run = store / "debug-search"
