@@ -145,6 +145,8 @@ def test_each_distribution_kind(text: str, kind: str) -> None:
             "search.baseline.overrides.train.epohcs",
             "did you mean train.epochs",
         ),
+        (("search.max_failures=-2",), "search.max_failures", "greater than or equal to -1"),
+        (("search.max_failures=x",), "search.max_failures", "valid integer"),
     ],
 )
 def test_bad_search_sections(overrides: tuple[str, ...], key: str, words: str) -> None:
