@@ -200,11 +200,25 @@ def finalize(
         split_metrics, answers = evaluate_answers(shipped, bundle, split)
         metrics.update(split_metrics)
         metrics.update(PairedCounts.of(reference[split], answers).metrics(split_key(split)))
-    latency = measure_latency(
-        {"dense": dense, "compressed": shipped},
-        seq_len=spec.data.max_length,
-        threads=spec.measure.threads,
-    )
+    if spec.measure.backend == "onnxruntime":
+        from orchestrator.compress.measure import measure_latency_onnxruntime
+        from orchestrator.compress.onnx_export import manifest_steps
+
+        latency = measure_latency_onnxruntime(
+            {"dense": (dense, None), "compressed": (shipped, manifest_steps(folder))},
+            seq_len=spec.data.max_length,
+            threads=spec.measure.threads,
+        )
+        report.notes.append(
+            f"latency measured in ONNX Runtime ({spec.measure.threads} thread(s)), the dense "
+            "fp32 model and this recipe each exported to ONNX as `export --format onnx` does"
+        )
+    else:
+        latency = measure_latency(
+            {"dense": dense, "compressed": shipped},
+            seq_len=spec.data.max_length,
+            threads=spec.measure.threads,
+        )
     kernels = kernel_summary(shipped)
     report.kernels = kernels
     report.notes.append(

@@ -113,6 +113,20 @@ def preflight(spec: JobSpec) -> tuple[Any, data_lib.DataBundle]:
     before any Ray process starts, and the workers then read the warm tokenization cache."""
     tokenizer = models.build_tokenizer(spec.model)
     models.model_dir(spec.model)
+    if spec.measure.backend == "onnxruntime":
+        from orchestrator.compress.onnx_export import require_runtime
+
+        require_runtime("measure.backend", "onnxruntime")
+        if tokenizer is None:
+            raise ConfigError(
+                Problem(
+                    "measure.backend",
+                    "onnxruntime",
+                    "the ONNX export takes token models (input_ids, attention_mask); this model "
+                    "reads pixels",
+                    "use measure.backend=torch",
+                )
+            )
     bundle = data_lib.build(spec.data, tokenizer)
     t = spec.train
     if bundle.batches_per_epoch(t.batch_size, t.num_workers) < t.grad_accum_steps:

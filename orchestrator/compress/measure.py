@@ -83,6 +83,61 @@ def _measure(
     return out
 
 
+def measure_latency_onnxruntime(
+    models: dict[str, tuple[nn.Module, list[dict] | None]],
+    *,
+    seq_len: int,
+    batch_sizes: tuple[int, ...] = BATCH_SIZES,
+    repeats: int = 7,
+    warmup: int = 2,
+    threads: int = 1,
+) -> dict[str, dict[str, float]]:
+    """``measure_latency`` in ONNX Runtime: each model exported to ONNX as ``orchestrator
+    export --format onnx`` writes it (``steps``: the artifact's manifest steps; None: a dense
+    model, exported as it is), run by one session of ``threads`` intra-op threads, the models
+    interleaved on the same inputs; medians in ms, and ``perf/onnxruntime`` = 1."""
+    import tempfile
+    from pathlib import Path
+
+    import onnxruntime as ort
+
+    from orchestrator.compress import onnx_export
+
+    first = next(iter(models.values()))[0]
+    example = example_inputs(first, 2, seq_len)
+    sessions = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, (model, steps) in models.items():
+            path = Path(tmp) / f"{label}.onnx"
+            if steps is None:
+                onnx_export.export_float(model.eval(), path, example)
+            else:
+                onnx_export.to_onnx(model.eval(), steps, path, example)
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            options.log_severity_level = 3
+            sessions[label] = ort.InferenceSession(
+                str(path), options, providers=["CPUExecutionProvider"]
+            )
+    out: dict[str, dict[str, float]] = {label: {} for label in models}
+    for bs in batch_sizes:
+        feed = {k: v.numpy() for k, v in example_inputs(first, bs, seq_len).items()}
+        times: dict[str, list[float]] = {label: [] for label in models}
+        for i in range(warmup + repeats):
+            for label, session in sessions.items():
+                start = time.perf_counter()
+                session.run(None, feed)
+                if i >= warmup:
+                    times[label].append((time.perf_counter() - start) * 1000.0)
+        for label in models:
+            out[label][f"perf/latency_ms_b{bs}"] = statistics.median(times[label])
+    for label in models:
+        out[label]["perf/threads"] = float(threads)
+        out[label]["perf/onnxruntime"] = 1.0
+    return out
+
+
 def kernel_summary(model: nn.Module) -> dict[str, int]:
     """What the model's layers run on: a count per kind of leaf module that holds weights
     (``int8 Linear (torch.ao dynamic)``, ``fp32 Linear``, ``4-bit packed embedding``, ...)."""

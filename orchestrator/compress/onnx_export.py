@@ -49,8 +49,9 @@ def _refuse(message: str, fix: str) -> ConfigError:
     return ConfigError(Problem("--format", "onnx", message, fix), source="export")
 
 
-def require_runtime() -> None:
-    """The ONNX packages, or a ``ConfigError`` naming ``--format`` and how to install them."""
+def require_runtime(key: str = "--format", value: str = "onnx") -> None:
+    """The ONNX packages, or a ``ConfigError`` naming ``key`` (the flag or config key that asked
+    for them) and how to install them."""
     missing = []
     for name in ("onnx", "onnxruntime", "onnxscript"):
         try:
@@ -58,10 +59,18 @@ def require_runtime() -> None:
         except ImportError:
             missing.append(name)
     if missing:
-        raise _refuse(
-            f"needs the packages {', '.join(missing)}, which are not installed",
-            "pip install -e '.[onnx]' (or pip install onnx onnxruntime onnxscript), or export "
-            "the artifact itself (--format artifact)",
+        other = "export the artifact itself (--format artifact)"
+        if key != "--format":
+            other = f"set {key} to its default"
+        raise ConfigError(
+            Problem(
+                key,
+                value,
+                f"needs the packages {', '.join(missing)}, which are not installed",
+                "pip install -e '.[onnx]' (or pip install onnx onnxruntime onnxscript), or "
+                + other,
+            ),
+            source="export" if key == "--format" else "job",
         )
 
 

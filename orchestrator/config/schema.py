@@ -321,6 +321,12 @@ class MeasureConfig(ConfigModel):
         description="torch intra-op threads while timing, as the model will be deployed with; "
         ">= 1 (perf/threads records it)",
     )
+    backend: Literal["torch", "onnxruntime"] = Field(
+        default="torch",
+        description="the runtime the latency is measured in, for the dense and the compressed "
+        "model alike: torch (eager, the artifact as loaded) or onnxruntime (both exported to "
+        "ONNX, as `orchestrator export --format onnx` writes them; needs the onnx extra)",
+    )
 
 
 class OutputConfig(ConfigModel):
@@ -381,6 +387,7 @@ class JobSpec(ConfigModel):
                 )
             )
         problems += self._distill_problems()
+        problems += self._backend_problems()
         zero3 = self.train.strategy == "deepspeed" and self.train.zero_stage == 3
         for technique in self.compress.techniques():
             if technique.needs_whole_weights and zero3:
@@ -411,6 +418,31 @@ class JobSpec(ConfigModel):
         if problems:
             raise cross_field_error(problems)
         return self
+
+    def _backend_problems(self) -> list[tuple[str, object, str, str]]:
+        """Latency in ONNX Runtime needs a recipe the ONNX export expresses: int8 kernels or no
+        quantization, 8-bit embeddings."""
+        if self.measure.backend != "onnxruntime" or self.compress.quantize is None:
+            return []
+        q = self.compress.quantize
+        bits = getattr(q, "embedding_bits", None)
+        if q.method == "dynamic_int8" and (bits is None or bits == 8):
+            return []
+        what = (
+            f"compress.quantize.method={q.method}"
+            if q.method != "dynamic_int8"
+            else f"compress.quantize.embedding_bits={bits}"
+        )
+        return [
+            (
+                "measure.backend",
+                "onnxruntime",
+                f"{what} cannot be exported to ONNX Runtime (low-bit weights), so its latency "
+                "cannot be measured there",
+                "use measure.backend=torch, or quantize with method dynamic_int8 and 8-bit "
+                "embeddings",
+            )
+        ]
 
     def _distill_problems(self) -> list[tuple[str, object, str, str]]:
         """Distillation needs a compressed student and a fine-tuned teacher: the dense baseline

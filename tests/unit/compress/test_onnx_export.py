@@ -77,3 +77,32 @@ def test_a_missing_runtime_names_the_flag_and_the_install(monkeypatch: pytest.Mo
         onnx_export.require_runtime()
     text = str(e.value)
     assert "--format" in text and "onnxruntime" in text and "pip install -e '.[onnx]'" in text
+
+
+def test_latency_measured_in_onnx_runtime(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    art = _artifact(tmp_path, "measure.backend=onnxruntime")
+    capsys.readouterr()
+    report = json.loads((art.parent / "compress_report.json").read_text())
+    m = report["metrics"]
+    assert m["perf/onnxruntime"] == 1.0 and m["perf/threads"] == 1.0
+    for key in ("perf/latency_ms_b1", "perf/latency_ms_b32", "perf/dense_latency_ms_b32"):
+        assert m[key] > 0, key
+    assert m["perf/speedup"] == pytest.approx(
+        m["perf/dense_latency_ms_b32"] / m["perf/latency_ms_b32"]
+    )
+    assert any("ONNX Runtime" in note for note in report["notes"])
+
+
+def test_a_recipe_onnx_runtime_cannot_run_is_refused_for_its_latency(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    args = ["compress", JOB, f"output.dir={tmp_path}", f"data.cache_dir={tmp_path / 'c'}"]
+    quantize = (
+        "compress.quantize={method: weight_only, bits: 4, granularity: group, group_size: 32}"
+    )
+    assert main([*args, "measure.backend=onnxruntime", quantize]) == 2
+    err = capsys.readouterr().err
+    assert "measure.backend = 'onnxruntime'" in err and "weight_only" in err
+    assert not (tmp_path / "debug-compress").exists()
