@@ -162,13 +162,23 @@ _METRIC_HEAD = [
 
 def _answer_rows(best: dict[str, Any], baseline: dict[str, float] | None) -> list[str]:
     """The selected recipe against the dense model, in words: accuracy (validation, test),
-    size on disk, latency."""
+    size on disk, latency. The dense size and latency are the ones the trial measured side by
+    side with its own (``compress/dense_size_bytes``, ``perf/dense_latency_ms_b32``: same
+    machine, threads and runtime), else the baseline's."""
     dense = baseline or {}
+    side_by_side = {
+        "compress/size_bytes": "compress/dense_size_bytes",
+        "perf/latency_ms_b32": "perf/dense_latency_ms_b32",
+    }
+
+    def dense_value(key: str) -> float | None:
+        own = best.get(side_by_side.get(key, ""))
+        return own if own is not None else dense.get(key)
 
     def row(label: str, key: str, fmt: str, change: str, scale: float = 1.0) -> str:
         return (
             f"<tr><td>{escape(label)}</td>"
-            + _td(_num(dense.get(key), fmt, scale), num=True)
+            + _td(_num(dense_value(key), fmt, scale), num=True)
             + _td(_num(best.get(key), fmt, scale), num=True)
             + f'<td class="num change">{escape(change)}</td></tr>'
         )

@@ -631,3 +631,21 @@ def test_confidence_outside_the_open_interval_is_refused() -> None:
         _search(confidence=0.95)
     assert e.value.problems[0].key == "search.constraints.confidence"
     assert "max_accuracy_drop" in e.value.problems[0].fix
+
+
+def test_the_answer_compares_with_the_dense_model_measured_beside_the_trial() -> None:
+    from orchestrator.results.html import _answer_rows
+
+    best = {
+        "eval/accuracy": 0.8,
+        "perf/latency_ms_b32": 10.0,
+        "perf/dense_latency_ms_b32": 40.0,  # timed side by side, in the same runtime
+        "perf/speedup": 4.0,
+        "compress/size_bytes": 2e6,
+    }
+    baseline = {"eval/accuracy": 0.81, "perf/latency_ms_b32": 55.0, "compress/size_bytes": 9e6}
+    rows = _answer_rows(best, baseline)
+    latency = next(r for r in rows if "latency" in r)
+    assert "40.00" in latency and "55.00" not in latency and "4.00x faster" in latency
+    size = next(r for r in rows if "size on disk" in r)
+    assert "9.00" in size  # no side-by-side dense size in this trial: the baseline's
