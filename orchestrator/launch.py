@@ -443,10 +443,12 @@ def train_failure(error: BaseException, spec: JobSpec) -> str:
     if isinstance(cause, WorkerGroupStartupTimeoutError):
         t, res = spec.train, spec.resources
         timeout = os.environ.get(START_TIMEOUT_ENV, "60")
+        tries = t.max_start_failures + 1
         return (
             f"the cluster did not have the resources for {t.num_workers} workers x "
             f"{res.cpus_per_worker:g} CPU / {res.gpus_per_worker:g} GPU within the start "
-            f"timeout ({timeout} s), {t.max_start_failures + 1} times (train.max_start_failures="
+            f"timeout ({timeout} s), {tries} time{'s' if tries != 1 else ''} "
+            f"(train.max_start_failures="
             f"{t.max_start_failures}): a node lost and not back, or a cluster too small. Fix: "
             "bring the node back or add nodes, lower train.num_workers, or set "
             "train.max_start_failures=-1 to wait for nodes"
