@@ -12,6 +12,7 @@ preemption budget, unlimited by default).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import random
@@ -32,6 +33,7 @@ RAY = str(Path(sys.executable).with_name("ray"))
 ROOT = Path(__file__).resolve().parents[2]
 # The driver prints this once the dense baseline is done and the trials start.
 SEARCH_LINE = re.compile(r"\[orchestrator\] search \S+ \| ")
+PREEMPTION_NOTICE_S = 12
 
 
 def debug_search(
@@ -129,9 +131,9 @@ class SecondNode:
         self.starts += 1
         return self.node_id
 
-    def drain_as_preempted(self, deadline_s: int = 2) -> None:
-        """Tell the GCS the node is being taken back (what the autoscaler does on a spot
-        notice); the caller kills it after."""
+    def drain_as_preempted(self, deadline_s: int) -> None:
+        """Tell the GCS the node is taken back in ``deadline_s`` seconds (what the autoscaler
+        does on a cloud's notice); the caller kills it then."""
         import ray
         from ray.core.generated import autoscaler_pb2
 
@@ -146,9 +148,21 @@ class SecondNode:
             raise RuntimeError(f"the GCS refused to drain {self.node_id}: {why}")
 
     def kill(self) -> float:
-        """SIGKILL every process of the node; returns the time of the kill (monotonic)."""
+        """SIGKILL every process of the node at once: its process group and every descendant
+        of ``ray start`` (the raylet starts its workers in sessions of their own, and a worker
+        that outlived its raylet by a few seconds kept training); returns the time of the kill
+        (monotonic)."""
+        import psutil
+
         assert self.proc is not None, "the node is not running"
+        try:
+            family = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            family = []
         os.killpg(self.proc.pid, signal.SIGKILL)
+        for p in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
         when = time.monotonic()
         self.proc.wait(timeout=60)
         self.proc = None
@@ -217,9 +231,11 @@ def search_with_node_kills(
     running trial, past its first checkpoint since its last (re)start: at least
     ``checkpoint_every`` + 1 and at most 2 x ``checkpoint_every`` - 1 steps after the step it
     started or resumed from, so every kill has a checkpoint to resume from and costs the steps
-    since it; never at a trial's last step (a kill while a finished trial copies its model
-    restarts no training). The trials must run one at a time (their workers span both
-    nodes), with ``train.log_every=1``. ``restart=False``: the node never comes back."""
+    since it; and at most at step ``max_steps`` - 5, since a kill while a finished trial
+    copies its model restarts no training. The trials must run one at a time (their workers
+    span both nodes), with ``train.log_every=1``. ``preempt``: each kill comes
+    ``PREEMPTION_NOTICE_S`` after the node was drained as preempted. ``restart=False``: the
+    node never comes back."""
     rng = random.Random(seed)
     lines: queue.Queue[tuple[float, str] | None] = queue.Queue()
     started = time.monotonic()
@@ -284,9 +300,12 @@ def search_with_node_kills(
         last_step = step
         if threshold is None:
             threshold = base + checkpoint_every + rng.randint(1, checkpoint_every - 1)
-        if waiting is None and len(run.kills) < kills and threshold <= step < max_steps:
+        if waiting is None and len(run.kills) < kills and threshold <= step <= max_steps - 5:
             if preempt:
-                node.drain_as_preempted()
+                # A notice ahead of the kill, as clouds give (30 s to 2 min): Ray Train's
+                # preemption watcher (polling every 5 s) sees the node draining in time.
+                node.drain_as_preempted(PREEMPTION_NOTICE_S)
+                time.sleep(PREEMPTION_NOTICE_S)
             kill = Kill(time=node.kill(), last_step=step, preempted=preempt)
             run.events.append(f"{kill.time - started:7.1f} KILLED the node at step {step}")
             run.kills.append(kill)
