@@ -35,16 +35,6 @@ from orchestrator.results import export_trial  # noqa: E402
 from orchestrator.stats import PairedCounts  # noqa: E402
 
 
-def session(path: Path, threads: int):  # noqa: ANN201
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def predict(s, batches: list[dict[str, torch.Tensor]]) -> np.ndarray:  # noqa: ANN001
     feeds = ({k: b[k].numpy() for k in onnx_export.INPUTS} for b in batches)
     return np.concatenate([s.run(None, f)[0].argmax(-1) for f in feeds])
@@ -94,7 +84,7 @@ def main() -> None:
         }
         b1 = bundle.collate(rows[:1])
         b32 = bundle.collate(rows[:32])
-        sessions = {k: session(f, args.threads) for k, f in files.items()}
+        sessions = {k: onnx_export.session(f, args.threads) for k, f in files.items()}
         right = {k: predict(s, batches) == labels for k, s in sessions.items()}
         ref = right["dense fp32 (ONNX Runtime)"]
         print(

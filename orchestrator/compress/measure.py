@@ -99,8 +99,6 @@ def measure_latency_onnxruntime(
     import tempfile
     from pathlib import Path
 
-    import onnxruntime as ort
-
     from orchestrator.compress import onnx_export
 
     first = next(iter(models.values()))[0]
@@ -113,13 +111,7 @@ def measure_latency_onnxruntime(
                 onnx_export.export_float(model.eval(), path, example)
             else:
                 onnx_export.to_onnx(model.eval(), steps, path, example)
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-            options.log_severity_level = 3
-            sessions[label] = ort.InferenceSession(
-                str(path), options, providers=["CPUExecutionProvider"]
-            )
+            sessions[label] = onnx_export.session(path, threads)
     out: dict[str, dict[str, float]] = {label: {} for label in models}
     for bs in batch_sizes:
         feed = {k: v.numpy() for k, v in example_inputs(first, bs, seq_len).items()}

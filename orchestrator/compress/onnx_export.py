@@ -239,11 +239,16 @@ def quantize_matmuls(float_file: Path, out_file: Path, nodes: list[str] | None =
         )
 
 
-def _session(onnx_file: Path) -> Any:
+def session(onnx_file: Path, threads: int | None = None) -> Any:
+    """An ONNX Runtime CPU session of ``onnx_file``; ``threads``: its intra-op threads (one
+    inter-op thread), else ONNX Runtime's default."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
     return ort.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
 
 
@@ -256,7 +261,7 @@ def _graph_diff(
     differently)."""
     with torch.no_grad():
         ref = graph_model(input_ids=example["input_ids"], attention_mask=example["attention_mask"])
-    got = _session(float_file).run(None, {k: example[k].numpy() for k in INPUTS})[0]
+    got = session(float_file).run(None, {k: example[k].numpy() for k in INPUTS})[0]
     return float((torch.from_numpy(got) - ref.logits).abs().max())
 
 
@@ -265,14 +270,14 @@ def agreement(
 ) -> dict[str, Any]:
     """The ONNX model against the artifact on the same batches: the share of examples with the
     same predicted label, the largest logit difference, and the accuracy of both."""
-    session = _session(onnx_file)
+    runtime = session(onnx_file)
     n = same = right_torch = right_onnx = 0
     max_diff = 0.0
     model.eval()
     with torch.no_grad():
         for b in batches:
             ref = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            got = session.run(None, {k: b[k].numpy() for k in INPUTS})[0]
+            got = runtime.run(None, {k: b[k].numpy() for k in INPUTS})[0]
             got_t = torch.from_numpy(got)
             max_diff = max(max_diff, float((got_t - ref).abs().max()))
             p_ref, p_got = ref.argmax(-1), got_t.argmax(-1)
