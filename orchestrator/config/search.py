@@ -404,11 +404,16 @@ def trial_overrides(space: dict[str, Distribution], sampled: dict[str, Any]) -> 
     return out
 
 
+# Sections of a search job that its trials' and baseline's own jobs leave out.
+DRIVER_ONLY = ("search", "tracking")
+
+
 def trial_base(job: dict[str, Any], search: SearchConfig, baseline_model: str) -> dict[str, Any]:
     """The raw job every trial starts from (its sampled keys go on top): the job without its
-    search section, starting from the fine-tuned dense baseline at ``baseline_model`` when the
-    search trains one (and distilling from it, when the job distils)."""
-    base = copy.deepcopy({k: v for k, v in job.items() if k != "search"})
+    search section and its tracking (the search driver alone logs to trackers), starting from
+    the fine-tuned dense baseline at ``baseline_model`` when the search trains one (and
+    distilling from it, when the job distils)."""
+    base = copy.deepcopy({k: v for k, v in job.items() if k not in DRIVER_ONLY})
     if search.baseline.train:
         num_layers = (job.get("model") or {}).get("num_layers")
         base["model"] = {"path": baseline_model, "num_layers": num_layers}
@@ -418,8 +423,8 @@ def trial_base(job: dict[str, Any], search: SearchConfig, baseline_model: str) -
 def baseline_base(
     job: dict[str, Any], search: SearchConfig, exclusive: list[tuple[str, ...]] | tuple = ()
 ) -> dict[str, Any]:
-    """The raw dense job: no search, no compression, no distillation (the dense model is the
-    teacher: it learns from the labels), the baseline's own overrides applied."""
-    raw = copy.deepcopy({k: v for k, v in job.items() if k not in ("search", "compress")})
+    """The raw dense job: no search, no tracking, no compression, no distillation (the dense
+    model is the teacher: it learns from the labels), the baseline's own overrides applied."""
+    raw = copy.deepcopy({k: v for k, v in job.items() if k not in (*DRIVER_ONLY, "compress")})
     raw.setdefault("train", {})["distill"] = None
     return apply_overrides(raw, search.baseline.overrides, exclusive)

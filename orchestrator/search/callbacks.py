@@ -117,12 +117,17 @@ def record_trials(run_dir: RunFolder, spec: JobSpec) -> Any:
 
     class RecordTrials(tune.Callback):
         def __init__(self) -> None:
-            # The records of a resumed search's earlier trials, read once; from here on the
-            # driver, their only writer, keeps them in memory.
-            self.records = {t["trial"]: t for t in load_trials(run_dir.local)}
+            self.records: dict[str, dict[str, Any]] = {}
             self.schedule = ReportSchedule()
             self.total = space_lib.num_trials(spec.search)
             self.baseline: dict[str, float] | None = None
+
+        def setup(self, **info: Any) -> None:
+            # The records of a resumed search's earlier trials, read once when the experiment
+            # starts (not when this callback is made: a resumed experiment unpickles the one
+            # its first start made); from here on the driver, their only writer, keeps them in
+            # memory.
+            self.records = {t["trial"]: t for t in load_trials(run_dir.local)}
 
         def _progress(self) -> str:
             ended = sum(r.get("status") != "running" for r in self.records.values())

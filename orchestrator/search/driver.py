@@ -16,6 +16,7 @@ from orchestrator.config.schema import JobSpec
 from orchestrator.config.search import trial_base
 from orchestrator.errors import ConfigError, Problem, RunError
 from orchestrator.search import space as space_lib
+from orchestrator.search import tracking
 from orchestrator.search.baseline import run_baseline
 from orchestrator.search.callbacks import record_trials
 from orchestrator.search.names import TrialNamer
@@ -79,9 +80,12 @@ def build_tuner(
     total_steps: int,
     resume: bool,
     verbose: bool = False,
+    extra_callbacks: list[Any] | None = None,
 ) -> Any:
     """The Tune experiment: a new one, or the interrupted one restored (``--resume``).
-    ``verbose``: Tune's own trial table every 30 s besides the driver's line per trial."""
+    ``verbose``: Tune's own trial table every 30 s besides the driver's line per trial.
+    ``extra_callbacks``: trackers' Tune callbacks (a restored experiment keeps those of its
+    first start: Tune saved them with it)."""
     from ray import tune
 
     search = spec.search
@@ -124,7 +128,7 @@ def build_tuner(
             name=TUNE_NAME,
             storage_path=folder.location,  # a URI too: Tune keeps its experiment state there
             failure_config=tune.FailureConfig(max_failures=search.max_failures),
-            callbacks=[record_trials(folder, spec)],
+            callbacks=[record_trials(folder, spec), *(extra_callbacks or [])],
             progress_reporter=tune.CLIReporter(
                 metric_columns=[o.metric for o in search.objectives],
                 parameter_columns=list(search.space),
@@ -164,6 +168,7 @@ def search(
     except StorageError as e:
         raise unreachable("output.dir", spec.output.dir, e) from None
     check_search_dir(spec, resume)
+    tracking.check(spec)
     _, bundle = launch.preflight(spec)
     launch.connect_ray(spec, address)
     launch.check_capacity(spec)
@@ -184,16 +189,23 @@ def search(
         + ", ".join(f"{o.mode} {o.metric}" for o in spec.search.objectives),
         flush=True,
     )
-    tuner = build_tuner(spec, folder, parallel, total_steps, resume, verbose)
+    tracker = _start_tracker(spec, folder)
+    callbacks = [tracker.callback()] if tracker else []
+    tuner = build_tuner(spec, folder, parallel, total_steps, resume, verbose, callbacks)
     try:
         grid = tuner.fit()
     except Exception as e:  # Tune raises on driver-side failures (trial errors are recorded)
         write_run_report(folder, running=False, spec=spec)
+        if tracker:
+            tracker.finish(None, failed=True)
         raise RunError(f"the search failed: {e}\n{traceback.format_exc(limit=3)}") from e
     close_lost_trials(folder, {Path(r.path).name for r in grid if r.path})
     summary = write_run_report(folder, running=False, spec=spec)
     print(pareto_text(folder.local))
-    if summary.counts["error"] and not summary.counts["done"]:
+    all_failed = bool(summary.counts["error"] and not summary.counts["done"])
+    if tracker:
+        tracker.finish(summary, failed=all_failed)
+    if all_failed:
         # Nothing to choose from: a failed run, not a search that found nothing feasible.
         records = [read_trial(folder, n) for n in sorted(_trial_names(folder))]
         errors = [r["error"] for r in records if r and r.get("status") == "error" and r["error"]]
@@ -203,6 +215,20 @@ def search(
             f"{summary.n_trials}); the first error:\n{error}\nreport: {folder.uri('report.html')}"
         )
     return summary
+
+
+def _start_tracker(spec: JobSpec, folder: RunFolder) -> tracking.Tracker | None:
+    """The MLflow search run, when the job asks for one; None, after a warning, when MLflow
+    fails here, after the check before the search (the search goes on without it)."""
+    if spec.tracking.mlflow is None:
+        return None
+    tracker = tracking.Tracker(spec, folder)
+    try:
+        tracker.start()
+    except Exception as e:
+        tracker.warn("creating the search run", e)
+        return None
+    return tracker
 
 
 def _trial_names(folder: RunFolder) -> list[str]:

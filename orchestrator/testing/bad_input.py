@@ -18,6 +18,7 @@ from orchestrator.testing.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DDP_JOB = str(ROOT / "jobs" / "debug" / "ddp.yaml")
+SEARCH_JOB = str(ROOT / "jobs" / "debug" / "search.yaml")
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,20 @@ def _train(*extra: str, env: dict[str, str] | None = None):
         ]
         args += [e.replace("{work}", str(work)) for e in extra]
         return args, {"RAY_ADDRESS": cluster, **(env or {})}
+
+    return command
+
+
+def _search(*extra: str):
+    def command(work: Path, cluster: str) -> tuple[list[str], dict[str, str]]:
+        args = [
+            "search",
+            SEARCH_JOB,
+            f"output.dir={work / 'mnt' / 'runs'}",
+            f"data.cache_dir={work / 'cache'}",
+        ]
+        args += [e.replace("{free_port}", str(free_port())) for e in extra]
+        return args, {"RAY_ADDRESS": cluster}
 
     return command
 
@@ -74,6 +89,17 @@ CASES = [
         _train("resources.gpus_per_worker=1"),
         2,
         ("resources.gpus_per_worker = 1", "needs 2 GPUs", "has at most 0"),
+    ),
+    Case(
+        "tracking.mlflow.tracking_uri where no MLflow server runs",
+        _search("tracking.mlflow.tracking_uri=http://127.0.0.1:{free_port}"),
+        2,
+        (
+            "tracking.mlflow.tracking_uri = 'http://127.0.0.1:",
+            "MLflow cannot be reached there",
+            "mlflow server --backend-store-uri",
+        ),
+        run_dir="debug-search",
     ),
     Case(
         "output.dir is a file",

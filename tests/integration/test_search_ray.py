@@ -1,7 +1,8 @@
 """The debug search through real Ray Tune + Ray Train (trials of 2 DDP workers), driven by the
-CLI as a user runs it: the driver is SIGKILLed after its first finished trial and resumed with
-``--resume``; then the run directory of docs/contracts.md, ``report`` rebuilding it, and ``export``
-of the best model predicting exactly as the trial's own artifact."""
+CLI as a user runs it, logging to a real local MLflow server: the driver is SIGKILLed after its
+first finished trial and resumed with ``--resume``; then the run directory of docs/contracts.md,
+what MLflow holds of the search, ``report`` rebuilding the run directory, and ``export`` of the
+best model predicting exactly as the trial's own artifact."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -27,6 +29,7 @@ N_TRIALS = 3
 
 
 def _command(out: Path, *extra: str) -> list[str]:
+    uri = (out / "mlflow-uri").read_text()
     return [
         sys.executable,
         "-m",
@@ -36,6 +39,7 @@ def _command(out: Path, *extra: str) -> list[str]:
         f"output.dir={out}",
         f"data.cache_dir={out / 'cache'}",
         f"search.num_samples={N_TRIALS}",
+        f"tracking.mlflow.tracking_uri={uri}",
         *extra,
     ]
 
@@ -53,9 +57,19 @@ def _done_trials(run: Path) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def search_run(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real MLflow tracking server (sqlite store) for the module's searches."""
+    from orchestrator.testing.mlflow_server import local_mlflow
+
+    with local_mlflow(tmp_path_factory.mktemp("mlflow")) as uri:
+        yield uri
+
+
+@pytest.fixture(scope="module")
+def search_run(ray_cluster: str, mlflow_uri: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Start the search, SIGKILL the driver once a trial has finished, resume it."""
     out = tmp_path_factory.mktemp("search")
+    (out / "mlflow-uri").write_text(mlflow_uri)
     run = out / "debug-search"
     env = {**os.environ, "RAY_ADDRESS": ray_cluster}
     log = (out / "first.log").open("w")
@@ -90,6 +104,7 @@ def search_run(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> di
         "stamps": stamps,
         "env": env,
         "stdout": resumed.stdout,
+        "mlflow": mlflow_uri,
     }
 
 
@@ -160,6 +175,77 @@ def test_run_directory_has_every_file(search_run: dict) -> None:
     # Every trial starts from the fine-tuned dense baseline, not from the raw model.
     job = (run / "trials" / rows[0]["trial"] / "job.yaml").read_text()
     assert str(run / "baseline" / "model") in job
+
+
+def test_mlflow_holds_the_search_and_a_run_per_trial(search_run: dict) -> None:
+    """One search run (taken up again by --resume, not a second one) with the job, the dense
+    and selected figures, the report and the selected model; a finished child run per trial with
+    its recipe, final metrics and compress report; the child the killed driver left running is
+    KILLED."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.search.tracking import ROLE_TAG
+
+    run = search_run["run"]
+    client = MlflowClient(search_run["mlflow"])
+    experiment = client.get_experiment_by_name("debug-search")  # default: the job's name
+    runs = client.search_runs([experiment.experiment_id])
+    searches = [r for r in runs if r.data.tags.get(ROLE_TAG) == "search"]
+    assert len(searches) == 1, [r.info.run_name for r in searches]
+    parent = searches[0]
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "debug-search"
+    assert json.loads((run / "mlflow.json").read_text())["run_id"] == parent.info.run_id
+    assert parent.data.params["train.strategy"] == "ddp"
+    assert parent.data.params["search.num_samples"] == str(N_TRIALS)
+    baseline = json.loads((run / "baseline.json").read_text())
+    assert parent.data.metrics["dense/eval/accuracy"] == pytest.approx(baseline["eval/accuracy"])
+    rows = pq.read_table(run / "results.parquet").to_pylist()
+    best = min((r for r in rows if r["feasible"]), key=lambda r: r["compress/size_bytes"])
+    assert parent.data.tags["selected_trial"] == best["trial"]
+    assert parent.data.metrics["selected/compress/size_bytes"] == best["compress/size_bytes"]
+    assert parent.data.metrics["trials/done"] == N_TRIALS
+    files = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"job.yaml", "report.html", "pareto.png", "pareto_table.json", "selected_model"} <= files
+    model = {a.path for a in client.list_artifacts(parent.info.run_id, "selected_model")}
+    assert "selected_model/trial.json" in model and any(p.endswith(".safetensors") for p in model)
+
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == len(runs) - 1, "every trial run is a child of the search run"
+    finished = {r.info.run_name: r for r in children if r.info.status == "FINISHED"}
+    assert set(finished) == {r["trial"] for r in rows}
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in children)
+    for name, child in finished.items():
+        record = json.loads((run / "trials" / name / "trial.json").read_text())
+        assert child.data.params["compress.prune.sparsity"] == str(
+            record["config"]["compress.prune.sparsity"]
+        )
+        metrics = json.loads((run / "trials" / name / "metrics.json").read_text())
+        assert child.data.metrics["test/accuracy"] == pytest.approx(metrics["test/accuracy"])
+        assert child.data.tags["orchestrator.status"] == "done"
+        feasible = child.data.tags["orchestrator.feasible"]
+        assert feasible == "yes" or feasible.startswith("no: "), feasible
+        assert "compress_report.json" in {a.path for a in client.list_artifacts(child.info.run_id)}
+    assert f"search run {search_run['mlflow']}/#/experiments/" in search_run["stdout"]
+    assert "View run" not in search_run["stdout"]  # MLflow's own link per run is turned off
+
+
+def test_a_deleted_mlflow_experiment_is_refused(search_run: dict) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(search_run["mlflow"])
+    client.delete_experiment(client.create_experiment("gone"))
+    out = search_run["out"] / "deleted"
+    proc = subprocess.run(
+        [*_command(search_run["out"], "tracking.mlflow.experiment=gone"), f"output.dir={out}"],
+        cwd=search_run["out"],
+        env=search_run["env"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "tracking.mlflow.experiment = 'gone'" in proc.stderr and "restore" in proc.stderr
+    assert not out.exists()
 
 
 def test_same_search_again_needs_resume(search_run: dict) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
+from ray import cloudpickle
 
 from orchestrator.config.loader import dump_job, load_job
 from orchestrator.results import html as html_lib
@@ -110,6 +111,7 @@ def test_records_in_memory_and_report_on_schedule(
     monkeypatch.setattr("orchestrator.results.write_run_report", counting)
     clock = Clock()
     callback = record_trials(folder, spec)
+    callback.setup()  # as Tune does when the experiment starts
     callback.schedule = ReportSchedule(factor=20, clock=clock)
     # Records are written, never read back: a read of the run's records would fail here.
     monkeypatch.setattr(callbacks, "load_trials", None)
@@ -155,10 +157,13 @@ def test_a_resumed_driver_keeps_the_finished_records(tmp_path: Path) -> None:
     folder, spec = _run(tmp_path)
     rng = random.Random(1)
     first = record_trials(folder, spec)
+    saved = cloudpickle.dumps(first)  # Tune saves its callbacks when the experiment is made
+    first.setup()
     _finish(first, folder, FakeTrial("t001_a", 0.3), rng)
     done = json.loads((folder.local / "trials/t001_a/trial.json").read_text())
 
-    resumed = record_trials(folder, spec)  # reads the records once, at its start
+    resumed = cloudpickle.loads(saved)  # a resumed experiment runs the saved callback
+    resumed.setup()  # which reads the records once, when the resumed experiment starts
     again = FakeTrial("t001_a", 0.9)
     resumed.on_trial_start(0, [], again)  # Tune hands it back: its record stands
     assert json.loads((folder.local / "trials/t001_a/trial.json").read_text()) == done
@@ -196,6 +201,7 @@ def test_a_line_per_started_and_finished_trial(
 ) -> None:
     folder, spec = _run(tmp_path)
     callback = record_trials(folder, spec)
+    callback.setup()  # as Tune does when the experiment starts
     rng = random.Random(3)
     _finish(callback, folder, FakeTrial("t001_a", 0.3), rng)
     failed = FakeTrial("t002_b", 0.5)
