@@ -66,10 +66,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", metavar="DIR", help="output folder (default: RUN_DIR/best)")
     e.add_argument(
         "--format",
-        choices=["artifact", "onnx"],
+        choices=["artifact", "onnx", "hf"],
         default="artifact",
         help="artifact: the compressed model as the search wrote it (load_artifact); onnx: "
-        "model.onnx for ONNX Runtime, checked against the artifact on the test split",
+        "model.onnx for ONNX Runtime; hf: a folder plain transformers loads (recipes a "
+        "transformers config describes, weights as float); onnx and hf are checked against "
+        "the artifact on the test split",
     )
     return p
 
@@ -123,17 +125,21 @@ def _run_dir_command(args: argparse.Namespace) -> int:
         return 0
     out = args.out or folder.uri("best")
     record = results.export_trial(folder, out, None if args.best else args.trial, args.format)
-    print(
-        f"exported trial {record['trial']} to {out}" + (" as ONNX" if args.format == "onnx" else "")
-    )
-    check = record.get("onnx_check")
-    if check:
+    as_what = {"onnx": " as ONNX", "hf": " as a plain transformers model"}
+    print(f"exported trial {record['trial']} to {out}{as_what.get(args.format, '')}")
+    for key, runtime, name in (
+        ("onnx_check", "ONNX Runtime", "onnx"),
+        ("hf_check", "transformers", "hf"),
+    ):
+        check = record.get(key)
+        if not check:
+            continue
+        int8 = f"{check['int8_matmuls']} int8 MatMuls, " if "int8_matmuls" in check else ""
         print(
-            f"ONNX Runtime against the artifact on {check['examples']} test examples: "
+            f"{runtime} against the artifact on {check['examples']} test examples: "
             f"{check['agreement']:.2%} same labels, largest logit difference "
-            f"{check['max_logit_diff']:.3g}, accuracy {check['accuracy_onnx']:.4f} (artifact "
-            f"{check['accuracy_artifact']:.4f}); {check['int8_matmuls']} int8 MatMuls, "
-            f"{check['bytes'] / 1e6:.2f} MB"
+            f"{check['max_logit_diff']:.3g}, accuracy {check[f'accuracy_{name}']:.4f} (artifact "
+            f"{check['accuracy_artifact']:.4f}); {int8}{check['bytes'] / 1e6:.2f} MB"
         )
     return 0
 

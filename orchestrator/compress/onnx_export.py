@@ -268,31 +268,15 @@ def _graph_diff(
 def agreement(
     model: nn.Module, onnx_file: Path, batches: Iterable[dict[str, torch.Tensor]]
 ) -> dict[str, Any]:
-    """The ONNX model against the artifact on the same batches: the share of examples with the
-    same predicted label, the largest logit difference, and the accuracy of both."""
+    """The ONNX model against the artifact on the same batches (``compress.agreement``)."""
+    from orchestrator.compress.agreement import agreement as compare
+
     runtime = session(onnx_file)
-    n = same = right_torch = right_onnx = 0
-    max_diff = 0.0
-    model.eval()
-    with torch.no_grad():
-        for b in batches:
-            ref = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            got = runtime.run(None, {k: b[k].numpy() for k in INPUTS})[0]
-            got_t = torch.from_numpy(got)
-            max_diff = max(max_diff, float((got_t - ref).abs().max()))
-            p_ref, p_got = ref.argmax(-1), got_t.argmax(-1)
-            n += len(p_ref)
-            same += int((p_ref == p_got).sum())
-            if "labels" in b:
-                right_torch += int((p_ref == b["labels"]).sum())
-                right_onnx += int((p_got == b["labels"]).sum())
-    return {
-        "examples": n,
-        "agreement": same / n if n else None,
-        "max_logit_diff": max_diff,
-        "accuracy_artifact": right_torch / n if n else None,
-        "accuracy_onnx": right_onnx / n if n else None,
-    }
+
+    def logits(b: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.from_numpy(runtime.run(None, {k: b[k].numpy() for k in INPUTS})[0])
+
+    return compare(model, logits, batches, "onnx")
 
 
 def write_check(folder: Path, check: dict[str, Any]) -> None:

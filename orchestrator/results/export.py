@@ -1,11 +1,14 @@
-"""``orchestrator export RUN_DIR (--best | --trial NAME) --out DIR [--format onnx]``: ship one
+"""``orchestrator export RUN_DIR (--best | --trial NAME) --out DIR [--format F]``: ship one
 trial's model.
 
-The trial's artifact folder (safetensors + manifest + config + tokenizer, written by
-``orchestrator.compress.artifact.save_artifact``) is copied as is, so the export loads with
-``load_artifact`` like the original, plus a ``trial.json`` saying which run and trial it came
-from and what was measured. The copy goes to a temporary sibling folder that is renamed into
-place, so ``--out`` is either absent or complete, never half-written.
+``--format artifact`` (default): the trial's artifact folder (safetensors + manifest + config +
+tokenizer, written by ``orchestrator.compress.artifact.save_artifact``) is copied as is, so the
+export loads with ``load_artifact`` like the original. ``onnx``: ``model.onnx`` for ONNX Runtime
+(``compress.onnx_export``); ``hf``: a plain transformers folder (``compress.hf_export``); both
+checked against the artifact on the trial's test split (``onnx_check.json`` /
+``hf_check.json``). Every format adds a ``trial.json`` saying which run and trial it came
+from and what was measured. The export is written to a temporary sibling folder that is
+renamed into place, so ``--out`` is either absent or complete, never half-written.
 """
 
 from __future__ import annotations
@@ -77,27 +80,40 @@ def _pick(rows: dict[str, dict[str, Any]], trial: str | None, best: dict | None)
     return trial
 
 
-FORMATS = ("artifact", "onnx")
+FORMATS = ("artifact", "onnx", "hf")
 CHECK_BATCH = 64
+
+
+def _test_batches(run_dir: Path, name: str) -> list[dict[str, Any]]:
+    """The trial's test split in batches, as its job tokenizes it (an export's check)."""
+    from orchestrator import data as data_lib
+    from orchestrator import models
+    from orchestrator.config.loader import read_yaml, validate_job
+
+    spec = validate_job(read_yaml(run_dir / "trials" / name / "job.yaml"), source=f"trial {name}")
+    tokenizer = models.build_tokenizer(spec.model)
+    bundle = data_lib.build(spec.data, tokenizer)
+    test = bundle.splits["test"]
+    rows = [test[i] for i in range(len(test))]
+    return [bundle.collate(rows[i : i + CHECK_BATCH]) for i in range(0, len(rows), CHECK_BATCH)]
+
+
+def _copy_tokenizer(src: Path, tmp: Path, skip: tuple[str, ...]) -> None:
+    """The artifact's tokenizer (and what else ``skip`` leaves): the model takes raw text."""
+    for path in src.iterdir():
+        if path.is_file() and path.suffix != ".safetensors" and path.name not in skip:
+            shutil.copy2(path, tmp / path.name)
 
 
 def _onnx_fill(tmp: Path, src: Path, run_dir: Path, name: str) -> dict[str, Any]:
     """Fill ``tmp`` with the ONNX model of the artifact ``src``, its tokenizer and config, and
     the agreement check on the trial's test split; returns the check."""
-    from orchestrator import data as data_lib
-    from orchestrator import models
     from orchestrator.compress import onnx_export
     from orchestrator.compress.artifact import load_artifact
-    from orchestrator.config.loader import read_yaml, validate_job
 
     onnx_export.require_runtime()
-    spec = validate_job(read_yaml(run_dir / "trials" / name / "job.yaml"), source=f"trial {name}")
     model = load_artifact(src).eval()
-    tokenizer = models.build_tokenizer(spec.model)
-    bundle = data_lib.build(spec.data, tokenizer)
-    test = bundle.splits["test"]
-    rows = [test[i] for i in range(len(test))]
-    batches = [bundle.collate(rows[i : i + CHECK_BATCH]) for i in range(0, len(rows), CHECK_BATCH)]
+    batches = _test_batches(run_dir, name)
     steps = onnx_export.manifest_steps(src)
     done = onnx_export.to_onnx(model, steps, tmp / onnx_export.ONNX_FILE, batches[0])
     check = {
@@ -105,10 +121,31 @@ def _onnx_fill(tmp: Path, src: Path, run_dir: Path, name: str) -> dict[str, Any]
         "split": "test",
         **onnx_export.agreement(model, tmp / onnx_export.ONNX_FILE, batches),
     }
-    for path in src.iterdir():  # the tokenizer and config: the model takes raw text as before
-        if path.is_file() and path.suffix != ".safetensors" and path.name != "manifest.json":
-            shutil.copy2(path, tmp / path.name)
+    _copy_tokenizer(src, tmp, ("manifest.json",))
     onnx_export.write_check(tmp, check)
+    return check
+
+
+def _hf_fill(tmp: Path, src: Path, run_dir: Path, name: str) -> dict[str, Any]:
+    """Fill ``tmp`` with the plain transformers model of the artifact ``src`` (safetensors,
+    config, tokenizer) and the check of the folder, as transformers alone loads it, against the
+    artifact on the trial's test split; returns the check."""
+    from orchestrator.compress import hf_export
+    from orchestrator.compress.agreement import agreement
+    from orchestrator.compress.artifact import load_artifact
+    from orchestrator.compress.onnx_export import manifest_steps
+
+    model = load_artifact(src).eval()
+    plain = hf_export.to_transformers(model, manifest_steps(src))
+    _copy_tokenizer(src, tmp, ("manifest.json", "config.json"))
+    plain.save_pretrained(str(tmp), safe_serialization=True)
+    loaded = hf_export.load_plain(tmp)
+    check = {
+        "split": "test",
+        "bytes": sum(p.stat().st_size for p in tmp.iterdir() if p.is_file()),
+        **agreement(model, hf_export.logits_of(loaded), _test_batches(run_dir, name), "hf"),
+    }
+    hf_export.write_check(tmp, check)
     return check
 
 
@@ -125,8 +162,8 @@ def export_trial(
     Raises ``ConfigError`` for a non-empty ``out``, an unknown trial (with a did-you-mean), no
     feasible trial, or a trial that has no finished artifact. ``run_dir`` in storage (a
     ``RunFolder`` whose records are pulled): the model is fetched from there; ``out`` may be a
-    storage URI too. ``fmt="onnx"``: see the module doc; the trial record then holds the
-    agreement check under ``onnx_check``."""
+    storage URI too. ``fmt="onnx"`` / ``"hf"``: see the module doc; the trial record then
+    holds the agreement check under ``onnx_check`` / ``hf_check``."""
     if fmt not in FORMATS:
         raise _error("--format", fmt, "is not a format this tool writes", f"use one of {FORMATS}")
     folder = run_dir if isinstance(run_dir, RunFolder) else RunFolder(str(run_dir))
@@ -174,12 +211,14 @@ def export_trial(
         "row": _json_safe(rows[name]),
     }
 
-    if fmt == "onnx":
+    if fmt != "artifact":
         folder.pull(f"trials/{name}/job.yaml")  # the trial's data, for the agreement check
 
     def fill(tmp: Path) -> None:
         if fmt == "onnx":
             provenance["onnx_check"] = _onnx_fill(tmp, Path(src), folder.local, name)
+        elif fmt == "hf":
+            provenance["hf_check"] = _hf_fill(tmp, Path(src), folder.local, name)
         else:
             shutil.copytree(src, tmp, dirs_exist_ok=True)
         (tmp / RECORD).write_text(json.dumps(provenance, indent=2, sort_keys=True))
@@ -191,4 +230,4 @@ def export_trial(
     else:
         # A hidden sibling folder renamed into place (``out`` is absent or empty, checked above).
         write_dir_atomic(Path(out), fill)
-    return provenance if fmt == "onnx" else record
+    return record if fmt == "artifact" else provenance

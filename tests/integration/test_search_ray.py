@@ -322,6 +322,33 @@ def test_export_to_onnx_or_a_clear_refusal(
         assert "same labels" in text.out
 
 
+def test_export_to_plain_transformers(
+    search_run: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Every finished trial of the run (magnitude pruning, with float, int8 or 4-bit weights) as
+    a folder transformers alone loads, checked on the test split against the artifact: the
+    same logits but for the int8 kernels' activation quantization."""
+    run = search_run["run"]
+    rows = [r for r in pq.read_table(run / "results.parquet").to_pylist() if r["status"] == "done"]
+    for row in rows:
+        out = tmp_path / row["trial"]
+        rc = main(
+            ["export", str(run), "--trial", row["trial"], "--format", "hf", "--out", str(out)]
+        )
+        text = capsys.readouterr()
+        assert rc == 0, text.out + text.err
+        check = json.loads((out / "hf_check.json").read_text())
+        if row["config/compress.quantize"] == "int8":
+            assert check["agreement"] >= 0.9, check
+        else:
+            assert check["agreement"] == 1.0 and check["max_logit_diff"] < 1e-4, check
+        assert {"config.json", "model.safetensors", "tokenizer.json"} <= {
+            p.name for p in out.iterdir()
+        }
+        assert not (out / "manifest.json").exists()
+        assert "as a plain transformers model" in text.out and "transformers against" in text.out
+
+
 def test_asha_stops_the_poor_trial_at_its_first_rung(ray_cluster: str, tmp_path: Path) -> None:
     """Early stopping end to end: a grid of a sane and a diverging learning rate, validation
     loss every 2 steps, ASHA with rungs at steps 2, 4 and 8. The diverging trial is stopped

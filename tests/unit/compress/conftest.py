@@ -58,3 +58,40 @@ def relative_error(tokenizer, calib, compress) -> float:
     compress(model)
     ref, out = hidden(dense, calib[-1]), hidden(model, calib[-1])
     return ((out - ref).norm() / ref.norm()).item()
+
+
+# --- compressed artifacts as `orchestrator compress` writes them (the export tests) ------------
+
+COMPRESS_JOB = str(Path(__file__).resolve().parents[3] / "jobs/debug/compress.yaml")
+
+
+def compressed_artifact(tmp_path: Path, *overrides: str) -> Path:
+    """``orchestrator compress jobs/debug/compress.yaml`` (tiny BERT, structured pruning, SVD,
+    int8) with ``overrides``; returns the artifact folder."""
+    from orchestrator.cli import main
+
+    args = ["compress", COMPRESS_JOB, f"output.dir={tmp_path}", f"data.cache_dir={tmp_path / 'c'}"]
+    assert main([*args, *overrides]) == 0
+    return tmp_path / "debug-compress" / "model"
+
+
+def token_batches(n: int = 3) -> list[dict[str, torch.Tensor]]:
+    """Up to 3 batches of 8 random token rows, 7, 19 and 32 tokens wide, some rows padded."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for width in (7, 19, 32)[:n]:
+        ids = torch.randint(5, 1000, (8, width), generator=g)
+        mask = torch.ones_like(ids)
+        mask[:3, width // 2 :] = 0  # padded rows
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": torch.zeros(8).long()})
+    return out
+
+
+@pytest.fixture
+def make_artifact():
+    return compressed_artifact
+
+
+@pytest.fixture
+def batches():
+    return token_batches

@@ -16,32 +16,16 @@ from orchestrator.compress.artifact import load_artifact
 from orchestrator.errors import ConfigError
 
 pytestmark = pytest.mark.unit
-ROOT = Path(__file__).resolve().parents[3]
-JOB = str(ROOT / "jobs/debug/compress.yaml")
+JOB = str(Path(__file__).resolve().parents[3] / "jobs/debug/compress.yaml")
 
 
-def _artifact(tmp_path: Path, *overrides: str) -> Path:
-    args = ["compress", JOB, f"output.dir={tmp_path}", f"data.cache_dir={tmp_path / 'c'}"]
-    assert main([*args, *overrides]) == 0
-    return tmp_path / "debug-compress" / "model"
-
-
-def _batches(n: int = 3) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for width in (7, 19, 32)[:n]:  # other shapes than the example the graph was traced with
-        ids = torch.randint(5, 1000, (8, width), generator=g)
-        mask = torch.ones_like(ids)
-        mask[:3, width // 2 :] = 0  # padded rows
-        out.append({"input_ids": ids, "attention_mask": mask, "labels": torch.zeros(8).long()})
-    return out
-
-
-def test_pruned_factorized_int8_with_a_trimmed_vocabulary(tmp_path: Path) -> None:
-    art = _artifact(tmp_path, "compress.vocab={method: trim}")
+def test_pruned_factorized_int8_with_a_trimmed_vocabulary(
+    tmp_path: Path, make_artifact, batches
+) -> None:
+    art = make_artifact(tmp_path, "compress.vocab={method: trim}")
     model = load_artifact(art).eval()
     out = tmp_path / "model.onnx"
-    done = onnx_export.to_onnx(model, onnx_export.manifest_steps(art), out, _batches(1)[0])
+    done = onnx_export.to_onnx(model, onnx_export.manifest_steps(art), out, batches(1)[0])
     # The traced float graph is the model (float rounding only) ...
     assert done["float_graph_max_diff"] < 1e-4
     # ... and every int8 Linear is an int8 MatMul in ONNX Runtime.
@@ -50,21 +34,23 @@ def test_pruned_factorized_int8_with_a_trimmed_vocabulary(tmp_path: Path) -> Non
     assert int8 > 0 and done["int8_matmuls"] == int8
     ops = {n.op_type for n in onnx.load(str(out)).graph.node}
     assert {"MatMulInteger", "DynamicQuantizeLinear"} <= ops
-    check = onnx_export.agreement(model, out, _batches())
+    check = onnx_export.agreement(model, out, batches())
     assert check["examples"] == 24
     # Two int8 runtimes quantize activations differently (torch.ao: 7 bits); nearly the same.
     assert check["agreement"] >= 0.9 and check["max_logit_diff"] < 0.5, check
 
 
-def test_low_bit_weights_are_refused_with_the_reason(tmp_path: Path) -> None:
-    art = _artifact(
+def test_low_bit_weights_are_refused_with_the_reason(
+    tmp_path: Path, make_artifact, batches
+) -> None:
+    art = make_artifact(
         tmp_path,
         "compress.quantize={method: weight_only, bits: 4, granularity: group, group_size: 32}",
         "compress.factorize=null",
     )
     with pytest.raises(ConfigError) as e:
         steps = onnx_export.manifest_steps(art)
-        onnx_export.to_onnx(load_artifact(art), steps, tmp_path / "m.onnx", _batches(1)[0])
+        onnx_export.to_onnx(load_artifact(art), steps, tmp_path / "m.onnx", batches(1)[0])
     text = str(e.value)
     assert "--format" in text and "quantize.method=weight_only (4-bit)" in text
     assert "--format artifact" in text
@@ -79,10 +65,12 @@ def test_a_missing_runtime_names_the_flag_and_the_install(monkeypatch: pytest.Mo
     assert "--format" in text and "onnxruntime" in text and "pip install -e '.[onnx]'" in text
 
 
-def test_latency_measured_in_onnx_runtime(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_latency_measured_in_onnx_runtime(
+    tmp_path: Path, capsys: pytest.CaptureFixture, make_artifact
+) -> None:
     import json
 
-    art = _artifact(tmp_path, "measure.backend=onnxruntime")
+    art = make_artifact(tmp_path, "measure.backend=onnxruntime")
     capsys.readouterr()
     report = json.loads((art.parent / "compress_report.json").read_text())
     m = report["metrics"]
