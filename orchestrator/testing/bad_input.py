@@ -32,32 +32,31 @@ class Case:
     run_dir: str = "debug-ddp"  # must not exist after an exit-2 case (nothing half-written)
 
 
-def _train(*extra: str, env: dict[str, str] | None = None):
+def _cli(verb: str, job: str, *extra: str, env: dict[str, str] | None = None):
+    """``orchestrator VERB JOB`` writing under the case's work folder; in ``extra``, ``{work}``
+    is that folder and ``{free_port}`` a port where nothing listens."""
+
     def command(work: Path, cluster: str) -> tuple[list[str], dict[str, str]]:
         args = [
-            "train",
-            DDP_JOB,
+            verb,
+            job,
             f"output.dir={work / 'mnt' / 'runs'}",
             f"data.cache_dir={work / 'cache'}",
         ]
-        args += [e.replace("{work}", str(work)) for e in extra]
+        args += [
+            e.replace("{work}", str(work)).replace("{free_port}", str(free_port())) for e in extra
+        ]
         return args, {"RAY_ADDRESS": cluster, **(env or {})}
 
     return command
 
 
-def _search(*extra: str):
-    def command(work: Path, cluster: str) -> tuple[list[str], dict[str, str]]:
-        args = [
-            "search",
-            SEARCH_JOB,
-            f"output.dir={work / 'mnt' / 'runs'}",
-            f"data.cache_dir={work / 'cache'}",
-        ]
-        args += [e.replace("{free_port}", str(free_port())) for e in extra]
-        return args, {"RAY_ADDRESS": cluster}
+def _train(*extra: str, env: dict[str, str] | None = None):
+    return _cli("train", DDP_JOB, *extra, env=env)
 
-    return command
+
+def _search(*extra: str):
+    return _cli("search", SEARCH_JOB, *extra)
 
 
 def _unreachable(work: Path, cluster: str) -> tuple[list[str], dict[str, str]]:

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
@@ -229,34 +230,32 @@ def test_mlflow_holds_the_search_and_a_run_per_trial(search_run: dict) -> None:
     assert "View run" not in search_run["stdout"]  # MLflow's own link per run is turned off
 
 
+def _search_again(search_run: dict, *extra: str) -> subprocess.CompletedProcess:
+    """The module's search command once more (with ``extra`` overrides), to its end."""
+    return subprocess.run(
+        _command(search_run["out"], *extra),
+        cwd=search_run["out"],
+        env=search_run["env"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 def test_a_deleted_mlflow_experiment_is_refused(search_run: dict) -> None:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(search_run["mlflow"])
     client.delete_experiment(client.create_experiment("gone"))
     out = search_run["out"] / "deleted"
-    proc = subprocess.run(
-        [*_command(search_run["out"], "tracking.mlflow.experiment=gone"), f"output.dir={out}"],
-        cwd=search_run["out"],
-        env=search_run["env"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = _search_again(search_run, "tracking.mlflow.experiment=gone", f"output.dir={out}")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "tracking.mlflow.experiment = 'gone'" in proc.stderr and "restore" in proc.stderr
     assert not out.exists()
 
 
 def test_same_search_again_needs_resume(search_run: dict) -> None:
-    proc = subprocess.run(
-        _command(search_run["out"]),
-        cwd=search_run["out"],
-        env=search_run["env"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = _search_again(search_run)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "--resume" in proc.stderr
 
@@ -294,6 +293,18 @@ def test_export_best_predicts_like_the_trial(search_run: dict, tmp_path: Path) -
     assert record["trial"] == min(feasible, key=lambda r: r["compress/size_bytes"])["trial"]
 
 
+def _export_each(
+    run: Path, fmt: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> Iterator[tuple[dict, Path, int, Any]]:
+    """``orchestrator export --format FMT`` of every finished trial: (its row in
+    results.parquet, the --out folder, the exit code, what it printed)."""
+    rows = [r for r in pq.read_table(run / "results.parquet").to_pylist() if r["status"] == "done"]
+    for row in rows:
+        out = tmp_path / row["trial"]
+        rc = main(["export", str(run), "--trial", row["trial"], "--format", fmt, "--out", str(out)])
+        yield row, out, rc, capsys.readouterr()
+
+
 def test_export_to_onnx_or_a_clear_refusal(
     search_run: dict, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -301,13 +312,7 @@ def test_export_to_onnx_or_a_clear_refusal(
     test split against the artifact), exit 2 naming --format and nothing written for 4-bit
     weights."""
     run = search_run["run"]
-    rows = [r for r in pq.read_table(run / "results.parquet").to_pylist() if r["status"] == "done"]
-    for row in rows:
-        out = tmp_path / row["trial"]
-        rc = main(
-            ["export", str(run), "--trial", row["trial"], "--format", "onnx", "--out", str(out)]
-        )
-        text = capsys.readouterr()
+    for row, out, rc, text in _export_each(run, "onnx", tmp_path, capsys):
         if row["config/compress.quantize"] == "int4":
             assert rc == 2 and "--format = 'onnx'" in text.err and "weight_only" in text.err
             assert not out.exists()
@@ -328,14 +333,7 @@ def test_export_to_plain_transformers(
     """Every finished trial of the run (magnitude pruning, with float, int8 or 4-bit weights) as
     a folder transformers alone loads, checked on the test split against the artifact: the
     same logits but for the int8 kernels' activation quantization."""
-    run = search_run["run"]
-    rows = [r for r in pq.read_table(run / "results.parquet").to_pylist() if r["status"] == "done"]
-    for row in rows:
-        out = tmp_path / row["trial"]
-        rc = main(
-            ["export", str(run), "--trial", row["trial"], "--format", "hf", "--out", str(out)]
-        )
-        text = capsys.readouterr()
+    for row, out, rc, text in _export_each(search_run["run"], "hf", tmp_path, capsys):
         assert rc == 0, text.out + text.err
         check = json.loads((out / "hf_check.json").read_text())
         if row["config/compress.quantize"] == "int8":
