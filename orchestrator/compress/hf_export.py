@@ -171,8 +171,6 @@ def to_transformers(model: nn.Module, steps: list[dict[str, Any]]) -> nn.Module:
     state = {}
     for key, tensor in want.items():
         got = have.get(key)
-        if got is not None and got.shape != tensor.shape and got.t().shape == tensor.shape:
-            got = got.t()  # a GPT-2 Conv1D stores [in, out]; the int8 Linear held [out, in]
         if got is None or got.shape != tensor.shape:
             raise _refuse(
                 f"the weights do not fit the transformers model its config describes: {key} "

@@ -173,8 +173,13 @@ def search(
     launch.connect_ray(spec, address)
     launch.check_capacity(spec)
     launch.claim_run_dir(spec)
-
-    run_baseline(spec, folder, address)
+    tracker = _start_tracker(spec, folder)  # the search run shows in MLflow from the start
+    try:
+        run_baseline(spec, folder, address)
+    except BaseException as e:
+        if tracker:
+            tracker.finish(None, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
 
     t = spec.train
     _, total_steps = loop.plan_steps(t, bundle, t.num_workers)
@@ -189,7 +194,6 @@ def search(
         + ", ".join(f"{o.mode} {o.metric}" for o in spec.search.objectives),
         flush=True,
     )
-    tracker = _start_tracker(spec, folder)
     callbacks = [tracker.callback()] if tracker else []
     tuner = build_tuner(spec, folder, parallel, total_steps, resume, verbose, callbacks)
     try:
@@ -197,14 +201,14 @@ def search(
     except Exception as e:  # Tune raises on driver-side failures (trial errors are recorded)
         write_run_report(folder, running=False, spec=spec)
         if tracker:
-            tracker.finish(None, failed=True)
+            tracker.finish(None, "FAILED")
         raise RunError(f"the search failed: {e}\n{traceback.format_exc(limit=3)}") from e
     close_lost_trials(folder, {Path(r.path).name for r in grid if r.path})
     summary = write_run_report(folder, running=False, spec=spec)
     print(pareto_text(folder.local))
     all_failed = bool(summary.counts["error"] and not summary.counts["done"])
     if tracker:
-        tracker.finish(summary, failed=all_failed)
+        tracker.finish(summary, "FAILED" if all_failed else "FINISHED")
     if all_failed:
         # Nothing to choose from: a failed run, not a search that found nothing feasible.
         records = [read_trial(folder, n) for n in sorted(_trial_names(folder))]

@@ -261,13 +261,14 @@ class Tracker:
         """Ray Tune's MLflow callback, a child run per trial under the search run."""
         return trial_runs(self.spec, self.folder, self.cfg, self.experiment, self.run_id or "")
 
-    def finish(self, summary: ReportSummary | None, failed: bool = False) -> None:
-        """The search's results on its run, and the run ended (FAILED when no trial finished)."""
+    def finish(self, summary: ReportSummary | None, status: str = "FINISHED") -> None:
+        """The search's results on its run, and the run ended with ``status`` (FAILED when the
+        search failed or no trial finished, KILLED when it was interrupted)."""
         if self.run_id is None:
             return
         try:
             self._finish(summary)
-            self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
+            self.client.set_terminated(self.run_id, status=status)
         except Exception as e:
             self.warn("at the end of the search", e)
             return

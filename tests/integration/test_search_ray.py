@@ -30,7 +30,10 @@ N_TRIALS = 3
 
 
 def _command(out: Path, *extra: str) -> list[str]:
-    uri = (out / "mlflow-uri").read_text()
+    """The debug search writing under ``out``; logging to MLflow when ``out/mlflow-uri``
+    names a server."""
+    uri = out / "mlflow-uri"
+    tracking = [f"tracking.mlflow.tracking_uri={uri.read_text()}"] if uri.is_file() else []
     return [
         sys.executable,
         "-m",
@@ -40,7 +43,7 @@ def _command(out: Path, *extra: str) -> list[str]:
         f"output.dir={out}",
         f"data.cache_dir={out / 'cache'}",
         f"search.num_samples={N_TRIALS}",
-        f"tracking.mlflow.tracking_uri={uri}",
+        *tracking,
         *extra,
     ]
 
@@ -382,10 +385,14 @@ def test_asha_stops_the_poor_trial_at_its_first_rung(ray_cluster: str, tmp_path:
     assert not (out / "debug-asha" / "trials" / diverging["trial"] / "model").exists()
 
 
-def test_a_search_whose_every_trial_fails_exits_1(ray_cluster: str, tmp_path: Path) -> None:
+def test_a_search_whose_every_trial_fails_exits_1(
+    ray_cluster: str, mlflow_uri: str, tmp_path: Path
+) -> None:
     """A recipe that cannot apply to the model (more blocks removed than the tiny BERT has,
     which only the model can tell): the trial fails, and with no trial done the search is a
-    failed run (exit 1) that shows the trial's error, not a search that found nothing."""
+    failed run (exit 1) that shows the trial's error, not a search that found nothing; its
+    MLflow run ends FAILED, its trial's run too."""
+    (tmp_path / "mlflow-uri").write_text(mlflow_uri)
     cmd = _command(
         tmp_path,
         "name=debug-fails",
@@ -398,3 +405,8 @@ def test_a_search_whose_every_trial_fails_exits_1(ray_cluster: str, tmp_path: Pa
     assert "every trial of the search failed (1 of 1)" in proc.stderr
     assert "compress.depth.remove" in proc.stderr
     assert (tmp_path / "debug-fails" / "report.html").is_file()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name("debug-fails").experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FAILED"], runs

@@ -90,3 +90,17 @@ def test_what_a_config_cannot_describe_is_refused(
         hf_export.to_transformers(load_artifact(art), manifest_steps(art))
     text = str(e.value)
     assert "--format = 'hf'" in text and says in text and "--format onnx" in text
+
+
+def test_gpt2_with_a_narrower_mlp(tmp_path: Path, make_artifact, batches) -> None:
+    art = make_artifact(
+        tmp_path,
+        "model.name=tiny-gpt2",
+        "compress.prune={method: structured, sparsity: 0.5, heads: false}",
+        "compress.factorize=null",
+        "compress.quantize=null",
+    )
+    model, loaded = _export(art, tmp_path / "hf")
+    assert loaded.config.n_inner == loaded.transformer.h[0].mlp.c_fc.nf
+    check = agreement(model, hf_export.logits_of(loaded), batches(), "hf")
+    assert check["agreement"] == 1.0 and check["max_logit_diff"] < 1e-4, check
