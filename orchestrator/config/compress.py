@@ -309,15 +309,73 @@ class QuantizeMethod(SelectsModules):
     )
 
 
+class AllocateBitsConfig(ConfigModel):
+    """Per-layer bit widths under an average-bits budget, from a measured sensitivity profile
+    (``orchestrator.compress.sensitivity``)."""
+
+    bits: list[Annotated[int, Field(ge=2, le=8)]] = Field(
+        default_factory=lambda: [2, 3, 4, 8],
+        min_length=1,
+        description="the bit widths a Linear may get, each 2-8",
+    )
+    avg_bits: float = Field(
+        gt=0,
+        description="budget: the mean bit width of the Linear weights, weighted by their "
+        "sizes (scales not counted), between the smallest and largest of bits",
+    )
+    calib_batches: int = Field(
+        default=2,
+        ge=1,
+        le=1024,
+        description="calibration batches the sensitivity is measured on (the first of "
+        "compress.calib_batches)",
+    )
+
+    @model_validator(mode="after")
+    def _budget_reachable(self) -> AllocateBitsConfig:
+        problems = []
+        if len(set(self.bits)) != len(self.bits):
+            problems.append(
+                ("bits", self.bits, "lists a bit width twice", "list each bit width once")
+            )
+        lo, hi = min(self.bits), max(self.bits)
+        if not lo <= self.avg_bits <= hi:
+            problems.append(
+                (
+                    "avg_bits",
+                    self.avg_bits,
+                    f"no allocation of the bit widths {sorted(set(self.bits))} averages "
+                    f"{self.avg_bits:g} bits (every layer at {lo} bits averages {lo}, every layer "
+                    f"at {hi} bits {hi})",
+                    f"set avg_bits between {lo} and {hi}, or add bit widths to bits",
+                )
+            )
+        if problems:
+            raise cross_field_error(problems)
+        return self
+
+
 class LowBitQuantizeMethod(QuantizeMethod):
     """Any bit width, packed in the artifact."""
 
-    bits: int = Field(default=8, ge=2, le=8, description="bit width of weights, 2-8")
+    bits: int = Field(
+        default=8,
+        ge=2,
+        le=8,
+        description="bit width of weights, 2-8 (with allocate: of the embeddings only, unless "
+        "embedding_bits is set)",
+    )
     granularity: Literal["tensor", "channel", "group"] = Field(
         default="channel", description="one scale per tensor, per output channel, or per group"
     )
     group_size: int = Field(default=64, ge=8, description="group granularity: inputs per scale")
     symmetric: bool = Field(default=True, description="symmetric (zero point 0) or asymmetric")
+    allocate: AllocateBitsConfig | None = Field(
+        default=None,
+        description="mixed precision: each Linear gets one of allocate.bits, chosen to lose the "
+        "least (the measured KL divergence of the model's outputs on calibration data when only "
+        "that layer is quantized) under the budget allocate.avg_bits",
+    )
 
 
 class FakeQuantConfig(LowBitQuantizeMethod):
@@ -400,6 +458,23 @@ class CompressConfig(ConfigModel):
         description="training batches used for calibration (wanda, asvd, structured "
         "importance, SQNR), 1-1024",
     )
+
+    @model_validator(mode="after")
+    def _allocation_data(self) -> CompressConfig:
+        allocate = getattr(self.quantize, "allocate", None)
+        if allocate is not None and allocate.calib_batches > self.calib_batches:
+            raise cross_field_error(
+                [
+                    (
+                        "quantize.allocate.calib_batches",
+                        allocate.calib_batches,
+                        f"is more than the {self.calib_batches} calibration batches "
+                        "(compress.calib_batches)",
+                        f"set it to at most {self.calib_batches}, or raise compress.calib_batches",
+                    )
+                ]
+            )
+        return self
 
     def techniques(self) -> list[TechniqueConfig]:
         """The techniques this job applies, in stage order."""

@@ -356,8 +356,10 @@ def render_html(
     best: dict[str, Any] | None,
     notes: list[str],
     running: bool,
+    sensitivity_png: bytes | None = None,
 ) -> str:
-    """The whole page as a string (the caller writes it atomically)."""
+    """The whole page as a string (the caller writes it atomically). ``sensitivity_png``: the
+    selected recipe's per-layer allocation heatmap, when it allocated bit widths."""
     rows = table.to_pylist()
     counts = status_counts(table)
     body = [f"<h1>{escape(job_name)}: compression search</h1>"]
@@ -373,6 +375,15 @@ def render_html(
         '<h2>Plot</h2><img id="pareto-plot" alt="accuracy vs size and latency" '
         f'src="data:image/png;base64,{data}">'
     )
+    if sensitivity_png is not None:
+        data = base64.b64encode(sensitivity_png).decode("ascii")
+        body.append(
+            "<h2>Per-layer bit widths of the selected recipe</h2><p>Each Linear's measured "
+            "sensitivity (KL divergence of the model's outputs on calibration data with only "
+            "that layer quantized) at each candidate width; outlined, the width it got under "
+            'the budget.</p><img id="sensitivity-plot" alt="sensitivity per layer and bit '
+            f'width" src="data:image/png;base64,{data}">'
+        )
     body.append("<h2>The search</h2>")
     body += _status_section(counts, running, notes, search, str(run_dir))
     # The resolved job writes every default out, so it is folded away unless asked for.

@@ -16,6 +16,7 @@ from typing import Any
 import pyarrow as pa
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 from matplotlib.ticker import FuncFormatter
 
 from orchestrator.results.table import ACCURACY, MB
@@ -220,6 +221,38 @@ def render_pareto_png(
     right.set_title("accuracy vs latency")
     if title:
         fig.suptitle(title)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def render_sensitivity_png(allocation: dict[str, Any], title: str = "", dpi: int = 110) -> bytes:
+    """The sensitivity profile of a mixed-precision allocation as a layers x bit widths
+    heatmap (log10 of the KL divergence of the outputs with only that layer quantized), the
+    width each layer got outlined. ``allocation``: as ``compress_report.json`` records it
+    (``layer_bits``, ``profile``)."""
+    import numpy as np
+
+    profile, chosen = allocation["profile"], allocation["layer_bits"]
+    layers, bits = profile["layers"], profile["bits"]
+    kl = np.maximum(np.asarray(profile["kl"], dtype=float), 1e-9)
+    fig = Figure(figsize=(2.2 + 1.1 * len(bits), 1.2 + 0.22 * len(layers)), dpi=dpi)
+    FigureCanvasAgg(fig)
+    fig.set_layout_engine("constrained")
+    ax = fig.subplots()
+    image = ax.imshow(np.log10(kl), aspect="auto", cmap="viridis_r")
+    ax.set_xticks(range(len(bits)), [f"{b} bits" for b in bits])
+    ax.set_yticks(range(len(layers)), layers, fontsize=7)
+    for i, name in enumerate(layers):
+        j = bits.index(chosen[name])
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor=RING, linewidth=1.8))
+    fig.colorbar(image, ax=ax, label="log10 KL of the outputs (nats)")
+    ax.set_title(
+        title
+        or f"sensitivity per layer; outlined: the allocation, mean "
+        f"{allocation['mean_bits']:.2f} bits",
+        fontsize=9,
+    )
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()

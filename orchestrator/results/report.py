@@ -8,6 +8,7 @@ reading the parquet) never sees half a file, and a crash leaves the previous ver
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from orchestrator.config.search import SearchConfig
 from orchestrator.errors import ConfigError, Problem
 from orchestrator.files import write_atomic
 from orchestrator.results.html import render_html, status_counts
-from orchestrator.results.plot import render_pareto_png
+from orchestrator.results.plot import render_pareto_png, render_sensitivity_png
 from orchestrator.results.table import best_trial, build_table, load_baseline, load_trials
 from orchestrator.storage import RunFolder
 
@@ -63,6 +64,20 @@ class ReportSummary:
 
 def _run_dir_error(run_dir: Path, message: str, fix: str) -> ConfigError:
     return ConfigError(Problem("RUN_DIR", str(run_dir), message, fix), source="run directory")
+
+
+def allocation_of(folder: Path) -> dict[str, Any] | None:
+    """The mixed-precision allocation (``layer_bits``, ``mean_bits``, ``profile``) the
+    ``compress_report.json`` in ``folder`` records, or None (no allocation, no readable
+    report)."""
+    try:
+        report = json.loads((folder / "compress_report.json").read_text())
+        steps = report.get("steps", [])
+        return next(
+            (s["entry"]["allocation"] for s in steps if "allocation" in s.get("entry", {})), None
+        )
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
 
 
 def read_run(
@@ -129,6 +144,7 @@ def write_report(
     best = best_trial(table, search)
     front = table.filter(table.column("pareto"))
     png = render_pareto_png(table, run.baseline, title=f"{run.spec.name}: compression search")
+    allocation = None if best is None else allocation_of(run.run_dir / "trials" / best["trial"])
     counts = status_counts(table)
     notes = list(run.notes)
     if counts["done"] and best is None:
@@ -141,6 +157,7 @@ def write_report(
         table=table,
         baseline=run.baseline,
         png=png,
+        sensitivity_png=None if allocation is None else render_sensitivity_png(allocation),
         best=best,
         notes=notes,
         running=running,

@@ -185,7 +185,10 @@ def record_trials(run_dir: RunFolder, spec: JobSpec) -> Any:
             name = str(trial)
             rel = f"{TRIALS}/{name}"
             wall = self._wall(name)
-            run_dir.pull(f"{rel}/metrics.json")  # written by the trial, maybe on another node
+            # Written by the trial, maybe on another node (the report reads the selected
+            # trial's compress report for its allocation heatmap).
+            run_dir.pull(f"{rel}/metrics.json")
+            run_dir.pull(f"{rel}/compress_report.json")
             final = run_dir.local / rel / "metrics.json"
             if final.is_file() and run_dir.exists(f"{rel}/{ARTIFACT}"):
                 metrics = numbers(json.loads(final.read_text()))

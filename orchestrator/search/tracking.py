@@ -61,6 +61,13 @@ def _say(line: str) -> None:
     print(f"[orchestrator] {line}", flush=True)
 
 
+def _say_stopped(what: str, reason: str, folder: RunFolder) -> None:
+    _say(
+        f"MLflow logging stopped ({what}: {reason}); the search goes on, and its run directory "
+        f"{folder} holds every result"
+    )
+
+
 def experiment_name(spec: JobSpec) -> str:
     cfg = spec.tracking.mlflow
     return (cfg.experiment if cfg and cfg.experiment else None) or spec.name
@@ -189,10 +196,7 @@ class Tracker:
         """A tracker that fails in the middle of a search does not stop it: say so, once."""
         if self.failed is None:
             self.failed = _first_line(error)
-            _say(
-                f"MLflow logging stopped ({what}: {self.failed}); the search goes on, and its "
-                f"run directory {self.folder} holds every result"
-            )
+            _say_stopped(what, self.failed, self.folder)
 
     def start(self) -> str:
         """Create the search run, or take up the one an interrupted search left (``--resume``;
@@ -332,17 +336,14 @@ def trial_runs(
             )
             self.failed: str | None = None
 
-        def _guard(self, what: str, fn: Any, *args: Any) -> None:
+        def _guard(self, what: str, fn: Any) -> None:
             if self.failed is not None:
                 return
             try:
-                fn(*args)
+                fn()
             except Exception as e:
                 self.failed = _first_line(e)
-                _say(
-                    f"MLflow logging stopped ({what}: {self.failed}); the search goes on, and "
-                    f"its run directory {folder} holds every result"
-                )
+                _say_stopped(what, self.failed, folder)
 
         def setup(self, *args: Any, **kwargs: Any) -> None:
             # A resumed search unpickles this callback as the first start made it: its search

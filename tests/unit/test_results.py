@@ -359,6 +359,31 @@ def test_write_report_partial_run(tmp_path: Path) -> None:
     assert "were running when the search stopped" in page
 
 
+def test_the_selected_recipes_allocation_is_drawn(tmp_path: Path) -> None:
+    """A selected trial that allocated bit widths per layer: the report shows its sensitivity
+    heatmap; a report without one has no such section."""
+    run = _write_run(tmp_path, _trials())
+    write_report(run)
+    assert 'id="sensitivity-plot"' not in (run / "report.html").read_text()
+    allocation = {
+        "layer_bits": {"a": 2, "b": 8},
+        "mean_bits": 5.0,
+        "profile": {
+            "layers": ["a", "b"],
+            "params": [10, 10],
+            "bits": [2, 8],
+            "kl": [[0.01, 0.001], [0.5, 0.002]],
+            "batches": 1,
+            "seconds": 0.1,
+        },
+    }
+    report = {"steps": [{"stage": "quantize", "config": {}, "entry": {"allocation": allocation}}]}
+    (run / "trials" / "t_a" / "compress_report.json").write_text(json.dumps(report))
+    assert write_report(run).best == "t_a"
+    page = (run / "report.html").read_text()
+    assert '<img id="sensitivity-plot"' in page and "Per-layer bit widths" in page
+
+
 def test_write_report_without_baseline_or_finished_trials(tmp_path: Path) -> None:
     running = [_trial("t_e", "running", _cfg(0.5), {})]
     run = _write_run(tmp_path, running, baseline=None)

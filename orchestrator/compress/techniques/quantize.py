@@ -55,16 +55,18 @@ from orchestrator.config.compress import (
     QuantizeMethod,
     WeightOnlyConfig,
 )
+from orchestrator.errors import ConfigError, Problem
 
 QuantizeConfig = QuantizeMethod
 
 
-def linear_spec(cfg: QuantizeConfig) -> WeightSpec:
+def linear_spec(cfg: QuantizeConfig, bits: int | None = None) -> WeightSpec:
     """dynamic_int8 trains what the int8 kernels compute: 8-bit symmetric, per channel (or per
-    tensor if asked). fake / weight_only use the config as given."""
+    tensor if asked). fake / weight_only use the config as given, at ``bits`` when the layer
+    was allocated a width of its own."""
     if isinstance(cfg, DynamicInt8Config):
         return WeightSpec(8, cfg.granularity, 1, True)
-    return WeightSpec(cfg.bits, cfg.granularity, cfg.group_size, cfg.symmetric)
+    return WeightSpec(bits or cfg.bits, cfg.granularity, cfg.group_size, cfg.symmetric)
 
 
 def embedding_spec(cfg: QuantizeConfig) -> WeightSpec:
@@ -131,20 +133,31 @@ def _row(
     )
 
 
-def apply_quantize_(
-    model: nn.Module, cfg: QuantizeConfig, *, filter_fn: FilterFn | None = None
-) -> list[ModuleRow]:
-    """Training form, in place: every selected nn.Linear (and nn.Embedding when
-    ``cfg.embeddings``) becomes a QuantLinear / QuantEmbedding sharing its Parameters. Layers
-    that cannot be quantized (or already are) are skipped and reported. Idempotent."""
+def quantizable(
+    model: nn.Module, cfg: QuantizeConfig, filter_fn: FilterFn | None = None
+) -> list[tuple[str, nn.Module, str]]:
+    """The selected modules with the reason each cannot be quantized ("" when it can)."""
     modules = select_modules(
         model, cfg.include, cfg.exclude, _types(cfg), "compress.quantize", filter_fn=filter_fn
     )
+    return [(n, m, _skip_reason(model, n, m, cfg)) for n, m in modules]
+
+
+def apply_quantize_(
+    model: nn.Module,
+    cfg: QuantizeConfig,
+    *,
+    filter_fn: FilterFn | None = None,
+    layer_bits: dict[str, int] | None = None,
+) -> list[ModuleRow]:
+    """Training form, in place: every selected nn.Linear (and nn.Embedding when
+    ``cfg.embeddings``) becomes a QuantLinear / QuantEmbedding sharing its Parameters, a Linear
+    named in ``layer_bits`` at its own bit width. Layers that cannot be quantized (or already
+    are) are skipped and reported. Idempotent."""
     rows = []
-    for name, module in modules:
+    for name, module, reason in quantizable(model, cfg, filter_fn):
         is_emb = isinstance(module, nn.Embedding)
-        spec = embedding_spec(cfg) if is_emb else linear_spec(cfg)
-        reason = _skip_reason(model, name, module, cfg)
+        spec = embedding_spec(cfg) if is_emb else linear_spec(cfg, (layer_bits or {}).get(name))
         if reason:
             rows.append(_row(name, module, spec, skipped=True, reason=reason))
             continue
@@ -219,6 +232,43 @@ def _types(cfg: QuantizeConfig) -> tuple[type[nn.Module], ...]:
     return (nn.Linear, nn.Embedding) if cfg.embeddings else (nn.Linear,)
 
 
+def _allocate(model: nn.Module, cfg: QuantizeConfig, ctx: Context) -> dict[str, Any]:
+    """Each quantizable Linear's bit width under ``cfg.allocate``'s budget, from its measured
+    sensitivity on the first calibration batches (``compress.sensitivity``); the profile, the
+    choice and its mean bit width, as the manifest records them."""
+    from orchestrator.compress.sensitivity import allocate_bits, mean_bits, profile_bits
+
+    allocate = cfg.allocate
+    if not ctx.calib:
+        raise ConfigError(
+            Problem(
+                "compress.quantize.allocate",
+                allocate.model_dump(),
+                "measures each layer's sensitivity on calibration batches, and none were given",
+                "run it through orchestrator compress / train, which pass the job's "
+                "calibration batches",
+            )
+        )
+    layers = [
+        (n, m)
+        for n, m, reason in quantizable(model, cfg, ctx.filter_fn)
+        if isinstance(m, nn.Linear) and not reason
+    ]
+    profile = profile_bits(
+        model,
+        layers,
+        sorted(allocate.bits),
+        lambda b: linear_spec(cfg, b).as_args(),
+        ctx.calib[: allocate.calib_batches],
+    )
+    choice = allocate_bits(profile, allocate.avg_bits)
+    return {
+        "layer_bits": choice,
+        "mean_bits": mean_bits(profile, choice),
+        "profile": profile.to_json(),
+    }
+
+
 class _Quantize(Technique):
     """What the three quantization methods share: training form, rebuild, storage."""
 
@@ -230,17 +280,25 @@ class _Quantize(Technique):
         )
 
     def apply_(self, model: nn.Module, cfg: QuantizeConfig, ctx: Context) -> Applied:
-        rows = apply_quantize_(model, cfg, filter_fn=ctx.filter_fn)
+        entry: dict[str, Any] = {}
+        layer_bits = None
+        allocate = getattr(cfg, "allocate", None)
+        if allocate is not None:
+            entry["allocation"] = allocation = _allocate(model, cfg, ctx)
+            layer_bits = allocation["layer_bits"]
+        rows = apply_quantize_(model, cfg, filter_fn=ctx.filter_fn, layer_bits=layer_bits)
         kinds = {r.name: type(model.get_submodule(r.name)).__name__ for r in rows if not r.skipped}
-        return Applied(rows, entry={"modules": kinds})
+        return Applied(rows, entry={"modules": kinds, **entry})
 
     def rebuild_(self, model: nn.Module, cfg: QuantizeConfig, entry: dict[str, Any]) -> None:
+        layer_bits = entry.get("allocation", {}).get("layer_bits", {})
         for name, kind in entry["modules"].items():
             old = model.get_submodule(name)
             if kind == "QuantEmbedding":
                 new = QuantEmbedding.from_embedding(old, embedding_spec(cfg))
             elif kind == "QuantLinear":
-                new = QuantLinear.from_linear(old, linear_spec(cfg), _activations(cfg))
+                spec = linear_spec(cfg, layer_bits.get(name))
+                new = QuantLinear.from_linear(old, spec, _activations(cfg))
             else:
                 raise ValueError(f"unknown quantized module kind {kind!r} for {name}")
             set_module(model, name, new)
