@@ -49,8 +49,10 @@ def build_compressed(
     tokenizer: Any,
     calib: list[dict[str, torch.Tensor]],
     total_steps: int = 0,
+    agree: Callable[[Any], Any] | None = None,
 ) -> tuple[nn.Module, CompressionReport]:
-    """The job's model with its compression recipe applied (training form)."""
+    """The job's model with its compression recipe applied (training form); ``agree``: see
+    ``compress.technique.Context.agree``."""
     model = models.build_model(spec.model, bundle.num_labels, tokenizer, seed=spec.train.seed)
     label_config(model, bundle)
     report = compress_(
@@ -60,6 +62,7 @@ def build_compressed(
         total_steps=total_steps,
         tokenizer=tokenizer,
         token_counts=(lambda: bundle.token_counts("train")) if tokenizer is not None else None,
+        agree=agree,
     )
     return model, report
 

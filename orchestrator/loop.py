@@ -166,7 +166,12 @@ class Trainer:
         if spec.compress.enabled:
             calib = finalize.calibration_batches(spec, self.bundle)
             model, self.creport = finalize.build_compressed(
-                spec, self.bundle, self.tokenizer, calib, self.total_steps
+                spec,
+                self.bundle,
+                self.tokenizer,
+                calib,
+                self.total_steps,
+                agree=lambda value: _broadcast(value, self.is_main),
             )
         else:
             model = models.build_model(

@@ -94,11 +94,12 @@ def compress_(
     total_steps: int = 0,
     tokenizer: Any = None,
     token_counts: Callable[[], dict[int, int]] | None = None,
+    agree: Callable[[Any], Any] | None = None,
 ) -> CompressionReport:
     """Apply ``spec`` to ``model`` in place (training form). ``calib`` batches feed Wanda, ASVD,
-    structured importance, block similarity and SQNR; ``total_steps`` sizes a gradual pruning
-    schedule; ``tokenizer`` and ``token_counts`` (the training split's) feed vocabulary
-    trimming."""
+    structured importance, block similarity, allocation and SQNR; ``total_steps`` sizes a
+    gradual pruning schedule; ``tokenizer`` and ``token_counts`` (the training split's) feed
+    vocabulary trimming; ``agree``: see ``Context.agree``."""
     report = CompressionReport()
     params_before = param_count(model)
     targets = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
@@ -110,6 +111,8 @@ def compress_(
         tokenizer=tokenizer,
         token_counts=token_counts,
     )
+    if agree is not None:
+        ctx.agree = agree
     for cfg in spec.techniques():
         technique = technique_for(cfg)
         if technique.needs_calibration and not calib:

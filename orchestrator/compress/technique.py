@@ -63,6 +63,10 @@ class Context:
     # How often each token id occurs in the training split (vocabulary trimming); computed on
     # demand, since only one technique needs it.
     token_counts: Callable[[], dict[int, int]] | None = None
+    # A choice every worker of a distributed run must make alike (a per-layer allocation from
+    # measured floats, where a near-tie could fall either way): the first worker's, on all.
+    # Identity in a single process.
+    agree: Callable[[Any], Any] = lambda value: value
 
 
 @dataclass

@@ -133,3 +133,51 @@ def test_distillation_from_the_dense_teacher(tmp_path: Path, train: dict) -> Non
     assert m0 == m1
     assert m0["train/loss"] > 0 and m0["eval/accuracy"] > 0
     assert -1 <= m0["eval/accuracy_drop"] <= 1
+
+
+def allocation_worker(rank: int, world: int, job: dict) -> tuple[dict, dict]:
+    """Compress with a per-layer allocation as a training worker does, rank 1 measuring its
+    sensitivity on other calibration batches than rank 0 (as float noise or a near-tie could
+    make it decide otherwise); returns (the widths applied, the widths its own profile gives)."""
+    import torch.distributed as dist
+
+    from orchestrator import data, finalize, loop, models
+    from orchestrator.compress.sensitivity import Profile, allocate_bits
+    from orchestrator.config import validate_job
+
+    spec = validate_job(job)
+    tokenizer = models.build_tokenizer(spec.model)
+    bundle = data.build(spec.data, tokenizer)
+    calib = finalize.calibration_batches(spec, bundle)
+    if rank == 1:
+        calib = [{k: v.flip(0) for k, v in b.items()} for b in calib[::-1]]
+        calib = [
+            {k: (v + 7) % 1000 if k == "input_ids" else v for k, v in b.items()} for b in calib
+        ]
+    _, report = finalize.build_compressed(
+        spec, bundle, tokenizer, calib, agree=lambda v: loop._broadcast(v, rank == 0)
+    )
+    entry = next(s.entry for s in report.steps if s.config.stage == "quantize")["allocation"]
+    own = allocate_bits(Profile(**entry["profile"]), spec.compress.quantize.allocate.avg_bits)
+    dist.barrier()
+    return entry["layer_bits"], own
+
+
+def test_workers_apply_the_first_workers_allocation(tmp_path: Path) -> None:
+    job = {
+        "name": "allocate",
+        "model": {"name": "tiny-bert"},
+        "data": {"name": "mr", "limit": 300, "max_length": 32, "cache_dir": str(tmp_path)},
+        "compress": {
+            "quantize": {
+                "method": "weight_only",
+                "granularity": "group",
+                "group_size": 32,
+                "allocate": {"avg_bits": 3.0, "calib_batches": 2},
+            },
+            "calib_batches": 2,
+        },
+    }
+    (applied0, own0), (applied1, own1) = run_workers(allocation_worker, 2, job)
+    assert applied0 == applied1 == own0
+    assert own1 != own0  # rank 1 alone would have chosen otherwise

@@ -261,7 +261,7 @@ def _allocate(model: nn.Module, cfg: QuantizeConfig, ctx: Context) -> dict[str, 
         lambda b: linear_spec(cfg, b).as_args(),
         ctx.calib[: allocate.calib_batches],
     )
-    choice = allocate_bits(profile, allocate.avg_bits)
+    choice = ctx.agree(allocate_bits(profile, allocate.avg_bits))
     return {
         "layer_bits": choice,
         "mean_bits": mean_bits(profile, choice),
