@@ -127,19 +127,15 @@ def _run_dir_command(args: argparse.Namespace) -> int:
     record = results.export_trial(folder, out, None if args.best else args.trial, args.format)
     as_what = {"onnx": " as ONNX", "hf": " as a plain transformers model"}
     print(f"exported trial {record['trial']} to {out}{as_what.get(args.format, '')}")
-    for key, runtime, name in (
-        ("onnx_check", "ONNX Runtime", "onnx"),
-        ("hf_check", "transformers", "hf"),
-    ):
-        check = record.get(key)
-        if not check:
-            continue
+    check = record.get(f"{args.format}_check")
+    if check:
+        runtime = {"onnx": "ONNX Runtime", "hf": "transformers"}[args.format]
         int8 = f"{check['int8_matmuls']} int8 MatMuls, " if "int8_matmuls" in check else ""
         print(
             f"{runtime} against the artifact on {check['examples']} test examples: "
             f"{check['agreement']:.2%} same labels, largest logit difference "
-            f"{check['max_logit_diff']:.3g}, accuracy {check[f'accuracy_{name}']:.4f} (artifact "
-            f"{check['accuracy_artifact']:.4f}); {int8}{check['bytes'] / 1e6:.2f} MB"
+            f"{check['max_logit_diff']:.3g}, accuracy {check[f'accuracy_{args.format}']:.4f} "
+            f"(artifact {check['accuracy_artifact']:.4f}); {int8}{check['bytes'] / 1e6:.2f} MB"
         )
     return 0
 

@@ -1,16 +1,27 @@
 """How closely an exported model predicts like the artifact it came from: the share of examples
 with the same predicted label, the largest logit difference, and the accuracy of both, on the
-same batches (an export's check on the test split)."""
+same batches (an export's check on the test split, written as ``<format>_check.json``)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 Batch = dict[str, torch.Tensor]
+
+
+def torch_logits(model: nn.Module) -> Callable[[Batch], torch.Tensor]:
+    """A torch classifier as a batch -> logits function."""
+
+    def logits(b: Batch) -> torch.Tensor:
+        return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+
+    return logits
 
 
 def agreement(
@@ -23,11 +34,10 @@ def agreement(
     ``accuracy_<name>``."""
     n = same = right_ref = right_other = 0
     max_diff = 0.0
-    model.eval()
+    reference = torch_logits(model.eval())
     with torch.no_grad():
         for b in batches:
-            ref = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            got = other(b)
+            ref, got = reference(b), other(b)
             max_diff = max(max_diff, float((got - ref).abs().max()))
             p_ref, p_got = ref.argmax(-1), got.argmax(-1)
             n += len(p_ref)
@@ -42,3 +52,8 @@ def agreement(
         "accuracy_artifact": right_ref / n if n else None,
         f"accuracy_{name}": right_other / n if n else None,
     }
+
+
+def write_check(folder: Path, fmt: str, check: dict[str, Any]) -> None:
+    """``check`` as ``<fmt>_check.json`` in the exported ``folder``."""
+    (folder / f"{fmt}_check.json").write_text(json.dumps(check, indent=2, sort_keys=True))

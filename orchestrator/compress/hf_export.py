@@ -26,17 +26,13 @@ first weights that do not fit.
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from orchestrator.errors import ConfigError, Problem
-
-CHECK_FILE = "hf_check.json"
 
 
 @dataclass(frozen=True)
@@ -187,10 +183,6 @@ def to_transformers(model: nn.Module, steps: list[dict[str, Any]]) -> nn.Module:
     return target
 
 
-def write_check(folder: Path, check: dict[str, Any]) -> None:
-    (folder / CHECK_FILE).write_text(json.dumps(check, indent=2, sort_keys=True))
-
-
 def load_plain(folder: Path) -> nn.Module:
     """The exported folder as transformers alone loads it (safetensors weights)."""
     from transformers import AutoModelForSequenceClassification
@@ -198,10 +190,3 @@ def load_plain(folder: Path) -> nn.Module:
     return AutoModelForSequenceClassification.from_pretrained(
         str(folder), local_files_only=True, use_safetensors=True
     ).eval()
-
-
-def logits_of(model: nn.Module) -> Any:
-    def logits(b: dict[str, torch.Tensor]) -> torch.Tensor:
-        return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-
-    return logits

@@ -40,7 +40,6 @@ from torch import nn
 from orchestrator.errors import ConfigError, Problem
 
 ONNX_FILE = "model.onnx"
-CHECK_FILE = "onnx_check.json"
 OPSET = 18
 INPUTS = ("input_ids", "attention_mask")
 
@@ -277,7 +276,3 @@ def agreement(
         return torch.from_numpy(runtime.run(None, {k: b[k].numpy() for k in INPUTS})[0])
 
     return compare(model, logits, batches, "onnx")
-
-
-def write_check(folder: Path, check: dict[str, Any]) -> None:
-    (folder / CHECK_FILE).write_text(json.dumps(check, indent=2, sort_keys=True))

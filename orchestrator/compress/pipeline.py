@@ -110,9 +110,8 @@ def compress_(
         total_steps=total_steps,
         tokenizer=tokenizer,
         token_counts=token_counts,
+        **({"agree": agree} if agree is not None else {}),
     )
-    if agree is not None:
-        ctx.agree = agree
     for cfg in spec.techniques():
         technique = technique_for(cfg)
         if technique.needs_calibration and not calib:

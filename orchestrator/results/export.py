@@ -106,8 +106,8 @@ def _copy_tokenizer(src: Path, tmp: Path, skip: tuple[str, ...]) -> None:
 
 
 def _onnx_fill(tmp: Path, src: Path, run_dir: Path, name: str) -> dict[str, Any]:
-    """Fill ``tmp`` with the ONNX model of the artifact ``src``, its tokenizer and config, and
-    the agreement check on the trial's test split; returns the check."""
+    """Fill ``tmp`` with the ONNX model of the artifact ``src``, its tokenizer and config;
+    returns its agreement check on the trial's test split."""
     from orchestrator.compress import onnx_export
     from orchestrator.compress.artifact import load_artifact
 
@@ -122,16 +122,15 @@ def _onnx_fill(tmp: Path, src: Path, run_dir: Path, name: str) -> dict[str, Any]
         **onnx_export.agreement(model, tmp / onnx_export.ONNX_FILE, batches),
     }
     _copy_tokenizer(src, tmp, ("manifest.json",))
-    onnx_export.write_check(tmp, check)
     return check
 
 
 def _hf_fill(tmp: Path, src: Path, run_dir: Path, name: str) -> dict[str, Any]:
     """Fill ``tmp`` with the plain transformers model of the artifact ``src`` (safetensors,
-    config, tokenizer) and the check of the folder, as transformers alone loads it, against the
-    artifact on the trial's test split; returns the check."""
+    config, tokenizer); returns the check of the folder, as transformers alone loads it, against
+    the artifact on the trial's test split."""
     from orchestrator.compress import hf_export
-    from orchestrator.compress.agreement import agreement
+    from orchestrator.compress.agreement import agreement, torch_logits
     from orchestrator.compress.artifact import load_artifact
     from orchestrator.compress.onnx_export import manifest_steps
 
@@ -143,10 +142,13 @@ def _hf_fill(tmp: Path, src: Path, run_dir: Path, name: str) -> dict[str, Any]:
     check = {
         "split": "test",
         "bytes": sum(p.stat().st_size for p in tmp.iterdir() if p.is_file()),
-        **agreement(model, hf_export.logits_of(loaded), _test_batches(run_dir, name), "hf"),
+        **agreement(model, torch_logits(loaded), _test_batches(run_dir, name), "hf"),
     }
-    hf_export.write_check(tmp, check)
     return check
+
+
+# Each format other than the artifact: (folder to fill, artifact, run dir, trial) -> its check.
+CONVERTERS = {"onnx": _onnx_fill, "hf": _hf_fill}
 
 
 def export_trial(
@@ -215,12 +217,14 @@ def export_trial(
         folder.pull(f"trials/{name}/job.yaml")  # the trial's data, for the agreement check
 
     def fill(tmp: Path) -> None:
-        if fmt == "onnx":
-            provenance["onnx_check"] = _onnx_fill(tmp, Path(src), folder.local, name)
-        elif fmt == "hf":
-            provenance["hf_check"] = _hf_fill(tmp, Path(src), folder.local, name)
-        else:
+        if fmt == "artifact":
             shutil.copytree(src, tmp, dirs_exist_ok=True)
+        else:
+            from orchestrator.compress.agreement import write_check
+
+            check = CONVERTERS[fmt](tmp, Path(src), folder.local, name)
+            write_check(tmp, fmt, check)
+            provenance[f"{fmt}_check"] = check
         (tmp / RECORD).write_text(json.dumps(provenance, indent=2, sort_keys=True))
 
     if is_uri(out):

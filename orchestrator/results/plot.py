@@ -180,6 +180,12 @@ def _plain_ticks(ax: Any) -> None:
     ax.tick_params(axis="x", which="minor", labelsize=7)
 
 
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
 def _size_mb(r: dict[str, Any]) -> float | None:
     v = r.get(SIZE)
     return None if v is None else v / MB
@@ -221,9 +227,7 @@ def render_pareto_png(
     right.set_title("accuracy vs latency")
     if title:
         fig.suptitle(title)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return _png(fig)
 
 
 def render_sensitivity_png(allocation: dict[str, Any], title: str = "", dpi: int = 110) -> bytes:
@@ -253,6 +257,4 @@ def render_sensitivity_png(allocation: dict[str, Any], title: str = "", dpi: int
         f"{allocation['mean_bits']:.2f} bits",
         fontsize=9,
     )
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return _png(fig)

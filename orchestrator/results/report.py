@@ -66,17 +66,18 @@ def _run_dir_error(run_dir: Path, message: str, fix: str) -> ConfigError:
     return ConfigError(Problem("RUN_DIR", str(run_dir), message, fix), source="run directory")
 
 
+def allocation_in(steps: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The mixed-precision allocation (``layer_bits``, ``mean_bits``, ``profile``) among a
+    compress report's ``steps``, or None."""
+    return next((s["entry"]["allocation"] for s in steps if "allocation" in s["entry"]), None)
+
+
 def allocation_of(folder: Path) -> dict[str, Any] | None:
-    """The mixed-precision allocation (``layer_bits``, ``mean_bits``, ``profile``) the
-    ``compress_report.json`` in ``folder`` records, or None (no allocation, no readable
-    report)."""
+    """``allocation_in`` of the ``compress_report.json`` in ``folder``; None also when there is
+    no readable report."""
     try:
-        report = json.loads((folder / "compress_report.json").read_text())
-        steps = report.get("steps", [])
-        return next(
-            (s["entry"]["allocation"] for s in steps if "allocation" in s.get("entry", {})), None
-        )
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return allocation_in(json.loads((folder / "compress_report.json").read_text())["steps"])
+    except (OSError, ValueError, TypeError, KeyError):
         return None
 
 

@@ -335,6 +335,7 @@ def trial_runs(
                 tags={"mlflow.parentRunId": parent, ROLE_TAG: "trial"},
             )
             self.failed: str | None = None
+            self.baseline: dict[str, float] | None = None
 
         def _guard(self, what: str, fn: Any) -> None:
             if self.failed is not None:
@@ -386,7 +387,9 @@ def trial_runs(
                 tags = {"orchestrator.status": "failed" if failed else "stopped"}
                 if (path / "metrics.json").is_file() and not failed:
                     final = numbers(json.loads((path / "metrics.json").read_text()))
-                    broken = check_constraints(final, spec.search, load_baseline(folder.local))
+                    if self.baseline is None:  # written before the first trial started
+                        self.baseline = load_baseline(folder.local)
+                    broken = check_constraints(final, spec.search, self.baseline)
                     tags = {
                         "orchestrator.status": "done",
                         "orchestrator.feasible": "yes" if not broken else f"no: {broken[0]}",

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from orchestrator.compress import hf_export
-from orchestrator.compress.agreement import agreement
+from orchestrator.compress.agreement import agreement, torch_logits
 from orchestrator.compress.artifact import load_artifact
 from orchestrator.compress.onnx_export import manifest_steps
 from orchestrator.errors import ConfigError
@@ -40,7 +40,7 @@ def test_depth_and_ffn_pruning_export_exactly(tmp_path: Path, make_artifact, bat
     width = loaded.bert.encoder.layer[0].intermediate.dense.out_features
     assert width == model.bert.encoder.layer[0].intermediate.dense.out_features
     assert loaded.config.intermediate_size == width
-    check = agreement(model, hf_export.logits_of(loaded), batches(), "hf")
+    check = agreement(model, torch_logits(loaded), batches(), "hf")
     assert check["agreement"] == 1.0 and check["max_logit_diff"] < 1e-4, check
 
 
@@ -53,7 +53,7 @@ def test_int8_and_int8_embeddings_export_as_float(tmp_path: Path, make_artifact,
     )
     model, loaded = _export(art, tmp_path / "hf")
     # The artifact quantizes activations on the fly; the float model does not: close, not equal.
-    check = agreement(model, hf_export.logits_of(loaded), batches(), "hf")
+    check = agreement(model, torch_logits(loaded), batches(), "hf")
     assert check["agreement"] >= 0.9 and check["max_logit_diff"] < 0.5, check
     # Loaded by transformers alone: this package is never imported.
     code = (
@@ -102,5 +102,5 @@ def test_gpt2_with_a_narrower_mlp(tmp_path: Path, make_artifact, batches) -> Non
     )
     model, loaded = _export(art, tmp_path / "hf")
     assert loaded.config.n_inner == loaded.transformer.h[0].mlp.c_fc.nf
-    check = agreement(model, hf_export.logits_of(loaded), batches(), "hf")
+    check = agreement(model, torch_logits(loaded), batches(), "hf")
     assert check["agreement"] == 1.0 and check["max_logit_diff"] < 1e-4, check
