@@ -10,6 +10,7 @@ The dense model is a MiniLM-L6 fine-tuned on the quickstart's data (``--dense``:
 ``benchmarks/distill_recovery.py`` writes, by default /tmp/distill/dense).
 
 Run: python benchmarks/allocation.py [--dense /tmp/distill/dense] [--bits 2 3 4]
+     [--calib-batches 2] [--no-uniform]
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ BASE = {"method": "weight_only", "granularity": "group", "group_size": 64, "embe
 WIDTHS = [2, 3, 4, 8]
 
 
-def _recipes(bits: list[float]) -> dict[str, dict[str, Any]]:
+def _recipes(bits: list[float], calib_batches: int, uniform: bool) -> dict[str, dict[str, Any]]:
     rows = {}
+    allocate = {"bits": WIDTHS, "calib_batches": calib_batches}
     for b in bits:
-        if float(b).is_integer():
+        if uniform and float(b).is_integer():
             rows[f"uniform {b:g} bits"] = {**BASE, "bits": int(b)}
-        rows[f"allocated, mean {b:g} bits"] = {**BASE, "allocate": {"avg_bits": b, "bits": WIDTHS}}
+        rows[f"allocated, mean {b:g} bits"] = {**BASE, "allocate": {**allocate, "avg_bits": b}}
     return rows
 
 
@@ -48,6 +50,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dense", type=Path, default=Path("/tmp/distill/dense"))
     parser.add_argument("--bits", nargs="*", type=float, default=[2.0, 2.5, 3.0, 4.0])
+    parser.add_argument(
+        "--calib-batches", type=int, default=2, help="batches the sensitivity is measured on"
+    )
+    parser.add_argument("--no-uniform", action="store_true", help="only the allocated rows")
     args = parser.parse_args()
     base = load_job(JOB, {"model": {"path": str(args.dense)}, "compress": {"vocab": None}})
     tokenizer = models.build_tokenizer(base.model)
@@ -62,7 +68,7 @@ def main() -> None:
         "| test drop, points [95 %] | profile |"
     )
     print("|---|---|---|---|---|---|")
-    for label, quantize in _recipes(args.bits).items():
+    for label, quantize in _recipes(args.bits, args.calib_batches, not args.no_uniform).items():
         compress = {"vocab": None, "prune": None, "quantize": quantize}
         spec = load_job(JOB, {"model": {"path": str(args.dense)}, "compress": compress})
         calib = finalize.calibration_batches(spec, bundle)
