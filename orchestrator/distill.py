@@ -60,6 +60,11 @@ class Distiller:
         t = self.cfg.temperature
         student_logits = student_out.logits.float() / t
         teacher_logits = teacher_out.logits.float() / t
+        if student_logits.dim() == 3:
+            # A language model: one distribution per predicted position, averaged over them
+            # (as its task loss is), not summed over a sequence.
+            student_logits = student_logits[:, :-1].reshape(-1, student_logits.shape[-1])
+            teacher_logits = teacher_logits[:, :-1].reshape(-1, teacher_logits.shape[-1])
         kd = F.kl_div(
             F.log_softmax(student_logits, -1),
             F.log_softmax(teacher_logits, -1),

@@ -2,7 +2,8 @@
 
 Shared by ``orchestrator compress`` (one-shot) and the end of a compressed training run (rank 0):
 write the artifact, load it back exactly as a user would, and measure *that*: its bytes, its
-accuracy on validation and test, and its latency against the dense model, side by side.
+accuracy on validation and test (a language model: its perplexity), and its latency against the
+dense model, side by side.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -23,10 +25,11 @@ from orchestrator import models
 from orchestrator.compress import CompressionReport, compress_, summary_metrics
 from orchestrator.compress.artifact import load_artifact, save_artifact, weights_bytes
 from orchestrator.compress.common import param_count
-from orchestrator.compress.measure import kernel_summary, measure_latency
+from orchestrator.compress.measure import kernel_summary, measure_decode, measure_latency
 from orchestrator.config.schema import JobSpec
 from orchestrator.files import write_atomic
-from orchestrator.stats import PairedCounts
+from orchestrator.models import CAUSAL_LM
+from orchestrator.stats import PairedCounts, PairedPerplexity
 from orchestrator.storage import cache_root
 
 
@@ -68,6 +71,9 @@ def build_compressed(
 
 
 def label_config(model: nn.Module, bundle: data_lib.DataBundle) -> None:
+    """Record the label names in a classifier's config (a language model has none)."""
+    if bundle.task == CAUSAL_LM:
+        return
     model.config.id2label = dict(enumerate(bundle.label_names))
     model.config.label2id = {n: i for i, n in enumerate(bundle.label_names)}
 
@@ -77,6 +83,35 @@ def split_key(split: str) -> str:
     return {"validation": "eval"}.get(split, split)
 
 
+# Blocks per evaluation batch of a language model: its logits are blocks x length x vocabulary
+# floats (8 x 128 x 49,152 for SmolLM2: 200 MB), and a copy or two of them while scoring.
+LM_EVAL_BATCH = 8
+
+
+def _token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token negative log-likelihood of the next token and whether it was the argmax, for
+    a language model's ``logits`` (batch x length x vocabulary) on blocks ``labels`` (every
+    position but the last predicts the next)."""
+    logits, target = logits[:, :-1].float(), labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none"
+    ).view(target.shape)
+    return nll, logits.argmax(-1) == target
+
+
+def split_metrics(key: str, correct: float, total: float, loss_sum: float, task: str) -> dict:
+    """A split's metrics from summed counts: accuracy and mean loss for a classifier; mean
+    per-token loss, perplexity and next-token accuracy for a language model."""
+    if task == CAUSAL_LM:
+        loss = loss_sum / total
+        return {
+            f"{key}/loss": loss,
+            f"{key}/perplexity": math.exp(loss),
+            f"{key}/token_accuracy": correct / total,
+        }
+    return {f"{key}/accuracy": correct / total, f"{key}/loss": loss_sum / total}
+
+
 @torch.no_grad()
 def score(
     model: nn.Module,
@@ -84,19 +119,29 @@ def score(
     device: torch.device | None = None,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> list[float]:
-    """[correct, examples, summed loss] over ``(batch, real rows)`` pairs; a pair with 0 real
-    rows is a stand-in batch (a rank kept in step with the others) that is run but not counted."""
+    """[correct, counted, summed loss] over ``(batch, real rows)`` pairs: examples for a
+    classifier, predicted tokens for a language model (its labels are blocks of ids). A pair
+    with 0 real rows is a stand-in batch (a rank kept in step with the others) that is run but
+    not counted."""
     was_training = model.training
     model.eval()
     correct = total = loss_sum = 0.0
     for batch, real in batches:
         labels = batch.pop("labels")
         inputs = {k: v.to(device) for k, v in batch.items()} if device else batch
+        if labels.dim() == 2:
+            inputs["use_cache"] = False  # a language model scored, not generating
         with autocast():
             logits = model(**inputs).logits.float()
         if real == 0:
             continue
         labels = labels.to(logits.device)
+        if labels.dim() == 2:  # a language model's blocks
+            nll, right = _token_losses(logits, labels)
+            loss_sum += nll.sum().item()
+            correct += int(right.sum())
+            total += nll.numel()
+            continue
         loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
         correct += int((logits.argmax(-1) == labels).sum())
         total += real
@@ -107,29 +152,53 @@ def score(
 def evaluate_plain(
     model: nn.Module, bundle: data_lib.DataBundle, split: str, batch_size: int = 64
 ) -> dict[str, float]:
-    """Accuracy and mean loss of ``model`` over the whole ``split``, in this process."""
+    """The split's metrics (``split_metrics``) for ``model`` over the whole ``split``, in this
+    process."""
     return evaluate_answers(model, bundle, split, batch_size)[0]
 
 
 @torch.no_grad()
 def evaluate_answers(
     model: nn.Module, bundle: data_lib.DataBundle, split: str, batch_size: int = 64
-) -> tuple[dict[str, float], list[bool]]:
-    """Accuracy and mean loss over the whole ``split`` in this process, and whether each
-    example (in the split's order) was answered right: what a paired comparison needs."""
+) -> tuple[dict[str, float], list]:
+    """The split's metrics over the whole ``split`` in this process, and per example (in the
+    split's order) what a paired comparison needs: whether a classifier answered right, or a
+    language model's summed negative log-likelihood of each block."""
     was_training = model.training
     model.eval()
-    answers: list[bool] = []
-    loss_sum = 0.0
+    causal = bundle.task == CAUSAL_LM
+    answers: list = []
+    correct = total = loss_sum = 0.0
+    if causal:
+        batch_size = min(batch_size, LM_EVAL_BATCH)
     for batch, _ in bundle.eval_batches(split, batch_size, 0, 1):
         labels = batch.pop("labels")
+        if causal:
+            batch["use_cache"] = False
         logits = model(**batch).logits.float()
+        if causal:
+            nll, right = _token_losses(logits, labels)
+            answers += nll.sum(1).tolist()
+            correct += int(right.sum())
+            total += nll.numel()
+            loss_sum += nll.sum().item()
+            continue
         loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
         answers += (logits.argmax(-1) == labels).tolist()
     model.train(was_training)
-    key = split_key(split)
-    n = len(answers)
-    return {f"{key}/accuracy": sum(answers) / n, f"{key}/loss": loss_sum / n}, answers
+    if not causal:
+        correct, total = sum(answers), len(answers)
+    return split_metrics(split_key(split), correct, total, loss_sum, bundle.task), answers
+
+
+def paired(
+    bundle: data_lib.DataBundle, dense: list, compressed: list
+) -> PairedCounts | PairedPerplexity:
+    """The paired comparison of a model with the dense one on the same examples."""
+    if bundle.task == CAUSAL_LM:
+        length = len(bundle.splits["test"][0]["input_ids"])
+        return PairedPerplexity.of(dense, compressed, tokens_per_block=length - 1)
+    return PairedCounts.of(dense, compressed)
 
 
 def _dense_answers_path(spec: JobSpec) -> Path:
@@ -153,15 +222,16 @@ def _dense_answers_path(spec: JobSpec) -> Path:
 def dense_answers(
     spec: JobSpec, dense: nn.Module, bundle: data_lib.DataBundle
 ) -> tuple[dict[str, float], dict[str, list[bool]]]:
-    """The dense model's accuracy and loss on validation and test, and its right / wrong
-    answer for every example: computed once per node and cached (every trial of a search
+    """The dense model's metrics on validation and test, and its answer for every example
+    (``evaluate_answers``): computed once per node and cached (every trial of a search
     compares with the same dense model)."""
     path = _dense_answers_path(spec)
     splits = ("validation", "test")
     try:
         cached = json.loads(path.read_text())
         if all(len(cached["answers"][s]) == bundle.sizes[s] for s in splits):
-            answers = {s: [bool(a) for a in cached["answers"][s]] for s in splits}
+            cast = float if bundle.task == CAUSAL_LM else bool
+            answers = {s: [cast(a) for a in cached["answers"][s]] for s in splits}
             return {k: float(v) for k, v in cached["metrics"].items()}, answers
     except (OSError, ValueError, KeyError, TypeError):
         pass  # not cached yet (or unreadable): compute it
@@ -171,7 +241,8 @@ def dense_answers(
         split_metrics, answers[split] = evaluate_answers(dense, bundle, split)
         metrics.update(split_metrics)
     path.parent.mkdir(parents=True, exist_ok=True)
-    saved = {"metrics": metrics, "answers": {s: [int(a) for a in v] for s, v in answers.items()}}
+    cast = float if bundle.task == CAUSAL_LM else int
+    saved = {"metrics": metrics, "answers": {s: [cast(a) for a in v] for s, v in answers.items()}}
     write_atomic(path, json.dumps(saved))
     return metrics, answers
 
@@ -202,7 +273,7 @@ def finalize(
         # Paired with the dense model on the same examples: the drop and its interval.
         split_metrics, answers = evaluate_answers(shipped, bundle, split)
         metrics.update(split_metrics)
-        metrics.update(PairedCounts.of(reference[split], answers).metrics(split_key(split)))
+        metrics.update(paired(bundle, reference[split], answers).metrics(split_key(split)))
     if spec.measure.backend == "onnxruntime":
         from orchestrator.compress.measure import measure_latency_onnxruntime
         from orchestrator.compress.onnx_export import manifest_steps
@@ -217,16 +288,15 @@ def finalize(
             "fp32 model and this recipe each exported to ONNX as `export --format onnx` does"
         )
     else:
-        latency = measure_latency(
-            {"dense": dense, "compressed": shipped},
-            seq_len=spec.data.max_length,
-            threads=spec.measure.threads,
-        )
+        latency = timed(spec, bundle, {"dense": dense, "compressed": shipped})
     kernels = kernel_summary(shipped)
     report.kernels = kernels
     report.notes.append(
         "runs on: " + ", ".join(f"{n} x {kind}" for kind, n in sorted(kernels.items()))
     )
+    if bundle.task == CAUSAL_LM and tokenizer is not None:
+        for label, m in (("dense", dense), ("compressed", shipped)):
+            report.notes.append(f"{label}, greedy: {continuation(m, tokenizer)!r}")
     metrics.update(latency["compressed"])
     metrics.update(
         {
@@ -235,12 +305,59 @@ def finalize(
             if k.startswith("perf/latency")
         }
     )
-    metrics["perf/speedup"] = (
-        latency["dense"]["perf/latency_ms_b32"] / latency["compressed"]["perf/latency_ms_b32"]
-    )
+    speed = speed_key(bundle)
+    metrics["perf/speedup"] = latency["dense"][speed] / latency["compressed"][speed]
+    if bundle.task == CAUSAL_LM:
+        metrics["perf/dense_decode_tokens_per_s"] = latency["dense"]["perf/decode_tokens_per_s"]
+        metrics["perf/decode_speedup"] = (
+            latency["compressed"]["perf/decode_tokens_per_s"]
+            / latency["dense"]["perf/decode_tokens_per_s"]
+        )
     metrics.update(_sizes(size, weights_bytes(folder), dense_size, dense_weights))
     report.metrics.update(metrics)
     return metrics
+
+
+PROMPT = "The history of the United Kingdom"  # what a language model's report continues
+
+
+@torch.no_grad()
+def continuation(model: nn.Module, tokenizer: Any, new_tokens: int = 24) -> str:
+    """``PROMPT`` and the model's greedy continuation of it: what a reader of the report sees
+    of a compressed language model beside the dense one."""
+    ids = tokenizer(PROMPT, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    out = model.eval().generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return tokenizer.decode(out[0], skip_special_tokens=True)
+
+
+def speed_key(bundle: data_lib.DataBundle) -> str:
+    """The latency ``perf/speedup`` compares: a classifier's at batch 32; a language model's
+    prefill of one block at batch 1 (its decoding speed is ``perf/decode_speedup``)."""
+    return "perf/latency_ms_b1" if bundle.task == CAUSAL_LM else "perf/latency_ms_b32"
+
+
+def timed(
+    spec: JobSpec, bundle: data_lib.DataBundle, models_: dict[str, nn.Module]
+) -> dict[str, dict[str, float]]:
+    """Latency in torch of ``models_`` side by side: batches 1 and 32 of ``data.max_length``
+    tokens for a classifier; a language model's prefill of one block at batch 1 and its greedy
+    decoding speed at batch 1 (a batch of 32 full blocks takes tens of seconds per forward on
+    one CPU thread for a 135 M-parameter decoder)."""
+    threads = spec.measure.threads
+    if bundle.task != CAUSAL_LM:
+        return measure_latency(models_, seq_len=spec.data.max_length, threads=threads)
+    out = measure_latency(
+        models_, seq_len=spec.data.max_length, batch_sizes=(1,), repeats=5, threads=threads
+    )
+    for label, values in measure_decode(models_, threads=threads).items():
+        out[label].update(values)
+    return out
 
 
 def _sizes(size: int, weights: int, dense_size: int, dense_weights: int) -> dict[str, float]:
@@ -269,9 +386,7 @@ def measure_dense(
     with tempfile.TemporaryDirectory() as tmp:
         size = save_artifact(model, Path(tmp) / "dense", tokenizer=tokenizer)
         weights = weights_bytes(Path(tmp) / "dense")
-    latency = measure_latency(
-        {"dense": model}, seq_len=spec.data.max_length, threads=spec.measure.threads
-    )
+    latency = timed(spec, bundle, {"dense": model})
     metrics.update(latency["dense"])
     metrics.update(_sizes(size, weights, size, weights))
     metrics["perf/speedup"] = 1.0

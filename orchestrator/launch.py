@@ -108,11 +108,80 @@ def run_dir(spec: JobSpec) -> RunFolder:
     return RunFolder(join(spec.output.dir, spec.name))
 
 
+def check_task(spec: JobSpec) -> None:
+    """Keys that do not fit the job's task (``models.task_of``: a decoder is trained as a
+    causal language model, anything else as a classifier), refused before anything runs."""
+    if models.task_of(spec.model) != models.CAUSAL_LM:
+        return
+    model = spec.model.name or spec.model.path
+    problems = []
+    if "label_column" in spec.data.model_fields_set:
+        problems.append(
+            Problem(
+                "data.label_column",
+                spec.data.label_column,
+                f"{model} is a language model: it learns the text itself and reads no labels",
+                "remove data.label_column (data.text_column names the text)",
+            )
+        )
+    if spec.search is not None:
+        problems.append(
+            Problem(
+                "search",
+                "(a search section)",
+                f"{model} is a language model, and the search's objectives, constraints and "
+                "report are built for classifiers' accuracy; searching on perplexity is not "
+                "built yet",
+                "compress it with `orchestrator compress` (one-shot) or `orchestrator train` "
+                "(with recovery), or search a classifier",
+            )
+        )
+    if spec.compress.vocab is not None:
+        problems.append(
+            Problem(
+                "compress.vocab",
+                spec.compress.vocab.method,
+                "a language model predicts every token of its vocabulary: trimming it would "
+                "remove outputs it is scored on",
+                "remove compress.vocab",
+            )
+        )
+    if spec.measure.backend == "onnxruntime":
+        problems.append(
+            Problem(
+                "measure.backend",
+                "onnxruntime",
+                "the ONNX export covers classifiers; a language model is timed in torch",
+                "use measure.backend=torch",
+            )
+        )
+    folder = models.model_dir(spec.model)
+    context = None
+    if folder is not None:
+        config = json.loads((folder / "config.json").read_text())
+        context = config.get("max_position_embeddings")
+    elif spec.model.name in models.TINY_SHAPES:
+        context = models.TINY_CONTEXT
+    if context is not None and spec.data.max_length > context:
+        problems.append(
+            Problem(
+                "data.max_length",
+                spec.data.max_length,
+                f"blocks of {spec.data.max_length} tokens are longer than {model}'s context "
+                f"({context} positions)",
+                f"set data.max_length to at most {context}",
+            )
+        )
+    if problems:
+        raise ConfigError(problems)
+
+
 def preflight(spec: JobSpec) -> tuple[Any, data_lib.DataBundle]:
     """Load tokenizer and data on the driver: a missing file or column fails here with exit 2,
     before any Ray process starts, and the workers then read the warm tokenization cache."""
     tokenizer = models.build_tokenizer(spec.model)
     models.model_dir(spec.model)
+    check_task(spec)
     if spec.measure.backend == "onnxruntime":
         from orchestrator.compress.onnx_export import require_runtime
 
@@ -127,7 +196,7 @@ def preflight(spec: JobSpec) -> tuple[Any, data_lib.DataBundle]:
                     "use measure.backend=torch",
                 )
             )
-    bundle = data_lib.build(spec.data, tokenizer)
+    bundle = data_lib.build(spec.data, tokenizer, models.task_of(spec.model))
     t = spec.train
     if bundle.batches_per_epoch(t.batch_size, t.num_workers) < t.grad_accum_steps:
         raise ConfigError(

@@ -154,7 +154,7 @@ class Trainer:
         # Rank 0 tokenizes and fills the cache first; the others then read it instead.
         if not self.is_main and dist.is_initialized():
             dist.barrier()
-        self.bundle = data_lib.build(spec.data, self.tokenizer)
+        self.bundle = data_lib.build(spec.data, self.tokenizer, models.task_of(spec.model))
         if self.is_main and dist.is_initialized():
             dist.barrier()
         self.steps_per_epoch, self.total_steps = plan_steps(self.tspec, self.bundle, ctx.world_size)
@@ -337,7 +337,7 @@ class Trainer:
         return metrics
 
     def evaluate(self, split: str) -> dict[str, float]:
-        """Accuracy and mean loss of the model being trained over the whole split. Each rank
+        """The split's metrics (``finalize.split_metrics``) for the model being trained. Each rank
         scores its shard; the sums are all-reduced so every rank returns the same numbers."""
         batches = self.bundle.eval_batches(
             split, self.tspec.batch_size, self.ctx.rank, self.ctx.world_size
@@ -347,11 +347,11 @@ class Trainer:
         )
         correct, total, loss_sum = _all_reduce_sum(sums, self.device)
         key = finalize.split_key(split)
-        metrics = {f"{key}/accuracy": correct / total, f"{key}/loss": loss_sum / total}
+        metrics = finalize.split_metrics(key, correct, total, loss_sum, self.bundle.task)
         if self.is_main:
             log(
-                f"step {self.state.step} | {key}/accuracy {metrics[f'{key}/accuracy']:.4f} | "
-                f"{key}/loss {metrics[f'{key}/loss']:.4f}"
+                f"step {self.state.step} | "
+                + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items())
             )
         return metrics
 

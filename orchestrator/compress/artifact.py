@@ -99,10 +99,16 @@ def decode_weight(
 
 
 def _plain_state(model: nn.Module) -> dict[str, tuple[torch.Tensor, nn.Module, str]]:
-    """Every persistent tensor of the model with the module and attribute that own it."""
+    """Every persistent tensor of the model with the module and attribute that own it. A
+    tensor shared by two modules (a decoder's output head tied to its input embeddings) is
+    listed once, under its first name; loading it restores both, as they are one tensor."""
     out = {}
+    seen: set[int] = set()
     for mod_name, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
             out[f"{mod_name}.{pname}" if mod_name else pname] = (p, module, pname)
         for bname, b in module.named_buffers(recurse=False):
             if bname in module._non_persistent_buffers_set:
@@ -136,6 +142,9 @@ def save_artifact(
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
         config = getattr(model, "config", None)
         if config is not None:
+            if not getattr(config, "architectures", None):
+                # A from-config model has none; loading picks the model class from it.
+                config.architectures = [type(model).__name__]
             config.save_pretrained(str(tmp))
         if tokenizer is not None:
             # A fast tokenizer's tokenizer.json is all it needs to load; the legacy vocabulary
@@ -190,13 +199,16 @@ def check_artifact(folder: str | Path) -> None:
 
 def skeleton(config: Any, steps: list[Step]) -> nn.Module:
     """The compressed model's structure in its training form, weights not loaded: ``config``'s
-    dense classifier, then each step's ``rebuild_`` from its manifest entry."""
-    from transformers import AutoModelForSequenceClassification
+    dense classifier (or language model, when ``config.architectures`` names a
+    ``*ForCausalLM``), then each step's ``rebuild_`` from its manifest entry."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     # Importing it registers the project's own model types (the MLP) with the Auto classes.
     import orchestrator.models.mlp  # noqa: F401
 
-    model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+    causal = any(a.endswith("ForCausalLM") for a in getattr(config, "architectures", None) or [])
+    auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+    model = auto.from_config(config, dtype=torch.float32)
     for step in steps:
         step.technique.rebuild_(model, step.config, step.entry)
     return model

@@ -145,13 +145,19 @@ def collect_input_stats(
 @torch.no_grad()
 def forward_eval(model: nn.Module, batch: dict[str, torch.Tensor]) -> Any:
     """One inference forward on ``batch``'s model inputs (``input_ids`` and ``attention_mask``,
-    or ``pixel_values``; labels are left out so no loss is computed), restoring the training
-    mode."""
+    or ``pixel_values``, and any other keyword such as ``use_cache``; labels are left out so
+    no loss is computed), restoring the training mode."""
     was_training = model.training
     model.eval()
     device = first_param(model).device
     try:
-        return model(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
+        return model(
+            **{
+                k: v.to(device) if isinstance(v, torch.Tensor) else v
+                for k, v in batch.items()
+                if k != "labels"
+            }
+        )
     finally:
         model.train(was_training)
 

@@ -155,3 +155,45 @@ def kernel_summary(model: nn.Module) -> dict[str, int]:
             continue
         counts[kind] = counts.get(kind, 0) + 1
     return counts
+
+
+@torch.inference_mode()
+def measure_decode(
+    models: dict[str, nn.Module],
+    *,
+    prompt_len: int = 16,
+    new_tokens: int = 32,
+    repeats: int = 3,
+    threads: int | None = None,
+) -> dict[str, dict[str, float]]:
+    """Greedy decoding speed of language models at batch 1: ``{label: {"perf/decode_tokens_per_s":
+    ...}}``, the median over ``repeats`` of ``new_tokens`` generated after a ``prompt_len``-token
+    prompt (prefill included, key-value cache on), the models interleaved as in
+    ``measure_latency``. Exactly ``new_tokens`` are generated (no early stop at end of text)."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        first = next(iter(models.values()))
+        inputs = example_inputs(first, 1, prompt_len)
+        kwargs = dict(
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=first.config.pad_token_id or 0,
+        )
+        times: dict[str, list[float]] = {label: [] for label in models}
+        for m in models.values():
+            m.eval()
+            m.generate(**inputs, **kwargs)  # warm-up
+        for _ in range(repeats):
+            for label, m in models.items():
+                start = time.perf_counter()
+                m.generate(**inputs, **kwargs)
+                times[label].append(time.perf_counter() - start)
+        return {
+            label: {"perf/decode_tokens_per_s": new_tokens / statistics.median(t)}
+            for label, t in times.items()
+        }
+    finally:
+        torch.set_num_threads(before)

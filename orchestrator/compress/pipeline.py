@@ -20,6 +20,8 @@ from orchestrator.compress.technique import Batch, Context, Step, TrainingHook, 
 from orchestrator.config.compress import CompressConfig
 from orchestrator.errors import ConfigError, Problem
 
+SQNR_TOKENS = 512  # positions the per-layer output SQNR is measured on
+
 
 @dataclass
 class CompressionReport:
@@ -48,9 +50,15 @@ class CompressionReport:
 def _capture_outputs(
     model: nn.Module, batch: Batch | None, names: list[str]
 ) -> dict[str, torch.Tensor]:
-    """Each named module's output on one calibration batch (for per-layer SQNR)."""
+    """Each named module's output on one calibration batch (for per-layer SQNR), cut to its
+    first rows holding at most ``SQNR_TOKENS`` positions: every output is kept twice (before
+    and after), which for a 30-block decoder on a full batch would be gigabytes."""
     if batch is None:
         return {}
+    ids = batch.get("input_ids")
+    if ids is not None and ids.dim() == 2:
+        rows = max(1, SQNR_TOKENS // ids.shape[1])
+        batch = {k: v[:rows] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     outputs: dict[str, torch.Tensor] = {}
     hooks = []
     for name in names:

@@ -21,8 +21,10 @@ from pydantic import Discriminator, Field, Tag, TypeAdapter, model_validator
 
 from orchestrator.config.base import ConfigModel, cross_field_error
 
-# Classification heads stay dense by default: they are tiny and sensitive.
-DEFAULT_EXCLUDE = ["*classifier*", "*score*", "*pooler*"]
+# Output heads stay dense by default: a classifier's are tiny and sensitive, and a language
+# model's output head is usually the input embedding table itself (tied), which the
+# embedding options of quantization cover.
+DEFAULT_EXCLUDE = ["*classifier*", "*score*", "*pooler*", "lm_head"]
 
 
 class TechniqueConfig(ConfigModel):
@@ -45,7 +47,7 @@ class SelectsModules(TechniqueConfig):
     )
     exclude: list[str] = Field(
         default_factory=lambda: list(DEFAULT_EXCLUDE),
-        description="module-name glob patterns kept untouched (default: classifier heads)",
+        description="module-name glob patterns kept untouched (default: output heads)",
     )
 
 
@@ -204,6 +206,47 @@ class WandaPruneConfig(UnstructuredPruneMethod):
     """Unstructured pruning by |W| x ||X|| on calibration inputs (Wanda, Sun et al. 2023)."""
 
     method: Literal["wanda"] = "wanda"
+
+
+class SparseGptPruneConfig(UnstructuredPruneMethod):
+    """One-shot unstructured pruning with second-order weight updates (SparseGPT, Frantar &
+    Alistarh 2023): block by block on calibration inputs, each layer's least salient weights
+    (w^2 / [H^-1]_jj^2) are zeroed and the remaining ones updated to keep its outputs."""
+
+    method: Literal["sparsegpt"] = "sparsegpt"
+    damp: float = Field(
+        default=0.01,
+        gt=0.0,
+        le=1.0,
+        description="dampening added to the Hessian's diagonal, as a fraction of its mean, (0, 1]",
+    )
+
+    @model_validator(mode="after")
+    def _oneshot_per_layer(self) -> SparseGptPruneConfig:
+        problems = []
+        if self.schedule != "oneshot":
+            problems.append(
+                (
+                    "schedule",
+                    self.schedule,
+                    "sparsegpt prunes once, before training, with weight updates computed on "
+                    "calibration data; a gradual schedule would prune by magnitude afterwards",
+                    "set compress.prune.schedule=oneshot, or use method magnitude / wanda for "
+                    "a gradual schedule",
+                )
+            )
+        if self.scope != "layer":
+            problems.append(
+                (
+                    "scope",
+                    self.scope,
+                    "sparsegpt reaches the sparsity in each layer (each block of 128 columns)",
+                    "set compress.prune.scope=layer",
+                )
+            )
+        if problems:
+            raise cross_field_error(problems)
+        return self
 
 
 class StructuredPruneConfig(PruneMethod):
@@ -392,6 +435,23 @@ class WeightOnlyConfig(LowBitQuantizeMethod):
     """Packed low-bit weights, dequantized at load (bytes saved, no faster kernel)."""
 
     method: Literal["weight_only"] = "weight_only"
+
+
+class GptqConfig(LowBitQuantizeMethod):
+    """GPTQ (Frantar et al. 2022): packed low-bit weights whose rounding errors are compensated
+    by updating the weights not rounded yet, block by block on calibration inputs (the
+    Hessian of each layer's output error); stored and loaded as weight_only."""
+
+    method: Literal["gptq"] = "gptq"
+    granularity: Literal["tensor", "channel", "group"] = Field(
+        default="group", description="one scale per tensor, per output channel, or per group"
+    )
+    damp: float = Field(
+        default=0.01,
+        gt=0.0,
+        le=1.0,
+        description="dampening added to the Hessian's diagonal, as a fraction of its mean, (0, 1]",
+    )
 
 
 class DynamicInt8Config(QuantizeMethod):

@@ -30,9 +30,13 @@ def _storage_location(value: str | None) -> str | None:
 
 
 # Short names of models that ship with the project's dependencies (no download ever happens).
-PACKAGED_MODELS = ("minilm-l6",)
+PACKAGED_MODELS = ("minilm-l6", "smollm2-135m")
 # Small from-config architectures, for fast tests and debug jobs.
-CONFIG_MODELS = ("tiny-bert", "tiny-gpt2", "mlp")
+CONFIG_MODELS = ("tiny-bert", "tiny-gpt2", "tiny-llama", "mlp")
+# Short names of decoders trained as causal language models (the rest are classifiers).
+CAUSAL_LM_MODELS = ("smollm2-135m", "tiny-llama")
+# Pretrained language models: their own outputs are a teacher worth distilling from.
+PRETRAINED_DECODERS = ("smollm2-135m",)
 
 
 class ModelConfig(ConfigModel):
@@ -44,13 +48,16 @@ class ModelConfig(ConfigModel):
     name: str | None = Field(
         default=None,
         description=f"short name: packaged pretrained {PACKAGED_MODELS} or from-config "
-        f"{CONFIG_MODELS}; exclusive with model.path",
+        f"{CONFIG_MODELS}; {CAUSAL_LM_MODELS} are decoders trained as causal language models "
+        "(the task follows from the model), the rest classifiers; exclusive with model.path",
     )
     path: str | None = Field(
         default=None,
         description="folder in Hugging Face format (config.json, weights, tokenizer): a local "
         "path, or a storage URI (s3://, gs://, file://) fetched once per node into the cache; "
-        "exclusive with model.name",
+        "or a local .gguf file of a decoder (converted once into the cache). A model whose "
+        "config.json names a *ForCausalLM architecture (and every .gguf) is trained as a causal "
+        "language model, any other as a classifier; exclusive with model.name",
     )
     tokenizer_path: str | None = Field(
         default=None,
@@ -494,8 +501,10 @@ class JobSpec(ConfigModel):
                     "add a compress section, or remove train.distill",
                 )
             ]
-        fine_tuned_teacher = self.model.path is not None or (
-            self.search is not None and self.search.baseline.train
+        fine_tuned_teacher = (
+            self.model.path is not None
+            or self.model.name in PRETRAINED_DECODERS
+            or (self.search is not None and self.search.baseline.train)
         )
         if not fine_tuned_teacher:
             return [

@@ -1,9 +1,12 @@
-"""Labelled text (or images) -> model-ready, seeded train / validation / test splits, sharded
-per worker.
+"""Labelled text (or images, or plain text for a language model) -> model-ready, seeded train /
+validation / test splits, sharded per worker.
 
 Sources: a packaged corpus by name (``corpora.py``) or local CSV / TSV / JSON lines / Parquet
 files read through Hugging Face ``datasets``. Text is tokenized; an image corpus (``mnist``)
-becomes ``pixel_values`` scaled to [0, 1] and needs no tokenizer. Either way the splits, the
+becomes ``pixel_values`` scaled to [0, 1] and needs no tokenizer. For a causal language model
+(``task="causal_lm"``) only the text is read: each split's documents are tokenized, joined with
+the end-of-text token and cut into blocks of ``max_length`` tokens (the last partial block
+dropped), so the splits stay disjoint at the document level. Either way the splits, the
 ``limit`` subset, the on-disk cache (keyed by everything that changes it, written atomically so
 concurrent workers never see half a cache) and the per-rank sharding are the same code.
 """
@@ -39,18 +42,22 @@ _SUFFIX_FORMAT = {
     ".parquet": "parquet",
 }
 CACHE_VERSION = 1  # bump when tokenization or splitting changes, so old caches are not reused
+CAUSAL_LM = "causal_lm"  # the task of a decoder (orchestrator.models.task_of)
 
 
 @dataclass
 class DataBundle:
     """Model-ready splits and label names. Text splits hold ``input_ids`` and ``labels`` (batches
-    add ``attention_mask``); image splits hold ``pixel_values`` and ``labels``."""
+    add ``attention_mask``); image splits hold ``pixel_values`` and ``labels``; a causal-LM
+    bundle's splits hold blocks of ``input_ids`` only (batches add ``labels``, the same ids:
+    the model shifts them) and have no label names."""
 
     splits: dict[str, datasets.Dataset]
     label_names: list[str]
     pad_token_id: int  # 0 for images (nothing is padded)
     cache_path: Path | None = None
     sizes: dict[str, int] = field(default_factory=dict)
+    task: str = "classify"
 
     @property
     def num_labels(self) -> int:
@@ -58,7 +65,11 @@ class DataBundle:
 
     def collate(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Pad a batch to its longest example (dynamic padding: short sentences run faster);
-        images all have the same size and are stacked as they are."""
+        images all have the same size and are stacked as they are, as are a language model's
+        blocks (whose labels are their own ids)."""
+        if self.task == CAUSAL_LM:
+            ids = torch.as_tensor([r["input_ids"] for r in rows], dtype=torch.long)
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
         labels = torch.as_tensor([r["labels"] for r in rows], dtype=torch.long)
         if "pixel_values" in rows[0]:
             pixels = np.asarray([r["pixel_values"] for r in rows], dtype=np.float32)
@@ -127,7 +138,7 @@ class DataBundle:
             yield self._batch(ds, chunk), real
 
 
-def _read_file(path: Path, spec: DataConfig, key: str) -> datasets.Dataset:
+def _read_file(path: Path, spec: DataConfig, key: str, labels: bool = True) -> datasets.Dataset:
     fmt = spec.format or _SUFFIX_FORMAT.get(path.suffix.lower())
     if fmt is None:
         raise DataError(
@@ -158,7 +169,8 @@ def _read_file(path: Path, spec: DataConfig, key: str) -> datasets.Dataset:
                 "check the file, or set data.format",
             )
         ) from None
-    missing = [c for c in (spec.text_column, spec.label_column) if c not in ds.column_names]
+    wanted = (spec.text_column, spec.label_column) if labels else (spec.text_column,)
+    missing = [c for c in wanted if c not in ds.column_names]
     if missing:
         col_key = "data.text_column" if spec.text_column in missing else "data.label_column"
         raise DataError(
@@ -172,7 +184,11 @@ def _read_file(path: Path, spec: DataConfig, key: str) -> datasets.Dataset:
     return ds
 
 
-def _frame(ds: datasets.Dataset, spec: DataConfig) -> pd.DataFrame:
+def _frame(ds: datasets.Dataset, spec: DataConfig, labels: bool = True) -> pd.DataFrame:
+    if not labels:  # a language model reads the text alone
+        df = ds.select_columns([spec.text_column]).to_pandas()
+        df.columns = ["text"]
+        return df.assign(label="").dropna().reset_index(drop=True)
     df = ds.select_columns([spec.text_column, spec.label_column]).to_pandas()
     df.columns = ["text", "label"]
     return df.dropna().reset_index(drop=True)
@@ -194,14 +210,15 @@ def _split_frame(df: pd.DataFrame, spec: DataConfig) -> dict[str, pd.DataFrame]:
     return {k: df.iloc[v].reset_index(drop=True) for k, v in parts.items()}
 
 
-def load_frames(spec: DataConfig) -> dict[str, pd.DataFrame]:
+def load_frames(spec: DataConfig, labels: bool = True) -> dict[str, pd.DataFrame]:
     """Untokenized splits as DataFrames with columns ``text`` (``pixel_values`` for an image
-    corpus) and ``label``."""
+    corpus) and ``label`` (empty strings with ``labels=False``: a language model's files need
+    no label column)."""
     if spec.name is not None:
         return _split_frame(read_corpus(spec.name), spec)
     path = Path(spec.path).expanduser()
     if path.is_file():
-        return _split_frame(_frame(_read_file(path, spec, "data.path"), spec), spec)
+        return _split_frame(_frame(_read_file(path, spec, "data.path", labels), spec, labels), spec)
     if not path.is_dir():
         raise DataError(
             Problem(
@@ -220,7 +237,7 @@ def load_frames(spec: DataConfig) -> dict[str, pd.DataFrame]:
             and p.suffix.lower() in _SUFFIX_FORMAT
         ]
         if files:
-            found[split] = _frame(_read_file(files[0], spec, "data.path"), spec)
+            found[split] = _frame(_read_file(files[0], spec, "data.path", labels), spec, labels)
     if "train" not in found or "test" not in found:
         raise DataError(
             Problem(
@@ -254,7 +271,7 @@ def _label_names(frames: dict[str, pd.DataFrame]) -> list[str]:
     return sorted(str(v) for v in values)
 
 
-def _cache_key(spec: DataConfig, tokenizer: PreTrainedTokenizerBase | None) -> str:
+def _cache_key(spec: DataConfig, tokenizer: PreTrainedTokenizerBase | None, task: str) -> str:
     if spec.name is not None:
         sources = corpus_files(spec.name)
     else:
@@ -268,7 +285,7 @@ def _cache_key(spec: DataConfig, tokenizer: PreTrainedTokenizerBase | None) -> s
         else hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
     )
     blob = json.dumps(
-        [CACHE_VERSION, fields, stamps, vocab, type(tokenizer).__name__],
+        [CACHE_VERSION, fields, stamps, vocab, type(tokenizer).__name__, task],
         sort_keys=True,
         default=str,
     )
@@ -317,36 +334,88 @@ def _encode_images(frame: pd.DataFrame, index: dict[str, int]) -> datasets.Datas
     return datasets.Dataset.from_dict({"pixel_values": pixels, "labels": labels})
 
 
-def build(spec: DataConfig, tokenizer: PreTrainedTokenizerBase | None) -> DataBundle:
+def _check_nonempty(frames: dict[str, pd.DataFrame], spec: DataConfig) -> None:
+    for split, frame in frames.items():
+        if len(frame) > 0:
+            continue
+        key = (
+            "data.val_fraction"
+            if split == "validation"
+            else "data.limit"
+            if spec.limit is not None
+            else "data.path"
+        )
+        raise DataError(
+            Problem(
+                key,
+                getattr(spec, key.split(".")[1]),
+                f"the {split} split is empty",
+                "use more data (raise data.limit) or a larger fraction",
+            )
+        )
+
+
+def _pack(
+    texts: list[str], tokenizer: PreTrainedTokenizerBase, spec: DataConfig, split: str
+) -> datasets.Dataset:
+    """A language model's split: the documents' tokens, each document followed by the
+    end-of-text token, cut into blocks of ``max_length`` (the last partial block dropped)."""
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    ids: list[int] = []
+    for row in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        ids += row
+        if eos is not None:
+            ids.append(eos)
+    length = spec.max_length
+    blocks = len(ids) // length
+    if blocks == 0:
+        key = "data.limit" if spec.limit is not None else "data.max_length"
+        raise DataError(
+            Problem(
+                key,
+                getattr(spec, key.split(".")[1]),
+                f"the {split} split holds {len(ids)} tokens, less than one block of "
+                f"data.max_length={length}",
+                "use more text (raise data.limit or the split's fraction) or a shorter "
+                "data.max_length",
+            )
+        )
+    arr = np.asarray(ids[: blocks * length], dtype=np.int64).reshape(blocks, length)
+    return datasets.Dataset.from_dict({"input_ids": arr.tolist()})
+
+
+def build(
+    spec: DataConfig, tokenizer: PreTrainedTokenizerBase | None, task: str = "classify"
+) -> DataBundle:
     """Load, split, label-encode and tokenize ``spec``'s data (or scale its pixels: an image
-    corpus takes ``tokenizer=None``), reusing the on-disk cache."""
+    corpus takes ``tokenizer=None``; or pack its text into blocks for ``task="causal_lm"``),
+    reusing the on-disk cache."""
     datasets.disable_progress_bars()
     image = _check_modality(spec, tokenizer)
-    cache = _cache_root(spec) / _cache_key(spec, tokenizer)
+    causal = task == CAUSAL_LM
+    if causal and image:
+        raise DataError(
+            Problem(
+                "data.name",
+                spec.name,
+                "holds images, and the model is a language model that reads text",
+                "use a text corpus (e.g. data.name=bbc_news) or your own text files",
+            )
+        )
+    cache = _cache_root(spec) / _cache_key(spec, tokenizer, task)
     pad = 0 if tokenizer is None else int(tokenizer.pad_token_id)
     if (cache / "meta.json").is_file():
         meta = json.loads((cache / "meta.json").read_text())
         splits = {s: datasets.load_from_disk(str(cache / s)) for s in SPLITS}
-        return DataBundle(splits, meta["label_names"], pad, cache, meta["sizes"])
+        return DataBundle(splits, meta["label_names"], pad, cache, meta["sizes"], task)
 
-    frames = load_frames(spec)
-    for split, frame in frames.items():
-        if len(frame) == 0:
-            key = (
-                "data.val_fraction"
-                if split == "validation"
-                else "data.limit"
-                if spec.limit is not None
-                else "data.path"
-            )
-            raise DataError(
-                Problem(
-                    key,
-                    getattr(spec, key.split(".")[1]),
-                    f"the {split} split is empty",
-                    "use more data (raise data.limit) or a larger fraction",
-                )
-            )
+    frames = load_frames(spec, labels=not causal)
+    _check_nonempty(frames, spec)
+    if causal:
+        splits = {s: _pack(frames[s]["text"].tolist(), tokenizer, spec, s) for s in SPLITS}
+        sizes = {s: len(d) for s, d in splits.items()}
+        _write_cache(cache, splits, {"label_names": [], "sizes": sizes})
+        return DataBundle(splits, [], pad, cache, sizes, task)
     names = _label_names(frames)
     if len(names) < 2:
         raise DataError(

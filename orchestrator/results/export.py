@@ -92,7 +92,7 @@ def _test_batches(run_dir: Path, name: str) -> list[dict[str, Any]]:
 
     spec = validate_job(read_yaml(run_dir / "trials" / name / "job.yaml"), source=f"trial {name}")
     tokenizer = models.build_tokenizer(spec.model)
-    bundle = data_lib.build(spec.data, tokenizer)
+    bundle = data_lib.build(spec.data, tokenizer, models.task_of(spec.model))
     test = bundle.splits["test"]
     rows = [test[i] for i in range(len(test))]
     return [bundle.collate(rows[i : i + CHECK_BATCH]) for i in range(0, len(rows), CHECK_BATCH)]

@@ -34,7 +34,7 @@ def _measure_dense(job: dict[str, Any], model_path: str | None) -> dict[str, flo
             update={"model": spec.model.model_copy(update={"name": None, "path": model_path})}
         )
     tokenizer = models.build_tokenizer(spec.model)
-    bundle = data_lib.build(spec.data, tokenizer)
+    bundle = data_lib.build(spec.data, tokenizer, models.task_of(spec.model))
     model = models.build_model(spec.model, bundle.num_labels, tokenizer, seed=spec.train.seed)
     finalize.label_config(model, bundle)
     return finalize.measure_dense(spec, model, bundle, tokenizer)

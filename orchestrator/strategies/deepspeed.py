@@ -7,6 +7,7 @@ compile fused kernels (minutes on CPU) and gains nothing on CPU.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -276,19 +277,28 @@ class DeepSpeedStrategy(Strategy):
                 full = masters.get(id(p), p.data)
             return full.detach().float().cpu().clone()
 
-        out = {}
         if self.spec.zero_stage == 3:
             import deepspeed
 
             # Gathering is a collective: every rank must enter it, even if only rank 0 saves.
             with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                for name, p in module.named_parameters():
-                    out[name] = fp32(p)
+                out = _by_name(module, fp32)
         else:
-            for name, p in module.named_parameters():
-                out[name] = fp32(p)
+            out = _by_name(module, fp32)
         persistent = set(module.state_dict())  # named_buffers() also lists non-persistent ones
         for name, b in module.named_buffers():
             if name in persistent:
                 out[name] = b.detach().cpu()
         return out
+
+
+def _by_name(module: nn.Module, fp32: Callable[[nn.Parameter], torch.Tensor]) -> dict:
+    """Every parameter name, a tied one (a language model's output head sharing the input
+    embeddings) under each of its names, as ``state_dict`` lists them; gathered once."""
+    done: dict[int, torch.Tensor] = {}
+    out = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if id(p) not in done:
+            done[id(p)] = fp32(p)
+        out[name] = done[id(p)]
+    return out

@@ -19,6 +19,7 @@ from orchestrator.testing.distributed import free_port
 ROOT = Path(__file__).resolve().parents[2]
 DDP_JOB = str(ROOT / "jobs" / "debug" / "ddp.yaml")
 SEARCH_JOB = str(ROOT / "jobs" / "debug" / "search.yaml")
+DECODER_JOB = str(ROOT / "jobs" / "debug" / "decoder.yaml")
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,10 @@ def _train(*extra: str, env: dict[str, str] | None = None):
 
 def _search(*extra: str):
     return _cli("search", SEARCH_JOB, *extra)
+
+
+def _decoder(*extra: str):
+    return _cli("train", DECODER_JOB, *extra)
 
 
 def _unreachable(work: Path, cluster: str) -> tuple[list[str], dict[str, str]]:
@@ -101,6 +106,27 @@ CASES = [
         run_dir="debug-search",
     ),
     Case(
+        "a label column on a language model's job",
+        _decoder("data.label_column=label"),
+        2,
+        ("data.label_column", "is a language model", "reads no labels"),
+        run_dir="debug-decoder",
+    ),
+    Case(
+        "blocks longer than the decoder's context",
+        _decoder("data.max_length=1024"),
+        2,
+        ("data.max_length", "longer than", "512 positions"),
+        run_dir="debug-decoder",
+    ),
+    Case(
+        "a GGUF file cut short",
+        _decoder("model.path={work}/cut.gguf"),
+        2,
+        ("model.path", "cannot be read as a GGUF model"),
+        run_dir="debug-decoder",
+    ),
+    Case(
         "output.dir is a file",
         _train("output.dir={work}/cache/../job-file.txt"),
         2,
@@ -135,10 +161,12 @@ CASES = [
 @contextlib.contextmanager
 def prepared(case: Case, work: Path) -> Iterator[None]:
     """The work folder a case runs in: ``mnt/`` a tmpfs with the case's options (root only),
-    or a plain folder; ``job-file.txt`` a file where a folder is expected."""
+    or a plain folder; ``job-file.txt`` a file where a folder is expected; ``cut.gguf`` the
+    first bytes of a GGUF file."""
     mnt = work / "mnt"
     mnt.mkdir(parents=True, exist_ok=True)
     (work / "job-file.txt").write_text("not a folder\n")
+    (work / "cut.gguf").write_bytes(b"GGUF" + (3).to_bytes(4, "little") + bytes(8))
     if case.mount:
         subprocess.run(["mount", "-t", "tmpfs", "-o", case.mount, "tmpfs", str(mnt)], check=True)
     try:

@@ -143,3 +143,21 @@ def train_steps(strategy: Any, batches: list[dict[str, Any]]) -> list[float]:
         strategy.step()
         losses.append(float(loss.detach().float()))
     return losses
+
+
+def run_job_worker(rank: int, world: int, job: dict, store: str) -> dict:
+    """``loop.run`` of the job ``job`` (a dict) as one of ``world`` workers; the checkpoint of
+    the final report (the artifact and compress_report.json) is copied to ``store``. Returns
+    the run's final metrics."""
+    import shutil
+    from pathlib import Path
+
+    from orchestrator import loop
+    from orchestrator.config import validate_job
+
+    def report(metrics: dict, folder: Path | None) -> None:
+        if folder is not None and "compress/size_bytes" in metrics:
+            shutil.copytree(folder, Path(store), dirs_exist_ok=True)
+
+    ctx = loop.WorkerContext(rank=rank, world_size=world, report=report)
+    return loop.run(validate_job(job), ctx)

@@ -5,27 +5,14 @@ masked too), the gradual schedule reaches its target, and the final artifact rel
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from orchestrator.testing import run_workers
+from orchestrator.testing import run_job_worker, run_workers
 
 pytestmark = pytest.mark.distributed
-
-
-def recover_worker(rank: int, world: int, job: dict, store: str) -> dict:
-    from orchestrator import loop
-    from orchestrator.config import validate_job
-
-    def report(metrics: dict, folder: Path | None) -> None:
-        if folder is not None and "compress/size_bytes" in metrics:
-            shutil.copytree(folder, Path(store), dirs_exist_ok=True)
-
-    ctx = loop.WorkerContext(rank=rank, world_size=world, report=report)
-    return loop.run(validate_job(job), ctx)
 
 
 @pytest.mark.parametrize(
@@ -70,7 +57,7 @@ def test_masks_survive_recovery_training(tmp_path: Path, train: dict) -> None:
         "output": {"dir": str(tmp_path / "runs")},
     }
     store = tmp_path / "final"
-    m0, m1 = run_workers(recover_worker, 2, job, str(store))
+    m0, m1 = run_workers(run_job_worker, 2, job, str(store))
     assert m0 == m1  # rank 0 measured, then broadcast: every rank reports the same
     # Measured on the trained weights, after 10 AdamW steps at a high learning rate.
     assert m0["compress/sparsity"] == pytest.approx(0.5, abs=0.005)
@@ -129,7 +116,7 @@ def test_distillation_from_the_dense_teacher(tmp_path: Path, train: dict) -> Non
         },
         "output": {"dir": str(tmp_path / "runs")},
     }
-    m0, m1 = run_workers(recover_worker, 2, job, str(tmp_path / "final"))
+    m0, m1 = run_workers(run_job_worker, 2, job, str(tmp_path / "final"))
     assert m0 == m1
     assert m0["train/loss"] > 0 and m0["eval/accuracy"] > 0
     assert -1 <= m0["eval/accuracy_drop"] <= 1

@@ -197,7 +197,7 @@ BAD_JOBS = [
         {"compress.prune": {"method": "lottery"}},
         "compress.prune.method",
         "lottery",
-        "use one of magnitude, wanda, structured",
+        "use one of magnitude, wanda, sparsegpt, structured",
     ),
     (
         "key-of-another-method",
@@ -211,7 +211,7 @@ BAD_JOBS = [
         {"compress.quantize": {"method": "dynamic_int8", "bits": 4}},
         "compress.quantize.bits",
         4,
-        "use a method that takes it (fake, weight_only)",
+        "use a method that takes it (fake, weight_only, gptq)",
     ),
     (
         "typo-in-a-method-section",

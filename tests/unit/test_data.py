@@ -377,9 +377,11 @@ def test_cache_is_written_once_and_reused(tmp_path, tokenizer) -> None:
 
 def test_cache_key_follows_the_spec(tmp_path, tokenizer) -> None:
     def key(**kw) -> str:
-        return _cache_key(_mr(tmp_path, **{"limit": 60, **kw}), tokenizer)
+        return _cache_key(_mr(tmp_path, **{"limit": 60, **kw}), tokenizer, "classify")
 
     assert key() == key()
+    # The same text packed for a language model is another cache.
+    assert key() != _cache_key(_mr(tmp_path, limit=60), tokenizer, "causal_lm")
     assert key() == key(cache_dir=str(tmp_path / "elsewhere"))  # where, not what
     assert len({key(), key(max_length=16), key(seed=1), key(limit=61), key(test_fraction=0.3)}) == 5
 

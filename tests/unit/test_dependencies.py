@@ -17,6 +17,8 @@ SOURCES = ("orchestrator", "benchmarks", "tests")
 LOADED_BY_OTHERS = {
     "greenlet": "Optuna's GPSampler optimises its acquisition function with it",
     "tensorboardx": "Ray Tune writes the trials' TensorBoard event files with it",
+    "gguf": "transformers reads GGUF decoders (the packaged SmolLM2) with it",
+    "accelerate": "transformers needs it to load a GGUF decoder",
 }
 
 

@@ -1,5 +1,6 @@
 """Quantization techniques: ``fake`` (quantization-aware training), ``weight_only`` (packed
-low-bit weights) and ``dynamic_int8`` (real int8 CPU kernels).
+low-bit weights), ``gptq`` (packed low-bit weights rounded with second-order error compensation,
+``compress.hessian``) and ``dynamic_int8`` (real int8 CPU kernels).
 
 All three train the same way: every selected nn.Linear (and nn.Embedding with ``embeddings``)
 becomes a ``QuantLinear`` / ``QuantEmbedding`` whose forward sees the weights it will ship with
@@ -52,6 +53,7 @@ from orchestrator.compress.technique import Applied, Context, Technique, registe
 from orchestrator.config.compress import (
     DynamicInt8Config,
     FakeQuantConfig,
+    GptqConfig,
     QuantizeMethod,
     WeightOnlyConfig,
 )
@@ -88,6 +90,9 @@ def _int8_kernels(cfg: QuantizeConfig) -> bool:
 def _skip_reason(model: nn.Module, name: str, module: nn.Module, cfg: QuantizeConfig) -> str:
     if isinstance(module, (QuantLinear, QuantEmbedding, ActQuantLinear)):
         return "already quantized"
+    table = tied_heads(model).get(name)
+    if table is not None and cfg.embeddings:
+        return f"shares its weight with {table}: quantized with the embeddings, on their grid"
     parent = name.rpartition(".")[0]
     if isinstance(model.get_submodule(parent) if parent else model, nn.MultiheadAttention):
         return (
@@ -171,7 +176,32 @@ def apply_quantize_(
             sq = sqnr_db(w, fake_quantize(w, *spec.as_args()))
         set_module(model, name, new)
         rows.append(_row(name, module, spec, extra={"sqnr_db": sq, "method": cfg.method}))
+    for head, table in tied_heads(model).items():
+        quantized_table = isinstance(model.get_submodule(table), QuantEmbedding)
+        if quantized_table and not isinstance(model.get_submodule(head), QuantLinear):
+            rows.append(_wrap_tied_head(model, head, table, cfg))
     return rows
+
+
+def tied_heads(model: nn.Module) -> dict[str, str]:
+    """Linear layers whose weight is an embedding table's (a language model's output head tied
+    to its input embeddings): ``{head name: table name}``."""
+    tables = {id(m.weight): n for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    return {
+        n: tables[id(m.weight)]
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and id(m.weight) in tables
+    }
+
+
+def _wrap_tied_head(model: nn.Module, head: str, table: str, cfg: QuantizeConfig) -> ModuleRow:
+    """The head of a quantized tied table computes with the table's rounded rows: one row of
+    the table is one output channel of the head, so the head takes the table's per-row grid
+    (training sees what the artifact, which stores the tensor once, will hold)."""
+    module = model.get_submodule(head)
+    spec = embedding_spec(cfg)
+    set_module(model, head, QuantLinear.from_linear(module, spec, False))
+    return _row(head, module, spec, extra={"tied_to": table, "method": cfg.method})
 
 
 @torch.no_grad()
@@ -286,16 +316,32 @@ class _Quantize(Technique):
         if allocate is not None:
             entry["allocation"] = allocation = _allocate(model, cfg, ctx)
             layer_bits = allocation["layer_bits"]
+        details = self.prepare_(model, cfg, ctx, layer_bits or {})
         rows = apply_quantize_(model, cfg, filter_fn=ctx.filter_fn, layer_bits=layer_bits)
+        for row in rows:
+            row.details.update(details.get(row.name, {}))
         kinds = {r.name: type(model.get_submodule(r.name)).__name__ for r in rows if not r.skipped}
+        tied = {r.name: r.details["tied_to"] for r in rows if "tied_to" in r.details}
+        if tied:
+            entry["tied"] = tied
         return Applied(rows, entry={"modules": kinds, **entry})
+
+    def prepare_(
+        self, model: nn.Module, cfg: QuantizeConfig, ctx: Context, layer_bits: dict[str, int]
+    ) -> dict[str, dict[str, Any]]:
+        """Change the plain weights before they are wrapped (GPTQ); returns report details
+        per module. Nothing by default: the weights are rounded as they are."""
+        return {}
 
     def rebuild_(self, model: nn.Module, cfg: QuantizeConfig, entry: dict[str, Any]) -> None:
         layer_bits = entry.get("allocation", {}).get("layer_bits", {})
+        tied = entry.get("tied", {})
         for name, kind in entry["modules"].items():
             old = model.get_submodule(name)
             if kind == "QuantEmbedding":
                 new = QuantEmbedding.from_embedding(old, embedding_spec(cfg))
+            elif kind == "QuantLinear" and name in tied:
+                new = QuantLinear.from_linear(old, embedding_spec(cfg), False)
             elif kind == "QuantLinear":
                 spec = linear_spec(cfg, layer_bits.get(name))
                 new = QuantLinear.from_linear(old, spec, _activations(cfg))
@@ -366,6 +412,47 @@ class WeightOnlyQuant(_Quantize):
         return (
             f"{cfg.bits}-bit weights are stored packed (real bytes) but dequantized to fp32 at "
             "load: no speed-up from quantization"
+        )
+
+
+@register
+class Gptq(_Quantize):
+    config_type = GptqConfig
+    needs_calibration = True
+
+    def prepare_(
+        self, model: nn.Module, cfg: GptqConfig, ctx: Context, layer_bits: dict[str, int]
+    ) -> dict[str, dict[str, Any]]:
+        """GPTQ over the quantizable Linears, block by block: each weight becomes its rounded
+        values (on the grid the wrapper derives from them again, so rounding them once more
+        changes nothing). The details record each layer's relative output error on the
+        calibration inputs, GPTQ's and plain round-to-nearest's."""
+        from orchestrator.compress.hessian import gptq, output_error, sequential_
+
+        layers = [
+            (n, m)
+            for n, m, reason in quantizable(model, cfg, ctx.filter_fn)
+            if isinstance(m, nn.Linear) and not reason
+        ]
+        details: dict[str, dict[str, Any]] = {}
+
+        def solve(name: str, layer: nn.Linear, hessian: torch.Tensor) -> None:
+            args = linear_spec(cfg, layer_bits.get(name)).as_args()
+            w = layer.weight.detach().float()
+            new = gptq(w, hessian, *args, damp=cfg.damp)
+            details[name] = {
+                "output_error": output_error(w, fake_quantize(new, *args), hessian),
+                "rtn_output_error": output_error(w, fake_quantize(w, *args), hessian),
+            }
+            layer.weight.data.copy_(new.to(layer.weight.dtype))
+
+        sequential_(model, layers, ctx.calib, solve)
+        return details
+
+    def note(self, cfg: GptqConfig) -> str:
+        return (
+            f"{cfg.bits}-bit GPTQ weights are stored packed (real bytes) but dequantized to fp32 "
+            "at load: no speed-up from quantization"
         )
 
 
