@@ -34,21 +34,28 @@ METHODS: dict[str, dict] = {
 }
 # Groups of 64 and 192 inputs: SmolLM2's Linears take 576 or 1536 inputs, which 128 does not
 # both divide (a layer whose inputs a group size does not divide is skipped, and reported).
-for bits, group in ((4, 64), (4, 192), (3, 64)):
+for bits, group, symmetric in ((4, 64, True), (4, 64, False), (4, 192, False), (3, 64, False)):
     for method, name in (("weight_only", "rtn"), ("gptq", "gptq")):
-        METHODS[f"{name} {bits}-bit g{group}"] = {
+        METHODS[f"{name} {bits}-bit g{group}{'' if symmetric else ' asym'}"] = {
             "quantize": {
                 "method": method,
                 "bits": bits,
                 "granularity": "group",
                 "group_size": group,
+                "symmetric": symmetric,
                 **LINEARS,
             }
         }
 METHODS.update(
     {
-        "gptq 4-bit g64 + int8 embeddings": {
-            "quantize": {"method": "gptq", "bits": 4, "group_size": 64, "embedding_bits": 8}
+        "gptq 4-bit g64 asym + int8 embeddings": {
+            "quantize": {
+                "method": "gptq",
+                "bits": 4,
+                "group_size": 64,
+                "symmetric": False,
+                "embedding_bits": 8,
+            }
         },
         "magnitude 50%": {"prune": {"method": "magnitude", "sparsity": 0.5}},
         "wanda 50%": {"prune": {"method": "wanda", "sparsity": 0.5}},

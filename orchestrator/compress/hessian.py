@@ -65,33 +65,98 @@ def gptq(
     symmetric: bool,
     *,
     damp: float = 0.01,
+    act_order: bool = True,
     block_size: int = 128,
     max_passes: int = 4,
 ) -> torch.Tensor:
     """The GPTQ-quantized weight, as the artifact stores it: dequantized values on the grid
     ``qtensor.quantize_tensor`` derives from them (scale and zero point from each group's range).
-    Columns in their natural order. Weights that are exactly zero (pruned by an earlier step)
-    stay zero.
+    Weights that are exactly zero (pruned by an earlier step) stay zero.
 
-    The first pass takes each group's grid from the weights as the columns reach it (error
-    compensation included), as the paper does. Compensation can then shrink a group's largest
-    weight, and the grid derived again from the result would be finer than the one rounded
-    to: later passes round to that derived grid, until the two agree (or ``max_passes``),
-    and the result is rounded once more to the derived grid, so what the layer holds is
-    exactly what ships."""
+    ``act_order``: columns are fixed in decreasing order of their Hessian diagonal (the inputs
+    with the most energy first, while the most columns are left to absorb their error), each
+    rounded to its group's grid taken from the weights before compensation ("static groups":
+    groups stay contiguous in the stored layout), its range clipped where that rounds the group
+    with less error (``clipped_grid``). Without it, columns go in their natural order
+    and each group's grid is taken from the weights as the columns reach it, as in the paper.
+
+    Compensation can shrink a group's largest weight, and the grid derived again from the result
+    would be finer than the one rounded to: later passes round to that derived grid, until the
+    two agree (or ``max_passes``), and the result is rounded once more to the derived grid, so
+    what the layer holds is exactly what ships."""
     w = weight.detach().float().clone()
+    cols = w.shape[1]
     keep = w != 0 if bool((w == 0).any()) else None
-    hinv = _damped_inverse_cholesky(hessian.float(), w, damp)
+    h = hessian.float()
     args = (bits, granularity, group_size, symmetric)
+    order = torch.arange(cols)
+    grid = None
+    if act_order:
+        order = torch.argsort(torch.diag(h), descending=True)
+        grid = clipped_grid(w, torch.diag(h), *args)  # static groups, before compensation
+        w, h = w[:, order], h[order][:, order]
+        keep = None if keep is None else keep[:, order]
+    back = torch.argsort(order)
+    hinv = _damped_inverse_cholesky(h, w, damp)
     if granularity == "group":
         block_size = max(group_size, block_size - block_size % group_size)
-    q = _gptq_pass(w, hinv, keep, args, None, block_size)
+    group_of = order // group_size if granularity == "group" else None
+    q = _gptq_pass(w, hinv, keep, args, grid, block_size, group_of)[:, back]
     for _ in range(max_passes - 1):
         stored = quantize_tensor(q, *args)
         if torch.allclose(dequantize(stored), q, rtol=1e-5, atol=1e-8):
             break
-        q = _gptq_pass(w, hinv, keep, args, stored, block_size)
+        q = _gptq_pass(w, hinv, keep, args, stored, block_size, group_of)[:, back]
     return dequantize(quantize_tensor(q, *args)).to(weight.dtype)
+
+
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+
+
+def clipped_grid(
+    weight: torch.Tensor,
+    importance: torch.Tensor,
+    bits: int,
+    granularity: str,
+    group_size: int,
+    symmetric: bool,
+) -> QTensor:
+    """The rounding grid of ``weight`` with each group's range shrunk by the ratio of
+    ``CLIP_RATIOS`` that rounds the group with the least error, each input weighted by its
+    ``importance`` (the Hessian diagonal: its inputs' energy); only group granularity is
+    clipped. Clipping the few outliers of a group buys a finer step for all the rest."""
+    args = (bits, granularity, group_size, symmetric)
+    if granularity != "group":
+        return quantize_tensor(weight, *args)
+    rows, cols = weight.shape
+    x = weight.float().reshape(rows, cols // group_size, group_size)
+    d = importance.float().reshape(1, cols // group_size, group_size)
+    best = best_err = None
+    for ratio in CLIP_RATIOS:
+        q = quantize_tensor(weight.float() * ratio, bits, "group", group_size, symmetric)
+        # Only the grid is kept: the unclipped weights are rounded to it.
+        grid = QTensor(None, q.scale, q.zero_point, x.shape, bits, "group", group_size, symmetric)
+        err = (d * (x - _round_to(x, grid)).pow(2)).sum(-1)
+        if best is None:
+            best, best_err = grid, err
+            continue
+        better = (err < best_err).unsqueeze(-1)
+        best.scale = torch.where(better, grid.scale, best.scale)
+        if not symmetric:
+            best.zero_point = torch.where(better, grid.zero_point, best.zero_point)
+        best_err = torch.minimum(err, best_err)
+    best.shape = tuple(weight.shape)
+    return best
+
+
+def _round_to(x: torch.Tensor, grid: QTensor) -> torch.Tensor:
+    """``x`` (rows x groups x group size) rounded to ``grid``'s scales and zero points."""
+    scale = grid.scale.float()
+    if grid.symmetric:
+        qmax = 2 ** (grid.bits - 1) - 1
+        return torch.clamp(torch.round(x / scale), -qmax, qmax) * scale
+    zero = grid.zero_point.float()
+    return (torch.clamp(torch.round(x / scale) + zero, 0, 2**grid.bits - 1) - zero) * scale
 
 
 def _gptq_pass(
@@ -101,9 +166,11 @@ def _gptq_pass(
     args: tuple[int, str, int, bool],
     grid: QTensor | None,
     block_size: int,
+    group_of: torch.Tensor | None,
 ) -> torch.Tensor:
-    """One GPTQ sweep over the columns; ``grid``: round to its scales and zero points instead
-    of deriving them from the weights."""
+    """One GPTQ sweep over the columns (in the order they are given); ``grid``: round to its
+    scales and zero points (column ``j`` in group ``group_of[j]``) instead of deriving them
+    from the weights as the columns reach each group."""
     bits, granularity, group_size, symmetric = args
     w = weight.clone()
     rows, cols = w.shape
@@ -152,11 +219,10 @@ def _gptq_pass(
         h1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if granularity == "group" and col % group_size == 0:
-                if grid is None:
-                    derive(w1[:, i : i + group_size])
-                else:
-                    from_grid(col // group_size)
+            if granularity == "group" and grid is not None:
+                from_grid(int(group_of[col]))
+            elif granularity == "group" and col % group_size == 0:
+                derive(w1[:, i : i + group_size])
             x = w1[:, i]
             q = rnd(x)
             if keep is not None:
@@ -281,7 +347,8 @@ def sequential_(
 
         handle = blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
         # No key-value cache: the captured arguments are replayed block after block.
-        extra = {"use_cache": False} if getattr(model.config, "use_cache", False) else {}
+        config = getattr(model, "config", None)
+        extra = {"use_cache": False} if getattr(config, "use_cache", False) else {}
         try:
             for batch in calib:
                 mask = batch.get("attention_mask")

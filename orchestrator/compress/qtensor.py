@@ -236,15 +236,18 @@ def _fp16_scale_ok(q: QTensor) -> bool:
 
 def encode(q: QTensor) -> tuple[dict[str, torch.Tensor], dict]:
     """Tensors to serialize (``codes``: packed uint8; ``scale``: float16 when every dequantized
-    value stays within 1e-3 relative of the float32 result, else float32; ``zero_point``: uint8,
-    asymmetric only) and a JSON-able meta dict. ``decode`` inverts it: exactly with float32
-    scales, to float16 rounding of the scales (<= 1e-3 relative per value) otherwise."""
+    value stays within 1e-3 relative of the float32 result, else float32; ``zero_point``:
+    asymmetric only, packed at the codes' width) and a JSON-able meta dict. ``decode`` inverts
+    it: exactly with float32 scales, to float16 rounding of the scales (<= 1e-3 relative per
+    value) otherwise. Artifacts written before zero points were packed (``zero_point_dtype:
+    uint8``) still decode."""
     scale = q.scale.float()
     if _fp16_scale_ok(q):
         scale = scale.to(torch.float16)
     tensors = {"codes": pack_codes(q.codes, q.bits), "scale": scale.contiguous()}
     if q.zero_point is not None:
-        tensors["zero_point"] = q.zero_point.to(torch.uint8).contiguous()
+        # Zero points are codes too (0 .. 2^bits - 1): packed at the same width.
+        tensors["zero_point"] = pack_codes(q.zero_point.to(torch.uint8).flatten(), q.bits)
     meta = {
         "format": "qtensor/1",
         "shape": list(q.shape),
@@ -255,7 +258,7 @@ def encode(q: QTensor) -> tuple[dict[str, torch.Tensor], dict]:
         "codes_dtype": "uint8",
         "scale_dtype": str(scale.dtype).removeprefix("torch."),
         "scale_shape": list(q.scale.shape),
-        "zero_point_dtype": "uint8" if q.zero_point is not None else None,
+        "zero_point_dtype": "packed" if q.zero_point is not None else None,
         "dtype": "float32",  # what decode returns
     }
     return tensors, meta
@@ -267,6 +270,9 @@ def decode(tensors: dict[str, torch.Tensor], meta: dict) -> torch.Tensor:
     numel = math.prod(shape)
     codes = unpack_codes(tensors["codes"], int(meta["bits"]), numel).reshape(shape)
     zp = tensors.get("zero_point")
+    if zp is not None and meta.get("zero_point_dtype") == "packed":
+        count = math.prod(int(s) for s in meta["scale_shape"])
+        zp = unpack_codes(zp, int(meta["bits"]), count).reshape(meta["scale_shape"])
     q = QTensor(
         codes=codes,
         scale=tensors["scale"].float().reshape(meta["scale_shape"]),

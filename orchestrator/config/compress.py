@@ -446,6 +446,12 @@ class GptqConfig(LowBitQuantizeMethod):
     granularity: Literal["tensor", "channel", "group"] = Field(
         default="group", description="one scale per tensor, per output channel, or per group"
     )
+    act_order: bool = Field(
+        default=True,
+        description="round the inputs with the largest Hessian diagonal first, each group on "
+        "the grid of its weights before compensation (static groups); false: the columns in "
+        "their natural order, as in the paper",
+    )
     damp: float = Field(
         default=0.01,
         gt=0.0,

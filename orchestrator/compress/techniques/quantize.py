@@ -439,7 +439,7 @@ class Gptq(_Quantize):
         def solve(name: str, layer: nn.Linear, hessian: torch.Tensor) -> None:
             args = linear_spec(cfg, layer_bits.get(name)).as_args()
             w = layer.weight.detach().float()
-            new = gptq(w, hessian, *args, damp=cfg.damp)
+            new = gptq(w, hessian, *args, damp=cfg.damp, act_order=cfg.act_order)
             details[name] = {
                 "output_error": output_error(w, fake_quantize(new, *args), hessian),
                 "rtn_output_error": output_error(w, fake_quantize(w, *args), hessian),

@@ -10,8 +10,15 @@ from torch import nn
 
 from orchestrator import models
 from orchestrator.compress import compress_
-from orchestrator.compress.hessian import gptq, output_error, sequential_, sparsegpt
-from orchestrator.compress.qtensor import fake_quantize
+from orchestrator.compress.hessian import (
+    _round_to,
+    clipped_grid,
+    gptq,
+    output_error,
+    sequential_,
+    sparsegpt,
+)
+from orchestrator.compress.qtensor import fake_quantize, quantize_tensor
 from orchestrator.config.compress import CompressConfig
 from orchestrator.config.schema import ModelConfig
 
@@ -19,25 +26,45 @@ pytestmark = pytest.mark.unit
 
 
 def _layer_and_hessian(rows: int = 64, cols: int = 256, n: int = 2048):
-    """A weight and the Hessian 2 X^T X / n of inputs with correlated channels (as real
-    activations are; with white inputs there is nothing to compensate)."""
+    """A weight and the Hessian 2 X^T X / n of inputs with correlated channels of uneven
+    energy (as real activations are; with white inputs there is nothing to compensate)."""
     g = torch.Generator().manual_seed(0)
     mix = torch.randn(cols, cols, generator=g) / cols**0.5 + torch.eye(cols)
-    x = torch.randn(n, cols, generator=g) @ mix
+    energy = torch.logspace(0, 1, cols)[torch.randperm(cols, generator=g)]
+    x = (torch.randn(n, cols, generator=g) @ mix) * energy
     w = torch.randn(rows, cols, generator=g)
     return w, 2 * x.T @ x / n
 
 
 @pytest.mark.parametrize("bits,granularity", [(4, "group"), (3, "group"), (4, "channel")])
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_gptq_leaves_less_output_error_than_rounding(bits, granularity, symmetric):
+@pytest.mark.parametrize("act_order", [True, False], ids=["act-order", "natural-order"])
+def test_gptq_leaves_less_output_error_than_rounding(bits, granularity, symmetric, act_order):
     w, h = _layer_and_hessian()
     args = (bits, granularity, 64, symmetric)
-    q = gptq(w, h, *args)
+    q = gptq(w, h, *args, act_order=act_order)
     rtn = fake_quantize(w, *args)
-    assert output_error(w, q, h) < 0.8 * output_error(w, rtn, h)
+    assert output_error(w, q, h) < (0.5 if act_order else 0.9) * output_error(w, rtn, h)
     # On the grid the artifact derives from it: rounding the result again changes nothing.
     assert torch.allclose(fake_quantize(q, *args), q, rtol=1e-5, atol=1e-7)
+
+
+def test_clipping_a_groups_range_rounds_it_with_less_error():
+    w, h = _layer_and_hessian()
+    w[:, 5] *= 8.0  # an outlier input: a full range wastes the steps of its groups
+    importance = torch.diag(h)
+    for symmetric in (True, False):
+        args = (4, "group", 64, symmetric)
+        clipped = clipped_grid(w, importance, *args)
+        full = quantize_tensor(w, *args)
+        assert (clipped.scale <= full.scale + 1e-12).all()
+        assert (clipped.scale < full.scale).any()
+
+        def error(grid):
+            x = w.reshape(64, 4, 64)
+            return (importance.reshape(1, 4, 64) * (x - _round_to(x, grid)) ** 2).sum()
+
+        assert error(clipped) < error(full)
 
 
 def test_gptq_keeps_pruned_weights_at_zero():

@@ -201,6 +201,18 @@ def test_encode_decode_round_trip(gran: str, sym: bool) -> None:
     assert ("zero_point" in tensors) == (not sym)
 
 
+def test_zero_points_are_packed_at_the_codes_width_and_old_artifacts_still_decode() -> None:
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(4)) * 0.05
+    q = quantize_tensor(w, 4, "group", 32, False)
+    tensors, meta = encode(q)
+    groups = q.zero_point.numel()  # 64 rows x 4 groups
+    assert tensors["zero_point"].numel() == groups // 2  # two 4-bit zero points per byte
+    assert meta["zero_point_dtype"] == "packed"
+    old_tensors = {**tensors, "zero_point": q.zero_point.to(torch.uint8)}
+    old_meta = {**meta, "zero_point_dtype": "uint8"}  # as artifacts were written before
+    assert torch.equal(decode(old_tensors, old_meta), decode(tensors, meta))
+
+
 def test_encode_keeps_float32_scales_when_float16_would_underflow() -> None:
     w = torch.randn(8, 64) * 1e-7  # scales ~1e-9: subnormal / zero in float16
     q = quantize_tensor(w, 8, "channel", 64, True)
