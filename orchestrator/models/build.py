@@ -241,44 +241,8 @@ def build_model(
     folder = model_dir(spec)
     if folder is None and spec.name in PIXEL_MODELS:
         return MLPForImageClassification(MLPConfig(num_labels=num_labels))
-    if folder is None and spec.name == "tiny-llama":
-        shape = dict(TINY_SHAPES[spec.name])
-        if spec.num_layers is not None:
-            shape["num_hidden_layers"] = spec.num_layers
-        eos = (
-            tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-        )
-        config = LlamaConfig(
-            vocab_size=len(tokenizer),
-            max_position_embeddings=TINY_CONTEXT,
-            tie_word_embeddings=True,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id or tokenizer.cls_token_id,
-            eos_token_id=eos,
-            **shape,
-        )
-        config.architectures = ["LlamaForCausalLM"]  # how task_of tells a saved one
-        return LlamaForCausalLM(config)
     if folder is None:
-        shape = dict(TINY_SHAPES[spec.name])
-        if spec.num_layers is not None:
-            shape["num_hidden_layers" if spec.name == "tiny-bert" else "n_layer"] = spec.num_layers
-        if spec.name == "tiny-bert":
-            config = BertConfig(
-                vocab_size=len(tokenizer),
-                num_labels=num_labels,
-                max_position_embeddings=TINY_CONTEXT,
-                **shape,
-            )
-            return BertForSequenceClassification(config)
-        config = GPT2Config(
-            vocab_size=len(tokenizer),
-            num_labels=num_labels,
-            n_positions=TINY_CONTEXT,
-            pad_token_id=tokenizer.pad_token_id,
-            **shape,
-        )
-        return GPT2ForSequenceClassification(config)
+        return _from_config(spec, num_labels, tokenizer)
     causal = task_of(spec) == CAUSAL_LM
     extra = {} if causal else {"num_labels": num_labels}
     config = AutoConfig.from_pretrained(str(folder), local_files_only=True, **extra)
@@ -323,6 +287,47 @@ def build_model(
                 "save the model with save_pretrained() (safetensors, its default)",
             )
         ) from None
+
+
+def _from_config(
+    spec: ModelConfig, num_labels: int, tokenizer: PreTrainedTokenizerBase
+) -> nn.Module:
+    """A tiny from-config transformer (``TINY_SHAPES``): a BERT or GPT-2 classifier, or the
+    Llama language model; its vocabulary sized by ``tokenizer``."""
+    shape = dict(TINY_SHAPES[spec.name])
+    if spec.num_layers is not None:
+        shape["n_layer" if spec.name == "tiny-gpt2" else "num_hidden_layers"] = spec.num_layers
+    if spec.name == "tiny-llama":
+        eos = (
+            tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+        )
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            max_position_embeddings=TINY_CONTEXT,
+            tie_word_embeddings=True,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id or tokenizer.cls_token_id,
+            eos_token_id=eos,
+            **shape,
+        )
+        config.architectures = ["LlamaForCausalLM"]  # how task_of tells a saved one
+        return LlamaForCausalLM(config)
+    if spec.name == "tiny-bert":
+        config = BertConfig(
+            vocab_size=len(tokenizer),
+            num_labels=num_labels,
+            max_position_embeddings=TINY_CONTEXT,
+            **shape,
+        )
+        return BertForSequenceClassification(config)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        num_labels=num_labels,
+        n_positions=TINY_CONTEXT,
+        pad_token_id=tokenizer.pad_token_id,
+        **shape,
+    )
+    return GPT2ForSequenceClassification(config)
 
 
 def _check_weights(folder: Path, key: str, value: str) -> None:

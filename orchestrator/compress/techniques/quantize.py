@@ -87,10 +87,13 @@ def _int8_kernels(cfg: QuantizeConfig) -> bool:
     return isinstance(cfg, DynamicInt8Config)
 
 
-def _skip_reason(model: nn.Module, name: str, module: nn.Module, cfg: QuantizeConfig) -> str:
+def _skip_reason(
+    model: nn.Module, name: str, module: nn.Module, cfg: QuantizeConfig, tied: dict[str, str]
+) -> str:
+    """Why ``module`` cannot be quantized ("" when it can); ``tied``: ``tied_heads(model)``."""
     if isinstance(module, (QuantLinear, QuantEmbedding, ActQuantLinear)):
         return "already quantized"
-    table = tied_heads(model).get(name)
+    table = tied.get(name)
     if table is not None and cfg.embeddings:
         return f"shares its weight with {table}: quantized with the embeddings, on their grid"
     parent = name.rpartition(".")[0]
@@ -145,7 +148,8 @@ def quantizable(
     modules = select_modules(
         model, cfg.include, cfg.exclude, _types(cfg), "compress.quantize", filter_fn=filter_fn
     )
-    return [(n, m, _skip_reason(model, n, m, cfg)) for n, m in modules]
+    tied = tied_heads(model)  # once: every module's reason consults it
+    return [(n, m, _skip_reason(model, n, m, cfg, tied)) for n, m in modules]
 
 
 def apply_quantize_(
