@@ -21,6 +21,7 @@ from orchestrator.search.baseline import run_baseline
 from orchestrator.search.callbacks import record_trials
 from orchestrator.search.names import TrialNamer
 from orchestrator.search.records import TRIALS, check_records, read_trial, write_trial
+from orchestrator.search.snapshot import reconcile
 from orchestrator.search.trial import train_driver_fn
 from orchestrator.storage import RunFolder, StorageError, unreachable
 
@@ -102,6 +103,8 @@ def build_tuner(
     experiment = folder.uri(TUNE_NAME)
     if resume and folder.exists(TUNE_NAME) and tune.Tuner.can_restore(experiment):
         print(f"[orchestrator] resuming the search in {experiment}", flush=True)
+        for note in reconcile(experiment, search, parallel):
+            print(f"[orchestrator] snapshot of the killed driver: {note}", flush=True)
         return tune.Tuner.restore(
             experiment, trainable=trainable, resume_unfinished=True, resume_errored=True
         )
