@@ -112,28 +112,21 @@ def check_task(spec: JobSpec) -> None:
     """Keys that do not fit the job's task (``models.task_of``: a decoder is trained as a
     causal language model, anything else as a classifier), refused before anything runs."""
     if models.task_of(spec.model) != models.CAUSAL_LM:
+        problems = _search_task_problems(spec, language_model=False)
+        if problems:
+            raise ConfigError(problems)
         return
     model = spec.model.name or spec.model.path
-    problems = []
-    if "label_column" in spec.data.model_fields_set:
+    problems = _search_task_problems(spec, language_model=True)
+    # Against the default, not the keys set: a search's baseline and trials re-validate the
+    # whole job dumped with its defaults.
+    if spec.data.label_column != type(spec.data).model_fields["label_column"].default:
         problems.append(
             Problem(
                 "data.label_column",
                 spec.data.label_column,
                 f"{model} is a language model: it learns the text itself and reads no labels",
                 "remove data.label_column (data.text_column names the text)",
-            )
-        )
-    if spec.search is not None:
-        problems.append(
-            Problem(
-                "search",
-                "(a search section)",
-                f"{model} is a language model, and the search's objectives, constraints and "
-                "report are built for classifiers' accuracy; searching on perplexity is not "
-                "built yet",
-                "compress it with `orchestrator compress` (one-shot) or `orchestrator train` "
-                "(with recovery), or search a classifier",
             )
         )
     if spec.compress.vocab is not None:
@@ -174,6 +167,64 @@ def check_task(spec: JobSpec) -> None:
         )
     if problems:
         raise ConfigError(problems)
+
+
+def _search_task_problems(spec: JobSpec, language_model: bool) -> list[Problem]:
+    """A search's objectives, selection and constraints must score the job's kind of model: a
+    classifier's accuracy, or a language model's perplexity."""
+    from orchestrator.config.search import CLASSIFIER_ONLY, LANGUAGE_MODEL_ONLY
+
+    search = spec.search
+    if search is None:
+        return []
+    model = spec.model.name or spec.model.path
+    kind = "a language model" if language_model else "a classifier"
+    foreign = CLASSIFIER_ONLY if language_model else LANGUAGE_MODEL_ONLY
+    example = "eval/perplexity_ratio" if language_model else "eval/accuracy"
+    problems = []
+    named = [(f"search.objectives[{i}].metric", o.metric) for i, o in enumerate(search.objectives)]
+    if search.select is not None:
+        named.append(("search.select.metric", search.select.metric))
+    default = "" if "objectives" in search.model_fields_set else " (the default objective)"
+    for key, metric in named:
+        if metric in foreign:
+            problems.append(
+                Problem(
+                    key,
+                    metric,
+                    f"{model} is {kind}, which does not report {metric}{default}",
+                    f"set search.objectives with a metric {kind} reports, e.g. "
+                    f"[{{metric: {example}, mode: {'min' if language_model else 'max'}}}]",
+                )
+            )
+            default = ""
+    c = search.constraints
+    wrong = (
+        ("max_accuracy_drop", c.max_accuracy_drop)
+        if language_model
+        else ("max_perplexity_increase", c.max_perplexity_increase)
+    )
+    if wrong[1] is not None:
+        right = "max_perplexity_increase" if language_model else "max_accuracy_drop"
+        problems.append(
+            Problem(
+                f"search.constraints.{wrong[0]}",
+                wrong[1],
+                f"{model} is {kind}: {wrong[0]} bounds the other kind of model",
+                f"use search.constraints.{right}",
+            )
+        )
+    if language_model and not problems and not search.scores_perplexity:
+        problems.append(
+            Problem(
+                "search.objectives",
+                ", ".join(o.metric for o in search.objectives),
+                f"{model} is a language model and the search scores none of its perplexity",
+                "add {metric: eval/perplexity_ratio, mode: min} to search.objectives, or set "
+                "search.constraints.max_perplexity_increase (e.g. 0.15)",
+            )
+        )
+    return problems
 
 
 def preflight(spec: JobSpec) -> tuple[Any, data_lib.DataBundle]:

@@ -179,3 +179,28 @@ class PairedPerplexity:
             f"{prefix}/dense_perplexity": self.dense_perplexity,
             f"{prefix}/examples": float(self.n),
         }
+
+
+def ratio_interval(
+    metrics: dict[str, float], prefix: str, confidence: float = 0.95
+) -> tuple[float, float] | None:
+    """The two-sided ``confidence`` interval of a trial's reported ``perplexity_ratio`` (split
+    ``prefix``), from the 95 % interval it reported: that interval is normal in the log of the
+    ratio (``PairedPerplexity.interval``), so its width gives the standard error exactly and any
+    other confidence follows. None when the trial reported no interval."""
+    keys = [f"{prefix}/perplexity_ratio{s}" for s in ("", "_lo", "_hi")]
+    if any(metrics.get(k) is None or metrics[k] <= 0 for k in keys):
+        return None
+    ratio, lo, hi = (metrics[k] for k in keys)
+    se = (math.log(hi) - math.log(lo)) / (2 * NormalDist().inv_cdf(0.975))
+    half = NormalDist().inv_cdf(0.5 + confidence / 2) * se
+    return ratio * math.exp(-half), ratio * math.exp(half)
+
+
+def ratio_upper_bound(
+    metrics: dict[str, float], confidence: float, prefix: str = "eval"
+) -> float | None:
+    """The one-sided upper confidence bound of the perplexity ratio at ``confidence`` (0.5, 1):
+    the upper end of the two-sided interval at ``2 * confidence - 1``."""
+    interval = ratio_interval(metrics, prefix, 2 * confidence - 1)
+    return None if interval is None else interval[1]

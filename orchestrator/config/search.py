@@ -32,6 +32,17 @@ TRIAL_METRICS = (
     "test/accuracy_drop_lo",
     "test/accuracy_drop_hi",
     "test/loss",
+    # A language model's (``finalize.split_metrics``, ``stats.PairedPerplexity``).
+    "eval/perplexity",
+    "eval/perplexity_ratio",
+    "eval/perplexity_ratio_lo",
+    "eval/perplexity_ratio_hi",
+    "eval/token_accuracy",
+    "test/perplexity",
+    "test/perplexity_ratio",
+    "test/perplexity_ratio_lo",
+    "test/perplexity_ratio_hi",
+    "test/token_accuracy",
     "compress/size_bytes",
     "compress/dense_size_bytes",
     "compress/weights_bytes",
@@ -44,12 +55,18 @@ TRIAL_METRICS = (
     "perf/latency_ms_b1",
     "perf/latency_ms_b32",
     "perf/speedup",
+    "perf/decode_tokens_per_s",
+    "perf/decode_speedup",
     "train/loss",
     "train/samples_per_s",
     "mem/peak_mb",
 )
 # Metrics reported during recovery training too (what an early-stopping scheduler can compare).
-INTERMEDIATE_METRICS = ("eval/accuracy", "eval/loss")
+INTERMEDIATE_METRICS = ("eval/accuracy", "eval/loss", "eval/perplexity")
+# Metrics only a classifier reports, and only a language model: a search's objectives and
+# constraints say which kind of model it scores (``launch.check_task`` checks they fit the model).
+CLASSIFIER_ONLY = tuple(m for m in TRIAL_METRICS if "/accuracy" in m)
+LANGUAGE_MODEL_ONLY = tuple(m for m in TRIAL_METRICS if "perplexity" in m or "decode" in m)
 # Whole sections a sampled null may switch off: the compression stages.
 OPTIONAL_SECTIONS = tuple(f"compress.{stage}" for stage in STAGES)
 # The field named ``int`` shadows the builtin inside the class body.
@@ -197,12 +214,19 @@ class Constraints(ConfigModel):
         description="eval/accuracy at most this far below the dense model's on the same "
         "validation examples (0.01 = 1 point)",
     )
+    max_perplexity_increase: float | None = Field(
+        default=None,
+        gt=0,
+        description="a language model: eval/perplexity at most this much above the dense "
+        "model's on the same validation blocks, as a fraction (0.15 = within 15 %: "
+        "eval/perplexity_ratio at most 1.15)",
+    )
     confidence: Annotated[float, Field(gt=0.5, lt=1)] | None = Field(
         default=None,
-        description="with max_accuracy_drop: a trial is feasible only if its paired "
-        "validation drop is within the bound with this confidence (the one-sided upper "
-        "confidence bound of the drop, e.g. at 0.95); unset: the point estimate decides. "
-        "(0.5, 1)",
+        description="with max_accuracy_drop or max_perplexity_increase: a trial is feasible "
+        "only if its paired validation drop (or perplexity increase) is within the bound with "
+        "this confidence (the one-sided upper confidence bound, e.g. at 0.95); unset: the "
+        "point estimate decides. (0.5, 1)",
     )
     max_size_bytes: float | None = Field(
         default=None, gt=0, description="compress/size_bytes (the artifact on disk) at most this"
@@ -219,16 +243,30 @@ class Constraints(ConfigModel):
 
     @model_validator(mode="after")
     def _confidence_needs_a_bound(self) -> Constraints:
-        if self.confidence is not None and self.max_accuracy_drop is None:
+        quality = (self.max_accuracy_drop, self.max_perplexity_increase)
+        if self.confidence is not None and quality == (None, None):
             raise cross_field_error(
                 [
                     (
                         "confidence",
                         self.confidence,
-                        "is the confidence of the accuracy-drop interval, and no "
-                        "max_accuracy_drop is set",
-                        "set search.constraints.max_accuracy_drop (e.g. 0.01), or remove "
+                        "is the confidence of the accuracy-drop (or perplexity-increase) "
+                        "interval, and no max_accuracy_drop or max_perplexity_increase is set",
+                        "set search.constraints.max_accuracy_drop (e.g. 0.01) or "
+                        "max_perplexity_increase (e.g. 0.15), or remove "
                         "search.constraints.confidence",
+                    )
+                ]
+            )
+        if None not in quality:
+            raise cross_field_error(
+                [
+                    (
+                        "max_perplexity_increase",
+                        self.max_perplexity_increase,
+                        "bounds a language model's perplexity, and max_accuracy_drop a "
+                        "classifier's accuracy: one search scores one kind of model",
+                        "keep the one that fits the job's model",
                     )
                 ]
             )
@@ -368,6 +406,19 @@ class SearchConfig(ConfigModel):
     @property
     def selection(self) -> Objective:
         return self.select or self.objectives[0]
+
+    @property
+    def metrics(self) -> list[str]:
+        """The metrics the objectives and the selection name."""
+        return [o.metric for o in self.objectives] + [self.selection.metric]
+
+    @property
+    def scores_perplexity(self) -> bool:
+        """A search of a language model: its constraint or a metric it names is a perplexity
+        (``launch.check_task`` makes a language model's search say so)."""
+        return self.constraints.max_perplexity_increase is not None or any(
+            m in LANGUAGE_MODEL_ONLY for m in self.metrics
+        )
 
 
 def _under(key: str, section: str) -> bool:

@@ -16,6 +16,13 @@ from typing import Any
 import pyarrow as pa
 
 from orchestrator.config.search import TRIAL_METRICS, SearchConfig
+from orchestrator.results.quality import (
+    ACCURACY_DROP,
+    PERPLEXITY_INCREASE,
+    Quality,
+    quality_of,
+    quality_of_columns,
+)
 from orchestrator.results.table import MB, STATUSES, held_text, row_drop_text, selection_rule
 from orchestrator.storage import join
 
@@ -122,11 +129,11 @@ def status_lines(counts: dict[str, int], running: bool) -> tuple[str, str | None
     return line, "Partial results: " + "; ".join(parts) + "."
 
 
-def _baseline_section(baseline: dict[str, float] | None) -> str:
+def _baseline_section(baseline: dict[str, float] | None, q: Quality) -> str:
     if baseline is None:
         return (
-            '<p class="note">No dense baseline yet (baseline.json is missing): accuracy drops '
-            "are unknown and trials cannot meet max_accuracy_drop.</p>"
+            f'<p class="note">No dense baseline yet (baseline.json is missing): {q.words}s '
+            f"are unknown and trials cannot meet {q.constraint}.</p>"
         )
     keys = [k for k in TRIAL_METRICS if k in baseline] + sorted(set(baseline) - set(TRIAL_METRICS))
     rows = [("", [_td(escape(k)), _td(escape(_value(baseline[k])), num=True)]) for k in keys]
@@ -134,41 +141,45 @@ def _baseline_section(baseline: dict[str, float] | None) -> str:
 
 
 def _metric_cells(r: dict[str, Any]) -> list[str]:
+    q = quality_of_columns(r)
     return [
-        _td(_num(r.get("eval/accuracy"), ".4f"), num=True),
-        _td(_num(r.get("test/accuracy"), ".4f"), num=True),
+        _td(_num(r.get(q.metric), q.metric_fmt), num=True),
+        _td(_num(r.get(q.test_metric), q.metric_fmt), num=True),
         _td(escape(row_drop_text(r)), num=True),
         _td(escape(row_drop_text(r, "test_")), num=True),
         _td(_num(r.get("compress/size_bytes"), ".3f", MB), num=True),
         _td(_num(r.get("compress/weights_bytes"), ".3f", MB), num=True),
         _td(_num(r.get("compress/size_ratio"), ".2f"), num=True),
-        _td(_num(r.get("perf/latency_ms_b32"), ".2f"), num=True),
+        _td(_num(r.get(q.latency), ".2f"), num=True),
         _td(_num(r.get("perf/speedup"), ".2f"), num=True),
     ]
 
 
-_METRIC_HEAD = [
-    "eval/accuracy",
-    "test/accuracy",
-    "validation drop, points [95 % interval] <= bound",
-    "test drop, points [95 % interval]",
-    "size MB (on disk)",
-    "weights MB",
-    "size ratio (x smaller)",
-    "latency b32 ms",
-    "speedup",
-]
+def _metric_head(q: Quality) -> list[str]:
+    return [
+        q.metric,
+        q.test_metric,
+        f"validation {q.words}, {q.unit} [95 % interval] <= bound",
+        f"test {q.words}, {q.unit} [95 % interval]",
+        "size MB (on disk)",
+        "weights MB",
+        "size ratio (x smaller)",
+        f"latency ms ({q.latency_words})",
+        "speedup",
+    ]
 
 
 def _answer_rows(best: dict[str, Any], baseline: dict[str, float] | None) -> list[str]:
-    """The selected recipe against the dense model, in words: accuracy (validation, test),
-    size on disk, latency. The dense size and latency are the ones the trial measured side by
-    side with its own (``compress/dense_size_bytes``, ``perf/dense_latency_ms_b32``: same
-    machine, threads and runtime), else the baseline's."""
+    """The selected recipe against the dense model, in words: accuracy or perplexity
+    (validation, test), size on disk, latency. The dense size and latency are the ones the trial
+    measured side by side with its own (``compress/dense_size_bytes``,
+    ``perf/dense_latency_ms_b32``: same machine, threads and runtime), else the baseline's."""
+    q = quality_of_columns(best)
     dense = baseline or {}
     side_by_side = {
         "compress/size_bytes": "compress/dense_size_bytes",
-        "perf/latency_ms_b32": "perf/dense_latency_ms_b32",
+        q.latency: q.latency.replace("perf/latency", "perf/dense_latency"),
+        "perf/decode_tokens_per_s": "perf/dense_decode_tokens_per_s",
     }
 
     def dense_value(key: str) -> float | None:
@@ -187,9 +198,21 @@ def _answer_rows(best: dict[str, Any], baseline: dict[str, float] | None) -> lis
         v = best.get(key)
         return "-" if v is None else f"{v:.2f}x {word}"
 
-    return [
-        row("validation accuracy", "eval/accuracy", ".4f", f"drop {row_drop_text(best)} points"),
-        row("test accuracy", "test/accuracy", ".4f", f"drop {row_drop_text(best, 'test_')} points"),
+    score = q.metric.split("/", 1)[1]
+    loss = q.words.split()[-1]  # drop, increase
+    rows = [
+        row(
+            f"validation {score}",
+            q.metric,
+            q.metric_fmt,
+            f"{loss} {row_drop_text(best)} {q.unit}",
+        ),
+        row(
+            f"test {score}",
+            q.test_metric,
+            q.metric_fmt,
+            f"{loss} {row_drop_text(best, 'test_')} {q.unit}",
+        ),
         row(
             "size on disk (MB)",
             "compress/size_bytes",
@@ -197,10 +220,18 @@ def _answer_rows(best: dict[str, Any], baseline: dict[str, float] | None) -> lis
             times("compress/size_ratio", "smaller"),
             MB,
         ),
-        row(
-            "latency, batch 32 (ms)", "perf/latency_ms_b32", ".2f", times("perf/speedup", "faster")
-        ),
+        row(f"latency, {q.latency_words} (ms)", q.latency, ".2f", times("perf/speedup", "faster")),
     ]
+    if q is PERPLEXITY_INCREASE:
+        rows.append(
+            row(
+                "greedy decoding (tokens/s)",
+                "perf/decode_tokens_per_s",
+                ".1f",
+                times("perf/decode_speedup", "faster"),
+            )
+        )
+    return rows
 
 
 def _answer_section(
@@ -238,8 +269,8 @@ def _answer_section(
         f"<strong>{escape(best['trial'])}</strong> &mdash; "
         f"<code>{escape(best.get('recipe') or '')}</code></p>"
         f'<table id="answer-table">{head}{"".join(_answer_rows(best, baseline))}</table>'
-        f'<p id="held-on-test">Selected on validation; the accuracy constraint '
-        f"{escape(held_text(best))}.</p>"
+        f'<p id="held-on-test">Selected on validation; the '
+        f"{escape(quality_of_columns(best).words)} constraint {escape(held_text(best))}.</p>"
         f'<p>Export it with:</p><pre id="export-command">{escape(command)}</pre>'
     )
 
@@ -300,16 +331,22 @@ def _status_section(
         f"<p>Objectives: {escape(objectives)}. Constraints: {escape(_constraints_text(search))}. "
         f"Run directory: <code>{escape(run_dir)}</code>.</p>"
     )
+    q = quality_of(search)
+    paired = (
+        "accuracy drops are paired with the dense model on the same examples, in points"
+        if q is ACCURACY_DROP
+        else "perplexity increases are paired with the dense model on the same blocks of text, in %"
+    )
     out.append(
-        f'<p id="selection-rule">Accuracy drops are paired with the dense model on the same '
-        f"examples, in points, with their {search.constraints.confidence or 0.95:.0%} "
-        "two-sided interval (and, when selection uses one, the one-sided upper bound after "
-        f"&le;). Rule: {escape(selection_rule(search))}.</p>"
+        f'<p id="selection-rule">{escape(paired[0].upper() + paired[1:])}, with their '
+        f"{search.constraints.confidence or 0.95:.0%} two-sided interval (and, when selection "
+        "uses one, the one-sided upper bound after &le;). Rule: "
+        f"{escape(selection_rule(search))}.</p>"
     )
     return out
 
 
-def _pareto_section(rows: list[dict[str, Any]]) -> list[str]:
+def _pareto_section(rows: list[dict[str, Any]], q: Quality) -> list[str]:
     front = [r for r in rows if r.get("pareto")]
     out = [f"<h2>Pareto front ({len(front)} trials)</h2>"]
     if not front:
@@ -318,13 +355,13 @@ def _pareto_section(rows: list[dict[str, Any]]) -> list[str]:
         ("pareto", [_td(escape(r["trial"])), _td(escape(r.get("recipe") or "")), *_metric_cells(r)])
         for r in front
     ]
-    return [*out, _table("pareto-table", ["trial", "recipe", *_METRIC_HEAD], cells)]
+    return [*out, _table("pareto-table", ["trial", "recipe", *_metric_head(q)], cells)]
 
 
-def _trials_section(rows: list[dict[str, Any]]) -> list[str]:
+def _trials_section(rows: list[dict[str, Any]], q: Quality) -> list[str]:
     """Every trial, in pages of ``TRIAL_PAGE`` rows: the first shown, the others folded
     (``<details>``), so thousands of trials keep the page quick to open."""
-    head = ["trial", "status", "recipe", *_METRIC_HEAD, "feasible", "violations", "wall s"]
+    head = ["trial", "status", "recipe", *_metric_head(q), "feasible", "violations", "wall s"]
     head.append("error")
     if len(rows) <= TRIAL_PAGE:
         return [_table("trials-table", head, [_trial_row(r) for r in rows])]
@@ -361,6 +398,7 @@ def render_html(
     """The whole page as a string (the caller writes it atomically). ``sensitivity_png``: the
     selected recipe's per-layer allocation heatmap, when it allocated bit widths."""
     rows = table.to_pylist()
+    q = quality_of(search)
     counts = status_counts(table)
     body = [f"<h1>{escape(job_name)}: compression search</h1>"]
     body.append(f'<p id="status">{escape(status_lines(counts, running)[0])}</p>')
@@ -369,10 +407,10 @@ def render_html(
     body.append(
         f'<div id="answer">{_answer_section(best, rows, baseline, str(run_dir), search)}</div>'
     )
-    body += _pareto_section(rows)
+    body += _pareto_section(rows, q)
     data = base64.b64encode(png).decode("ascii")
     body.append(
-        '<h2>Plot</h2><img id="pareto-plot" alt="accuracy vs size and latency" '
+        f'<h2>Plot</h2><img id="pareto-plot" alt="{q.metric} vs size and latency" '
         f'src="data:image/png;base64,{data}">'
     )
     if sensitivity_png is not None:
@@ -393,11 +431,11 @@ def render_html(
     )
     body.append(
         "<details><summary>the dense baseline's metrics</summary>"
-        f"{_baseline_section(baseline)}</details>"
+        f"{_baseline_section(baseline, q)}</details>"
     )
     body.append(f'<h2 id="trials-section-title">All trials ({len(rows)})</h2>')
     body.append('<div id="trials-section">')
-    body += _trials_section(rows)
+    body += _trials_section(rows, q)
     body.append("</div>")
     body.append(f"<script>{_SCRIPT}</script>")
     return (

@@ -1,5 +1,5 @@
-"""``pareto.png``: accuracy against size and against latency, the two trade-offs a person
-weighs when picking a compressed model.
+"""``pareto.png``: accuracy (a language model: perplexity) against size and against latency,
+the two trade-offs a person weighs when picking a compressed model.
 
 Drawn on a bare ``matplotlib.figure.Figure`` (rendered by Agg), never through ``pyplot``: the
 report is rebuilt from a Ray callback inside the search driver, where a global pyplot state or
@@ -19,10 +19,10 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import FuncFormatter
 
-from orchestrator.results.table import ACCURACY, MB
+from orchestrator.results.quality import ACCURACY_DROP, Quality, quality_of_columns
+from orchestrator.results.table import MB
 
 SIZE = "compress/size_bytes"
-LATENCY = "perf/latency_ms_b32"
 GREY = "#b0b0b0"
 RING = "#d62728"
 # Above this many finished trials, error bars are drawn for the Pareto trials only and the
@@ -30,23 +30,12 @@ RING = "#d62728"
 # for the emptiest corner (and a path per bar) took most of a rebuild's second at 5,000 trials.
 MANY_POINTS = 200
 # The columns the plot reads (a row dict of every column costs more than the drawing).
-COLUMNS = (
-    "trial",
-    "status",
-    "recipe",
-    "feasible",
-    "pareto",
-    ACCURACY,
-    SIZE,
-    LATENCY,
-    "accuracy_drop",
-    "accuracy_drop_lo",
-    "accuracy_drop_hi",
-)
+COLUMNS = ("trial", "status", "recipe", "feasible", "pareto", SIZE)
 
 
-def _done(table: pa.Table) -> list[dict[str, Any]]:
-    table = table.select([c for c in COLUMNS if c in table.column_names])
+def _done(table: pa.Table, q: Quality) -> list[dict[str, Any]]:
+    wanted = (*COLUMNS, q.metric, q.latency, *(q.column + s for s in ("", "_lo", "_hi")))
+    table = table.select([c for c in wanted if c in table.column_names])
     return [r for r in table.to_pylist() if r["status"] == "done"]
 
 
@@ -56,16 +45,17 @@ def _panel(
     x_of: Any,
     baseline: dict[str, float] | None,
     colour_range: tuple[float, float] | None,
+    q: Quality,
     log_x: bool = False,
 ) -> Any:
     """One panel: infeasible grey, feasible coloured by latency, Pareto ringed and labelled,
     the dense baseline a star. Returns the colour-mapped scatter (for the colourbar) or None."""
-    points = [(x_of(r), r.get(ACCURACY), r) for r in rows]
+    points = [(x_of(r), r.get(q.metric), r) for r in rows]
     points = [(x, y, r) for x, y, r in points if x is not None and x > 0 and y is not None]
     many = len(points) > MANY_POINTS
-    _error_bars(ax, [p for p in points if p[2].get("pareto")] if many else points)
+    _error_bars(ax, [p for p in points if p[2].get("pareto")] if many else points, q)
     grey = [(x, y) for x, y, r in points if not r.get("feasible")]
-    fine = [(x, y, r.get(LATENCY)) for x, y, r in points if r.get("feasible")]
+    fine = [(x, y, r.get(q.latency)) for x, y, r in points if r.get("feasible")]
     if grey:
         ax.scatter(*zip(*grey, strict=True), c=GREY, s=28, label="infeasible", zorder=2)
     mapped = None
@@ -103,11 +93,11 @@ def _panel(
         for x, y, r in front:
             _label(ax, x, y, r.get("recipe") or r["trial"], all_x, log_x)
     if baseline is not None:
-        bx, by = x_of(baseline), baseline.get(ACCURACY)
+        bx, by = x_of(baseline), baseline.get(q.metric)
         if bx is not None and bx > 0 and by is not None:
             ax.scatter([bx], [by], marker="*", s=220, c="black", label="dense", zorder=5)
             ax.annotate("dense", (bx, by), xytext=(6, -10), textcoords="offset points")
-    if not points and (baseline is None or baseline.get(ACCURACY) is None):
+    if not points and (baseline is None or baseline.get(q.metric) is None):
         ax.text(
             0.5,
             0.5,
@@ -123,22 +113,20 @@ def _panel(
     return mapped
 
 
-def _error_bars(ax: Any, points: list[tuple[float, float, dict[str, Any]]]) -> None:
-    """Each trial's accuracy with the interval of its paired drop against the dense model
-    (the Pareto trials' alone above ``MANY_POINTS`` trials)
-    (accuracy = dense accuracy - drop, so the drop's [lo, hi] is [y - (hi - drop), y + (drop -
-    lo)])."""
-    bars = [
-        (
-            x,
-            y,
-            r["accuracy_drop_hi"] - r["accuracy_drop"],
-            r["accuracy_drop"] - r["accuracy_drop_lo"],
-        )
-        for x, y, r in points
-        if None
-        not in (r.get("accuracy_drop"), r.get("accuracy_drop_lo"), r.get("accuracy_drop_hi"))
-    ]
+def _error_bars(ax: Any, points: list[tuple[float, float, dict[str, Any]]], q: Quality) -> None:
+    """Each trial's score with the interval of its paired loss against the dense model (the
+    Pareto trials' alone above ``MANY_POINTS`` trials): accuracy = dense accuracy - drop, so
+    the drop's [lo, hi] is [y - (hi - drop), y + (drop - lo)]; perplexity = dense perplexity x
+    (1 + increase), so the increase's [lo, hi] is y x [(1 + lo), (1 + hi)] / (1 + increase)."""
+    bars = []
+    for x, y, r in points:
+        loss, lo, hi = (r.get(q.column + s) for s in ("", "_lo", "_hi"))
+        if None in (loss, lo, hi):
+            continue
+        if q is ACCURACY_DROP:
+            bars.append((x, y, hi - loss, loss - lo))
+        else:
+            bars.append((x, y, y * (loss - lo) / (1 + loss), y * (hi - loss) / (1 + loss)))
     if bars:
         xs, ys, below, above = zip(*bars, strict=True)
         ax.errorbar(
@@ -196,8 +184,9 @@ def render_pareto_png(
 ) -> bytes:
     """The figure as PNG bytes. Works with no finished trial and without a baseline (the
     panels then say so), so a report can be drawn from the first minute of a search."""
-    rows = _done(table)
-    lat = [r[LATENCY] for r in rows if r.get("feasible") and r.get(LATENCY) is not None]
+    q = quality_of_columns(table.column_names)
+    rows = _done(table, q)
+    lat = [r[q.latency] for r in rows if r.get("feasible") and r.get(q.latency) is not None]
     colour_range = None
     if lat:
         # One latency for all: widen the range so the colourbar shows a readable scale.
@@ -212,19 +201,21 @@ def render_pareto_png(
     )
     if has_sizes:
         left.set_xscale("log")
-    mapped = _panel(left, rows, _size_mb, baseline, colour_range, log_x=has_sizes)
+    mapped = _panel(left, rows, _size_mb, baseline, colour_range, q, log_x=has_sizes)
     if has_sizes:
         _plain_ticks(left)
     left.set_xlabel("artifact size (MB, log scale)")
-    bars = "paired-drop interval" + (", Pareto trials" if len(rows) > MANY_POINTS else "")
-    left.set_ylabel(f"eval/accuracy (bars: {bars})")
-    left.set_title("accuracy vs size")
+    bars = f"paired {q.words} interval" + (", Pareto trials" if len(rows) > MANY_POINTS else "")
+    score = q.metric.split("/", 1)[1]
+    latency = f"latency, {q.latency_words} (ms)"
+    left.set_ylabel(f"{q.metric} (bars: {bars})")
+    left.set_title(f"{score} vs size")
     if mapped is not None:
-        fig.colorbar(mapped, ax=left, label="latency, batch 32 (ms)")
-    _panel(right, rows, lambda r: r.get(LATENCY), baseline, colour_range)
-    right.set_xlabel("latency, batch 32 (ms)")
-    right.set_ylabel(f"eval/accuracy (bars: {bars})")
-    right.set_title("accuracy vs latency")
+        fig.colorbar(mapped, ax=left, label=latency)
+    _panel(right, rows, lambda r: r.get(q.latency), baseline, colour_range, q)
+    right.set_xlabel(latency)
+    right.set_ylabel(f"{q.metric} (bars: {bars})")
+    right.set_title(f"{score} vs latency")
     if title:
         fig.suptitle(title)
     return _png(fig)

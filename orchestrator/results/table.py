@@ -27,15 +27,22 @@ from orchestrator.config.search import (
     switched_off,
 )
 from orchestrator.results.pareto import pareto_front
-from orchestrator.stats import PairedCounts
+from orchestrator.results.quality import (
+    ACCURACY_DROP,
+    accuracy_drop,
+    confidence_of,
+    drop_bound,
+    quality_of,
+    quality_of_columns,
+)
+
+__all__ = ["accuracy_drop", "confidence_of", "drop_bound"]
 
 TRIALS = "trials"
 STATUSES = ("done", "running", "stopped", "error")
 # The one artifact folder name a trial record may give: export joins it into a path.
 ARTIFACT = "model"
 ACCURACY = "eval/accuracy"
-# The interval shown beside a drop when the search sets no confidence of its own.
-DEFAULT_CONFIDENCE = 0.95
 # Sizes are shown in MB = 10**6 bytes (what disk and download tools print).
 MB = 1e6
 RANGE_KINDS = ("uniform", "loguniform", "int")
@@ -169,49 +176,21 @@ def _fmt(v: float) -> str:
     return f"{v:.4g}"
 
 
-def confidence_of(search: SearchConfig) -> float:
-    return search.constraints.confidence or DEFAULT_CONFIDENCE
-
-
-def accuracy_drop(
-    metrics: dict[str, float],
-    baseline: dict[str, float] | None,
-    prefix: str = "eval",
-    confidence: float = DEFAULT_CONFIDENCE,
-) -> tuple[float | None, float | None, float | None]:
-    """(drop, lo, hi) of the split ``prefix``: paired with the dense model on the same
-    examples when the trial reported its counts, the interval at ``confidence``; else the
-    difference from the baseline's accuracy, without an interval."""
-    counts = PairedCounts.from_metrics(metrics, prefix)
-    if counts is not None and counts.n > 0:
-        lo, hi = counts.interval(confidence)
-        return counts.drop, lo, hi
-    base = None if baseline is None else baseline.get(f"{prefix}/accuracy")
-    acc = metrics.get(f"{prefix}/accuracy")
-    return (None if base is None or acc is None else base - acc), None, None
-
-
-def drop_bound(metrics: dict[str, float], confidence: float, prefix: str = "eval") -> float | None:
-    """The one-sided upper confidence bound of a trial's paired drop, or None without counts."""
-    counts = PairedCounts.from_metrics(metrics, prefix)
-    return None if counts is None or counts.n == 0 else counts.upper_bound(confidence)
-
-
 def selection_rule(search: SearchConfig) -> str:
-    """In words, when a trial meets max_accuracy_drop (the report states it)."""
-    c = search.constraints
-    if c.max_accuracy_drop is None:
-        return "no accuracy constraint"
-    bound = f"{c.max_accuracy_drop:g}"
+    """In words, when a trial meets the quality constraint (the report states it)."""
+    q, c = quality_of(search), search.constraints
+    limit = q.limit(search)
+    if limit is None:
+        return f"no {q.words} constraint"
+    bound = f"{limit:g}"
     if c.confidence is None:
         return (
-            f"a trial is feasible when its validation accuracy drop (point estimate) is at "
-            f"most {bound}"
+            f"a trial is feasible when its validation {q.words} (point estimate) is at most {bound}"
         )
     return (
-        f"a trial is feasible when its paired validation accuracy drop is at most {bound} "
-        f"with {c.confidence:.0%} confidence (its one-sided {c.confidence:.0%} upper bound, "
-        "the accuracy_drop_bound column)"
+        f"a trial is feasible when its paired validation {q.words} is at most {bound} with "
+        f"{c.confidence:.0%} confidence (its one-sided {c.confidence:.0%} upper bound, the "
+        f"{q.column}_bound column)"
     )
 
 
@@ -223,6 +202,7 @@ def check_constraints(
     A metric a constraint needs but the trial did not report counts as broken: an unverified
     recipe must not be exported as meeting the bar."""
     c = search.constraints
+    q = quality_of(search)
     broken = []
 
     def need(key: str, label: str) -> float | None:
@@ -231,23 +211,24 @@ def check_constraints(
             broken.append(f"{label} unknown ({key} not reported)")
         return v
 
-    if c.max_accuracy_drop is not None:
-        drop, _, _ = accuracy_drop(metrics, baseline, "eval", confidence_of(search))
-        # A tolerance so that a drop equal to the bound, up to float noise, passes.
-        limit = c.max_accuracy_drop + 1e-12
+    limit = q.limit(search)
+    if limit is not None:
+        loss, _, _ = q.loss(metrics, baseline, "eval", confidence_of(search))
+        # Fractions, as the constraint is written in the job (0.01 = 1 point, 0.15 = 15 %); a
+        # tolerance so that a loss equal to the bound, up to float noise, passes.
         if c.confidence is not None:
-            bound = drop_bound(metrics, c.confidence)
+            bound = q.bound(metrics, c.confidence)
             if bound is None:
-                broken.append("accuracy drop bound unknown (the trial reported no paired counts)")
-            elif bound > limit:
+                broken.append(f"{q.words} bound unknown (the trial reported no paired figures)")
+            elif bound > limit + 1e-12:
                 broken.append(
-                    f"accuracy drop upper bound {bound:.3g} (one-sided {c.confidence:.0%}) > "
-                    f"{_fmt(c.max_accuracy_drop)}"
+                    f"{q.words} upper bound {bound:.3g} (one-sided {c.confidence:.0%}) > "
+                    f"{_fmt(limit)}"
                 )
-        elif drop is None:
-            broken.append("accuracy drop unknown (no paired counts and no dense baseline)")
-        elif drop > limit:
-            broken.append(f"accuracy drop {drop:.3g} > {_fmt(c.max_accuracy_drop)}")
+        elif loss is None:
+            broken.append(f"{q.words} unknown (no paired figures and no dense baseline)")
+        elif loss > limit + 1e-12:
+            broken.append(f"{q.words} {loss:.3g} > {_fmt(limit)}")
     if c.max_size_bytes is not None:
         size = need("compress/size_bytes", "size")
         if size is not None and size > c.max_size_bytes:
@@ -307,8 +288,9 @@ def build_table(
     """A row per trial (as ``load_trials`` returns them); see the module doc for the rules.
 
     Columns: ``trial``, ``status``, ``config/<key>`` per space key, ``recipe``, one float64
-    column per metric key, ``accuracy_drop``, ``feasible`` (null unless done), ``violations``
-    (null when none), ``pareto``, ``best``, ``error``, ``wall_s``."""
+    column per metric key, the quality's loss (``accuracy_drop`` or ``perplexity_increase``,
+    ``quality.Quality``) with its interval for validation and test, ``feasible`` (null unless
+    done), ``violations`` (null when none), ``pareto``, ``best``, ``error``, ``wall_s``."""
     trials = sorted(trials, key=lambda t: t["trial"])
     configs = [effective_config(t["config"], search) for t in trials]
     keys = metric_keys(trials, search)
@@ -322,21 +304,22 @@ def build_table(
     for key in keys:
         columns[key] = pa.array([t["metrics"].get(key) for t in trials], pa.float64())
     level = confidence_of(search)
-    for prefix, name in (("eval", "accuracy_drop"), ("test", "test_accuracy_drop")):
-        drops = [accuracy_drop(t["metrics"], baseline, prefix, level) for t in trials]
+    q = quality_of(search)
+    for prefix, name in (("eval", q.column), ("test", f"test_{q.column}")):
+        losses = [q.loss(t["metrics"], baseline, prefix, level) for t in trials]
         for i, suffix in enumerate(("", "_lo", "_hi")):
-            columns[name + suffix] = pa.array([d[i] for d in drops], pa.float64())
+            columns[name + suffix] = pa.array([d[i] for d in losses], pa.float64())
     if search.constraints.confidence is not None:
-        columns["accuracy_drop_bound"] = pa.array(
-            [drop_bound(t["metrics"], search.constraints.confidence) for t in trials],
+        columns[f"{q.column}_bound"] = pa.array(
+            [q.bound(t["metrics"], search.constraints.confidence) for t in trials],
             pa.float64(),
         )
-    bound = search.constraints.max_accuracy_drop
+    bound = q.limit(search)
     held = [
         None if bound is None or t["status"] != "done" or d is None else d <= bound + 1e-12
-        for t, d in zip(trials, columns["test_accuracy_drop"].to_pylist(), strict=True)
+        for t, d in zip(trials, columns[f"test_{q.column}"].to_pylist(), strict=True)
     ]
-    # Whether the accuracy constraint also holds on the held-out test split (point estimate):
+    # Whether the quality constraint also holds on the held-out test split (point estimate):
     # selection saw only validation, so this is the check that the answer generalises.
     columns["held_on_test"] = pa.array(held, pa.bool_())
     feasible: list[bool | None] = []
@@ -404,8 +387,8 @@ def drop_text(
     hi: float | None = None,
     bound: float | None = None,
 ) -> str:
-    """An accuracy drop in points with its interval and, when selection used one, its
-    one-sided upper bound: ``+0.40 [-0.31, +1.12] <= +0.98``."""
+    """A loss x 100 (an accuracy drop in points, a perplexity increase in %) with its interval
+    and, when selection used one, its one-sided upper bound: ``+0.40 [-0.31, +1.12] <= +0.98``."""
     if drop is None:
         return "-"
     text = f"{100 * drop:+.2f}"
@@ -418,35 +401,40 @@ def drop_text(
 
 def row_drop_text(row: dict[str, Any], prefix: str = "") -> str:
     """``drop_text`` of a results-table row (``prefix`` "test_" for the test split)."""
-    name = f"{prefix}accuracy_drop"
+    name = f"{prefix}{quality_of_columns(row).column}"
     return drop_text(
         row.get(name), row.get(f"{name}_lo"), row.get(f"{name}_hi"), row.get(f"{name}_bound")
     )
 
 
 def held_text(row: dict[str, Any]) -> str:
-    """Whether a trial's accuracy constraint held on the test split, in words."""
-    drop = row_drop_text(row, "test_")
+    """Whether a trial's quality constraint held on the test split, in words."""
+    q = quality_of_columns(row)
+    word = "drop" if q is ACCURACY_DROP else q.words
+    loss = f"test {word} {row_drop_text(row, 'test_')} {q.unit}"
     if row.get("held_on_test") is None:
-        return f"test drop {drop} points"
+        return loss
     verdict = "held on test" if row["held_on_test"] else "did not hold on test"
-    return f"{verdict} (test drop {drop} points)"
+    return f"{verdict} ({loss})"
 
 
 def format_pareto_table(table: pa.Table) -> str:
-    """The Pareto rows as aligned plain text for the terminal (accuracy drops in points, with
-    their intervals), and a line for the best feasible trial (or the reason there is none)."""
+    """The Pareto rows as aligned plain text for the terminal (accuracy drops in points or
+    perplexity increases in %, with their intervals), and a line for the best feasible trial
+    (or the reason there is none)."""
     rows = table.to_pylist()
     front = [r for r in rows if r.get("pareto")]
+    q = quality_of_columns(table.column_names)
+    short = "drop" if q is ACCURACY_DROP else "ppl +%"
     head = [
         "trial",
         "recipe",
-        "eval acc",
-        "val drop [95 % interval] <= bound",
-        "test drop [95 % interval]",
+        "eval acc" if q is ACCURACY_DROP else "eval ppl",
+        f"val {short} [95 % interval] <= bound",
+        f"test {short} [95 % interval]",
         "size MB",
         "x smaller",
-        "ms b32",
+        "ms b32" if q is ACCURACY_DROP else "ms prefill",
         "speedup",
     ]
     body = []
@@ -456,12 +444,12 @@ def format_pareto_table(table: pa.Table) -> str:
             [
                 r["trial"],
                 r.get("recipe") or "",
-                _cell(r.get("eval/accuracy"), ".4f"),
+                _cell(r.get(q.metric), q.metric_fmt),
                 row_drop_text(r),
                 row_drop_text(r, "test_"),
                 _cell(None if size is None else size / MB, ".3f"),
                 _cell(r.get("compress/size_ratio"), ".2f"),
-                _cell(r.get("perf/latency_ms_b32"), ".2f"),
+                _cell(r.get(q.latency), ".2f"),
                 _cell(r.get("perf/speedup"), ".2f"),
             ]
         )

@@ -12,6 +12,7 @@ from orchestrator.config.loader import EXCLUSIVE, validate_job
 from orchestrator.config.schema import JobSpec
 from orchestrator.config.search import baseline_base
 from orchestrator.errors import RunError
+from orchestrator.results.quality import quality_of
 from orchestrator.storage import RunFolder
 
 
@@ -69,10 +70,11 @@ def run_baseline(spec: JobSpec, folder: RunFolder, address: str | None) -> dict[
     except Exception as e:  # a RayTaskError wraps the worker's exception
         raise RunError(f"measuring the dense baseline failed: {e}") from e
     folder.write_text("baseline.json", json.dumps(metrics, indent=2, sort_keys=True))
+    q = quality_of(spec.search)
     print(
-        f"[orchestrator] dense baseline: eval/accuracy {metrics['eval/accuracy']:.4f} | "
+        f"[orchestrator] dense baseline: {q.metric} {metrics[q.metric]:{q.metric_fmt}} | "
         f"{metrics['compress/size_bytes'] / 1e6:.1f} MB | "
-        f"{metrics['perf/latency_ms_b32']:.1f} ms per batch of 32",
+        f"{metrics[q.latency]:.1f} ms ({q.latency_words})",
         flush=True,
     )
     return metrics

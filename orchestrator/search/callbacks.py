@@ -20,11 +20,9 @@ from typing import Any
 
 from orchestrator.config.schema import JobSpec
 from orchestrator.config.search import SearchConfig
+from orchestrator.results.quality import ACCURACY_DROP, confidence_of, quality_of
 from orchestrator.results.table import (
-    accuracy_drop,
     check_constraints,
-    confidence_of,
-    drop_bound,
     drop_text,
     effective_config,
     load_baseline,
@@ -61,16 +59,19 @@ def finished_line(
     baseline: dict[str, float] | None,
     progress: str,
 ) -> str:
-    """A finished trial in one line: validation accuracy with its paired drop, how much
-    smaller and faster, and whether it meets the constraints (else the first one it broke)."""
+    """A finished trial in one line: validation accuracy (or perplexity) with its paired drop
+    (or increase), how much smaller and faster, and whether it meets the constraints (else the
+    first one it broke)."""
     level = confidence_of(search)
-    drop, lo, hi = accuracy_drop(metrics, baseline, "eval", level)
-    bound = None if search.constraints.confidence is None else drop_bound(metrics, level)
-    acc = metrics.get("eval/accuracy")
+    q = quality_of(search)
+    loss, lo, hi = q.loss(metrics, baseline, "eval", level)
+    bound = None if search.constraints.confidence is None else q.bound(metrics, level)
+    score = metrics.get(q.metric)
+    name_ = "val acc" if q is ACCURACY_DROP else "val ppl"
     parts = [
         f"trial {name} done {progress}:",
-        "val acc -" if acc is None else f"val acc {acc:.4f}",
-        f"(drop {drop_text(drop, lo, hi, bound)} points)",
+        f"{name_} -" if score is None else f"{name_} {score:{q.metric_fmt}}",
+        f"({q.words.split()[-1]} {drop_text(loss, lo, hi, bound)} {q.unit})",
     ]
     for key, word in (("compress/size_ratio", "smaller"), ("perf/speedup", "faster")):
         if metrics.get(key) is not None:

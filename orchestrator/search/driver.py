@@ -154,11 +154,13 @@ def search(
     # Tune's classic progress table honours the columns below (its newer one ignores them).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # Snapshot the experiment at every step of Tune's loop instead of Tune's adaptive period
-    # (10 s or more): a driver killed right after a trial started or finished then resumes
-    # knowing it. The snapshot holds every trial (about 50 kB each with the debug search's
-    # results), so a large search keeps Tune's period: a driver killed there may lose the trials
-    # started in its last seconds (marked interrupted and drawn again), never a finished one
-    # (its trial function hands Tune the saved result).
+    # (10 s or more). Tune copies each snapshot to the run folder in the background, so a driver
+    # killed within moments of starting a trial may still lose it: that trial is marked
+    # interrupted (close_lost_trials) and its recipe drawn again, never a finished one rerun
+    # (its trial function hands Tune the saved result), and a copy torn between the trial list
+    # and the searcher is made whole on --resume (snapshot.reconcile). The snapshot holds every
+    # trial (about 50 kB each with the debug search's results), so a large search keeps Tune's
+    # period: a driver killed there may lose the trials started in its last seconds.
     if space_lib.num_trials(spec.search) <= SNAPSHOT_EVERY_STEP_UP_TO:
         os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     from orchestrator.results import write_run_report

@@ -19,6 +19,7 @@ from orchestrator.testing.distributed import free_port
 ROOT = Path(__file__).resolve().parents[2]
 DDP_JOB = str(ROOT / "jobs" / "debug" / "ddp.yaml")
 SEARCH_JOB = str(ROOT / "jobs" / "debug" / "search.yaml")
+DECODER_SEARCH_JOB = str(ROOT / "jobs" / "debug" / "decoder_search.yaml")
 DECODER_JOB = str(ROOT / "jobs" / "debug" / "decoder.yaml")
 
 
@@ -107,10 +108,17 @@ CASES = [
     ),
     Case(
         "a label column on a language model's job",
-        _decoder("data.label_column=label"),
+        _decoder("data.label_column=sentiment"),
         2,
         ("data.label_column", "is a language model", "reads no labels"),
         run_dir="debug-decoder",
+    ),
+    Case(
+        "a language model's search bounded by accuracy",
+        _cli("search", DECODER_SEARCH_JOB, "search.constraints={max_accuracy_drop: 0.01}"),
+        2,
+        ("search.constraints.max_accuracy_drop", "is a language model", "max_perplexity_increase"),
+        run_dir="debug-decoder-search",
     ),
     Case(
         "blocks longer than the decoder's context",

@@ -116,8 +116,15 @@ def test_resume_reruns_no_finished_trial(search_run: dict) -> None:
     run = search_run["run"]
     table = pq.read_table(run / "results.parquet").to_pylist()
     names = [r["trial"] for r in table]
-    assert len(names) == len(set(names)) == N_TRIALS, names
-    assert all(r["status"] == "done" for r in table), [(r["trial"], r["status"]) for r in table]
+    done = [r for r in table if r["status"] == "done"]
+    assert len(names) == len(set(names)) and len(done) == N_TRIALS, names
+    # A trial the driver started just before the kill, before Tune's snapshot of it reached
+    # the run folder (Tune copies it there in the background), is unknown to the restored
+    # experiment: marked interrupted, its recipe drawn again (README, "When things fail").
+    for r in table:
+        if r["status"] != "done":
+            assert r["status"] == "error" and r["error"].startswith("interrupted:"), r
+            assert r["recipe"] in {d["recipe"] for d in done}, r
     for name, record in search_run["before"].items():
         # Same files, untouched: the resumed driver did not run the trial again.
         assert (run / "trials" / name / "metrics.json").stat().st_mtime_ns == search_run["stamps"][
@@ -216,7 +223,7 @@ def test_mlflow_holds_the_search_and_a_run_per_trial(search_run: dict) -> None:
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == len(runs) - 1, "every trial run is a child of the search run"
     finished = {r.info.run_name: r for r in children if r.info.status == "FINISHED"}
-    assert set(finished) == {r["trial"] for r in rows}
+    assert set(finished) == {r["trial"] for r in rows if r["status"] == "done"}
     assert all(r.info.status in ("FINISHED", "KILLED") for r in children)
     for name, child in finished.items():
         record = json.loads((run / "trials" / name / "trial.json").read_text())

@@ -176,7 +176,7 @@ def test_a_gguf_path_that_is_missing_or_not_gguf_is_refused(tmp_path, monkeypatc
 @pytest.mark.parametrize(
     "change,key",
     [
-        ({"data": {"label_column": "label"}}, "data.label_column"),
+        ({"data": {"label_column": "sentiment"}}, "data.label_column"),
         ({"data": {"max_length": 1024}}, "data.max_length"),
         ({"compress": {"vocab": {"method": "trim"}}}, "compress.vocab"),
         ({"measure": {"backend": "onnxruntime"}}, "measure.backend"),
@@ -187,10 +187,37 @@ def test_a_gguf_path_that_is_missing_or_not_gguf_is_refused(tmp_path, monkeypatc
                     "num_samples": 2,
                 }
             },
-            "search",
+            "search.objectives[0].metric",
+        ),
+        (
+            {
+                "search": {
+                    "space": {"compress.prune.sparsity": {"choice": [0.3, 0.5]}},
+                    "objectives": [{"metric": "eval/perplexity_ratio", "mode": "min"}],
+                    "constraints": {"max_accuracy_drop": 0.01},
+                }
+            },
+            "search.constraints.max_accuracy_drop",
+        ),
+        (
+            {
+                "search": {
+                    "space": {"compress.prune.sparsity": {"choice": [0.3, 0.5]}},
+                    "objectives": [{"metric": "compress/size_bytes", "mode": "min"}],
+                }
+            },
+            "search.objectives",
         ),
     ],
-    ids=["label-column", "longer-than-context", "vocab-trim", "onnx-latency", "search"],
+    ids=[
+        "label-column",
+        "longer-than-context",
+        "vocab-trim",
+        "onnx-latency",
+        "search-default-objective",
+        "search-accuracy-constraint",
+        "search-scoring-no-perplexity",
+    ],
 )
 def test_keys_a_language_model_cannot_take_are_refused(tmp_path, change, key):
     from orchestrator.launch import check_task
@@ -207,9 +234,9 @@ def test_keys_a_language_model_cannot_take_are_refused(tmp_path, change, key):
     with pytest.raises(ConfigError) as err:
         check_task(validate_job(raw, source="test"))
     assert [p.key for p in err.value.problems] == [key]
-    # The same keys on a classifier pass this check.
+    # The same keys on a classifier pass this check (not the perplexity objective).
     raw["model"] = {"name": "tiny-bert"}
-    if key not in ("data.max_length", "measure.backend"):
+    if key not in ("data.max_length", "measure.backend", "search.constraints.max_accuracy_drop"):
         check_task(validate_job(raw, source="test"))
 
 
@@ -233,3 +260,32 @@ def test_a_tied_head_is_quantized_on_its_tables_grid(tmp_path):
     trained = evaluate_answers(model, bundle, "test")[0]["test/loss"]
     loaded = evaluate_answers(shipped, bundle, "test")[0]["test/loss"]
     assert loaded == pytest.approx(trained, abs=0.02)  # int8 activations at inference only
+
+
+@pytest.mark.parametrize(
+    "search,key",
+    [
+        (
+            {"objectives": [{"metric": "eval/perplexity_ratio", "mode": "min"}]},
+            "search.objectives[0].metric",
+        ),
+        (
+            {"constraints": {"max_perplexity_increase": 0.1}},
+            "search.constraints.max_perplexity_increase",
+        ),
+    ],
+    ids=["perplexity-objective", "perplexity-constraint"],
+)
+def test_a_classifier_search_scored_on_perplexity_is_refused(tmp_path, search, key):
+    from orchestrator.launch import check_task
+
+    raw = {
+        "name": "cls",
+        "model": {"name": "tiny-bert"},
+        "data": {"name": "mr", "limit": 60, "max_length": 32},
+        "search": {"space": {"compress.prune.sparsity": {"choice": [0.3, 0.5]}}, **search},
+        "output": {"dir": str(tmp_path)},
+    }
+    with pytest.raises(ConfigError) as err:
+        check_task(validate_job(raw, source="test"))
+    assert [p.key for p in err.value.problems] == [key]

@@ -674,3 +674,83 @@ def test_the_answer_compares_with_the_dense_model_measured_beside_the_trial() ->
     assert "40.00" in latency and "55.00" not in latency and "4.00x faster" in latency
     size = next(r for r in rows if "size on disk" in r)
     assert "9.00" in size  # no side-by-side dense size in this trial: the baseline's
+
+
+def _lm_metrics(ratio: float, spread: float, size: float, prefix_ratio: float | None = None):
+    """A language model's trial: perplexity ratio to the dense model on validation (test:
+    ``prefix_ratio``) with a 95 % interval of +-``spread`` in log space."""
+    out = {
+        "compress/size_bytes": size,
+        "compress/dense_size_bytes": 9.0e6,
+        "compress/size_ratio": 9.0e6 / size,
+        "perf/latency_ms_b1": 2.0,
+        "perf/dense_latency_ms_b1": 2.5,
+        "perf/speedup": 1.25,
+        "perf/decode_tokens_per_s": 400.0,
+        "perf/dense_decode_tokens_per_s": 500.0,
+        "perf/decode_speedup": 0.8,
+    }
+    for prefix, r in (("eval", ratio), ("test", prefix_ratio or ratio)):
+        out |= {
+            f"{prefix}/perplexity": 40.0 * r,
+            f"{prefix}/perplexity_ratio": r,
+            f"{prefix}/perplexity_ratio_lo": r * math.exp(-spread),
+            f"{prefix}/perplexity_ratio_hi": r * math.exp(spread),
+        }
+    return out
+
+
+def test_a_language_model_search_is_scored_on_its_perplexity_increase(tmp_path: Path) -> None:
+    """The decoder search's table, feasibility, terminal table, report and plot speak of the
+    paired perplexity increase in %, with its interval; the constraint decides on the one-sided
+    upper bound at the job's confidence (0.9), recomputed from the reported 95 % interval."""
+    spec = load_job(ROOT / "jobs/debug/decoder_search.yaml", [f"output.dir={tmp_path}"])
+    search = spec.search.model_copy(
+        update={
+            "constraints": spec.search.constraints.model_copy(
+                update={"max_perplexity_increase": 0.1}
+            )
+        }
+    )
+    trials = [
+        # 5 % higher, tightly measured: feasible; 8 % on test: held.
+        _trial("t_a", "done", {}, _lm_metrics(1.05, 0.01, 3e6, 1.08)),
+        # 8 % higher but so noisy that the 90 % one-sided bound passes 10 %.
+        _trial("t_b", "done", {}, _lm_metrics(1.08, 0.05, 2e6)),
+        # 12 % higher: infeasible however measured.
+        _trial("t_c", "done", {}, _lm_metrics(1.12, 0.01, 1e6)),
+    ]
+    baseline = {"eval/perplexity": 40.0, "compress/size_bytes": 9.0e6, "perf/latency_ms_b1": 2.5}
+    table = build_table(trials, search, baseline)
+    rows = {r["trial"]: r for r in table.to_pylist()}
+    assert "accuracy_drop" not in table.column_names
+    assert rows["t_a"]["perplexity_increase"] == pytest.approx(0.05)
+    from statistics import NormalDist
+
+    z90, z95 = NormalDist().inv_cdf(0.9), NormalDist().inv_cdf(0.975)
+    assert rows["t_b"]["perplexity_increase_bound"] == pytest.approx(
+        1.08 * math.exp(0.05 * z90 / z95) - 1
+    )
+    assert [rows[t]["feasible"] for t in ("t_a", "t_b", "t_c")] == [True, False, False]
+    assert rows["t_b"]["violations"].startswith("perplexity increase upper bound 0.")
+    assert rows["t_c"]["violations"].startswith("perplexity increase upper bound 0.1")
+    assert rows["t_a"]["held_on_test"] is True and rows["t_a"]["best"] is True
+    text = format_pareto_table(table)
+    assert "val ppl +% [95 % interval] <= bound" in text and "ms prefill" in text
+    assert "held on test (test perplexity increase +8.00 [" in text
+
+    run = tmp_path / spec.name
+    (run / "trials").mkdir(parents=True)
+    (run / "job.yaml").write_text(dump_job(spec.model_copy(update={"search": search})))
+    (run / "baseline.json").write_text(json.dumps(baseline))
+    for t in trials:
+        (run / "trials" / t["trial"]).mkdir()
+        (run / "trials" / t["trial"] / "trial.json").write_text(json.dumps(t))
+    summary = write_report(run)
+    assert summary.best == "t_a"
+    html = (run / "report.html").read_text()
+    assert "validation perplexity" in html and "greedy decoding (tokens/s)" in html
+    assert "0.80x faster" in html  # decoding, against the dense model timed beside it
+    assert "the perplexity increase constraint held on test" in html
+    assert "paired validation perplexity increase is at most 0.1 with 90% confidence" in html
+    assert (run / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

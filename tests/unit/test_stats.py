@@ -79,3 +79,21 @@ def test_coverage_is_close_to_nominal(n: int) -> None:
         lo, hi = PairedCounts(**counts).interval(0.95)
         covered += lo <= truth <= hi
     assert 0.92 <= covered / runs <= 0.98, covered / runs
+
+
+def test_a_perplexity_interval_at_any_confidence_from_the_reported_one() -> None:
+    """The 95 % interval a trial reports fixes the standard error of the log ratio: the
+    interval and one-sided bound at another confidence are what ``PairedPerplexity`` itself
+    gives at that confidence."""
+    from orchestrator.stats import PairedPerplexity, ratio_interval, ratio_upper_bound
+
+    rng = random.Random(0)
+    dense = [rng.uniform(90, 110) for _ in range(200)]
+    paired = PairedPerplexity.of(dense, [d + rng.gauss(3, 4) for d in dense], tokens_per_block=31)
+    reported = paired.metrics("eval")
+    for confidence in (0.5, 0.8, 0.99):
+        assert ratio_interval(reported, "eval", confidence) == pytest.approx(
+            paired.interval(confidence)
+        )
+    assert ratio_upper_bound(reported, 0.9) == pytest.approx(paired.interval(0.8)[1])
+    assert ratio_interval({"eval/perplexity_ratio": 1.1}, "eval") is None
