@@ -243,24 +243,34 @@ def sparsegpt(
     *,
     damp: float = 0.01,
     block_size: int = 128,
+    n_m: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """The SparseGPT-pruned weight: in each block of columns the weights with the smallest
     w^2 / [H^-1]_jj^2 (the OBS saliency) are zeroed, ``sparsity`` of them per block, and the
-    rest updated to compensate."""
+    rest updated to compensate. ``n_m`` (N kept of every M inputs): the saliency is compared
+    within each group of M columns instead, on the weights as updated so far."""
     w = weight.detach().float().clone()
     cols = w.shape[1]
     hinv = _damped_inverse_cholesky(hessian.float(), w, damp)
+    if n_m is not None:
+        block_size -= block_size % n_m[1]  # groups never straddle two blocks
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
         h1 = hinv[i1:i2, i1:i2]
-        saliency = w1.pow(2) / torch.diag(h1).pow(2).unsqueeze(0)
-        k = int(saliency.numel() * sparsity)
         pruned = torch.zeros_like(w1, dtype=torch.bool)
-        if k > 0:
-            pruned.view(-1)[torch.topk(saliency.flatten(), k, largest=False).indices] = True
+        if n_m is None:
+            saliency = w1.pow(2) / torch.diag(h1).pow(2).unsqueeze(0)
+            k = int(saliency.numel() * sparsity)
+            if k > 0:
+                pruned.view(-1)[torch.topk(saliency.flatten(), k, largest=False).indices] = True
         for i in range(i2 - i1):
+            if n_m is not None and i % n_m[1] == 0:
+                n, m = n_m
+                group = w1[:, i : i + m].pow(2) / torch.diag(h1)[i : i + m].pow(2).unsqueeze(0)
+                drop = torch.topk(group, m - n, dim=1, largest=False).indices
+                pruned[:, i : i + m].scatter_(1, drop, True)
             x = w1[:, i]
             q = torch.where(pruned[:, i], torch.zeros_like(x), x)
             e = (x - q) / h1[i, i]

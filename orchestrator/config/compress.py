@@ -155,6 +155,12 @@ class UnstructuredPruneMethod(PruneMethod):
         default="layer",
         description="global: one threshold over all targeted layers; layer: each layer alone",
     )
+    pattern: Annotated[str, Field(pattern=r"^[1-9][0-9]?:[1-9][0-9]?$")] | None = Field(
+        default=None,
+        description="semi-structured N:M sparsity, e.g. '2:4': N weights kept in every M "
+        "consecutive inputs of each output row (the layout sparse tensor cores run); sparsity "
+        "must be 1 - N/M; one-shot, per layer",
+    )
     schedule: Literal["oneshot", "gradual"] = Field(
         default="oneshot",
         description="oneshot: prune before training; gradual: cubic schedule from "
@@ -170,9 +176,51 @@ class UnstructuredPruneMethod(PruneMethod):
     )
     update_every: int = Field(default=10, ge=1, description="gradual: steps between mask updates")
 
+    @property
+    def n_m(self) -> tuple[int, int] | None:
+        """``pattern`` as (kept, group), or None."""
+        if self.pattern is None:
+            return None
+        n, m = self.pattern.split(":")
+        return int(n), int(m)
+
     @model_validator(mode="after")
     def _schedule(self) -> UnstructuredPruneMethod:
         problems = []
+        if self.n_m is not None:
+            n, m = self.n_m
+            if n >= m:
+                problems.append(
+                    (
+                        "pattern",
+                        self.pattern,
+                        f"keeps {n} of every {m} weights: nothing would be removed",
+                        "use N < M, e.g. compress.prune.pattern=2:4",
+                    )
+                )
+            elif abs(self.sparsity - (1 - n / m)) > 1e-9:
+                problems.append(
+                    (
+                        "sparsity",
+                        self.sparsity,
+                        f"pattern {self.pattern} keeps {n} of every {m} weights, a sparsity "
+                        f"of {1 - n / m:g}",
+                        f"set compress.prune.sparsity={1 - n / m:g}",
+                    )
+                )
+            for key, value, fine in (
+                ("schedule", self.schedule, "oneshot"),
+                ("scope", self.scope, "layer"),
+            ):
+                if value != fine:
+                    problems.append(
+                        (
+                            key,
+                            value,
+                            "an N:M pattern is chosen once, in each layer's rows",
+                            f"set compress.prune.{key}={fine}, or remove compress.prune.pattern",
+                        )
+                    )
         if self.schedule == "gradual" and self.initial_sparsity > self.sparsity:
             problems.append(
                 (

@@ -25,6 +25,7 @@ from orchestrator.config.compress import (
     UnstructuredPruneMethod,
     WandaPruneConfig,
 )
+from orchestrator.errors import ConfigError, Problem
 
 PruneConfig = UnstructuredPruneMethod
 
@@ -41,10 +42,46 @@ def cubic_sparsity(step: int, cfg: PruneConfig, total_steps: int) -> float:
     return cfg.sparsity + (cfg.initial_sparsity - cfg.sparsity) * (1.0 - progress) ** 3
 
 
+def n_m_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the ``n`` highest of every ``m`` consecutive scores along each row (the inputs of
+    one output): the N:M layout, e.g. 2:4."""
+    rows, cols = scores.shape
+    groups = scores.reshape(rows, cols // m, m)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(2, torch.topk(groups, n, dim=2).indices, True)
+    return keep.reshape(rows, cols)
+
+
+def check_pattern(modules: list[tuple[str, nn.Module]], cfg: PruneConfig) -> None:
+    """Every layer an N:M pattern prunes must have a multiple of M inputs."""
+    if cfg.n_m is None:
+        return
+    m = cfg.n_m[1]
+    bad = [(n, mod.weight.shape[1]) for n, mod in modules if mod.weight.shape[1] % m]
+    if bad:
+        name, cols = bad[0]
+        raise ConfigError(
+            Problem(
+                "compress.prune.pattern",
+                cfg.pattern,
+                f"{len(bad)} selected layer(s) take inputs in a number that is not a multiple "
+                f"of {m} (e.g. {name}: {cols})",
+                "exclude them with compress.prune.exclude, or use another pattern",
+            )
+        )
+
+
 def _threshold_masks(
-    scores: dict[str, torch.Tensor], sparsity: float, scope: str, per_row: bool
+    scores: dict[str, torch.Tensor],
+    sparsity: float,
+    scope: str,
+    per_row: bool,
+    n_m: tuple[int, int] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Keep the highest scores. ``per_row`` compares within each output row (Wanda's group)."""
+    """Keep the highest scores. ``per_row`` compares within each output row (Wanda's group);
+    ``n_m``: the N:M pattern instead, in each row's groups of M inputs."""
+    if n_m is not None:
+        return {name: n_m_mask(s, *n_m) for name, s in scores.items()}
     masks = {}
     if sparsity <= 0:
         return {k: torch.ones_like(v, dtype=torch.bool) for k, v in scores.items()}
@@ -109,6 +146,7 @@ class Pruner:
             sparsity,
             self.cfg.scope,
             per_row=self.cfg.method == "wanda" and self.cfg.scope == "layer",
+            n_m=self.cfg.n_m,
         )
         for key, m in new.items():
             self.masks[key] = m & self.masks[key] if key in self.masks else m
@@ -182,6 +220,7 @@ def prune_(
     modules = select_modules(
         model, cfg.include, cfg.exclude, (nn.Linear,), "compress.prune", filter_fn=filter_fn
     )
+    check_pattern(modules, cfg)
     norms = None
     if cfg.method == "wanda":
         if not calib:
@@ -244,9 +283,10 @@ class MagnitudePrune(Technique):
         return out
 
     def note(self, cfg: PruneConfig) -> str:
+        kind = "unstructured sparsity" if cfg.pattern is None else f"{cfg.pattern} sparsity"
         return (
-            f"unstructured sparsity ({cfg.method}): bytes saved for real (bitmap + non-zero "
-            "values in the artifact); no sparse CPU kernel is used, so it does not reduce latency"
+            f"{kind} ({cfg.method}): bytes saved for real (bitmap + non-zero values in the "
+            "artifact); no sparse CPU kernel is used, so it does not reduce latency"
         )
 
 
@@ -267,12 +307,14 @@ class SparseGptPrune(MagnitudePrune):
         modules = select_modules(
             model, cfg.include, cfg.exclude, (nn.Linear,), "compress.prune", filter_fn=ctx.filter_fn
         )
+        check_pattern(modules, cfg)
         errors: dict[str, dict[str, float]] = {}
 
         def solve(name: str, layer: nn.Linear, hessian: torch.Tensor) -> None:
             w = layer.weight.detach().float()
-            new = sparsegpt(w, hessian, cfg.sparsity, damp=cfg.damp)
-            magnitude = w * _threshold_masks({name: w.abs()}, cfg.sparsity, "layer", False)[name]
+            new = sparsegpt(w, hessian, cfg.sparsity, damp=cfg.damp, n_m=cfg.n_m)
+            masks = _threshold_masks({name: w.abs()}, cfg.sparsity, "layer", False, cfg.n_m)
+            magnitude = w * masks[name]
             errors[name] = {
                 "output_error": output_error(w, new, hessian),
                 "magnitude_output_error": output_error(w, magnitude, hessian),
@@ -289,8 +331,9 @@ class SparseGptPrune(MagnitudePrune):
         return Applied(rows, entry={"modules": sorted(pruner.modules)}, hook=pruner)
 
     def note(self, cfg: SparseGptPruneConfig) -> str:
+        kind = "unstructured sparsity" if cfg.pattern is None else f"{cfg.pattern} sparsity"
         return (
-            "unstructured sparsity (sparsegpt: pruned with second-order weight updates on "
+            f"{kind} (sparsegpt: pruned with second-order weight updates on "
             "calibration data): bytes saved for real (bitmap + non-zero values in the "
             "artifact); no sparse CPU kernel is used, so it does not reduce latency"
         )

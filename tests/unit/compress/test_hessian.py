@@ -85,6 +85,43 @@ def test_sparsegpt_reaches_the_sparsity_and_beats_magnitude(sparsity):
     assert output_error(w, p, h) < 0.85 * output_error(w, magnitude, h)
 
 
+def _groups_keep(w: torch.Tensor, n: int, m: int) -> bool:
+    """Every row's groups of ``m`` consecutive inputs hold at most ``n`` non-zeros."""
+    return bool(((w.reshape(w.shape[0], -1, m) != 0).sum(-1) <= n).all())
+
+
+def test_sparsegpt_2_4_keeps_the_pattern_and_beats_magnitude_2_4():
+    """2:4 with second-order updates: every group of 4 inputs keeps 2 weights (at most: an
+    update may itself land on zero), half the weights go, and the output error is below that
+    of keeping the 2 largest of every 4."""
+    from orchestrator.compress.techniques.prune import n_m_mask
+
+    w, h = _layer_and_hessian()
+    p = sparsegpt(w, h, 0.5, n_m=(2, 4), block_size=126)  # blocks cut to whole groups
+    assert _groups_keep(p, 2, 4)
+    assert (p == 0).float().mean().item() == pytest.approx(0.5, abs=1e-3)
+    magnitude = w * n_m_mask(w.abs(), 2, 4)
+    assert _groups_keep(magnitude, 2, 4)
+    assert output_error(w, p, h) < 0.9 * output_error(w, magnitude, h)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_a_2_4_pattern_through_the_registry(method, calib, tokenizer):
+    """compress_ with pattern 2:4: every pruned layer keeps 2 of every 4 inputs per row."""
+    model = models.build_model(ModelConfig(name="minilm-l6", num_layers=2), 2, tokenizer)
+    cfg = CompressConfig.model_validate(
+        {"prune": {"method": method, "sparsity": 0.5, "pattern": "2:4"}, "calib_batches": 2}
+    )
+    report = compress_(model, cfg, calib=calib)
+    rows = [r for r in report.rows if r.technique == "prune"]
+    assert rows
+    for row in rows:
+        weight = model.get_submodule(row.name).weight
+        assert _groups_keep(weight, 2, 4), row.name
+        assert row.details["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert any("2:4 sparsity" in n for n in report.notes)
+
+
 def test_sequential_visits_every_layer_block_by_block_with_compressed_inputs():
     """The second block's Hessian is taken on the outputs of the already-compressed first
     block: zeroing block 0's layers changes what block 1 sees."""
@@ -130,3 +167,34 @@ def test_the_handlers_report_their_errors_against_the_simple_methods(calib, toke
     # The quantizer kept the pruned zeros: the layers are still half sparse.
     lin = model.bert.encoder.layer[0].attention.self.query
     assert (lin.weight == 0).float().mean().item() == pytest.approx(0.5, abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    "prune,key",
+    [
+        ({"sparsity": 0.5, "pattern": "1:4"}, "sparsity"),
+        ({"sparsity": 0.5, "pattern": "4:4"}, "pattern"),
+        ({"sparsity": 0.5, "pattern": "2-4"}, "pattern"),
+        ({"sparsity": 0.5, "pattern": "2:4", "schedule": "gradual"}, "schedule"),
+        ({"sparsity": 0.5, "pattern": "2:4", "scope": "global"}, "scope"),
+    ],
+    ids=["sparsity-off-pattern", "keeps-all", "not-n-colon-m", "gradual", "global"],
+)
+def test_a_bad_n_m_pattern_names_its_key(prune, key):
+    from orchestrator.config.loader import validate_job
+    from orchestrator.errors import ConfigError
+
+    raw = {"name": "x", "model": {"name": "tiny-bert"}, "data": {"name": "mr"}}
+    with pytest.raises(ConfigError) as err:
+        validate_job({**raw, "compress": {"prune": {"method": "wanda", **prune}}}, "test")
+    assert f"compress.prune.{key}" in str(err.value)
+
+
+def test_a_layer_the_pattern_does_not_divide_is_refused(calib, tokenizer):
+    from orchestrator.errors import ConfigError
+
+    model = models.build_model(ModelConfig(name="minilm-l6", num_layers=2), 2, tokenizer)
+    cfg = CompressConfig.model_validate({"prune": {"sparsity": 0.8, "pattern": "1:5"}})
+    with pytest.raises(ConfigError) as err:
+        compress_(model, cfg, calib=calib)
+    assert "compress.prune.pattern" in str(err.value) and "not a multiple of 5" in str(err.value)
