@@ -29,14 +29,10 @@ from orchestrator.config.search import (
 from orchestrator.results.pareto import pareto_front
 from orchestrator.results.quality import (
     ACCURACY_DROP,
-    accuracy_drop,
     confidence_of,
-    drop_bound,
     quality_of,
     quality_of_columns,
 )
-
-__all__ = ["accuracy_drop", "confidence_of", "drop_bound"]
 
 TRIALS = "trials"
 STATUSES = ("done", "running", "stopped", "error")
@@ -63,8 +59,8 @@ def load_baseline(run_dir: str | Path, notes: list[str] | None = None) -> dict[s
     path = Path(run_dir) / "baseline.json"
     if not path.is_file():
         notes.append(
-            "no baseline.json: the dense baseline has not finished, so accuracy drops are "
-            "unknown and max_accuracy_drop cannot be checked"
+            "no baseline.json: the dense baseline has not finished, so accuracy drops (or "
+            "perplexity increases) without paired figures are unknown"
         )
         return None
     try:

@@ -1,12 +1,12 @@
 """A torn Tune snapshot made whole again before ``--resume`` restores it.
 
 Ray Tune saves an experiment as separate files: the trial list (``experiment_state-*.json``),
-the search generator (``search_gen_state-*.pkl``: how many trials it drew, which are live) and
-the searcher (``searcher-state-*.pkl``: here the Optuna study). It writes them to a staging
-folder at every step of its loop and copies that folder to the run's storage in the background,
-file by file, while the next step may already overwrite the staging files (checked on Ray 2.60,
-``tune/execution/experiment_state.py``). A driver killed during a copy can therefore leave a
-trial list from one moment beside a searcher from another. Restored as it is:
+the search generator (``search_gen_state-*.json``, a pickle: how many trials it drew, which
+are live) and the searcher (``searcher-state-*.pkl``: here the Optuna study). It writes them
+to a staging folder at every step of its loop and copies that folder to the run's storage in
+the background, file by file, while the next step may already overwrite the staging files
+(checked on Ray 2.60, ``tune/execution/experiment_state.py``). A driver killed during a copy
+can therefore leave a trial list from one moment beside a searcher from another. Restored as it is:
 
 - the trial list ahead (it holds a trial the searcher had not drawn yet): Tune continues that
   trial *and* the searcher, whose random state is from before the draw, draws the same recipe
@@ -18,8 +18,10 @@ trial list from one moment beside a searcher from another. Restored as it is:
 by the restored searcher under its own id: the draw is deterministic, so it gives the trial's
 recipe, which is checked (when it does not, the trial is dropped from the list and drawn anew,
 as a trial started after the last snapshot is). A draw the list lacks is told to the searcher as
-failed and its sample given back, so the search draws a replacement. Only the Optuna searcher is
-reconciled; Tune's random and grid generator replays its draws from its own counter.
+failed and its sample given back, so the search draws a replacement. Only the Optuna searcher
+(the default) is reconciled; the random and grid generators are restored as Tune saved them.
+The files read here are Tune's own pickles, which ``Tuner.restore`` loads right after anyway
+(README, "What --resume trusts").
 """
 
 from __future__ import annotations
