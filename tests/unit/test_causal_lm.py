@@ -133,8 +133,10 @@ def test_the_paired_perplexity_interval():
         {"prune": {"method": "sparsegpt", "sparsity": 0.5}},
         {"quantize": {"method": "gptq", "bits": 4, "group_size": 32}},
         {"prune": {"method": "wanda", "sparsity": 0.5}, "quantize": {"method": "weight_only"}},
+        {"prune": {"method": "structured", "sparsity": 0.5}, "quantize": {"method": "gptq"}},
+        {"prune": {"method": "sparsegpt", "sparsity": 0.5, "pattern": "2:4"}},
     ],
-    ids=["sparsegpt", "gptq", "wanda+int8-weights"],
+    ids=["sparsegpt", "gptq", "wanda+int8-weights", "structured-gqa+gptq", "sparsegpt-2:4"],
 )
 def test_the_artifact_reloads_and_generates_the_same_tokens(tmp_path, compress):
     spec = _job(tmp_path, **compress)

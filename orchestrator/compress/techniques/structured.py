@@ -1,15 +1,20 @@
-"""Structured pruning: physically removes FFN neurons and attention heads from BERT-like and
-GPT-2-like transformer blocks, so the pruned model is smaller and faster with stock kernels.
+"""Structured pruning: physically removes FFN neurons and attention heads from BERT-like,
+GPT-2-like and Llama-like transformer blocks, so the pruned model is smaller and faster with
+stock kernels.
 
-Per block, ``round(sparsity * n)`` of the ``n`` FFN neurons and ``round(sparsity * heads)`` of
-the attention heads are removed (at least one of each is always kept):
+Per block, ``round(sparsity * n)`` of the ``n`` FFN neurons and ``round(sparsity * units)`` of
+the attention units are removed (at least one of each is always kept):
 
 * FFN neuron ``j``: row ``j`` of the up projection (BERT ``intermediate.dense``, GPT-2
-  ``mlp.c_fc`` column) and column ``j`` of the down projection (BERT ``output.dense``, GPT-2
-  ``mlp.c_proj`` row).
-* Head ``h``: its ``head_dim`` output rows of Q, K and V (GPT-2: the matching columns of each
-  third of the fused ``c_attn``) and its ``head_dim`` input columns of the attention output
-  projection (BERT ``attention.output.dense``, GPT-2 ``attn.c_proj`` rows).
+  ``mlp.c_fc`` column, Llama ``mlp.up_proj`` and ``mlp.gate_proj``) and column ``j`` of the down
+  projection (BERT ``output.dense``, GPT-2 ``mlp.c_proj`` row, Llama ``mlp.down_proj``).
+* Attention unit: a head, its ``head_dim`` output rows of Q, K and V (GPT-2: the matching
+  columns of each third of the fused ``c_attn``) and its ``head_dim`` input columns of the
+  attention output projection (BERT ``attention.output.dense``, GPT-2 ``attn.c_proj`` rows).
+  With grouped-query attention (Llama: ``num_key_value_groups`` query heads share each key /
+  value head) a unit is one key / value head with its query heads, so every query head left
+  still reads the key and value it was trained with; the Llama attention reads its head counts
+  from the projections' shapes.
 
 Importance of a unit (a neuron or a head) feeding a down projection ``W`` (columns ``W_u``):
 
@@ -51,7 +56,8 @@ __all__ = ["StructuredPrune", "prune_structured_", "rebuild_structure_", "struct
 SUPPORTED = (
     "BERT-like encoders (BERT, RoBERTa, ELECTRA, MiniLM...: blocks with attention.self.{query,"
     "key,value}, attention.output.dense, intermediate.dense, output.dense) and GPT-2-like decoders "
-    "(blocks with attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj as Conv1D)"
+    "(blocks with attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj as Conv1D) and Llama-like "
+    "decoders (self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj; grouped-query attention)"
 )
 
 Proj = nn.Linear | Conv1D
@@ -113,20 +119,39 @@ class _Block:
     """One transformer block's prunable parts, with qualified module names."""
 
     key: str  # "0", "1", ... in model order
-    arch: str  # bert | gpt2
+    arch: str  # bert | gpt2 | llama
     attn: nn.Module  # holds the head-count attributes the forward reads
-    qkv: list[tuple[str, Proj]]  # BERT: query, key, value; GPT-2: the fused c_attn
+    qkv: list[tuple[str, Proj]]  # BERT, Llama: query, key, value; GPT-2: the fused c_attn
     o: tuple[str, Proj]  # attention output projection (input = concatenated heads)
     up: tuple[str, Proj]  # FFN up projection
     down: tuple[str, Proj]  # FFN down projection
+    gate: tuple[str, Proj] | None = None  # Llama's gate projection, pruned with ``up``
 
     @property
     def head_dim(self) -> int:
-        return int(self.attn.attention_head_size if self.arch == "bert" else self.attn.head_dim)
+        if self.arch == "bert":
+            return int(self.attn.attention_head_size)
+        return int(self.attn.head_dim)
 
     @property
     def heads(self) -> int:
-        return int(self.attn.num_attention_heads if self.arch == "bert" else self.attn.num_heads)
+        """Query heads."""
+        if self.arch == "bert":
+            return int(self.attn.num_attention_heads)
+        if self.arch == "llama":
+            return int(_weight_oi(self.qkv[0][1]).shape[0]) // self.head_dim
+        return int(self.attn.num_heads)
+
+    @property
+    def group(self) -> int:
+        """Query heads per key/value head (grouped-query attention); 1 without it. A unit of
+        head pruning is a key/value head with its query heads: removing it keeps the grouping
+        every remaining query head relies on."""
+        return int(self.attn.num_key_value_groups) if self.arch == "llama" else 1
+
+    @property
+    def units(self) -> int:
+        return self.heads // self.group
 
     @property
     def ffn(self) -> int:
@@ -136,27 +161,42 @@ class _Block:
         return [*self.qkv, self.o]
 
     def ffn_modules(self) -> list[tuple[str, Proj]]:
-        return [self.up, self.down]
+        return [*([self.gate] if self.gate else []), self.up, self.down]
 
-    def head_rows(self, keep: list[int]) -> torch.Tensor:
-        """Output features of the Q/K/V projection(s) that belong to the heads ``keep``."""
+    def head_rows(self, keep: list[int]) -> list[torch.Tensor]:
+        """Per Q/K/V projection, its output features that belong to the units ``keep``."""
         d = self.head_dim
-        one = torch.cat([torch.arange(h * d, (h + 1) * d) for h in keep])
+        one = torch.cat([torch.arange(u * d, (u + 1) * d) for u in keep])
         if self.arch == "bert":
-            return one
+            return [one, one, one]
+        if self.arch == "llama":
+            return [self.head_cols(keep), one, one]
         width = self.heads * d  # GPT-2 c_attn output: [q | k | v], each heads * d wide
-        return torch.cat([one + part * width for part in range(3)])
+        return [torch.cat([one + part * width for part in range(3)])]
 
     def head_cols(self, keep: list[int]) -> torch.Tensor:
-        d = self.head_dim
-        return torch.cat([torch.arange(h * d, (h + 1) * d) for h in keep])
+        """Input features of the output projection (= query heads) of the units ``keep``."""
+        w = self.head_dim * self.group
+        return torch.cat([torch.arange(u * w, (u + 1) * w) for u in keep])
+
+    def keep_units(self, keep: list[int]) -> None:
+        for (_, m), rows in zip(self.qkv, self.head_rows(keep), strict=True):
+            _keep_outputs(m, rows)
+        _keep_inputs(self.o[1], self.head_cols(keep))
+        self.set_heads(len(keep) * self.group)
+
+    def keep_neurons(self, idx: torch.Tensor) -> None:
+        for _, m in [*([self.gate] if self.gate else []), self.up]:
+            _keep_outputs(m, idx)
+        _keep_inputs(self.down[1], idx)
 
     def set_heads(self, n: int) -> None:
-        """Update every attribute the attention forward reads (head_dim and scaling stay)."""
+        """Update every attribute the attention forward reads (head_dim and scaling stay; a
+        Llama attention reads its head count from the projections' shapes)."""
         if self.arch == "bert":
             self.attn.num_attention_heads = n
             self.attn.all_head_size = n * self.attn.attention_head_size
-        else:
+        elif self.arch == "gpt2":
             self.attn.num_heads = n
             self.attn.split_size = n * self.attn.head_dim
 
@@ -201,6 +241,22 @@ def _is_gpt2_block(m: nn.Module) -> bool:
     )
 
 
+def _is_llama_block(m: nn.Module) -> bool:
+    attn = _child(m, "self_attn")
+    if attn is None or not all(hasattr(attn, a) for a in ("head_dim", "num_key_value_groups")):
+        return False
+    parts = (
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    )
+    return all(isinstance(_child(m, p), nn.Linear) for p in parts)
+
+
 def _blocks(model: nn.Module) -> list[_Block]:
     out: list[_Block] = []
     for name, m in model.named_modules():
@@ -212,6 +268,10 @@ def _blocks(model: nn.Module) -> list[_Block]:
         elif _is_gpt2_block(m):
             arch, attn = "gpt2", _child(m, "attn")
             qkv, o, up, down = ["attn.c_attn"], "attn.c_proj", "mlp.c_fc", "mlp.c_proj"
+        elif _is_llama_block(m):
+            arch, attn = "llama", _child(m, "self_attn")
+            qkv = [f"self_attn.{p}_proj" for p in ("q", "k", "v")]
+            o, up, down = "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"
         else:
             continue
         out.append(
@@ -223,6 +283,9 @@ def _blocks(model: nn.Module) -> list[_Block]:
                 o=(pre + o, _child(m, o)),
                 up=(pre + up, _child(m, up)),
                 down=(pre + down, _child(m, down)),
+                gate=(pre + "mlp.gate_proj", _child(m, "mlp.gate_proj"))
+                if arch == "llama"
+                else None,
             )
         )
     if len({b.arch for b in out}) > 1:
@@ -428,8 +491,8 @@ def prune_structured_(
     if calib and cfg.sparsity > 0:
         targets: dict[str, tuple[Proj, int]] = {}
         for b, do_heads, do_ffn in plan:
-            if do_heads and _n_remove(cfg.sparsity, b.heads):
-                targets[b.o[0]] = (b.o[1], b.head_dim)
+            if do_heads and _n_remove(cfg.sparsity, b.units):
+                targets[b.o[0]] = (b.o[1], b.head_dim * b.group)
             if do_ffn and _n_remove(cfg.sparsity, b.ffn):
                 targets[b.down[0]] = (b.down[1], 1)
         if targets:
@@ -445,24 +508,25 @@ def prune_structured_(
 
 
 def _prune_heads(b: _Block, sparsity: float, st: _Stats | None) -> list[ModuleRow]:
-    n, d = b.heads, b.head_dim
+    """Remove ``round(sparsity * units)`` attention units: heads, or with grouped-query
+    attention whole key/value heads with their query heads."""
+    n, d, g = b.units, b.head_dim, b.group
+    heads = b.heads
     before = [(name, m, _shape(m), _params(m)) for name, m in b.head_modules()]
     remove = _n_remove(sparsity, n)
     if remove:
-        if b.arch == "bert":
-            w_v = _weight_oi(b.qkv[2][1])
-        else:
+        if b.arch == "gpt2":
             w_v = _weight_oi(b.qkv[0][1])[2 * n * d : 3 * n * d]
-        scores = _unit_scores(_weight_oi(b.o[1]), st, d, w_v)
+        else:
+            w_v = _weight_oi(b.qkv[2][1])
+        scores = _unit_scores(_weight_oi(b.o[1]), st, d * g, w_v)
         keep = _keep_top(scores, remove)
-        dropped = [h for h in range(n) if h not in keep]
+        dropped = [u for u in range(n) if u not in keep]
         _compensate_bias(b.o[1], st, b.head_cols(dropped))
-        rows_idx = b.head_rows(keep)
-        for _, m in b.qkv:
-            _keep_outputs(m, rows_idx)
-        _keep_inputs(b.o[1], b.head_cols(keep))
-        b.set_heads(len(keep))
-    details = {"heads_before": n, "heads_after": b.heads}
+        b.keep_units(keep)
+    details = {"heads_before": heads, "heads_after": b.heads}
+    if g > 1:
+        details.update(kv_heads_before=n, kv_heads_after=b.units)
     reason = "" if remove else f"sparsity {sparsity} removes no head of {n}"
     return [_row(name, m, shape, params, details, reason) for name, m, shape, params in before]
 
@@ -478,9 +542,7 @@ def _prune_ffn(b: _Block, sparsity: float, st: _Stats | None) -> list[ModuleRow]
         _compensate_bias(
             b.down[1], st, torch.tensor([j for j in range(n) if j not in kept], dtype=torch.long)
         )
-        idx = torch.tensor(keep, dtype=torch.long)
-        _keep_outputs(b.up[1], idx)
-        _keep_inputs(b.down[1], idx)
+        b.keep_neurons(torch.tensor(keep, dtype=torch.long))
     details = {"neurons_before": n, "neurons_after": b.ffn}
     reason = "" if remove else f"sparsity {sparsity} removes no neuron of {n}"
     return [_row(name, m, shape, params, details, reason) for name, m, shape, params in before]
@@ -527,17 +589,15 @@ def rebuild_structure_(model: nn.Module, structure: dict[str, Any]) -> None:
                 f"block {b.key} records {heads} heads / {ffn} FFN neurons; the model "
                 f"has {b.heads} / {b.ffn}"
             )
+        if heads % b.group:
+            raise mismatch(
+                f"block {b.key} records {heads} heads, not a multiple of its {b.group} query "
+                "heads per key/value head"
+            )
         if heads < b.heads:
-            keep = list(range(heads))
-            rows_idx = b.head_rows(keep)
-            for _, m in b.qkv:
-                _keep_outputs(m, rows_idx)
-            _keep_inputs(b.o[1], b.head_cols(keep))
-            b.set_heads(heads)
+            b.keep_units(list(range(heads // b.group)))
         if ffn < b.ffn:
-            idx = torch.arange(ffn)
-            _keep_outputs(b.up[1], idx)
-            _keep_inputs(b.down[1], idx)
+            b.keep_neurons(torch.arange(ffn))
 
 
 @register

@@ -357,3 +357,77 @@ def test_minilm_half_stays_close_and_calibration_helps(minilm):
     assert similarity["weights"] > 0.5
     assert similarity["calib"] > 0.5
     assert similarity["calib"] >= similarity["weights"]
+
+
+# --- a Llama with grouped-query attention: tiny-llama, 2 blocks, 4 query heads of 16 sharing 2
+# key/value heads, FFN 128 (gate and up), tied head ---------------------------------------------
+
+
+def _llama(tokenizer) -> nn.Module:
+    return build_model(
+        ModelConfig(name="tiny-llama"), 0, build_tokenizer(ModelConfig(name="tiny-llama")), seed=0
+    ).eval()
+
+
+def _lm_batch() -> dict[str, torch.Tensor]:
+    ids = torch.randint(1000, 2000, (2, 12), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def test_llama_units_are_key_value_heads_with_their_query_heads(tokenizer):
+    """A key/value head whose query heads write nothing (their output-projection columns
+    zeroed) scores 0 and goes first, as does an FFN neuron whose down column is zero: the
+    pruned model computes exactly what the model did, so every index (query rows, key / value
+    rows, output columns, gate and up rows) was taken from the right head and neuron. Sparsity
+    0 changes nothing."""
+    model = _llama(tokenizer)
+    batch = _lm_batch()
+    untouched = copy.deepcopy(model)
+    assert prune_structured_(untouched, StructuredPruneConfig(sparsity=0.0))
+    with torch.no_grad():
+        assert torch.equal(untouched(**batch).logits, model(**batch).logits)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[:, 32:64] = 0  # key/value head 1: query heads 2, 3
+            layer.mlp.down_proj.weight[:, ::2] = 0  # every other neuron
+        before = model(**batch).logits
+    rows = prune_structured_(model, StructuredPruneConfig(sparsity=0.5), calib=[batch])
+    attn = model.model.layers[0].self_attn
+    assert list(attn.q_proj.weight.shape) == [32, 64]  # 2 query heads of 16
+    assert list(attn.k_proj.weight.shape) == [16, 64] == list(attn.v_proj.weight.shape)
+    assert list(attn.o_proj.weight.shape) == [64, 32]
+    mlp = model.model.layers[0].mlp
+    assert mlp.gate_proj.weight.shape[0] == mlp.up_proj.weight.shape[0] == 64
+    assert list(mlp.down_proj.weight.shape) == [64, 64]
+    q_row = next(r for r in rows if r.name.endswith("layers.0.self_attn.q_proj"))
+    assert q_row.details == {
+        "heads_before": 4,
+        "heads_after": 2,
+        "kv_heads_before": 2,
+        "kv_heads_after": 1,
+    }
+    with torch.no_grad():
+        after = model(**batch).logits
+    assert torch.allclose(after, before, atol=1e-5)
+    # Decoding with a key/value cache sized by the pruned projections.
+    out = model.generate(batch["input_ids"][:1, :4], max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 8)
+
+
+def test_llama_structure_round_trip(tokenizer):
+    pruned = _llama(tokenizer)
+    prune_structured_(pruned, StructuredPruneConfig(sparsity=0.5), calib=[_lm_batch()])
+    structure = json.loads(json.dumps(structure_of(pruned)))
+    assert structure["arch"] == "llama"
+    assert structure["blocks"]["0"] == {"heads": 2, "ffn": 64}
+    fresh = _llama(tokenizer)
+    rebuild_structure_(fresh, structure)
+    fresh.load_state_dict(pruned.state_dict(), strict=True)
+    batch = _lm_batch()
+    with torch.no_grad():
+        assert torch.equal(pruned(**batch).logits, fresh(**batch).logits)
+    with pytest.raises(ConfigError, match="not a multiple"):
+        rebuild_structure_(
+            _llama(tokenizer),
+            {**structure, "blocks": {"0": {"heads": 3, "ffn": 64}, "1": {"heads": 2, "ffn": 64}}},
+        )
