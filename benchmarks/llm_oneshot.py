@@ -64,6 +64,8 @@ METHODS.update(
         "magnitude 2:4": {"prune": {"method": "magnitude", "sparsity": 0.5, "pattern": "2:4"}},
         "wanda 2:4": {"prune": {"method": "wanda", "sparsity": 0.5, "pattern": "2:4"}},
         "sparsegpt 2:4": {"prune": {"method": "sparsegpt", "sparsity": 0.5, "pattern": "2:4"}},
+        # One key/value head of 3 (with its 3 query heads) and a third of the FFN per block.
+        "structured 1/3": {"prune": {"method": "structured", "sparsity": 0.34}},
     }
 )
 
