@@ -259,16 +259,17 @@ def sparsegpt(
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
         h1 = hinv[i1:i2, i1:i2]
+        diag = torch.diag(h1).pow(2).unsqueeze(0)
         pruned = torch.zeros_like(w1, dtype=torch.bool)
         if n_m is None:
-            saliency = w1.pow(2) / torch.diag(h1).pow(2).unsqueeze(0)
+            saliency = w1.pow(2) / diag
             k = int(saliency.numel() * sparsity)
             if k > 0:
                 pruned.view(-1)[torch.topk(saliency.flatten(), k, largest=False).indices] = True
         for i in range(i2 - i1):
             if n_m is not None and i % n_m[1] == 0:
                 n, m = n_m
-                group = w1[:, i : i + m].pow(2) / torch.diag(h1)[i : i + m].pow(2).unsqueeze(0)
+                group = w1[:, i : i + m].pow(2) / diag[:, i : i + m]
                 drop = torch.topk(group, m - n, dim=1, largest=False).indices
                 pruned[:, i : i + m].scatter_(1, drop, True)
             x = w1[:, i]

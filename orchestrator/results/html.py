@@ -199,19 +199,18 @@ def _answer_rows(best: dict[str, Any], baseline: dict[str, float] | None) -> lis
         return "-" if v is None else f"{v:.2f}x {word}"
 
     score = q.metric.split("/", 1)[1]
-    loss = q.words.split()[-1]  # drop, increase
     rows = [
         row(
             f"validation {score}",
             q.metric,
             q.metric_fmt,
-            f"{loss} {row_drop_text(best)} {q.unit}",
+            f"{q.loss_word} {row_drop_text(best)} {q.unit}",
         ),
         row(
             f"test {score}",
             q.test_metric,
             q.metric_fmt,
-            f"{loss} {row_drop_text(best, 'test_')} {q.unit}",
+            f"{q.loss_word} {row_drop_text(best, 'test_')} {q.unit}",
         ),
         row(
             "size on disk (MB)",

@@ -6,6 +6,7 @@ instead of naming accuracy."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,8 +76,17 @@ class Quality:
     constraint: str  # the key of search.constraints that bounds it
     latency: str  # the latency perf/speedup compares
     latency_words: str
-    loss_of: Any  # (metrics, baseline, prefix, confidence) -> (loss, lo, hi)
-    bound_of: Any  # (metrics, confidence, prefix) -> one-sided upper bound, or None
+    # How the terminal and the report name things: the score ("acc"), the loss ("drop"), the
+    # loss in the line under the selected trial, the Pareto table's loss and latency columns.
+    abbrev: str
+    loss_word: str
+    held_words: str
+    loss_header: str
+    latency_header: str
+    # (metrics, baseline, prefix="eval", confidence=0.95) -> (loss, lo, hi)
+    loss: Callable[..., tuple[float | None, float | None, float | None]]
+    # (metrics, confidence, prefix="eval") -> the one-sided upper bound, or None
+    bound: Callable[..., float | None]
 
     @property
     def test_metric(self) -> str:
@@ -84,18 +94,6 @@ class Quality:
 
     def limit(self, search: SearchConfig) -> float | None:
         return getattr(search.constraints, self.constraint)
-
-    def loss(
-        self,
-        metrics: dict[str, float],
-        baseline: dict[str, float] | None,
-        prefix: str = "eval",
-        confidence: float = DEFAULT_CONFIDENCE,
-    ) -> tuple[float | None, float | None, float | None]:
-        return self.loss_of(metrics, baseline, prefix, confidence)
-
-    def bound(self, metrics: dict[str, float], confidence: float, prefix: str = "eval") -> Any:
-        return self.bound_of(metrics, confidence, prefix)
 
 
 ACCURACY_DROP = Quality(
@@ -107,8 +105,13 @@ ACCURACY_DROP = Quality(
     constraint="max_accuracy_drop",
     latency="perf/latency_ms_b32",
     latency_words="batch 32",
-    loss_of=accuracy_drop,
-    bound_of=drop_bound,
+    abbrev="acc",
+    loss_word="drop",
+    held_words="drop",
+    loss_header="drop",
+    latency_header="ms b32",
+    loss=accuracy_drop,
+    bound=drop_bound,
 )
 PERPLEXITY_INCREASE = Quality(
     metric="eval/perplexity",
@@ -119,8 +122,13 @@ PERPLEXITY_INCREASE = Quality(
     constraint="max_perplexity_increase",
     latency="perf/latency_ms_b1",
     latency_words="prefill of one block, batch 1",
-    loss_of=perplexity_increase,
-    bound_of=increase_bound,
+    abbrev="ppl",
+    loss_word="increase",
+    held_words="perplexity increase",
+    loss_header="ppl +%",
+    latency_header="ms prefill",
+    loss=perplexity_increase,
+    bound=increase_bound,
 )
 
 

@@ -28,7 +28,6 @@ from orchestrator.config.search import (
 )
 from orchestrator.results.pareto import pareto_front
 from orchestrator.results.quality import (
-    ACCURACY_DROP,
     confidence_of,
     quality_of,
     quality_of_columns,
@@ -406,8 +405,7 @@ def row_drop_text(row: dict[str, Any], prefix: str = "") -> str:
 def held_text(row: dict[str, Any]) -> str:
     """Whether a trial's quality constraint held on the test split, in words."""
     q = quality_of_columns(row)
-    word = "drop" if q is ACCURACY_DROP else q.words
-    loss = f"test {word} {row_drop_text(row, 'test_')} {q.unit}"
+    loss = f"test {q.held_words} {row_drop_text(row, 'test_')} {q.unit}"
     if row.get("held_on_test") is None:
         return loss
     verdict = "held on test" if row["held_on_test"] else "did not hold on test"
@@ -421,16 +419,15 @@ def format_pareto_table(table: pa.Table) -> str:
     rows = table.to_pylist()
     front = [r for r in rows if r.get("pareto")]
     q = quality_of_columns(table.column_names)
-    short = "drop" if q is ACCURACY_DROP else "ppl +%"
     head = [
         "trial",
         "recipe",
-        "eval acc" if q is ACCURACY_DROP else "eval ppl",
-        f"val {short} [95 % interval] <= bound",
-        f"test {short} [95 % interval]",
+        f"eval {q.abbrev}",
+        f"val {q.loss_header} [95 % interval] <= bound",
+        f"test {q.loss_header} [95 % interval]",
         "size MB",
         "x smaller",
-        "ms b32" if q is ACCURACY_DROP else "ms prefill",
+        q.latency_header,
         "speedup",
     ]
     body = []

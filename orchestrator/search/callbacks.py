@@ -20,7 +20,7 @@ from typing import Any
 
 from orchestrator.config.schema import JobSpec
 from orchestrator.config.search import SearchConfig
-from orchestrator.results.quality import ACCURACY_DROP, confidence_of, quality_of
+from orchestrator.results.quality import confidence_of, quality_of
 from orchestrator.results.table import (
     check_constraints,
     drop_text,
@@ -67,11 +67,10 @@ def finished_line(
     loss, lo, hi = q.loss(metrics, baseline, "eval", level)
     bound = None if search.constraints.confidence is None else q.bound(metrics, level)
     score = metrics.get(q.metric)
-    name_ = "val acc" if q is ACCURACY_DROP else "val ppl"
     parts = [
         f"trial {name} done {progress}:",
-        f"{name_} -" if score is None else f"{name_} {score:{q.metric_fmt}}",
-        f"({q.words.split()[-1]} {drop_text(loss, lo, hi, bound)} {q.unit})",
+        f"val {q.abbrev} -" if score is None else f"val {q.abbrev} {score:{q.metric_fmt}}",
+        f"({q.loss_word} {drop_text(loss, lo, hi, bound)} {q.unit})",
     ]
     for key, word in (("compress/size_ratio", "smaller"), ("perf/speedup", "faster")):
         if metrics.get(key) is not None:
