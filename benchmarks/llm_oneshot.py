@@ -10,6 +10,9 @@ model is written as an artifact, loaded back, and its perplexity on the held-out
 paired with the dense model's on the same blocks (``orchestrator.stats.PairedPerplexity``: the
 ratio and its 95 % interval).
 
+Activation-aware scaling (``activation_scaling``: AWQ-style before low-bit rounding,
+SmoothQuant-style before int8 kernels) is compared with the same methods without it.
+
 SmolLM2's weights went through 4-bit GGUF quantization (Q4_1: asymmetric groups of 32) once, so
 4-bit asymmetric groups of 32 would reproduce them almost exactly. The methods here are compared
 off that grid: symmetric groups of 64 and 192 at 4 and 3 bits.
@@ -47,6 +50,13 @@ for bits, group, symmetric in ((4, 64, True), (4, 64, False), (4, 192, False), (
                 **LINEARS,
             }
         }
+# The same with activation-aware scaling (AWQ-style) before rounding.
+for bits in (4, 3):
+    for name in ("rtn", "gptq"):
+        base = METHODS[f"{name} {bits}-bit g64 asym"]["quantize"]
+        METHODS[f"{name} {bits}-bit g64 asym + awq"] = {
+            "quantize": {**base, "activation_scaling": True}
+        }
 METHODS.update(
     {
         "gptq 4-bit g64 asym + int8 embeddings": {
@@ -57,6 +67,10 @@ METHODS.update(
                 "symmetric": False,
                 "embedding_bits": 8,
             }
+        },
+        "int8 kernels": {"quantize": {"method": "dynamic_int8", **LINEARS}},
+        "int8 kernels + smoothquant": {
+            "quantize": {"method": "dynamic_int8", "activation_scaling": True, **LINEARS}
         },
         "magnitude 50%": {"prune": {"method": "magnitude", "sparsity": 0.5}},
         "wanda 50%": {"prune": {"method": "wanda", "sparsity": 0.5}},

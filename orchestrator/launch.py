@@ -113,6 +113,19 @@ def check_task(spec: JobSpec) -> None:
     causal language model, anything else as a classifier), refused before anything runs."""
     if models.task_of(spec.model) != models.CAUSAL_LM:
         problems = _search_task_problems(spec, language_model=False)
+        quantize = spec.compress.quantize
+        # A named classifier is known to have no pre-norm decoder blocks; a folder's model is
+        # checked when it is compressed.
+        if quantize is not None and quantize.activation_scaling and spec.model.name is not None:
+            problems.append(
+                Problem(
+                    "compress.quantize.activation_scaling",
+                    True,
+                    f"{spec.model.name} has no pre-norm decoder blocks (Llama-style) whose "
+                    "inputs can be scaled: a post-norm encoder's norm also feeds its residual",
+                    "remove compress.quantize.activation_scaling",
+                )
+            )
         if problems:
             raise ConfigError(problems)
         return

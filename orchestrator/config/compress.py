@@ -398,6 +398,34 @@ class QuantizeMethod(SelectsModules):
         default=None,
         description="bit width of the Embedding tables, 2-8; default: the method's bit width",
     )
+    activation_scaling: bool = Field(
+        default=False,
+        description="before rounding, scale each Linear's input channels and fold the inverse "
+        "into the layer that produces them (pre-norm decoder blocks: Llama, Mistral, Qwen2): "
+        "AWQ-style (from mean |x|) for weight-only rounding, SmoothQuant-style (from max |x| "
+        "and max |w|) when inputs are quantized too (dynamic_int8, fake with activations); "
+        "the strength is searched per group on the calibration batches",
+    )
+    scaling_alpha: Annotated[float, Field(ge=0.0, le=1.0)] | None = Field(
+        default=None,
+        description="with activation_scaling: a fixed strength in [0, 1] for every group "
+        "instead of the searched one",
+    )
+
+    @model_validator(mode="after")
+    def _alpha_needs_scaling(self) -> QuantizeMethod:
+        if self.scaling_alpha is not None and not self.activation_scaling:
+            raise cross_field_error(
+                [
+                    (
+                        "scaling_alpha",
+                        self.scaling_alpha,
+                        "is set but activation_scaling is false, so nothing is scaled",
+                        "set activation_scaling: true, or remove scaling_alpha",
+                    )
+                ]
+            )
+        return self
 
 
 class AllocateBitsConfig(ConfigModel):

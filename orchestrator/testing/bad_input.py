@@ -121,6 +121,12 @@ CASES = [
         run_dir="debug-decoder-search",
     ),
     Case(
+        "activation-aware scaling on an encoder",
+        _train("compress.quantize={method: dynamic_int8, activation_scaling: true}"),
+        2,
+        ("compress.quantize.activation_scaling", "no pre-norm decoder blocks"),
+    ),
+    Case(
         "blocks longer than the decoder's context",
         _decoder("data.max_length=1024"),
         2,

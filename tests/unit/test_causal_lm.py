@@ -135,8 +135,16 @@ def test_the_paired_perplexity_interval():
         {"prune": {"method": "wanda", "sparsity": 0.5}, "quantize": {"method": "weight_only"}},
         {"prune": {"method": "structured", "sparsity": 0.5}, "quantize": {"method": "gptq"}},
         {"prune": {"method": "sparsegpt", "sparsity": 0.5, "pattern": "2:4"}},
+        {"quantize": {"method": "gptq", "bits": 3, "group_size": 32, "activation_scaling": True}},
     ],
-    ids=["sparsegpt", "gptq", "wanda+int8-weights", "structured-gqa+gptq", "sparsegpt-2:4"],
+    ids=[
+        "sparsegpt",
+        "gptq",
+        "wanda+int8-weights",
+        "structured-gqa+gptq",
+        "sparsegpt-2:4",
+        "awq+gptq",
+    ],
 )
 def test_the_artifact_reloads_and_generates_the_same_tokens(tmp_path, compress):
     spec = _job(tmp_path, **compress)

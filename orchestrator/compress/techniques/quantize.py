@@ -303,6 +303,55 @@ def _allocate(model: nn.Module, cfg: QuantizeConfig, ctx: Context) -> dict[str, 
     }
 
 
+def _scale_activations(
+    model: nn.Module, cfg: QuantizeConfig, ctx: Context
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Activation-aware scaling of the Linears about to be quantized (``compress.scaling``),
+    scored against the rounding each will get; the details per Linear for its report row, and
+    the manifest's record (each scaled group's strength, the groups left out and why). The
+    scales live in the weights themselves, so rebuilding needs nothing from it."""
+    from orchestrator.compress.scaling import decoder_groups, scale_activations_
+
+    key = "compress.quantize.activation_scaling"
+    if not ctx.calib:
+        raise ConfigError(
+            Problem(
+                key,
+                True,
+                "measures the inputs on calibration batches, and none were given",
+                "run it through orchestrator compress / train / search, which pass the job's "
+                "calibration batches",
+            )
+        )
+    if decoder_groups(model) == ([], []):
+        raise ConfigError(
+            Problem(
+                key,
+                True,
+                f"needs pre-norm decoder blocks (Llama-style: input_layernorm, self_attn, "
+                f"post_attention_layernorm, mlp), and this {type(model).__name__} has none",
+                "set activation_scaling: false for this model",
+            )
+        )
+    selected = {
+        n
+        for n, m, reason in quantizable(model, cfg, ctx.filter_fn)
+        if isinstance(m, nn.Linear) and not reason
+    }
+    args = linear_spec(cfg).as_args()
+    details, skipped = scale_activations_(
+        model,
+        ctx.calib,
+        lambda _name, w: fake_quantize(w, *args),
+        act_quant=_int8_kernels(cfg) or _activations(cfg),
+        selected=selected,
+        alpha=cfg.scaling_alpha,
+        agree=ctx.agree,
+    )
+    alphas = {d["scaled_by"]: d["scaling_alpha"] for d in details.values()}
+    return details, {"alphas": alphas, "skipped": dict(skipped)}
+
+
 class _Quantize(Technique):
     """What the three quantization methods share: training form, rebuild, storage."""
 
@@ -315,6 +364,9 @@ class _Quantize(Technique):
 
     def apply_(self, model: nn.Module, cfg: QuantizeConfig, ctx: Context) -> Applied:
         entry: dict[str, Any] = {}
+        scaled: dict[str, dict[str, Any]] = {}
+        if cfg.activation_scaling:
+            scaled, entry["activation_scaling"] = _scale_activations(model, cfg, ctx)
         layer_bits = None
         allocate = getattr(cfg, "allocate", None)
         if allocate is not None:
@@ -323,6 +375,7 @@ class _Quantize(Technique):
         details = self.prepare_(model, cfg, ctx, layer_bits or {})
         rows = apply_quantize_(model, cfg, filter_fn=ctx.filter_fn, layer_bits=layer_bits)
         for row in rows:
+            row.details.update(scaled.get(row.name, {}))
             row.details.update(details.get(row.name, {}))
         kinds = {r.name: type(model.get_submodule(r.name)).__name__ for r in rows if not r.skipped}
         tied = {r.name: r.details["tied_to"] for r in rows if "tied_to" in r.details}
