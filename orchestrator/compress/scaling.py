@@ -158,25 +158,40 @@ def _collect(
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Per group (keyed by its first consumer): mean |x| and max |x| per channel over every
     calibration token (padding excluded), and a seeded sample of ``tokens`` input rows."""
-    stats: dict[str, dict[str, Any]] = {}
     state: dict[str, Any] = {}
     per_batch = max(1, -(-tokens // max(1, len(calib))))
     gen = torch.Generator().manual_seed(0)
+    # Every buffer is made before the first forward and filled in place: small tensors kept
+    # from each forward, between that forward's freed activations, would keep the allocator
+    # from reusing them (measured: 3 GB more resident memory on SmolLM2 over 16 batches).
+    stats: dict[str, dict[str, Any]] = {}
+    for g in groups:
+        width = model.get_submodule(g.consumers[0]).in_features
+        stats[g.consumers[0]] = {
+            "sum": torch.zeros(width, dtype=torch.float64),
+            "max": torch.zeros(width),
+            "sample": torch.empty(tokens, width),
+            "n": 0,
+            "filled": 0,
+        }
 
     def hook_for(key: str) -> Callable:
         def hook(_m: nn.Module, args: tuple) -> None:
-            x = args[0].detach().float()
+            x = args[0].detach()
             mask = state.get("mask")
             if x.dim() == 3 and mask is not None and x.shape[:2] == mask.shape:
                 x = x[mask]
-            x = x.reshape(-1, x.shape[-1])
-            s = stats.setdefault(key, {"sum": 0.0, "n": 0, "max": None, "rows": []})
+            x = x.reshape(-1, x.shape[-1]).float()
+            s = stats[key]
             a = x.abs()
-            s["sum"] = s["sum"] + a.double().sum(0)
+            s["sum"].add_(a.sum(0).double().cpu())
             s["n"] += a.shape[0]
-            s["max"] = a.amax(0) if s["max"] is None else torch.maximum(s["max"], a.amax(0))
-            pick = torch.randperm(x.shape[0], generator=gen)[:per_batch]
-            s["rows"].append(x[pick.to(x.device)].cpu())
+            torch.maximum(s["max"], a.amax(0).cpu(), out=s["max"])
+            take = min(per_batch, x.shape[0], tokens - s["filled"])
+            if take > 0:
+                pick = torch.randperm(x.shape[0], generator=gen)[:take].to(x.device)
+                s["sample"][s["filled"] : s["filled"] + take].copy_(x[pick])
+                s["filled"] += take
             state["seen"].add(key)
             if len(state["seen"]) == len(groups):
                 raise _Stop  # every group has its input: the rest (the logits) is not needed
@@ -203,7 +218,7 @@ def _collect(
         k: {
             "mean": (s["sum"] / max(1, s["n"])).float(),
             "max": s["max"],
-            "sample": torch.cat(s["rows"])[:tokens],
+            "sample": s["sample"][: s["filled"]],
         }
         for k, s in stats.items()
     }
