@@ -121,8 +121,8 @@ def check_task(spec: JobSpec) -> None:
                 Problem(
                     "compress.quantize.activation_scaling",
                     True,
-                    f"{spec.model.name} has no pre-norm decoder blocks (Llama-style) whose "
-                    "inputs can be scaled: a post-norm encoder's norm also feeds its residual",
+                    f"{spec.model.name} has no Llama-style decoder blocks, whose norms and "
+                    "projections the scales are folded into",
                     "remove compress.quantize.activation_scaling",
                 )
             )

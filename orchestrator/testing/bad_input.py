@@ -124,7 +124,7 @@ CASES = [
         "activation-aware scaling on an encoder",
         _train("compress.quantize={method: dynamic_int8, activation_scaling: true}"),
         2,
-        ("compress.quantize.activation_scaling", "no pre-norm decoder blocks"),
+        ("compress.quantize.activation_scaling", "no Llama-style decoder blocks"),
     ),
     Case(
         "blocks longer than the decoder's context",
