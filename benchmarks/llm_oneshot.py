@@ -72,6 +72,12 @@ METHODS.update(
         "int8 kernels + smoothquant": {
             "quantize": {"method": "dynamic_int8", "activation_scaling": True, **LINEARS}
         },
+        # The search's int8 recipe: the tied table in 8 bits, so the output head runs on int8
+        # kernels too (its input, the final norm's output, is not scaled: the head's weight is
+        # the table).
+        "int8 kernels + smoothquant + int8 embeddings": {
+            "quantize": {"method": "dynamic_int8", "activation_scaling": True}
+        },
         "magnitude 50%": {"prune": {"method": "magnitude", "sparsity": 0.5}},
         "wanda 50%": {"prune": {"method": "wanda", "sparsity": 0.5}},
         "sparsegpt 50%": {"prune": {"method": "sparsegpt", "sparsity": 0.5}},
