@@ -17,7 +17,7 @@ real (MR sentences, BBC news articles), written as local files beforehand.
 Throughput is the median of the loop's own ``train/samples_per_s`` windows after the first
 (warm-up, autotuning); model FLOP utilisation uses the usual estimate, 6 x non-embedding
 parameters x tokens plus 12 x layers x hidden x tokens^2 for attention (Kaplan et al., PaLM
-appendix B), against one card's dense bf16 peak.
+appendix B; ``benchmarks/mfu.py``), against one card's dense bf16 peak.
 
 Run (repository root, packages and assets in place; see BENCHMARKS.md "GPU"):
     python benchmarks/gpu_loop.py --assets DIR [--peak-tflops 989] [--steps 120] [--out DIR]
@@ -38,9 +38,11 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
 import torch.distributed as dist
+from mfu import flops_per_example
 
 from orchestrator import loop
 from orchestrator.config import validate_job
@@ -82,34 +84,6 @@ def random_model_folder(src: Path, dst: Path, causal: bool) -> Path:
     return dst
 
 
-def flops_per_token(config, params: int, seq: int) -> float:
-    return 6 * params + 12 * config.num_hidden_layers * config.hidden_size * seq
-
-
-def tokens_and_params(spec, causal: bool) -> tuple[float, int, object]:
-    """Mean tokens per training sample (the loop pads a classifier's batch to its longest
-    sentence; a causal LM trains on packed blocks of data.max_length) and the parameters that
-    cost matrix work per token: all but the embedding lookups (a causal LM's tied output head
-    is a matrix product over the vocabulary, so its shared matrix counts)."""
-    from orchestrator import data as data_lib
-    from orchestrator import models
-
-    tok = models.build_tokenizer(spec.model)
-    task = models.task_of(spec.model)
-    bundle = data_lib.build(spec.data, tok, task)
-    lengths = [
-        b["input_ids"].shape[1]
-        for b in bundle.train_batches(spec.train.batch_size, 0, 1, spec.train.seed, 0)
-    ]
-    model = models.build_model(spec.model, bundle.num_labels, tok)
-    config = model.config
-    total = sum(p.numel() for p in model.parameters())
-    lookups = (
-        0 if causal else sum(p.numel() for n, p in model.named_parameters() if "embeddings" in n)
-    )
-    return statistics.mean(lengths), total - lookups, config
-
-
 def run_case(case, assets: Path, work: Path, steps: int, peak: float, device: torch.device) -> dict:
     name, model_dir, (data_file, limit), strategy, stage, precision, batch, max_len = case
     causal = model_dir == "smollm2"
@@ -147,9 +121,9 @@ def run_case(case, assets: Path, work: Path, steps: int, peak: float, device: to
     final = loop.run(spec, loop.WorkerContext(device=device, report=report))
     wall = time.perf_counter() - started
     rate = statistics.median(windows[1:] or windows)
-    seq, compute_params, config = tokens_and_params(spec, causal)
+    flops, seq = flops_per_example(spec)
     tokens_s = rate * seq
-    mfu = tokens_s * flops_per_token(config, compute_params, seq) / (peak * 1e12)
+    mfu = rate * flops / (peak * 1e12)
     return {
         "case": name,
         "samples_per_s": round(rate, 1),

@@ -19,8 +19,31 @@ import statistics
 from orchestrator import data as data_lib
 from orchestrator import models
 from orchestrator.config import load_job
+from orchestrator.config.schema import JobSpec
 
 LINE = re.compile(r"\[orchestrator\] step (\d+)/\d+ .*?([\d.]+) samples/s")
+
+
+def flops_per_example(spec: JobSpec) -> tuple[float, float]:
+    """Training FLOPs per example of ``spec``'s model on its data (the estimate above), and
+    the mean padded length of its training batches. Embedding lookups are not matrix work; a
+    language model's output head tied to its table is, so the table counts there."""
+    tok = models.build_tokenizer(spec.model)
+    bundle = data_lib.build(spec.data, tok, models.task_of(spec.model))
+    model = models.build_model(spec.model, bundle.num_labels, tok)
+    emb = sum(
+        p.numel()
+        for n, p in model.named_parameters()
+        if "embeddings" in n or "wte" in n or "wpe" in n
+    )
+    non_emb = sum(p.numel() for p in model.parameters()) - emb
+    cfg = model.config
+    lengths = [
+        b["input_ids"].shape[1]
+        for b in bundle.train_batches(spec.train.batch_size, 0, 1, spec.train.seed, 0)
+    ]
+    seq = statistics.mean(lengths)
+    return 6 * non_emb * seq + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq**2, seq
 
 
 def main() -> None:
@@ -40,22 +63,7 @@ def main() -> None:
     args = ap.parse_args()
 
     spec = load_job(args.job, args.override)
-    tok = models.build_tokenizer(spec.model)
-    bundle = data_lib.build(spec.data, tok)
-    model = models.build_model(spec.model, bundle.num_labels, tok)
-    emb = sum(
-        p.numel()
-        for n, p in model.named_parameters()
-        if "embeddings" in n or "wte" in n or "wpe" in n
-    )
-    non_emb = sum(p.numel() for p in model.parameters()) - emb
-    cfg = model.config
-    lengths = [
-        b["input_ids"].shape[1]
-        for b in bundle.train_batches(spec.train.batch_size, 0, 1, spec.train.seed, 0)
-    ]
-    seq = statistics.mean(lengths)
-    flops_per_example = 6 * non_emb * seq + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq**2
+    flops, seq = flops_per_example(spec)
 
     rates = [
         float(m.group(2))
@@ -65,10 +73,10 @@ def main() -> None:
     if not rates:
         raise SystemExit(f"no progress lines after step {args.warmup} in {args.log}")
     sps = statistics.mean(rates)
-    achieved = sps * flops_per_example
+    achieved = sps * flops
     print(
         f"{args.label}: {sps:.1f} samples/s | mean padded length {seq:.1f} | "
-        f"{flops_per_example / 1e9:.2f} GFLOP/example | {achieved / 1e12:.2f} TFLOP/s | "
+        f"{flops / 1e9:.2f} GFLOP/example | {achieved / 1e12:.2f} TFLOP/s | "
         f"MFU {100 * achieved / (args.peak_tflops * 1e12):.2f} % of {args.peak_tflops:g} TFLOP/s"
     )
 

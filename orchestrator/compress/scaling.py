@@ -246,19 +246,26 @@ def _scales(
     return s.clamp(min=1e-4, max=1e4)
 
 
+def _weights(model: nn.Module, g: Group) -> list[torch.Tensor]:
+    """The group's consumer weights in float32 (the Parameters themselves for a float32 model
+    on the CPU: no copy)."""
+    return [model.get_submodule(c).weight.detach().float().cpu() for c in g.consumers]
+
+
 @torch.no_grad()
 def _search(
-    names: list[str],
     weights: list[torch.Tensor],
     stat: dict[str, torch.Tensor],
     rounding: Rounding,
     act_quant: bool,
     alphas: tuple[float, ...],
+    names: list[str],
 ) -> tuple[float | None, float, float]:
-    """The best strength for one group: alpha (None: no scaling), its output error and the
-    error without scaling."""
+    """The best strength for one group: alpha (None: no scaling), its sampled output error
+    and the error without scaling, both relative to the outputs' energy."""
     x = stat["sample"]
     refs = [x @ w.T for w in weights]
+    energy = max(sum(float((ref**2).sum()) for ref in refs), 1e-30)
 
     def error(s: torch.Tensor | None) -> float:
         xs = x if s is None else x / s
@@ -268,7 +275,7 @@ def _search(
         for name, w, ref in zip(names, weights, refs, strict=True):
             q = rounding(name, w if s is None else w * s)
             total += float(((xs @ q.T - ref) ** 2).sum())
-        return total
+        return total / energy
 
     base = error(None)
     best: tuple[float | None, float] = (None, base)
@@ -325,11 +332,10 @@ def scale_activations_(
     alphas = ALPHAS if alpha is None else (alpha,)
     found: dict[str, tuple[float | None, float, float]] = {}
     for g in kept:
-        stat = {k: v.cpu() for k, v in stats[g.consumers[0]].items()}
-        weights = [model.get_submodule(c).weight.detach().float().cpu() for c in g.consumers]
-        a, err, base = _search(g.consumers, weights, stat, rounding, act_quant, alphas)
-        energy = max(sum(float(((stat["sample"] @ w.T) ** 2).sum()) for w in weights), 1e-30)
-        found[g.producer] = (a, err / energy, base / energy)
+        stat = stats[g.consumers[0]]
+        found[g.producer] = _search(
+            _weights(model, g), stat, rounding, act_quant, alphas, g.consumers
+        )
     # Every worker folds the same scales (a deterministic function of the statistics and
     # alpha): the alphas are the first worker's.
     choice = agree({k: v[0] for k, v in found.items()})
@@ -337,9 +343,7 @@ def scale_activations_(
     for g in kept:
         a = choice[g.producer]
         if a is not None:
-            stat = {k: v.cpu() for k, v in stats[g.consumers[0]].items()}
-            weights = [model.get_submodule(c).weight.detach().float().cpu() for c in g.consumers]
-            _fold(model, g, _scales(stat, weights, a, smooth=act_quant))
+            _fold(model, g, _scales(stats[g.consumers[0]], _weights(model, g), a, smooth=act_quant))
         _, err, base = found[g.producer]
         for c in g.consumers:
             details[c] = {

@@ -310,7 +310,7 @@ def _scale_activations(
     scored against the rounding each will get; the details per Linear for its report row, and
     the manifest's record (each scaled group's strength, the groups left out and why). The
     scales live in the weights themselves, so rebuilding needs nothing from it."""
-    from orchestrator.compress.scaling import decoder_groups, scale_activations_
+    from orchestrator.compress.scaling import scale_activations_
 
     key = "compress.quantize.activation_scaling"
     if not ctx.calib:
@@ -321,16 +321,6 @@ def _scale_activations(
                 "measures the inputs on calibration batches, and none were given",
                 "run it through orchestrator compress / train / search, which pass the job's "
                 "calibration batches",
-            )
-        )
-    if decoder_groups(model) == ([], []):
-        raise ConfigError(
-            Problem(
-                key,
-                True,
-                f"needs pre-norm decoder blocks (Llama-style: input_layernorm, self_attn, "
-                f"post_attention_layernorm, mlp), and this {type(model).__name__} has none",
-                "set activation_scaling: false for this model",
             )
         )
     selected = {
@@ -348,6 +338,16 @@ def _scale_activations(
         alpha=cfg.scaling_alpha,
         agree=ctx.agree,
     )
+    if not details and not skipped:  # no group found at all: nothing was done
+        raise ConfigError(
+            Problem(
+                key,
+                True,
+                f"needs pre-norm decoder blocks (Llama-style: input_layernorm, self_attn, "
+                f"post_attention_layernorm, mlp), and this {type(model).__name__} has none",
+                "set activation_scaling: false for this model",
+            )
+        )
     alphas = {d["scaled_by"]: d["scaling_alpha"] for d in details.values()}
     return details, {"alphas": alphas, "skipped": dict(skipped)}
 
