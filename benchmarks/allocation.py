@@ -1,16 +1,25 @@
-"""Mixed precision from a measured sensitivity profile against one bit width for every layer
-(issue #14), one-shot on the fine-tuned MiniLM-L6: weight-only group quantization of every
-Linear (group 64, embeddings at 8 bits in every row), either uniform at ``b`` bits or
-``compress.quantize.allocate`` with the widths 2, 3, 4 and 8 under a mean of ``b`` bits. Each
-row is measured on the reloaded artifact as a trial measures it: the mean bit width of the
-Linear weights, bytes on disk, and the accuracy drop on the validation and test splits paired
-with the dense model (95 % interval); for the allocated rows, the profile's cost.
+"""Per-layer allocation from a measured sensitivity profile against one setting for every layer
+(issue #14), one-shot on the fine-tuned MiniLM-L6, at equal size:
+
+- ``--family bits``: weight-only group quantization of every Linear (group 64, embeddings at 8
+  bits), uniform at ``b`` bits or ``compress.quantize.allocate`` with the widths 2, 3, 4 and 8
+  under a mean of ``b`` bits;
+- ``--family sparsity``: unstructured pruning of every Linear (``--prune-method`` magnitude or
+  wanda), uniform at ``s`` or ``compress.prune.allocate`` (sparsities 0 to 0.875 by eighths)
+  under a mean of ``s``;
+- ``--family rank``: SVD (``--factorize-method`` svd or asvd) of every Linear, uniform at rank
+  ratio ``r``, or ``compress.factorize.allocate`` (rank ratios 1/8 to 1/2, or dense) under the
+  fraction of the dense weights the uniform recipe keeps.
+
+Each row is measured on the reloaded artifact as a trial measures it: bytes on disk and the
+accuracy drop on the validation and test splits paired with the dense model (95 % interval);
+for the allocated rows, the profile's cost.
 
 The dense model is a MiniLM-L6 fine-tuned on the quickstart's data (``--dense``: a folder
 ``benchmarks/distill_recovery.py`` writes, by default /tmp/distill/dense).
 
-Run: python benchmarks/allocation.py [--dense /tmp/distill/dense] [--bits 2 3 4]
-     [--calib-batches 2] [--no-uniform]
+Run: python benchmarks/allocation.py [--family bits|sparsity|rank] [--levels 2 3 4]
+     [--dense /tmp/distill/dense] [--calib-batches 2] [--no-uniform]
 """
 
 from __future__ import annotations
@@ -25,18 +34,30 @@ from orchestrator.config.loader import load_job
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "jobs" / "quickstart.yaml"
-BASE = {"method": "weight_only", "granularity": "group", "group_size": 64, "embedding_bits": 8}
+BITS = {"method": "weight_only", "granularity": "group", "group_size": 64, "embedding_bits": 8}
 WIDTHS = [2, 3, 4, 8]
+DEFAULT_LEVELS = {"bits": [2.0, 2.5, 3.0, 4.0], "sparsity": [0.5, 0.6, 0.7], "rank": [0.25]}
+WHAT = {
+    "bits": "weight-only group-64 quantization of every Linear, 8-bit embeddings",
+    "sparsity": "unstructured pruning of every Linear, float weights",
+    "rank": "low-rank factorization of every Linear, float weights",
+}
 
 
-def _recipes(bits: list[float], calib_batches: int, uniform: bool) -> dict[str, dict[str, Any]]:
-    rows = {}
-    allocate = {"bits": WIDTHS, "calib_batches": calib_batches}
-    for b in bits:
-        if uniform and float(b).is_integer():
-            rows[f"uniform {b:g} bits"] = {**BASE, "bits": int(b)}
-        rows[f"allocated, mean {b:g} bits"] = {**BASE, "allocate": {**allocate, "avg_bits": b}}
-    return rows
+def _stage(family: str, level: float, allocated: bool, args: argparse.Namespace) -> dict:
+    """The compress section of one row (the rank budget is filled in from the uniform row)."""
+    calib = {"calib_batches": args.calib_batches}
+    if family == "bits":
+        if allocated:
+            return {"quantize": {**BITS, "allocate": {"bits": WIDTHS, "avg_bits": level, **calib}}}
+        return {"quantize": {**BITS, "bits": int(level)}}
+    if family == "sparsity":
+        prune = {"method": args.prune_method, "sparsity": level}
+        return {"prune": {**prune, "allocate": calib} if allocated else prune}
+    factorize = {"method": args.factorize_method}
+    if allocated:
+        return {"factorize": {**factorize, "allocate": {"param_ratio": level, **calib}}}
+    return {"factorize": {**factorize, "rank_ratio": level}}
 
 
 def _drop(m: dict[str, float], p: str) -> str:
@@ -46,51 +67,89 @@ def _drop(m: dict[str, float], p: str) -> str:
     )
 
 
+def _kept(report: Any) -> float:
+    """The fraction of the factorized stage's dense Linear weights its layers keep."""
+    rows = [r for r in report.modules if r.technique == "factorize"]
+    dense = sum(r.shape_before[0] * r.shape_before[1] for r in rows)
+    kept = sum(
+        r.shape_before[0] * r.shape_before[1]
+        if r.skipped
+        else r.shape_after[1] * (r.shape_before[0] + r.shape_before[1])
+        for r in rows
+    )
+    return kept / dense
+
+
+def _mean(family: str, level: float, allocation: dict | None, report: Any) -> str:
+    if family == "rank":
+        return f"{_kept(report):.3f} of the weights"
+    mean = allocation["mean"] if allocation else level
+    return f"{mean:.2f} bits" if family == "bits" else f"{mean:.3f} sparse"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", choices=sorted(WHAT), default="bits")
+    parser.add_argument(
+        "--levels",
+        nargs="*",
+        type=float,
+        help="mean bits / mean sparsities / uniform rank ratios (default per family)",
+    )
     parser.add_argument("--dense", type=Path, default=Path("/tmp/distill/dense"))
-    parser.add_argument("--bits", nargs="*", type=float, default=[2.0, 2.5, 3.0, 4.0])
+    parser.add_argument("--prune-method", choices=["magnitude", "wanda"], default="magnitude")
+    parser.add_argument("--factorize-method", choices=["svd", "asvd"], default="svd")
     parser.add_argument(
         "--calib-batches", type=int, default=2, help="batches the sensitivity is measured on"
     )
     parser.add_argument("--no-uniform", action="store_true", help="only the allocated rows")
     args = parser.parse_args()
-    base = load_job(JOB, {"model": {"path": str(args.dense)}, "compress": {"vocab": None}})
+    family = args.family
+    levels = args.levels or DEFAULT_LEVELS[family]
+    dense = {"model": {"path": str(args.dense)}}
+    base = load_job(JOB, {**dense, "compress": {"vocab": None}})
     tokenizer = models.build_tokenizer(base.model)
     bundle = data.build(base.data, tokenizer)
     print(
-        f"MiniLM-L6 fine-tuned on MR ({bundle.sizes}), one-shot weight-only group-64 "
-        f"quantization of every Linear, 8-bit embeddings; {base.compress.calib_batches} "
-        "calibration batches of the training split"
+        f"MiniLM-L6 fine-tuned on MR ({bundle.sizes}), one-shot {WHAT[family]}; "
+        f"{base.compress.calib_batches} calibration batches of the training split"
     )
     print(
-        "| recipe | mean Linear bits | MB on disk | val drop, points [95 %] "
-        "| test drop, points [95 %] | profile |"
+        "| recipe | mean | MB on disk | val drop, points [95 %] | test drop, points [95 %] "
+        "| profile |"
     )
     print("|---|---|---|---|---|---|")
-    for label, quantize in _recipes(args.bits, args.calib_batches, not args.no_uniform).items():
-        compress = {"vocab": None, "prune": None, "quantize": quantize}
-        spec = load_job(JOB, {"model": {"path": str(args.dense)}, "compress": compress})
-        calib = finalize.calibration_batches(spec, bundle)
-        model, report = finalize.build_compressed(spec, bundle, tokenizer, calib)
-        step = next(s for s in report.steps if s.config.stage == "quantize")
-        allocation = step.entry.get("allocation")
-        with tempfile.TemporaryDirectory() as tmp:
-            m = finalize.finalize(spec, model, report, bundle, tokenizer, Path(tmp) / "model")
-        if allocation:
-            p = allocation["profile"]
-            mean = allocation["mean_bits"]
-            cost = (
-                f"{p['seconds']:.0f} s ({len(p['layers'])} layers x {len(p['bits'])} widths x "
-                f"{p['batches']} batches)"
+    for level in levels:
+        budget = level
+        for allocated in (False, True):
+            if not allocated and (args.no_uniform or (family == "bits" and level % 1)):
+                continue
+            compress = {"vocab": None, "prune": None, "quantize": None}
+            compress.update(_stage(family, budget, allocated, args))
+            spec = load_job(JOB, {**dense, "compress": compress})
+            calib = finalize.calibration_batches(spec, bundle)
+            model, report = finalize.build_compressed(spec, bundle, tokenizer, calib)
+            allocation = next(
+                (s.entry["allocation"] for s in report.steps if "allocation" in s.entry), None
             )
-        else:
-            mean, cost = float(quantize["bits"]), "-"
-        print(
-            f"| {label} | {mean:.2f} | {m['compress/size_bytes'] / 1e6:.2f} | {_drop(m, 'eval')} "
-            f"| {_drop(m, 'test')} | {cost} |",
-            flush=True,
-        )
+            with tempfile.TemporaryDirectory() as tmp:
+                m = finalize.finalize(spec, model, report, bundle, tokenizer, Path(tmp) / "model")
+            if family == "rank" and not allocated:
+                budget = round(_kept(report), 4)  # the allocation gets the same size
+            cost = "-"
+            if allocation:
+                p = allocation["profile"]
+                cost = (
+                    f"{p['seconds']:.0f} s ({len(p['layers'])} layers x {len(p['values'])} "
+                    f"settings x {p['batches']} batches)"
+                )
+            label = f"{'allocated' if allocated else 'uniform'} {family} {level:g}"
+            print(
+                f"| {label} | {_mean(family, level, allocation, report)} "
+                f"| {m['compress/size_bytes'] / 1e6:.2f} | {_drop(m, 'eval')} "
+                f"| {_drop(m, 'test')} | {cost} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

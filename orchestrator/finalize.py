@@ -66,6 +66,7 @@ def build_compressed(
         tokenizer=tokenizer,
         token_counts=(lambda: bundle.token_counts("train")) if tokenizer is not None else None,
         agree=agree,
+        cache_dir=data_lib.cache_root(spec.data) / "sensitivity",
     )
     return model, report
 

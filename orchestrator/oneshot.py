@@ -12,7 +12,7 @@ from orchestrator.errors import ConfigError, Problem
 from orchestrator.files import write_atomic
 from orchestrator.finalize import build_compressed, calibration_batches, finalize
 from orchestrator.results.plot import render_sensitivity_png
-from orchestrator.results.report import allocation_in
+from orchestrator.results.report import allocations_in
 
 
 def compress_job(spec: JobSpec) -> dict:
@@ -38,8 +38,8 @@ def compress_job(spec: JobSpec) -> dict:
     folder.push("model")  # to storage, when output.dir is a URI
     out = {"job": spec.name, **report.to_dict()}
     folder.write_text("compress_report.json", json.dumps(out, indent=2))
-    allocation = allocation_in(out["steps"])
-    if allocation is not None:  # mixed precision: the heatmap of the sensitivity profile
-        write_atomic(folder.local / "sensitivity.png", render_sensitivity_png(allocation))
+    allocations = allocations_in(out["steps"])
+    if allocations:  # per-layer allocation: the heatmaps of the sensitivity profiles
+        write_atomic(folder.local / "sensitivity.png", render_sensitivity_png(allocations))
         folder.push("sensitivity.png")
     return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -103,11 +104,12 @@ def compress_(
     tokenizer: Any = None,
     token_counts: Callable[[], dict[int, int]] | None = None,
     agree: Callable[[Any], Any] | None = None,
+    cache_dir: Path | None = None,
 ) -> CompressionReport:
     """Apply ``spec`` to ``model`` in place (training form). ``calib`` batches feed Wanda, ASVD,
     structured importance, block similarity, allocation and SQNR; ``total_steps`` sizes a
     gradual pruning schedule; ``tokenizer`` and ``token_counts`` (the training split's) feed
-    vocabulary trimming; ``agree``: see ``Context.agree``."""
+    vocabulary trimming; ``agree``, ``cache_dir``: see ``Context``."""
     report = CompressionReport()
     params_before = param_count(model)
     targets = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
@@ -119,6 +121,7 @@ def compress_(
         tokenizer=tokenizer,
         token_counts=token_counts,
         **({"agree": agree} if agree is not None else {}),
+        cache_dir=cache_dir,
     )
     for cfg in spec.techniques():
         technique = technique_for(cfg)

@@ -1,30 +1,37 @@
-"""Per-layer sensitivity and allocation under a budget (mixed precision,
-``compress.quantize.allocate``).
+"""Per-layer sensitivity and allocation under a budget: mixed precision
+(``compress.quantize.allocate``), per-layer sparsity (``compress.prune.allocate``) and per-layer
+rank (``compress.factorize.allocate``).
 
-**Profile.** For each selected Linear and each candidate bit width, the layer's weight alone is
-replaced by its quantized-dequantized value (the method's granularity, group size and symmetry)
-and the model's outputs on calibration batches are compared with the unchanged model's: the
-mean KL divergence ``KL(p_dense || p_changed)`` of the output distributions (softmax of the
-logits), per example, in nats. One forward pass per (layer, bit width) per batch; layers are
-independent, so the cost grows as layers x bit widths x batches (``Profile.seconds`` records
-it).
+**Profile.** For each selected Linear and each candidate setting (a bit width, a sparsity, a
+rank ratio), the layer's weight alone is replaced by what that setting makes of it (quantized
+and dequantized; pruned; the low-rank product) and the model's outputs on calibration batches
+are compared with the unchanged model's: the mean KL divergence ``KL(p_dense || p_changed)`` of
+the output distributions (softmax of the logits), per example, in nats. One forward pass per
+(layer, setting) per batch; layers are independent, so the cost grows as layers x settings x
+batches (``Profile.seconds`` records it).
 
-**Allocation.** Choose one bit width per layer to minimise the sum of the layers' KL under the
-budget ``sum(params_i * bits_i) <= avg_bits * sum(params_i)``. Summing per-layer losses is the
-usual additive approximation (HAWQ, NVIDIA ModelOpt's AutoQuantize make the same one); given
-it, the choice is a multiple-choice knapsack, solved exactly by dynamic programming over the
-budget in units of the greatest common divisor of the layers' sizes (a BERT-size model has a
-few hundred units). When that grid would exceed ``MAX_UNITS`` the costs are rounded up to a
-coarser grid, which can only under-use the budget, never exceed it.
+**Allocation.** Choose one setting per layer to minimise the sum of the layers' KL under a
+budget on a cost that adds over layers: bits (``sum(params_i * bits_i)``), kept weights
+(``sum(params_i * (1 - sparsity_i))``), parameters after factorization. Summing per-layer
+losses is the usual additive approximation (HAWQ, NVIDIA ModelOpt's AutoQuantize make the same
+one); given it, the choice is a multiple-choice knapsack, solved exactly by dynamic programming
+over the budget in units of the greatest common divisor of the costs (a BERT-size model has a
+few hundred to a few thousand units). When that grid would exceed ``MAX_UNITS`` the costs are
+rounded up to a coarser grid, which can only under-use the budget, never exceed it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 from functools import reduce
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,23 +39,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from orchestrator.compress.common import forward_eval
-from orchestrator.compress.qtensor import fake_quantize
+from orchestrator.errors import ConfigError, Problem
+from orchestrator.files import write_atomic
 
 Batch = dict[str, torch.Tensor]
 MAX_UNITS = 200_000  # budget grid of the exact allocation (units; see the module doc)
+# A layer's candidate weights for each setting: made once per layer (an SVD is shared by all
+# of its ranks), then asked for each setting in turn.
+Variants = Callable[[str, nn.Linear], Callable[[float], torch.Tensor]]
 
 
 @dataclass
 class Profile:
     """``kl[i][j]``: mean KL divergence (nats per example) of the model's outputs when only
-    layer ``layers[i]`` is quantized to ``bits[j]`` bits."""
+    layer ``layers[i]`` is changed by ``setting`` = ``values[j]`` (``bits``, ``sparsity``,
+    ``rank_ratio``). ``seconds``: what measuring it cost; ``cached``: read back instead."""
 
     layers: list[str]
     params: list[int]
-    bits: list[int]
+    setting: str
+    values: list[float]
     kl: list[list[float]]
     batches: int
     seconds: float
+    cached: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,87 +81,203 @@ def _kl(ref_logp: torch.Tensor, logits: torch.Tensor) -> float:
     )
 
 
+def _digest(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    layers: Sequence[tuple[str, nn.Linear]],
+    setting: str,
+    values: Sequence[float],
+    recipe: str,
+) -> str:
+    """A hash of everything a profile depends on: every tensor of the model (an earlier
+    technique's change included), the calibration batches, the layers, the settings and
+    ``recipe`` (how a setting changes a weight)."""
+    h = hashlib.blake2b(digest_size=20)
+    h.update(json.dumps([[n for n, _ in layers], setting, list(values), recipe]).encode())
+    h.update(tensors_digest(model.state_dict()).encode())
+    h.update(batches_digest(batches).encode())
+    return h.hexdigest()
+
+
+def tensors_digest(tensors: dict[str, Any]) -> str:
+    """A hash of named tensors: names, dtypes, shapes and bytes."""
+    h = hashlib.blake2b(digest_size=20)
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor):
+            t = t.detach().cpu().contiguous()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def batches_digest(batches: Sequence[Batch]) -> str:
+    """A hash of calibration batches."""
+    named = {f"{i}.{k}": v for i, b in enumerate(batches) for k, v in sorted(b.items())}
+    return tensors_digest(named)
+
+
 @torch.no_grad()
-def profile_bits(
+def profile(
     model: nn.Module,
     layers: Sequence[tuple[str, nn.Linear]],
-    bits: Sequence[int],
-    quantize_args: Callable[[int], tuple[int, str, int, bool]],
+    setting: str,
+    values: Sequence[float],
+    variants: Variants,
     batches: Sequence[Batch],
+    *,
+    cache_dir: Path | None = None,
+    recipe: str = "",
 ) -> Profile:
-    """The sensitivity of ``model`` to each layer of ``layers`` at each of ``bits``;
-    ``quantize_args(b)``: the ``fake_quantize`` arguments for ``b`` bits. The model is left as
-    it was."""
+    """The sensitivity of ``model`` to each layer of ``layers`` at each of ``values``;
+    ``variants(name, layer)(value)``: the layer's weight under that setting (``None`` for a
+    setting that leaves it as it is, which costs no forward pass). The model is left as it
+    was. With ``cache_dir``, a profile measured before on the same model, batches, layers and
+    settings (``recipe``: what else the variants depend on) is read back instead."""
+    path = None
+    if cache_dir is not None:
+        key = _digest(model, batches, layers, setting, values, recipe)
+        path = Path(cache_dir) / f"{setting}-{key}.json"
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            return Profile(**{**json.loads(path.read_text()), "cached": True})
     start = time.perf_counter()
     refs = [F.log_softmax(_logits(model, b), -1) for b in batches]
     table = []
-    for _, layer in layers:
+    for name, layer in layers:
         original = layer.weight.data
+        make = variants(name, layer)
         row = []
         try:
-            for b in bits:
-                layer.weight.data = fake_quantize(original, *quantize_args(b))
+            for value in values:
+                layer.weight.data = original  # each setting starts from the layer as it is
+                weight = make(value)
+                if weight is None:
+                    row.append(0.0)
+                    continue
+                layer.weight.data = weight.to(original.dtype)
                 pairs = zip(refs, batches, strict=True)
                 kls = [_kl(ref, _logits(model, batch)) for ref, batch in pairs]
                 row.append(max(0.0, sum(kls) / len(kls)))
         finally:
             layer.weight.data = original
         table.append(row)
-    return Profile(
+    prof = Profile(
         layers=[n for n, _ in layers],
         params=[int(m.weight.numel()) for _, m in layers],
-        bits=list(bits),
+        setting=setting,
+        values=[float(v) for v in values],
         kl=table,
         batches=len(batches),
         seconds=time.perf_counter() - start,
     )
+    if path is not None:
+        with contextlib.suppress(OSError):  # a cache that cannot be written is only slower
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, json.dumps(prof.to_json()))
+    return prof
 
 
-def allocate_bits(profile: Profile, avg_bits: float) -> dict[str, int]:
-    """The bit width of each layer that minimises the summed KL with a mean bit width (weighted
-    by the layers' sizes) of at most ``avg_bits``. Raises ``ValueError`` when even the
-    smallest bit width everywhere exceeds the budget."""
-    params = profile.params
-    if not params:
-        return {}
-    unit = reduce(math.gcd, params)
-    total_units = sum(p // unit for p in params) * max(profile.bits)
-    if total_units > MAX_UNITS:
-        unit = math.ceil(sum(params) * max(profile.bits) / MAX_UNITS)
-    budget = math.floor(avg_bits * sum(params) / unit + 1e-9)
-    costs = [[math.ceil(p * b / unit) for b in profile.bits] for p in params]
-    if sum(min(c) for c in costs) > budget:
-        raise ValueError(
-            f"a mean of {avg_bits:g} bits is below what the smallest width, "
-            f"{min(profile.bits)} bits, on every layer needs"
+def calibration_for(calib: Sequence[Batch] | None, key: str, value: Any) -> Sequence[Batch]:
+    """``calib``, or the error naming the allocation ``key`` that needed it."""
+    if not calib:
+        raise ConfigError(
+            Problem(
+                key,
+                value,
+                "measures each layer's sensitivity on calibration batches, and none were given",
+                "run it through orchestrator compress / train / search, which pass the job's "
+                "calibration batches",
+            )
         )
+    return calib
+
+
+def exact(x: float) -> Fraction:
+    """``x`` as the fraction a user meant by it (0.3 is 3/10, not the nearest binary float)."""
+    return Fraction(x).limit_denominator(10_000)
+
+
+def allocate(
+    prof: Profile, costs: Sequence[Sequence[Fraction]], budget: Fraction
+) -> dict[str, float]:
+    """The setting of each layer that minimises the summed KL with a summed cost of at most
+    ``budget``; ``costs[i][j]``: what layer i costs at ``prof.values[j]``. Raises
+    ``ValueError`` when even the cheapest setting of every layer exceeds the budget."""
+    if not prof.layers:
+        return {}
+    scale = reduce(math.lcm, (c.denominator for row in costs for c in row), budget.denominator)
+    ints = [[int(c * scale) for c in row] for row in costs]
+    unit = reduce(math.gcd, (c for row in ints for c in row if c), 0) or 1
+    if sum(max(row) for row in ints) // unit > MAX_UNITS:
+        unit = math.ceil(sum(max(row) for row in ints) / MAX_UNITS)
+    units = [[math.ceil(c / unit) for c in row] for row in ints]
+    room = min(math.floor(budget * scale / unit), sum(max(row) for row in units))
+    if sum(min(row) for row in units) > room:
+        raise ValueError("the budget is below what the cheapest setting of every layer needs")
     inf = math.inf
     # best[u]: least summed KL of the layers so far using at most u units.
-    best = torch.zeros(budget + 1, dtype=torch.float64)
+    best = torch.zeros(room + 1, dtype=torch.float64)
     choices = []
-    for layer_costs, layer_kl in zip(costs, profile.kl, strict=True):
+    for layer_units, layer_kl in zip(units, prof.kl, strict=True):
         new = torch.full_like(best, inf)
-        pick = torch.full((budget + 1,), -1, dtype=torch.int64)
-        for j, (c, kl) in enumerate(zip(layer_costs, layer_kl, strict=True)):
-            if c > budget:
+        pick = torch.full((room + 1,), -1, dtype=torch.int64)
+        for j, (c, kl) in enumerate(zip(layer_units, layer_kl, strict=True)):
+            if c > room:
                 continue
             cand = torch.full_like(best, inf)
-            cand[c:] = best[: budget + 1 - c] + kl
+            cand[c:] = best[: room + 1 - c] + kl
             better = cand < new
             new = torch.where(better, cand, new)
             pick = torch.where(better, torch.full_like(pick, j), pick)
         best = new
         choices.append(pick)
     # Walk back from the whole budget.
-    u = budget
-    picked = [0] * len(params)
-    for i in range(len(params) - 1, -1, -1):
+    u = room
+    picked = [0] * len(prof.layers)
+    for i in range(len(prof.layers) - 1, -1, -1):
         picked[i] = int(choices[i][u])
-        u -= costs[i][picked[i]]
-    return {name: profile.bits[j] for name, j in zip(profile.layers, picked, strict=True)}
+        u -= units[i][picked[i]]
+    return {name: prof.values[j] for name, j in zip(prof.layers, picked, strict=True)}
 
 
-def mean_bits(profile: Profile, choice: dict[str, int]) -> float:
-    """The size-weighted mean bit width of ``choice`` over the profile's layers."""
-    sized = zip(profile.layers, profile.params, strict=True)
-    return sum(p * choice[n] for n, p in sized) / max(sum(profile.params), 1)
+def weighted_mean(prof: Profile, choice: dict[str, float]) -> float:
+    """The size-weighted mean setting of ``choice`` over the profile's layers (mean bits, mean
+    sparsity)."""
+    sized = zip(prof.layers, prof.params, strict=True)
+    return sum(p * choice[n] for n, p in sized) / max(sum(prof.params), 1)
+
+
+def allocate_bits(prof: Profile, avg_bits: float) -> dict[str, float]:
+    """The widths with a size-weighted mean of at most ``avg_bits``."""
+    costs = [[p * exact(b) for b in prof.values] for p in prof.params]
+    try:
+        return allocate(prof, costs, exact(avg_bits) * sum(prof.params))
+    except ValueError:
+        raise ValueError(
+            f"a mean of {avg_bits:g} bits is below what the smallest width, "
+            f"{min(prof.values):g} bits, on every layer needs"
+        ) from None
+
+
+def allocate_sparsity(prof: Profile, sparsity: float) -> dict[str, float]:
+    """The sparsities with a size-weighted mean of at least ``sparsity``: at most
+    ``(1 - sparsity)`` of the weights kept."""
+    costs = [[p * (1 - exact(s)) for s in prof.values] for p in prof.params]
+    try:
+        return allocate(prof, costs, (1 - exact(sparsity)) * sum(prof.params))
+    except ValueError:
+        raise ValueError(
+            f"a mean sparsity of {sparsity:g} is above what the largest candidate, "
+            f"{max(prof.values):g}, on every layer reaches"
+        ) from None
+
+
+def allocation_record(prof: Profile, choice: dict[str, float], budget: float) -> dict[str, Any]:
+    """What the manifest and the report keep of an allocation: the setting of each layer, its
+    size-weighted mean, the budget, the profile."""
+    return {
+        "setting": prof.setting,
+        "choice": choice,
+        "mean": weighted_mean(prof, choice),
+        "budget": budget,
+        "profile": prof.to_json(),
+    }

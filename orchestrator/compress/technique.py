@@ -27,6 +27,7 @@ import importlib
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -67,6 +68,10 @@ class Context:
     # measured floats, where a near-tie could fall either way): the first worker's, on all.
     # Identity in a single process.
     agree: Callable[[Any], Any] = lambda value: value
+    # Where measured sensitivity profiles are kept, by the hash of everything they depend on
+    # (the model's weights, the calibration batches, the layers and settings): trials of a
+    # search that profile the same model at other budgets measure it once. None: not kept.
+    cache_dir: Path | None = None
 
 
 @dataclass

@@ -38,6 +38,45 @@ class TechniqueConfig(ConfigModel):
     method: str
 
 
+def candidate_problems(
+    values_key: str, values: list[float], budget_key: str, budget: float | None, what: str
+) -> list[tuple[str, Any, str, str]]:
+    """An allocation's candidates listed once each, and a mean ``budget`` (None: none to
+    check) that some choice of them reaches."""
+    problems: list[tuple[str, Any, str, str]] = []
+    if len(set(values)) != len(values):
+        problems.append((values_key, values, f"lists a {what} twice", f"list each {what} once"))
+    if budget is not None and values:
+        lo, hi = min(values), max(values)
+        if not lo - 1e-9 <= budget <= hi + 1e-9:
+            problems.append(
+                (
+                    budget_key,
+                    budget,
+                    f"no allocation of {sorted(set(values))} averages {budget:g} (every layer "
+                    f"at {lo:g} averages {lo:g}, every layer at {hi:g} averages {hi:g})",
+                    f"set {budget_key} between {lo:g} and {hi:g}, or add candidates to "
+                    f"{values_key}",
+                )
+            )
+    return problems
+
+
+def _plain(value: Any) -> Any:
+    """A sub-section's value as the job wrote it (a dict), for an error message."""
+    return value.model_dump() if isinstance(value, ConfigModel) else value
+
+
+def _calib_batches_field() -> Any:
+    return Field(
+        default=2,
+        ge=1,
+        le=1024,
+        description="calibration batches the sensitivity is measured on (the first of "
+        "compress.calib_batches)",
+    )
+
+
 class SelectsModules(TechniqueConfig):
     """A technique applied to the modules ``include`` / ``exclude`` select."""
 
@@ -244,13 +283,64 @@ class UnstructuredPruneMethod(PruneMethod):
         return self
 
 
-class MagnitudePruneConfig(UnstructuredPruneMethod):
+class AllocateSparsityConfig(ConfigModel):
+    """Per-layer sparsities under a mean-sparsity budget (``compress.prune.sparsity``), from a
+    measured sensitivity profile (``orchestrator.compress.sensitivity``)."""
+
+    sparsities: list[Annotated[float, Field(ge=0.0, lt=1.0)]] = Field(
+        default_factory=lambda: [0.0, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875],
+        min_length=1,
+        description="the sparsities a Linear may get, each in [0, 1)",
+    )
+    calib_batches: int = _calib_batches_field()
+
+
+class AllocatesSparsity(UnstructuredPruneMethod):
+    """An unstructured method whose sparsity may be allocated per layer."""
+
+    allocate: AllocateSparsityConfig | None = Field(
+        default=None,
+        description="per-layer sparsity: each Linear gets one of allocate.sparsities, chosen to "
+        "lose the least (the measured KL divergence of the model's outputs on calibration data "
+        "when only that layer is pruned) with compress.prune.sparsity as the mean over the "
+        "pruned weights",
+    )
+
+    @model_validator(mode="after")
+    def _allocation_fits(self) -> AllocatesSparsity:
+        if self.allocate is None:
+            return self
+        problems = candidate_problems(
+            "allocate.sparsities", self.allocate.sparsities, "sparsity", self.sparsity, "sparsity"
+        )
+        for key, value, fine, why in (
+            ("schedule", self.schedule, "oneshot", "the allocation is measured and made once"),
+            ("scope", self.scope, "layer", "global scope is itself one threshold for all layers"),
+            ("pattern", self.pattern, None, "an N:M pattern fixes every layer's sparsity"),
+        ):
+            if value != fine:
+                problems.append(
+                    (
+                        key,
+                        value,
+                        f"cannot be combined with compress.prune.allocate: {why}",
+                        f"remove compress.prune.allocate, or set compress.prune.{key}={fine}"
+                        if fine is not None
+                        else "remove one of them",
+                    )
+                )
+        if problems:
+            raise cross_field_error(problems)
+        return self
+
+
+class MagnitudePruneConfig(AllocatesSparsity):
     """Unstructured pruning of the smallest |W| (saves bytes, not time: no sparse kernel)."""
 
     method: Literal["magnitude"] = "magnitude"
 
 
-class WandaPruneConfig(UnstructuredPruneMethod):
+class WandaPruneConfig(AllocatesSparsity):
     """Unstructured pruning by |W| x ||X|| on calibration inputs (Wanda, Sun et al. 2023)."""
 
     method: Literal["wanda"] = "wanda"
@@ -330,22 +420,55 @@ class StructuredPruneConfig(PruneMethod):
 # factorize
 
 
+class AllocateRankConfig(ConfigModel):
+    """Per-layer ranks under a parameter budget, from a measured sensitivity profile
+    (``orchestrator.compress.sensitivity``)."""
+
+    rank_ratios: list[Annotated[float, Field(gt=0.0, lt=1.0)]] = Field(
+        default_factory=lambda: [0.125, 0.25, 0.375, 0.5],
+        min_length=1,
+        description="the ranks a Linear may get, as fractions of min(in, out), each in (0, 1); "
+        "a layer may also stay dense",
+    )
+    param_ratio: float = Field(
+        gt=0.0,
+        le=1.0,
+        description="budget: the selected Linears' weights after factorization, as a fraction "
+        "of their dense count, (0, 1]",
+    )
+    calib_batches: int = _calib_batches_field()
+
+    @model_validator(mode="after")
+    def _once_each(self) -> AllocateRankConfig:
+        problems = candidate_problems("rank_ratios", self.rank_ratios, "", None, "rank ratio")
+        if problems:
+            raise cross_field_error(problems)
+        return self
+
+
 class FactorizeMethod(SelectsModules):
     """Low-rank factorization of Linear layers into two thinner Linears (W ~ U V)."""
 
     stage: ClassVar[str] = "factorize"
     default_method: ClassVar[str] = "svd"
     # At most one of these may be given on the command line over a job that sets another.
-    exclusive: ClassVar[tuple[str, ...]] = ("rank", "rank_ratio", "energy")
+    exclusive: ClassVar[tuple[str, ...]] = ("rank", "rank_ratio", "energy", "allocate")
 
     rank: Annotated[int, Field(ge=1)] | None = Field(
-        default=None, description="fixed rank per layer, >= 1 (exclusive with rank_ratio, energy)"
+        default=None,
+        description="fixed rank per layer, >= 1 (exclusive with rank_ratio, energy, allocate)",
     )
     rank_ratio: Annotated[float, Field(gt=0.0, le=1.0)] | None = Field(
         default=None, description="rank as a fraction of min(in, out), (0, 1]"
     )
     energy: Annotated[float, Field(gt=0.0, le=1.0)] | None = Field(
         default=None, description="smallest rank keeping this fraction of sum(sigma^2), (0, 1]"
+    )
+    allocate: AllocateRankConfig | None = Field(
+        default=None,
+        description="per-layer rank: each Linear gets one of allocate.rank_ratios or stays "
+        "dense, chosen to lose the least (the measured KL divergence of the model's outputs on "
+        "calibration data when only that layer is factorized) under allocate.param_ratio",
     )
 
     @model_validator(mode="after")
@@ -356,9 +479,9 @@ class FactorizeMethod(SelectsModules):
                 [
                     (
                         given[1] if len(given) > 1 else "rank",
-                        getattr(self, given[1]) if len(given) > 1 else None,
-                        "exactly one of compress.factorize.rank, rank_ratio, energy must be set"
-                        + (f" (got {', '.join(given)})" if given else ""),
+                        _plain(getattr(self, given[1])) if len(given) > 1 else None,
+                        "exactly one of compress.factorize.rank, rank_ratio, energy, allocate "
+                        "must be set" + (f" (got {', '.join(given)})" if given else ""),
                         "keep one, e.g. compress.factorize.rank_ratio=0.25",
                     )
                 ]
@@ -442,33 +565,11 @@ class AllocateBitsConfig(ConfigModel):
         description="budget: the mean bit width of the Linear weights, weighted by their "
         "sizes (scales not counted), between the smallest and largest of bits",
     )
-    calib_batches: int = Field(
-        default=2,
-        ge=1,
-        le=1024,
-        description="calibration batches the sensitivity is measured on (the first of "
-        "compress.calib_batches)",
-    )
+    calib_batches: int = _calib_batches_field()
 
     @model_validator(mode="after")
     def _budget_reachable(self) -> AllocateBitsConfig:
-        problems = []
-        if len(set(self.bits)) != len(self.bits):
-            problems.append(
-                ("bits", self.bits, "lists a bit width twice", "list each bit width once")
-            )
-        lo, hi = min(self.bits), max(self.bits)
-        if not lo <= self.avg_bits <= hi:
-            problems.append(
-                (
-                    "avg_bits",
-                    self.avg_bits,
-                    f"no allocation of the bit widths {sorted(set(self.bits))} averages "
-                    f"{self.avg_bits:g} bits (every layer at {lo} bits averages {lo}, every layer "
-                    f"at {hi} bits {hi})",
-                    f"set avg_bits between {lo} and {hi}, or add bit widths to bits",
-                )
-            )
+        problems = candidate_problems("bits", self.bits, "avg_bits", self.avg_bits, "bits")
         if problems:
             raise cross_field_error(problems)
         return self
@@ -603,19 +704,21 @@ class CompressConfig(ConfigModel):
 
     @model_validator(mode="after")
     def _allocation_data(self) -> CompressConfig:
-        allocate = getattr(self.quantize, "allocate", None)
-        if allocate is not None and allocate.calib_batches > self.calib_batches:
-            raise cross_field_error(
-                [
+        problems = []
+        for stage in ("prune", "factorize", "quantize"):
+            allocate = getattr(getattr(self, stage), "allocate", None)
+            if allocate is not None and allocate.calib_batches > self.calib_batches:
+                problems.append(
                     (
-                        "quantize.allocate.calib_batches",
+                        f"{stage}.allocate.calib_batches",
                         allocate.calib_batches,
                         f"is more than the {self.calib_batches} calibration batches "
                         "(compress.calib_batches)",
                         f"set it to at most {self.calib_batches}, or raise compress.calib_batches",
                     )
-                ]
-            )
+                )
+        if problems:
+            raise cross_field_error(problems)
         return self
 
     def techniques(self) -> list[TechniqueConfig]:

@@ -157,7 +157,7 @@ def _read_file(path: Path, spec: DataConfig, key: str, labels: bool = True) -> d
             builder,
             data_files=str(path),
             split="train",
-            cache_dir=str(_cache_root(spec) / "hf"),
+            cache_dir=str(cache_root(spec) / "hf"),
             **kwargs,
         )
     except Exception as e:  # datasets raises many types for a malformed file
@@ -296,7 +296,8 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("ORCHESTRATOR_CACHE", "~/.cache/orchestrator")).expanduser() / "data"
 
 
-def _cache_root(spec: DataConfig) -> Path:
+def cache_root(spec: DataConfig) -> Path:
+    """The folder the job's caches live in (``data.cache_dir``, or the default)."""
     return Path(spec.cache_dir).expanduser() if spec.cache_dir else default_cache_dir()
 
 
@@ -402,7 +403,7 @@ def build(
                 "use a text corpus (e.g. data.name=bbc_news) or your own text files",
             )
         )
-    cache = _cache_root(spec) / _cache_key(spec, tokenizer, task)
+    cache = cache_root(spec) / _cache_key(spec, tokenizer, task)
     pad = 0 if tokenizer is None else int(tokenizer.pad_token_id)
     if (cache / "meta.json").is_file():
         meta = json.loads((cache / "meta.json").read_text())

@@ -395,7 +395,7 @@ def render_html(
     sensitivity_png: bytes | None = None,
 ) -> str:
     """The whole page as a string (the caller writes it atomically). ``sensitivity_png``: the
-    selected recipe's per-layer allocation heatmap, when it allocated bit widths."""
+    selected recipe's per-layer allocation heatmaps, when it allocated any."""
     rows = table.to_pylist()
     q = quality_of(search)
     counts = status_counts(table)
@@ -415,11 +415,11 @@ def render_html(
     if sensitivity_png is not None:
         data = base64.b64encode(sensitivity_png).decode("ascii")
         body.append(
-            "<h2>Per-layer bit widths of the selected recipe</h2><p>Each Linear's measured "
+            "<h2>Per-layer allocation of the selected recipe</h2><p>Each Linear's measured "
             "sensitivity (KL divergence of the model's outputs on calibration data with only "
-            "that layer quantized) at each candidate width; outlined, the width it got under "
-            'the budget.</p><img id="sensitivity-plot" alt="sensitivity per layer and bit '
-            f'width" src="data:image/png;base64,{data}">'
+            "that layer changed) at each candidate bit width, sparsity or rank; outlined, the "
+            'one it got under the budget.</p><img id="sensitivity-plot" alt="sensitivity per '
+            f'layer and setting" src="data:image/png;base64,{data}">'
         )
     body.append("<h2>The search</h2>")
     body += _status_section(counts, running, notes, search, str(run_dir))

@@ -221,31 +221,51 @@ def render_pareto_png(
     return _png(fig)
 
 
-def render_sensitivity_png(allocation: dict[str, Any], title: str = "", dpi: int = 110) -> bytes:
-    """The sensitivity profile of a mixed-precision allocation as a layers x bit widths
-    heatmap (log10 of the KL divergence of the outputs with only that layer quantized), the
-    width each layer got outlined. ``allocation``: as ``compress_report.json`` records it
-    (``layer_bits``, ``profile``)."""
+# How a setting's candidates are labelled on the heatmap's columns.
+SETTING_LABELS = {
+    "bits": lambda v: f"{v:g} bits",
+    "sparsity": lambda v: f"{v:.0%} sparse",
+    "rank_ratio": lambda v: "dense" if v >= 1 else f"rank {v:g}",
+}
+SETTING_NAMES = {"bits": "bits", "sparsity": "sparsity", "rank_ratio": "weights kept"}
+
+
+def render_sensitivity_png(
+    allocations: list[dict[str, Any]], title: str = "", dpi: int = 110
+) -> bytes:
+    """The sensitivity profiles of per-layer allocations (mixed precision, sparsity, rank), one
+    layers x candidates heatmap each, side by side (log10 of the KL divergence of the outputs
+    with only that layer changed), the setting each layer got outlined. ``allocations``: as
+    ``compress_report.json`` records them (``setting``, ``choice``, ``mean``, ``profile``)."""
     import numpy as np
 
-    profile, chosen = allocation["profile"], allocation["layer_bits"]
-    layers, bits = profile["layers"], profile["bits"]
-    kl = np.maximum(np.asarray(profile["kl"], dtype=float), 1e-9)
-    fig = Figure(figsize=(2.2 + 1.1 * len(bits), 1.2 + 0.22 * len(layers)), dpi=dpi)
+    height = max(len(a["profile"]["layers"]) for a in allocations)
+    widths = [len(a["profile"]["values"]) for a in allocations]
+    fig = Figure(figsize=(2.2 * len(allocations) + 1.1 * sum(widths), 1.4 + 0.22 * height), dpi=dpi)
     FigureCanvasAgg(fig)
     fig.set_layout_engine("constrained")
-    ax = fig.subplots()
-    image = ax.imshow(np.log10(kl), aspect="auto", cmap="viridis_r")
-    ax.set_xticks(range(len(bits)), [f"{b} bits" for b in bits])
-    ax.set_yticks(range(len(layers)), layers, fontsize=7)
-    for i, name in enumerate(layers):
-        j = bits.index(chosen[name])
-        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor=RING, linewidth=1.8))
-    fig.colorbar(image, ax=ax, label="log10 KL of the outputs (nats)")
-    ax.set_title(
-        title
-        or f"sensitivity per layer; outlined: the allocation, mean "
-        f"{allocation['mean_bits']:.2f} bits",
-        fontsize=9,
-    )
+    axes = fig.subplots(1, len(allocations), squeeze=False, width_ratios=widths)[0]
+    for ax, allocation in zip(axes, allocations, strict=True):
+        profile, chosen = allocation["profile"], allocation["choice"]
+        setting, layers, values = allocation["setting"], profile["layers"], profile["values"]
+        kl = np.asarray(profile["kl"], dtype=float)
+        # An unchanged layer (0 bits lost, a dense layer) drawn a decade below the least change.
+        kl = np.maximum(kl, kl[kl > 0].min() / 10 if (kl > 0).any() else 1e-9)
+        image = ax.imshow(np.log10(kl), aspect="auto", cmap="viridis_r")
+        label = SETTING_LABELS.get(setting, lambda v: f"{v:g}")
+        ax.set_xticks(range(len(values)), [label(v) for v in values], rotation=30, fontsize=7)
+        ax.set_yticks(range(len(layers)), layers, fontsize=7)
+        for i, name in enumerate(layers):
+            j = values.index(chosen[name])
+            ax.add_patch(
+                Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor=RING, linewidth=1.8)
+            )
+        fig.colorbar(image, ax=ax, label="log10 KL of the outputs (nats)")
+        mean = allocation.get("param_ratio", allocation["mean"])
+        ax.set_title(
+            f"{SETTING_NAMES.get(setting, setting)}: mean {mean:.3g} (budget "
+            f"{allocation['budget']:.3g})",
+            fontsize=9,
+        )
+    fig.suptitle(title or "sensitivity per layer; outlined: the allocation", fontsize=10)
     return _png(fig)

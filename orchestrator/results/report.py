@@ -66,19 +66,19 @@ def _run_dir_error(run_dir: Path, message: str, fix: str) -> ConfigError:
     return ConfigError(Problem("RUN_DIR", str(run_dir), message, fix), source="run directory")
 
 
-def allocation_in(steps: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The mixed-precision allocation (``layer_bits``, ``mean_bits``, ``profile``) among a
-    compress report's ``steps``, or None."""
-    return next((s["entry"]["allocation"] for s in steps if "allocation" in s["entry"]), None)
+def allocations_in(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The per-layer allocations (sparsity, rank, bit widths: ``setting``, ``choice``, ``mean``,
+    ``profile``) among a compress report's ``steps``, in stage order."""
+    return [s["entry"]["allocation"] for s in steps if "allocation" in s["entry"]]
 
 
-def allocation_of(folder: Path) -> dict[str, Any] | None:
-    """``allocation_in`` of the ``compress_report.json`` in ``folder``; None also when there is
-    no readable report."""
+def allocations_of(folder: Path) -> list[dict[str, Any]]:
+    """``allocations_in`` of the ``compress_report.json`` in ``folder``; none also when there
+    is no readable report."""
     try:
-        return allocation_in(json.loads((folder / "compress_report.json").read_text())["steps"])
+        return allocations_in(json.loads((folder / "compress_report.json").read_text())["steps"])
     except (OSError, ValueError, TypeError, KeyError):
-        return None
+        return []
 
 
 def read_run(
@@ -145,7 +145,7 @@ def write_report(
     best = best_trial(table, search)
     front = table.filter(table.column("pareto"))
     png = render_pareto_png(table, run.baseline, title=f"{run.spec.name}: compression search")
-    allocation = None if best is None else allocation_of(run.run_dir / "trials" / best["trial"])
+    allocations = [] if best is None else allocations_of(run.run_dir / "trials" / best["trial"])
     counts = status_counts(table)
     notes = list(run.notes)
     if counts["done"] and best is None:
@@ -158,7 +158,7 @@ def write_report(
         table=table,
         baseline=run.baseline,
         png=png,
-        sensitivity_png=None if allocation is None else render_sensitivity_png(allocation),
+        sensitivity_png=render_sensitivity_png(allocations) if allocations else None,
         best=best,
         notes=notes,
         running=running,

@@ -147,7 +147,7 @@ def allocation_worker(rank: int, world: int, job: dict) -> tuple[dict, dict]:
     entry = next(s.entry for s in report.steps if s.config.stage == "quantize")["allocation"]
     own = allocate_bits(Profile(**entry["profile"]), spec.compress.quantize.allocate.avg_bits)
     dist.barrier()
-    return entry["layer_bits"], own
+    return entry["choice"], {n: int(b) for n, b in own.items()}
 
 
 def test_workers_apply_the_first_workers_allocation(tmp_path: Path) -> None:

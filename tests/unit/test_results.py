@@ -366,12 +366,15 @@ def test_the_selected_recipes_allocation_is_drawn(tmp_path: Path) -> None:
     write_report(run)
     assert 'id="sensitivity-plot"' not in (run / "report.html").read_text()
     allocation = {
-        "layer_bits": {"a": 2, "b": 8},
-        "mean_bits": 5.0,
+        "setting": "bits",
+        "choice": {"a": 2, "b": 8},
+        "mean": 5.0,
+        "budget": 5.0,
         "profile": {
             "layers": ["a", "b"],
             "params": [10, 10],
-            "bits": [2, 8],
+            "setting": "bits",
+            "values": [2, 8],
             "kl": [[0.01, 0.001], [0.5, 0.002]],
             "batches": 1,
             "seconds": 0.1,
@@ -381,7 +384,7 @@ def test_the_selected_recipes_allocation_is_drawn(tmp_path: Path) -> None:
     (run / "trials" / "t_a" / "compress_report.json").write_text(json.dumps(report))
     assert write_report(run).best == "t_a"
     page = (run / "report.html").read_text()
-    assert '<img id="sensitivity-plot"' in page and "Per-layer bit widths" in page
+    assert '<img id="sensitivity-plot"' in page and "Per-layer allocation" in page
 
 
 def test_write_report_without_baseline_or_finished_trials(tmp_path: Path) -> None:

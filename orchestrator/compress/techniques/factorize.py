@@ -12,6 +12,9 @@ saved weights load."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +30,7 @@ from orchestrator.compress.common import (
 )
 from orchestrator.compress.technique import Applied, Context, Technique, register
 from orchestrator.config.compress import AsvdConfig, FactorizeMethod, SvdConfig
+from orchestrator.errors import ConfigError, Problem
 
 FactorizeConfig = FactorizeMethod
 
@@ -63,34 +67,69 @@ def choose_rank(sigma: torch.Tensor, cfg: FactorizeConfig, in_f: int, out_f: int
     )
 
 
+@dataclass
+class Decomposition:
+    """The (whitened, for asvd) SVD of one weight, from which any rank's factors follow."""
+
+    u: torch.Tensor
+    sigma: torch.Tensor
+    vh: torch.Tensor
+    chol: torch.Tensor | None  # L of the calibration inputs' X^T X = L L^T, or None
+
+    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(up, down), float64: ``up @ down`` is the best rank-``rank`` approximation."""
+        root = self.sigma[:rank].sqrt()
+        down = root.unsqueeze(1) * self.vh[:rank]
+        if self.chol is not None:
+            # Undo the whitening on the input side: W ~ U S V^T L^-1.
+            down = torch.linalg.solve_triangular(self.chol, down, upper=False, left=False)
+        return self.u[:, :rank] * root.unsqueeze(0), down
+
+
 @torch.no_grad()
-def factorize_linear(
-    linear: nn.Linear, cfg: FactorizeConfig, gram: torch.Tensor | None
-) -> tuple[LowRankLinear | None, int, str]:
-    """The factorized replacement of ``linear`` (or None and why not), and the rank chosen.
-    ``gram``: the calibration inputs' X^T X for the activation-aware variant."""
-    w = linear.weight.detach().double()
-    out_f, in_f = w.shape
+def decompose(weight: torch.Tensor, gram: torch.Tensor | None) -> Decomposition:
+    """The SVD of ``weight`` (out x in), of ``weight @ L`` with ``gram`` (asvd)."""
+    w = weight.detach().double()
+    in_f = w.shape[1]
+    chol = None
     if gram is not None:
         g = gram.to(w.device).double()
         g = g + GRAM_DAMPING * g.diagonal().mean().clamp_min(1e-12) * torch.eye(in_f, dtype=g.dtype)
         chol = torch.linalg.cholesky(g)  # lower triangular L, g = L L^T
-    else:
-        chol = None
     u, sigma, vh = torch.linalg.svd(w @ chol if chol is not None else w, full_matrices=False)
-    rank = choose_rank(sigma, cfg, in_f, out_f)
-    if rank * (in_f + out_f) >= in_f * out_f:
+    return Decomposition(u, sigma, vh, chol)
+
+
+def saves(rank: int, in_f: int, out_f: int) -> bool:
+    """Whether rank-``rank`` factors have fewer parameters than the dense weight."""
+    return rank * (in_f + out_f) < in_f * out_f
+
+
+def ratio_rank(ratio: float, in_f: int, out_f: int) -> int:
+    """The rank ``ratio`` of min(in, out) stands for, at least 1."""
+    full = min(in_f, out_f)
+    return max(1, min(full, int(round(ratio * full))))
+
+
+@torch.no_grad()
+def factorize_linear(
+    linear: nn.Linear, cfg: FactorizeConfig, gram: torch.Tensor | None, rank: int | None = None
+) -> tuple[LowRankLinear | None, int, str]:
+    """The factorized replacement of ``linear`` (or None and why not), and the rank chosen
+    (``rank``: this one instead of the config's rule). ``gram``: the calibration inputs' X^T X
+    for the activation-aware variant."""
+    out_f, in_f = linear.weight.shape
+    dec = decompose(linear.weight, gram)
+    if rank is None:
+        rank = choose_rank(dec.sigma, cfg, in_f, out_f)
+    if not saves(rank, in_f, out_f):
         reason = f"rank {rank} would not save parameters: {rank}x({in_f}+{out_f}) >= {in_f}x{out_f}"
         return None, rank, reason
-    root = sigma[:rank].sqrt()
-    down = root.unsqueeze(1) * vh[:rank]
-    if chol is not None:
-        # Undo the whitening on the input side: W ~ U S V^T L^-1.
-        down = torch.linalg.solve_triangular(chol, down, upper=False, left=False)
+    up, down = dec.factors(rank)
     new = LowRankLinear(in_f, out_f, rank, bias=linear.bias is not None).to(
         device=linear.weight.device, dtype=linear.weight.dtype
     )
-    new.up.weight.copy_(u[:, :rank] * root.unsqueeze(0))
+    new.up.weight.copy_(up)
     new.down.weight.copy_(down)
     if linear.bias is not None:
         new.up.bias.copy_(linear.bias)
@@ -110,6 +149,20 @@ def factorize_(
     filter_fn: FilterFn | None = None,
 ) -> list[ModuleRow]:
     """Replace each selected Linear by a LowRankLinear, in place. Returns one row per layer."""
+    return factorize_allocated_(model, cfg, calib=calib, filter_fn=filter_fn)[0]
+
+
+def factorize_allocated_(
+    model: nn.Module,
+    cfg: FactorizeConfig,
+    *,
+    calib: list[dict[str, torch.Tensor]] | None = None,
+    filter_fn: FilterFn | None = None,
+    agree: Callable[[Any], Any] = lambda value: value,
+    cache_dir: Path | None = None,
+) -> tuple[list[ModuleRow], dict[str, Any] | None]:
+    """``factorize_``, and with ``cfg.allocate`` the allocation's record (the rank ratio of
+    each layer, 1 for the layers it keeps dense)."""
     modules = select_modules(
         model, cfg.include, cfg.exclude, (nn.Linear,), "compress.factorize", filter_fn=filter_fn
     )
@@ -120,11 +173,23 @@ def factorize_(
         if not calib:
             raise ValueError("asvd factorization needs calibration batches")
         grams = collect_input_stats(model, modules, calib, gram=True)
+    allocation, ranks = None, {}
+    if cfg.allocate is not None:
+        allocation = _allocate(model, cfg, modules, grams, calib, agree, cache_dir)
+        ranks = {
+            n: ratio_rank(r, m.in_features, m.out_features) if r < 1 else None
+            for n, m in modules
+            for r in (allocation["choice"][n],)
+        }
     rows = []
     for name, linear in modules:
-        new, rank, reason = factorize_linear(linear, cfg, grams[name] if grams else None)
-        before = param_count(linear)
         shape = list(linear.weight.shape)
+        before = param_count(linear)
+        if allocation is not None and ranks[name] is None:
+            new, rank, reason = None, min(shape), "kept dense by the allocation"
+        else:
+            gram = grams[name] if grams else None
+            new, rank, reason = factorize_linear(linear, cfg, gram, ranks.get(name))
         if new is not None:
             set_module(model, name, new)
         rows.append(
@@ -141,7 +206,91 @@ def factorize_(
                 details={"rank": rank, "method": cfg.method},
             )
         )
-    return rows
+    return rows, allocation
+
+
+def _allocate(
+    model: nn.Module,
+    cfg: FactorizeConfig,
+    modules: list[tuple[str, nn.Linear]],
+    grams: dict[str, torch.Tensor] | None,
+    calib: list[dict[str, torch.Tensor]] | None,
+    agree: Callable[[Any], Any],
+    cache_dir: Path | None,
+) -> dict[str, Any]:
+    """Each layer's rank ratio (1: dense) with the factorized weights at most
+    ``allocate.param_ratio`` of the dense ones, from the model's measured sensitivity to
+    factorizing that layer alone (``compress.sensitivity``)."""
+    from orchestrator.compress.sensitivity import (
+        allocate,
+        allocation_record,
+        batches_digest,
+        calibration_for,
+        exact,
+        profile,
+    )
+
+    spec = cfg.allocate
+    key = "compress.factorize.allocate"
+    batches = calibration_for(calib, key, spec.model_dump())
+    values = sorted(set(spec.rank_ratios) | {1.0})
+
+    def rank_of(layer: nn.Linear, ratio: float) -> int | None:
+        """The rank ``ratio`` gives ``layer``, None where it stays dense."""
+        rank = ratio_rank(ratio, layer.in_features, layer.out_features)
+        return rank if ratio < 1 and saves(rank, layer.in_features, layer.out_features) else None
+
+    def variants(name: str, layer: nn.Linear) -> Callable[[float], torch.Tensor | None]:
+        dec = decompose(layer.weight, grams[name] if grams else None)
+
+        def low_rank(ratio: float) -> torch.Tensor | None:
+            rank = rank_of(layer, ratio)
+            if rank is None:
+                return None
+            up, down = dec.factors(rank)
+            return up @ down
+
+        return low_rank
+
+    prof = profile(
+        model,
+        modules,
+        "rank_ratio",
+        values,
+        variants,
+        batches[: spec.calib_batches],
+        cache_dir=cache_dir,
+        # asvd's whitening also reads the inputs' Gram matrices, from every calibration batch.
+        recipe=f"{cfg.method}:{batches_digest(batches) if grams else ''}",
+    )
+    costs = []
+    for _, layer in modules:
+        dense = layer.in_features * layer.out_features
+        row = []
+        for ratio in values:
+            rank = rank_of(layer, ratio)
+            size = dense if rank is None else rank * (layer.in_features + layer.out_features)
+            row.append(exact(size))
+        costs.append(row)
+    budget = exact(spec.param_ratio) * sum(m.in_features * m.out_features for _, m in modules)
+    try:
+        choice = allocate(prof, costs, budget)
+    except ValueError:
+        least = float(sum(min(row) for row in costs) / max(sum(p for p in prof.params), 1))
+        raise ConfigError(
+            Problem(
+                f"{key}.param_ratio",
+                spec.param_ratio,
+                f"is below what the smallest rank ratio, {min(values):g}, on every layer "
+                f"keeps ({least:.3f} of the weights)",
+                f"raise it to at least {least:.3f}, or add smaller rank_ratios",
+            )
+        ) from None
+    choice = agree(choice)
+    record = allocation_record(prof, choice, spec.param_ratio)
+    kept = sum(float(costs[i][values.index(choice[n])]) for i, (n, _) in enumerate(modules))
+    record["param_ratio"] = kept / max(sum(prof.params), 1)
+    return record
 
 
 @register
@@ -149,9 +298,19 @@ class SvdFactorize(Technique):
     config_type = SvdConfig
 
     def apply_(self, model: nn.Module, cfg: FactorizeConfig, ctx: Context) -> Applied:
-        rows = factorize_(model, cfg, calib=ctx.calib, filter_fn=ctx.filter_fn)
+        rows, allocation = factorize_allocated_(
+            model,
+            cfg,
+            calib=ctx.calib,
+            filter_fn=ctx.filter_fn,
+            agree=ctx.agree,
+            cache_dir=ctx.cache_dir,
+        )
         ranks = {r.name: r.details["rank"] for r in rows if not r.skipped}
-        return Applied(rows, entry={"ranks": ranks})
+        entry: dict[str, Any] = {"ranks": ranks}
+        if allocation is not None:
+            entry["allocation"] = allocation
+        return Applied(rows, entry=entry)
 
     def rebuild_(self, model: nn.Module, cfg: FactorizeConfig, entry: dict[str, Any]) -> None:
         for name, rank in entry["ranks"].items():

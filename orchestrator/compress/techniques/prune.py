@@ -12,6 +12,8 @@ Structured pruning is in ``structured.py``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -73,15 +75,21 @@ def check_pattern(modules: list[tuple[str, nn.Module]], cfg: PruneConfig) -> Non
 
 def _threshold_masks(
     scores: dict[str, torch.Tensor],
-    sparsity: float,
+    sparsity: float | dict[str, float],
     scope: str,
     per_row: bool,
     n_m: tuple[int, int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Keep the highest scores. ``per_row`` compares within each output row (Wanda's group);
-    ``n_m``: the N:M pattern instead, in each row's groups of M inputs."""
+    ``n_m``: the N:M pattern instead, in each row's groups of M inputs. ``sparsity``: one for
+    all, or each layer's own (scope ``layer``; keyed like ``scores``)."""
     if n_m is not None:
         return {name: n_m_mask(s, *n_m) for name, s in scores.items()}
+    if isinstance(sparsity, dict):
+        return {
+            name: _threshold_masks({name: s}, sparsity[name], "layer", per_row)[name]
+            for name, s in scores.items()
+        }
     masks = {}
     if sparsity <= 0:
         return {k: torch.ones_like(v, dtype=torch.bool) for k, v in scores.items()}
@@ -124,6 +132,10 @@ class Pruner:
         self.input_norms = input_norms or {}
         self.masks: dict[str, torch.Tensor] = {}
         self.current_sparsity = 0.0
+        # Each layer's own sparsity (``compress.prune.allocate``; keyed by parameter name), or
+        # None: ``cfg.sparsity`` for all; and the allocation's record for the manifest.
+        self.layer_sparsity: dict[str, float] | None = None
+        self.allocation: dict[str, Any] | None = None
 
     def scores(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -143,7 +155,7 @@ class Pruner:
             return False
         new = _threshold_masks(
             self.scores(),
-            sparsity,
+            sparsity if self.layer_sparsity is None else self.layer_sparsity,
             self.cfg.scope,
             per_row=self.cfg.method == "wanda" and self.cfg.scope == "layer",
             n_m=self.cfg.n_m,
@@ -213,10 +225,14 @@ def prune_(
     calib: list[dict[str, torch.Tensor]] | None = None,
     filter_fn: FilterFn | None = None,
     total_steps: int = 0,
+    agree: Callable[[Any], Any] = lambda value: value,
+    cache_dir: Path | None = None,
 ) -> tuple[Pruner, list[ModuleRow]]:
     """Unstructured pruning of the selected Linear layers, in place. One-shot prunes to
-    ``cfg.sparsity`` now; gradual starts at ``cfg.initial_sparsity`` and the training loop
-    advances it through ``Pruner.after_step``."""
+    ``cfg.sparsity`` now (with ``cfg.allocate``: each layer to its allocated sparsity, the
+    allocation's record kept as ``pruner.allocation``); gradual starts at
+    ``cfg.initial_sparsity`` and the training loop advances it through
+    ``Pruner.after_step``."""
     modules = select_modules(
         model, cfg.include, cfg.exclude, (nn.Linear,), "compress.prune", filter_fn=filter_fn
     )
@@ -227,13 +243,76 @@ def prune_(
             raise ValueError("wanda pruning needs calibration batches")
         norms = collect_input_stats(model, modules, calib)
     pruner = Pruner(cfg, modules, norms)
+    if getattr(cfg, "allocate", None) is not None:
+        pruner.allocation = _allocate(model, pruner, calib, agree, cache_dir)
+        pruner.layer_sparsity = {f"{n}.weight": s for n, s in pruner.allocation["choice"].items()}
     start = cfg.sparsity if cfg.schedule == "oneshot" else cfg.initial_sparsity
     pruner.update(start)
     pruner.apply_()
-    return pruner, _rows(modules, cfg)
+    return pruner, _rows(modules, cfg, pruner.allocation)
 
 
-def _rows(modules: list[tuple[str, nn.Module]], cfg: PruneConfig) -> list[ModuleRow]:
+def _allocate(
+    model: nn.Module,
+    pruner: Pruner,
+    calib: list[dict[str, torch.Tensor]] | None,
+    agree: Callable[[Any], Any],
+    cache_dir: Path | None,
+) -> dict[str, Any]:
+    """Each layer's sparsity under the mean ``cfg.sparsity``, from the model's measured
+    sensitivity to pruning that layer alone by the method's own scores
+    (``compress.sensitivity``)."""
+    from orchestrator.compress.sensitivity import (
+        allocate_sparsity,
+        allocation_record,
+        calibration_for,
+        profile,
+        tensors_digest,
+    )
+
+    cfg = pruner.cfg
+    allocate = cfg.allocate
+    batches = calibration_for(calib, "compress.prune.allocate", allocate.model_dump())
+    scores = pruner.scores()
+    per_row = cfg.method == "wanda"
+
+    def variants(name: str, layer: nn.Linear) -> Callable[[float], torch.Tensor | None]:
+        key = f"{name}.weight"
+
+        def pruned(s: float) -> torch.Tensor | None:
+            if s <= 0:
+                return None
+            mask = _threshold_masks({key: scores[key]}, s, "layer", per_row)[key]
+            return layer.weight.data * mask.to(layer.weight.dtype)
+
+        return pruned
+
+    prof = profile(
+        model,
+        list(pruner.modules.items()),
+        "sparsity",
+        sorted(allocate.sparsities),
+        variants,
+        batches[: allocate.calib_batches],
+        cache_dir=cache_dir,
+        # Wanda's scores also read the input norms, measured on every calibration batch.
+        recipe=f"{cfg.method}:{tensors_digest(pruner.input_norms)}",
+    )
+    try:
+        choice = agree(allocate_sparsity(prof, cfg.sparsity))
+    except ValueError as e:  # the config checks the mean; this is a last guard
+        raise ConfigError(
+            Problem("compress.prune.sparsity", cfg.sparsity, str(e), "lower it")
+        ) from None
+    return allocation_record(prof, choice, cfg.sparsity)
+
+
+def _rows(
+    modules: list[tuple[str, nn.Module]],
+    cfg: PruneConfig,
+    allocation: dict[str, Any] | None = None,
+) -> list[ModuleRow]:
+    targets = {} if allocation is None else allocation["choice"]
     rows = []
     for name, module in modules:
         w = module.weight
@@ -250,7 +329,7 @@ def _rows(modules: list[tuple[str, nn.Module]], cfg: PruneConfig) -> list[Module
                 details={
                     "method": cfg.method,
                     "sparsity": 1 - nz / w.numel(),
-                    "target_sparsity": cfg.sparsity,
+                    "target_sparsity": targets.get(name, cfg.sparsity),
                     "schedule": cfg.schedule,
                 },
             )
@@ -264,10 +343,19 @@ class MagnitudePrune(Technique):
 
     def apply_(self, model: nn.Module, cfg: PruneConfig, ctx: Context) -> Applied:
         pruner, rows = prune_(
-            model, cfg, calib=ctx.calib, filter_fn=ctx.filter_fn, total_steps=ctx.total_steps
+            model,
+            cfg,
+            calib=ctx.calib,
+            filter_fn=ctx.filter_fn,
+            total_steps=ctx.total_steps,
+            agree=ctx.agree,
+            cache_dir=ctx.cache_dir,
         )
         # The pruned layers, so that sparsity is measured over them (on any copy of the model).
-        return Applied(rows, entry={"modules": sorted(pruner.modules)}, hook=pruner)
+        entry: dict[str, Any] = {"modules": sorted(pruner.modules)}
+        if pruner.allocation is not None:
+            entry["allocation"] = pruner.allocation
+        return Applied(rows, entry=entry, hook=pruner)
 
     def sparsity_scope(self, model: nn.Module, entry: dict[str, Any]) -> list[nn.Module]:
         """The pruned layers that still hold their own weight in ``model`` (a layer a later

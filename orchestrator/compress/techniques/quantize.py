@@ -268,39 +268,36 @@ def _types(cfg: QuantizeConfig) -> tuple[type[nn.Module], ...]:
 
 def _allocate(model: nn.Module, cfg: QuantizeConfig, ctx: Context) -> dict[str, Any]:
     """Each quantizable Linear's bit width under ``cfg.allocate``'s budget, from its measured
-    sensitivity on the first calibration batches (``compress.sensitivity``); the profile, the
-    choice and its mean bit width, as the manifest records them."""
-    from orchestrator.compress.sensitivity import allocate_bits, mean_bits, profile_bits
+    sensitivity on the first calibration batches (``compress.sensitivity``): the manifest's
+    record (``sensitivity.allocation_record``; ``choice``: the width of each layer)."""
+    from orchestrator.compress.sensitivity import (
+        allocate_bits,
+        allocation_record,
+        calibration_for,
+        profile,
+    )
 
     allocate = cfg.allocate
-    if not ctx.calib:
-        raise ConfigError(
-            Problem(
-                "compress.quantize.allocate",
-                allocate.model_dump(),
-                "measures each layer's sensitivity on calibration batches, and none were given",
-                "run it through orchestrator compress / train, which pass the job's "
-                "calibration batches",
-            )
-        )
     layers = [
         (n, m)
         for n, m, reason in quantizable(model, cfg, ctx.filter_fn)
         if isinstance(m, nn.Linear) and not reason
     ]
-    profile = profile_bits(
+    calib = calibration_for(ctx.calib, "compress.quantize.allocate", allocate.model_dump())
+    prof = profile(
         model,
         layers,
+        "bits",
         sorted(allocate.bits),
-        lambda b: linear_spec(cfg, b).as_args(),
-        ctx.calib[: allocate.calib_batches],
+        lambda _name, layer: (
+            lambda b: fake_quantize(layer.weight.data, *linear_spec(cfg, int(b)).as_args())
+        ),
+        calib[: allocate.calib_batches],
+        cache_dir=ctx.cache_dir,
+        recipe=f"{cfg.method}:{cfg.granularity}:{cfg.group_size}:{cfg.symmetric}",
     )
-    choice = ctx.agree(allocate_bits(profile, allocate.avg_bits))
-    return {
-        "layer_bits": choice,
-        "mean_bits": mean_bits(profile, choice),
-        "profile": profile.to_json(),
-    }
+    choice = ctx.agree({n: int(b) for n, b in allocate_bits(prof, allocate.avg_bits).items()})
+    return allocation_record(prof, choice, allocate.avg_bits)
 
 
 def _scale_activations(
@@ -371,7 +368,7 @@ class _Quantize(Technique):
         allocate = getattr(cfg, "allocate", None)
         if allocate is not None:
             entry["allocation"] = allocation = _allocate(model, cfg, ctx)
-            layer_bits = allocation["layer_bits"]
+            layer_bits = allocation["choice"]
         details = self.prepare_(model, cfg, ctx, layer_bits or {})
         rows = apply_quantize_(model, cfg, filter_fn=ctx.filter_fn, layer_bits=layer_bits)
         for row in rows:
@@ -391,7 +388,7 @@ class _Quantize(Technique):
         return {}
 
     def rebuild_(self, model: nn.Module, cfg: QuantizeConfig, entry: dict[str, Any]) -> None:
-        layer_bits = entry.get("allocation", {}).get("layer_bits", {})
+        layer_bits = entry.get("allocation", {}).get("choice", {})
         tied = entry.get("tied", {})
         for name, kind in entry["modules"].items():
             old = model.get_submodule(name)

@@ -1,6 +1,7 @@
-"""Mixed precision under a budget (``compress.quantize.allocate``): the exact allocation
-against brute force, the sensitivity profile on a real (tiny) model, the per-layer widths in the
-artifact and its reload, and the budget errors."""
+"""Per-layer allocation under a budget: mixed precision (``compress.quantize.allocate``),
+sparsity (``compress.prune.allocate``) and rank (``compress.factorize.allocate``). The exact
+allocation against brute force, the sensitivity profile on a real (tiny) model, the per-layer
+settings in the artifact and its reload, and the budget errors."""
 
 from __future__ import annotations
 
@@ -13,7 +14,14 @@ import pytest
 import torch
 
 from orchestrator.compress.artifact import load_artifact
-from orchestrator.compress.sensitivity import Profile, allocate_bits, mean_bits, profile_bits
+from orchestrator.compress.qtensor import fake_quantize
+from orchestrator.compress.sensitivity import (
+    Profile,
+    allocate_bits,
+    allocate_sparsity,
+    profile,
+    weighted_mean,
+)
 from orchestrator.config import load_job
 
 pytestmark = pytest.mark.unit
@@ -31,22 +39,20 @@ def _profile(seed: int, n: int = 5) -> Profile:
     params = [rng.choice([64, 128, 256, 96]) * 32 for _ in range(n)]
     # Fewer bits never hurt less: decreasing KL in the width, as measured profiles are.
     kl = [sorted((rng.uniform(0, 1) for _ in bits), reverse=True) for _ in range(n)]
-    return Profile([f"l{i}" for i in range(n)], params, bits, kl, batches=1, seconds=0.0)
+    return Profile([f"l{i}" for i in range(n)], params, "bits", bits, kl, batches=1, seconds=0.0)
 
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("avg_bits", [2.0, 2.7, 3.0, 4.5, 8.0])
 def test_allocation_is_the_best_under_the_budget(seed: int, avg_bits: float) -> None:
-    profile = _profile(seed)
-    choice = allocate_bits(profile, avg_bits)
-    assert mean_bits(profile, choice) <= avg_bits + 1e-9
-    loss = sum(profile.kl[i][profile.bits.index(choice[n])] for i, n in enumerate(profile.layers))
+    prof = _profile(seed)
+    choice = allocate_bits(prof, avg_bits)
+    assert weighted_mean(prof, choice) <= avg_bits + 1e-9
+    loss = sum(prof.kl[i][prof.values.index(choice[n])] for i, n in enumerate(prof.layers))
     best = min(
-        sum(profile.kl[i][j] for i, j in enumerate(combo))
-        for combo in itertools.product(range(len(profile.bits)), repeat=len(profile.layers))
-        if mean_bits(
-            profile, {n: profile.bits[j] for n, j in zip(profile.layers, combo, strict=True)}
-        )
+        sum(prof.kl[i][j] for i, j in enumerate(combo))
+        for combo in itertools.product(range(len(prof.values)), repeat=len(prof.layers))
+        if weighted_mean(prof, {n: prof.values[j] for n, j in zip(prof.layers, combo, strict=True)})
         <= avg_bits + 1e-9
     )
     assert loss == pytest.approx(best)
@@ -73,11 +79,18 @@ def test_profile_of_a_real_model_leaves_it_unchanged(calib) -> None:
     model = AutoModelForSequenceClassification.from_config(cfg).eval()
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     before = {n: m.weight.detach().clone() for n, m in layers}
-    profile = profile_bits(model, layers, [2, 8], lambda b: (b, "channel", 1, True), calib[:1])
-    assert profile.layers == [n for n, _ in layers] and len(profile.kl[0]) == 2
+    prof = profile(
+        model,
+        layers,
+        "bits",
+        [2, 8],
+        lambda _n, layer: lambda b: fake_quantize(layer.weight.data, int(b), "channel", 1, True),
+        calib[:1],
+    )
+    assert prof.layers == [n for n, _ in layers] and len(prof.kl[0]) == 2
     assert all(torch.equal(m.weight, before[n]) for n, m in layers)
     # 2 bits moves the outputs more than 8 bits, layer by layer.
-    assert all(row[0] > row[1] >= 0 for row in profile.kl), profile.kl
+    assert all(row[0] > row[1] >= 0 for row in prof.kl), prof.kl
 
 
 def test_per_layer_widths_in_the_artifact_and_its_reload(tmp_path: Path, make_artifact) -> None:
@@ -85,8 +98,8 @@ def test_per_layer_widths_in_the_artifact_and_its_reload(tmp_path: Path, make_ar
     report = json.loads((tmp_path / "debug-compress/compress_report.json").read_text())
     step = next(s for s in report["steps"] if s["stage"] == "quantize")
     allocation = step["entry"]["allocation"]
-    chosen = allocation["layer_bits"]
-    assert allocation["mean_bits"] <= 3.0 and len(set(chosen.values())) > 1, chosen
+    chosen = allocation["choice"]
+    assert allocation["mean"] <= 3.0 and len(set(chosen.values())) > 1, chosen
     png = (tmp_path / "debug-compress/sensitivity.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"  # the heatmap of the profile
     rows = {r["name"]: r for r in report["modules"] if r["technique"] == "quantize"}
@@ -119,6 +132,30 @@ def test_per_layer_widths_in_the_artifact_and_its_reload(tmp_path: Path, make_ar
             "compress.quantize={method: dynamic_int8, allocate: {avg_bits: 3}}",
             "is not a key of compress.quantize with method=dynamic_int8",
         ),
+        (
+            "compress.prune={method: magnitude, sparsity: 0.9, allocate: {}}",
+            "compress.prune.sparsity = 0.9: no allocation",
+        ),
+        (
+            "compress.prune={method: wanda, sparsity: 0.5, schedule: gradual, allocate: {}}",
+            "compress.prune.schedule = 'gradual': cannot be combined with",
+        ),
+        (
+            "compress.prune={method: magnitude, allocate: {sparsities: [0.5, 0.5]}}",
+            "compress.prune.allocate.sparsities",
+        ),
+        (
+            "compress.prune={method: sparsegpt, allocate: {}}",
+            "is not a key of compress.prune with method=sparsegpt",
+        ),
+        (
+            "compress.factorize={rank: 4, allocate: {param_ratio: 0.5}}",
+            "exactly one of compress.factorize.rank, rank_ratio, energy, allocate",
+        ),
+        (
+            "compress.factorize={allocate: {param_ratio: 0.5, calib_batches: 9}}",
+            "compress.factorize.allocate.calib_batches = 9",
+        ),
     ],
 )
 def test_budget_and_candidate_errors(override: str, says: str) -> None:
@@ -127,3 +164,142 @@ def test_budget_and_candidate_errors(override: str, says: str) -> None:
     with pytest.raises(ConfigError) as e:
         load_job(JOB, [override])
     assert says in str(e.value)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.7])
+def test_sparsity_allocation_is_the_best_with_the_mean(seed: int, sparsity: float) -> None:
+    """At least the mean sparsity asked for, with the least summed KL of all such choices; a
+    budget the candidates hit exactly (0.5 everywhere) is never worse than that uniform
+    choice."""
+    rng = random.Random(seed)
+    values = [0.0, 0.25, 0.5, 0.75]
+    params = [rng.choice([64, 128, 256, 96]) * 32 for _ in range(5)]
+    kl = [sorted(rng.uniform(0, 1) for _ in values) for _ in params]
+    prof = Profile([f"l{i}" for i in range(5)], params, "sparsity", values, kl, 1, 0.0)
+    choice = allocate_sparsity(prof, sparsity)
+    assert weighted_mean(prof, choice) >= sparsity - 1e-9
+    loss = sum(kl[i][values.index(choice[n])] for i, n in enumerate(prof.layers))
+    best = min(
+        sum(kl[i][j] for i, j in enumerate(combo))
+        for combo in itertools.product(range(len(values)), repeat=len(params))
+        if weighted_mean(prof, {n: values[j] for n, j in zip(prof.layers, combo, strict=True)})
+        >= sparsity - 1e-9
+    )
+    assert loss == pytest.approx(best)
+    if sparsity == 0.5:
+        assert loss <= sum(row[2] for row in kl) + 1e-12
+
+
+def _layers(report: dict, technique: str) -> dict[str, dict]:
+    return {r["name"]: r for r in report["modules"] if r["technique"] == technique}
+
+
+def test_per_layer_sparsity_in_the_artifact_and_its_reload(tmp_path: Path, make_artifact) -> None:
+    """Magnitude pruning at a mean of 50 %, allocated: the layers differ, each holds the
+    sparsity it was given, the mean holds, and the reload has the same zeros."""
+    make_artifact(
+        tmp_path,
+        "compress.factorize=null",
+        "compress.quantize=null",
+        "compress.prune={method: magnitude, sparsity: 0.5, allocate: {}}",
+    )
+    folder = tmp_path / "debug-compress"
+    report = json.loads((folder / "compress_report.json").read_text())
+    allocation = next(s for s in report["steps"] if s["stage"] == "prune")["entry"]["allocation"]
+    chosen = allocation["choice"]
+    assert allocation["setting"] == "sparsity" and allocation["mean"] >= 0.5 - 1e-9
+    assert len(set(chosen.values())) > 1, chosen
+    rows = _layers(report, "prune")
+    for name, s in chosen.items():
+        assert rows[name]["details"]["target_sparsity"] == s
+        assert rows[name]["details"]["sparsity"] == pytest.approx(s, abs=1e-3)
+    assert (folder / "sensitivity.png").read_bytes()[:4] == b"\x89PNG"
+    model = load_artifact(folder / "model")
+    for name, s in chosen.items():
+        w = model.get_submodule(name).weight
+        assert float((w == 0).float().mean()) == pytest.approx(s, abs=1e-3), name
+
+
+def test_per_layer_rank_in_the_artifact_and_its_reload(tmp_path: Path, make_artifact) -> None:
+    """SVD under half the dense weights, allocated: some layers factorized at their own rank,
+    the factorized weights within the budget, the reload holds the same thin layers."""
+    make_artifact(
+        tmp_path,
+        "compress.prune=null",
+        "compress.quantize=null",
+        "compress.factorize.allocate={param_ratio: 0.5}",
+    )
+    folder = tmp_path / "debug-compress"
+    report = json.loads((folder / "compress_report.json").read_text())
+    step = next(s for s in report["steps"] if s["stage"] == "factorize")
+    allocation, ranks = step["entry"]["allocation"], step["entry"]["ranks"]
+    assert allocation["setting"] == "rank_ratio" and allocation["param_ratio"] <= 0.5 + 1e-9
+    rows = _layers(report, "factorize")
+    dense = sum(r["shape_before"][0] * r["shape_before"][1] for r in rows.values())
+    kept = sum(
+        ranks[n] * (r["shape_before"][0] + r["shape_before"][1])
+        if n in ranks
+        else r["shape_before"][0] * r["shape_before"][1]
+        for n, r in rows.items()
+    )
+    assert kept / dense == pytest.approx(allocation["param_ratio"]) and ranks
+    for name, ratio in allocation["choice"].items():
+        assert (name in ranks) == (ratio < 1), (name, ratio)
+    model = load_artifact(folder / "model")
+    assert all(model.get_submodule(n).rank == r for n, r in ranks.items())
+
+
+def test_a_rank_budget_no_allocation_meets_names_its_key(tmp_path: Path) -> None:
+    from orchestrator.cli import main
+
+    args = [
+        "compress",
+        JOB,
+        f"output.dir={tmp_path}",
+        f"data.cache_dir={tmp_path / 'c'}",
+        "compress.prune=null",
+        "compress.quantize=null",
+        "compress.factorize.allocate={param_ratio: 0.01, rank_ratios: [0.5]}",
+    ]
+    assert main(args) == 2
+    assert not (tmp_path / "debug-compress").exists()
+
+
+def test_a_profile_is_measured_once_per_model_and_batches(tmp_path: Path, calib) -> None:
+    """Read back from the cache for the same model, batches and settings; measured again
+    when a weight or a batch differs."""
+    from transformers import AutoModelForSequenceClassification, BertConfig
+
+    cfg = BertConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=30522,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(cfg).eval()
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][:3]
+
+    def measure(batches):
+        return profile(
+            model,
+            layers,
+            "bits",
+            [2, 8],
+            lambda _n, layer: (
+                lambda b: fake_quantize(layer.weight.data, int(b), "channel", 1, True)
+            ),
+            batches,
+            cache_dir=tmp_path,
+            recipe="rtn",
+        )
+
+    first = measure(calib[:1])
+    again = measure(calib[:1])
+    assert not first.cached and again.cached and again.kl == first.kl
+    assert not measure(calib[1:2]).cached
+    with torch.no_grad():
+        layers[0][1].weight[0, 0] += 1.0
+    assert not measure(calib[:1]).cached
