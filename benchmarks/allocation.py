@@ -69,7 +69,7 @@ def _drop(m: dict[str, float], p: str) -> str:
 
 def _kept(report: Any) -> float:
     """The fraction of the factorized stage's dense Linear weights its layers keep."""
-    rows = [r for r in report.modules if r.technique == "factorize"]
+    rows = [r for r in report.rows if r.technique == "factorize"]
     dense = sum(r.shape_before[0] * r.shape_before[1] for r in rows)
     kept = sum(
         r.shape_before[0] * r.shape_before[1]

@@ -173,14 +173,13 @@ def factorize_allocated_(
         if not calib:
             raise ValueError("asvd factorization needs calibration batches")
         grams = collect_input_stats(model, modules, calib, gram=True)
-    allocation, ranks = None, {}
+    allocation = None
+    ranks: dict[str, int | None] = {}  # the allocated ones; None: kept dense
     if cfg.allocate is not None:
         allocation = _allocate(model, cfg, modules, grams, calib, agree, cache_dir)
-        ranks = {
-            n: ratio_rank(r, m.in_features, m.out_features) if r < 1 else None
-            for n, m in modules
-            for r in (allocation["choice"][n],)
-        }
+        for name, m in modules:
+            ratio = allocation["choice"][name]
+            ranks[name] = ratio_rank(ratio, m.in_features, m.out_features) if ratio < 1 else None
     rows = []
     for name, linear in modules:
         shape = list(linear.weight.shape)
