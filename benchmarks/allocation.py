@@ -13,7 +13,9 @@
 
 Each row is measured on the reloaded artifact as a trial measures it: bytes on disk and the
 accuracy drop on the validation and test splits paired with the dense model (95 % interval);
-for the allocated rows, the profile's cost.
+for the allocated rows, the profile's cost and what the joint check kept (the knapsack's
+allocation or the best uniform setting within the budget, whichever moves the outputs less
+with every layer changed at once; ``orchestrator.compress.sensitivity.checked``).
 
 The dense model is a MiniLM-L6 fine-tuned on the quickstart's data (``--dense``: a folder
 ``benchmarks/distill_recovery.py`` writes, by default /tmp/distill/dense).
@@ -105,6 +107,8 @@ def main() -> None:
     parser.add_argument("--no-uniform", action="store_true", help="only the allocated rows")
     args = parser.parse_args()
     family = args.family
+    if family == "rank" and args.no_uniform:
+        parser.error("--family rank takes its budget from the uniform rows: drop --no-uniform")
     levels = args.levels or DEFAULT_LEVELS[family]
     dense = {"model": {"path": str(args.dense)}}
     base = load_job(JOB, {**dense, "compress": {"vocab": None}})
@@ -116,9 +120,9 @@ def main() -> None:
     )
     print(
         "| recipe | mean | MB on disk | val drop, points [95 %] | test drop, points [95 %] "
-        "| profile |"
+        "| profile | kept after the joint check |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for level in levels:
         budget = level
         for allocated in (False, True):
@@ -136,18 +140,25 @@ def main() -> None:
                 m = finalize.finalize(spec, model, report, bundle, tokenizer, Path(tmp) / "model")
             if family == "rank" and not allocated:
                 budget = round(_kept(report), 4)  # the allocation gets the same size
-            cost = "-"
+            cost = check = "-"
             if allocation:
                 p = allocation["profile"]
                 cost = (
                     f"{p['seconds']:.0f} s ({len(p['layers'])} layers x {len(p['values'])} "
-                    f"settings x {p['batches']} batches)"
+                    f"settings x {p['batches']} batches{', cached' if p['cached'] else ''})"
                 )
+                c = allocation["check"]
+                check = c["kept"]
+                if c["uniform"] is not None:
+                    check += (
+                        f" (joint KL {c['allocation_kl']:.4f} allocated, {c['uniform_kl']:.4f} "
+                        f"at {c['uniform']:g} everywhere)"
+                    )
             label = f"{'allocated' if allocated else 'uniform'} {family} {level:g}"
             print(
                 f"| {label} | {_mean(family, level, allocation, report)} "
                 f"| {m['compress/size_bytes'] / 1e6:.2f} | {_drop(m, 'eval')} "
-                f"| {_drop(m, 'test')} | {cost} |",
+                f"| {_drop(m, 'test')} | {cost} | {check} |",
                 flush=True,
             )
 

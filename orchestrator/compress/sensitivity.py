@@ -246,11 +246,23 @@ def weighted_mean(prof: Profile, choice: dict[str, float]) -> float:
     return sum(p * choice[n] for n, p in sized) / max(sum(prof.params), 1)
 
 
+def bit_costs(prof: Profile, avg_bits: float) -> tuple[list[list[Fraction]], Fraction]:
+    """Each layer's bits at each width, and the budget of a mean of ``avg_bits``."""
+    costs = [[p * exact(b) for b in prof.values] for p in prof.params]
+    return costs, exact(avg_bits) * sum(prof.params)
+
+
+def sparsity_costs(prof: Profile, sparsity: float) -> tuple[list[list[Fraction]], Fraction]:
+    """Each layer's kept weights at each sparsity, and the budget of a mean of ``sparsity``
+    (at most ``1 - sparsity`` of the weights kept)."""
+    costs = [[p * (1 - exact(s)) for s in prof.values] for p in prof.params]
+    return costs, (1 - exact(sparsity)) * sum(prof.params)
+
+
 def allocate_bits(prof: Profile, avg_bits: float) -> dict[str, float]:
     """The widths with a size-weighted mean of at most ``avg_bits``."""
-    costs = [[p * exact(b) for b in prof.values] for p in prof.params]
     try:
-        return allocate(prof, costs, exact(avg_bits) * sum(prof.params))
+        return allocate(prof, *bit_costs(prof, avg_bits))
     except ValueError:
         raise ValueError(
             f"a mean of {avg_bits:g} bits is below what the smallest width, "
@@ -259,11 +271,9 @@ def allocate_bits(prof: Profile, avg_bits: float) -> dict[str, float]:
 
 
 def allocate_sparsity(prof: Profile, sparsity: float) -> dict[str, float]:
-    """The sparsities with a size-weighted mean of at least ``sparsity``: at most
-    ``(1 - sparsity)`` of the weights kept."""
-    costs = [[p * (1 - exact(s)) for s in prof.values] for p in prof.params]
+    """The sparsities with a size-weighted mean of at least ``sparsity``."""
     try:
-        return allocate(prof, costs, (1 - exact(sparsity)) * sum(prof.params))
+        return allocate(prof, *sparsity_costs(prof, sparsity))
     except ValueError:
         raise ValueError(
             f"a mean sparsity of {sparsity:g} is above what the largest candidate, "
@@ -271,13 +281,76 @@ def allocate_sparsity(prof: Profile, sparsity: float) -> dict[str, float]:
         ) from None
 
 
-def allocation_record(prof: Profile, choice: dict[str, float], budget: float) -> dict[str, Any]:
+@torch.no_grad()
+def joint_kl(
+    model: nn.Module,
+    layers: Sequence[tuple[str, nn.Linear]],
+    choice: dict[str, float],
+    variants: Variants,
+    batches: Sequence[Batch],
+) -> float:
+    """The mean KL divergence of the model's outputs with every layer changed at once, each to
+    its setting in ``choice``. The model is left as it was."""
+    refs = [F.log_softmax(_logits(model, b), -1) for b in batches]
+    originals = {}
+    try:
+        for name, layer in layers:
+            originals[name] = layer.weight.data
+            weight = variants(name, layer)(choice[name])
+            if weight is not None:
+                layer.weight.data = weight.to(originals[name].dtype)
+        kls = [_kl(ref, _logits(model, b)) for ref, b in zip(refs, batches, strict=True)]
+    finally:
+        for name, layer in layers:
+            if name in originals:
+                layer.weight.data = originals[name]
+    return max(0.0, sum(kls) / len(kls))
+
+
+def checked(
+    model: nn.Module,
+    layers: Sequence[tuple[str, nn.Linear]],
+    prof: Profile,
+    choice: dict[str, float],
+    costs: Sequence[Sequence[Fraction]],
+    budget: Fraction,
+    variants: Variants,
+    batches: Sequence[Batch],
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """``choice`` (the knapsack's, from summed per-layer losses) or, when it moves the model's
+    outputs more with every layer changed at once, the uniform setting within the budget that
+    loses least: the additive approximation is checked, not trusted (layers' errors compound,
+    most under a tight budget). Returns the kept choice and the check's record."""
+    uniform = None
+    for j, value in enumerate(prof.values):
+        if sum(row[j] for row in costs) <= budget:
+            loss = sum(row[j] for row in prof.kl)
+            if uniform is None or loss < uniform[0]:
+                uniform = (loss, value)
+    if uniform is None or all(v == uniform[1] for v in choice.values()):
+        return choice, {"kept": "allocation", "uniform": None}
+    flat = {name: uniform[1] for name in prof.layers}
+    allocated = joint_kl(model, layers, choice, variants, batches)
+    same = joint_kl(model, layers, flat, variants, batches)
+    record = {
+        "uniform": uniform[1],
+        "allocation_kl": allocated,
+        "uniform_kl": same,
+        "kept": "allocation" if allocated <= same else "uniform",
+    }
+    return (choice if allocated <= same else flat), record
+
+
+def allocation_record(
+    prof: Profile, choice: dict[str, float], budget: float, check: dict[str, Any]
+) -> dict[str, Any]:
     """What the manifest and the report keep of an allocation: the setting of each layer, its
-    size-weighted mean, the budget, the profile."""
+    size-weighted mean, the budget, the joint check (``checked``), the profile."""
     return {
         "setting": prof.setting,
         "choice": choice,
         "mean": weighted_mean(prof, choice),
         "budget": budget,
+        "check": check,
         "profile": prof.to_json(),
     }

@@ -225,6 +225,7 @@ def _allocate(
         allocation_record,
         batches_digest,
         calibration_for,
+        checked,
         exact,
         profile,
     )
@@ -251,13 +252,14 @@ def _allocate(
 
         return low_rank
 
+    measured = batches[: spec.calib_batches]
     prof = profile(
         model,
         modules,
         "rank_ratio",
         values,
         variants,
-        batches[: spec.calib_batches],
+        measured,
         cache_dir=cache_dir,
         # asvd's whitening also reads the inputs' Gram matrices, from every calibration batch.
         recipe=f"{cfg.method}:{batches_digest(batches) if grams else ''}",
@@ -285,8 +287,9 @@ def _allocate(
                 f"raise it to at least {least:.3f}, or add smaller rank_ratios",
             )
         ) from None
+    choice, check = checked(model, modules, prof, choice, costs, budget, variants, measured)
     choice = agree(choice)
-    record = allocation_record(prof, choice, spec.param_ratio)
+    record = allocation_record(prof, choice, spec.param_ratio, check)
     kept = sum(float(costs[i][values.index(choice[n])]) for i, (n, _) in enumerate(modules))
     record["param_ratio"] = kept / max(sum(prof.params), 1)
     return record

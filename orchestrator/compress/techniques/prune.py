@@ -266,7 +266,9 @@ def _allocate(
         allocate_sparsity,
         allocation_record,
         calibration_for,
+        checked,
         profile,
+        sparsity_costs,
         tensors_digest,
     )
 
@@ -287,24 +289,28 @@ def _allocate(
 
         return pruned
 
+    layers = list(pruner.modules.items())
+    batches = batches[: allocate.calib_batches]
     prof = profile(
         model,
-        list(pruner.modules.items()),
+        layers,
         "sparsity",
         sorted(allocate.sparsities),
         variants,
-        batches[: allocate.calib_batches],
+        batches,
         cache_dir=cache_dir,
         # Wanda's scores also read the input norms, measured on every calibration batch.
         recipe=f"{cfg.method}:{tensors_digest(pruner.input_norms)}",
     )
     try:
-        choice = agree(allocate_sparsity(prof, cfg.sparsity))
+        choice = allocate_sparsity(prof, cfg.sparsity)
     except ValueError as e:  # the config checks the mean; this is a last guard
         raise ConfigError(
             Problem("compress.prune.sparsity", cfg.sparsity, str(e), "lower it")
         ) from None
-    return allocation_record(prof, choice, cfg.sparsity)
+    costs, budget = sparsity_costs(prof, cfg.sparsity)
+    choice, check = checked(model, layers, prof, choice, costs, budget, variants, batches)
+    return allocation_record(prof, agree(choice), cfg.sparsity, check)
 
 
 def _rows(

@@ -13,6 +13,7 @@ so that a fresh model is wrapped the same way before its weights load.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -273,7 +274,9 @@ def _allocate(model: nn.Module, cfg: QuantizeConfig, ctx: Context) -> dict[str, 
     from orchestrator.compress.sensitivity import (
         allocate_bits,
         allocation_record,
+        bit_costs,
         calibration_for,
+        checked,
         profile,
     )
 
@@ -284,20 +287,27 @@ def _allocate(model: nn.Module, cfg: QuantizeConfig, ctx: Context) -> dict[str, 
         if isinstance(m, nn.Linear) and not reason
     ]
     calib = calibration_for(ctx.calib, "compress.quantize.allocate", allocate.model_dump())
+    batches = calib[: allocate.calib_batches]
+
+    def variants(_name: str, layer: nn.Linear) -> Callable[[float], torch.Tensor]:
+        return lambda b: fake_quantize(layer.weight.data, *linear_spec(cfg, int(b)).as_args())
+
     prof = profile(
         model,
         layers,
         "bits",
         sorted(allocate.bits),
-        lambda _name, layer: (
-            lambda b: fake_quantize(layer.weight.data, *linear_spec(cfg, int(b)).as_args())
-        ),
-        calib[: allocate.calib_batches],
+        variants,
+        batches,
         cache_dir=ctx.cache_dir,
         recipe=f"{cfg.method}:{cfg.granularity}:{cfg.group_size}:{cfg.symmetric}",
     )
-    choice = ctx.agree({n: int(b) for n, b in allocate_bits(prof, allocate.avg_bits).items()})
-    return allocation_record(prof, choice, allocate.avg_bits)
+    choice = allocate_bits(prof, allocate.avg_bits)
+    choice, check = checked(
+        model, layers, prof, choice, *bit_costs(prof, allocate.avg_bits), variants, batches
+    )
+    choice = ctx.agree({n: int(b) for n, b in choice.items()})
+    return allocation_record(prof, choice, allocate.avg_bits, check)
 
 
 def _scale_activations(
