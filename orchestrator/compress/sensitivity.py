@@ -320,7 +320,9 @@ def checked(
     """``choice`` (the knapsack's, from summed per-layer losses) or, when it moves the model's
     outputs more with every layer changed at once, the uniform setting within the budget that
     loses least: the additive approximation is checked, not trusted (layers' errors compound,
-    most under a tight budget). Returns the kept choice and the check's record."""
+    most under a tight budget). Two forward passes per batch, so the callers give it every
+    calibration batch, not only the profile's. Returns the kept choice and the check's
+    record."""
     uniform = None
     for j, value in enumerate(prof.values):
         if sum(row[j] for row in costs) <= budget:

@@ -287,7 +287,7 @@ def _allocate(
                 f"raise it to at least {least:.3f}, or add smaller rank_ratios",
             )
         ) from None
-    choice, check = checked(model, modules, prof, choice, costs, budget, variants, measured)
+    choice, check = checked(model, modules, prof, choice, costs, budget, variants, batches)
     choice = agree(choice)
     record = allocation_record(prof, choice, spec.param_ratio, check)
     kept = sum(float(costs[i][values.index(choice[n])]) for i, (n, _) in enumerate(modules))

@@ -290,14 +290,13 @@ def _allocate(
         return pruned
 
     layers = list(pruner.modules.items())
-    batches = batches[: allocate.calib_batches]
     prof = profile(
         model,
         layers,
         "sparsity",
         sorted(allocate.sparsities),
         variants,
-        batches,
+        batches[: allocate.calib_batches],
         cache_dir=cache_dir,
         # Wanda's scores also read the input norms, measured on every calibration batch.
         recipe=f"{cfg.method}:{tensors_digest(pruner.input_norms)}",

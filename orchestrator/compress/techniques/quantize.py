@@ -304,7 +304,7 @@ def _allocate(model: nn.Module, cfg: QuantizeConfig, ctx: Context) -> dict[str, 
     )
     choice = allocate_bits(prof, allocate.avg_bits)
     choice, check = checked(
-        model, layers, prof, choice, *bit_costs(prof, allocate.avg_bits), variants, batches
+        model, layers, prof, choice, *bit_costs(prof, allocate.avg_bits), variants, calib
     )
     choice = ctx.agree({n: int(b) for n, b in choice.items()})
     return allocation_record(prof, choice, allocate.avg_bits, check)
