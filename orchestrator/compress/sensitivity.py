@@ -45,8 +45,8 @@ from orchestrator.files import write_atomic
 Batch = dict[str, torch.Tensor]
 MAX_UNITS = 200_000  # budget grid of the exact allocation (units; see the module doc)
 # A layer's candidate weights for each setting: made once per layer (an SVD is shared by all
-# of its ranks), then asked for each setting in turn.
-Variants = Callable[[str, nn.Linear], Callable[[float], torch.Tensor]]
+# of its ranks), then asked for each setting in turn (None: the layer as it is).
+Variants = Callable[[str, nn.Linear], Callable[[float], torch.Tensor | None]]
 
 
 @dataclass

@@ -42,6 +42,29 @@ def _profile(seed: int, n: int = 5) -> Profile:
     return Profile([f"l{i}" for i in range(n)], params, "bits", bits, kl, batches=1, seconds=0.0)
 
 
+def _small_bert(hidden: int = 64, blocks: int = 2) -> tuple[torch.nn.Module, list]:
+    """A random BERT classifier wider than the tiny-bert fixture (whose untrained outputs
+    barely move at any width) and its Linears."""
+    from transformers import AutoModelForSequenceClassification, BertConfig
+
+    cfg = BertConfig(
+        vocab_size=30522,
+        hidden_size=hidden,
+        num_hidden_layers=blocks,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden,
+        num_labels=2,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(cfg).eval()
+    return model, [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+def _rounded(_name: str, layer: torch.nn.Linear):
+    """Profile variants: the layer's weight rounded per channel, symmetric."""
+    return lambda b: fake_quantize(layer.weight.data, int(b), "channel", 1, True)
+
+
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("avg_bits", [2.0, 2.7, 3.0, 4.5, 8.0])
 def test_allocation_is_the_best_under_the_budget(seed: int, avg_bits: float) -> None:
@@ -64,29 +87,9 @@ def test_a_budget_below_the_smallest_width_is_refused() -> None:
 
 
 def test_profile_of_a_real_model_leaves_it_unchanged(calib) -> None:
-    from transformers import AutoModelForSequenceClassification, BertConfig
-
-    # Wider than the tiny-bert fixture, whose untrained outputs barely move at any width.
-    cfg = BertConfig(
-        vocab_size=30522,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=128,
-        num_labels=2,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_config(cfg).eval()
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    model, layers = _small_bert()
     before = {n: m.weight.detach().clone() for n, m in layers}
-    prof = profile(
-        model,
-        layers,
-        "bits",
-        [2, 8],
-        lambda _n, layer: lambda b: fake_quantize(layer.weight.data, int(b), "channel", 1, True),
-        calib[:1],
-    )
+    prof = profile(model, layers, "bits", [2, 8], _rounded, calib[:1])
     assert prof.layers == [n for n, _ in layers] and len(prof.kl[0]) == 2
     assert all(torch.equal(m.weight, before[n]) for n, m in layers)
     # 2 bits moves the outputs more than 8 bits, layer by layer.
@@ -270,18 +273,8 @@ def test_a_rank_budget_no_allocation_meets_names_its_key(tmp_path: Path) -> None
 def test_a_profile_is_measured_once_per_model_and_batches(tmp_path: Path, calib) -> None:
     """Read back from the cache for the same model, batches and settings; measured again
     when a weight or a batch differs."""
-    from transformers import AutoModelForSequenceClassification, BertConfig
-
-    cfg = BertConfig(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        vocab_size=30522,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_config(cfg).eval()
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][:3]
+    model, layers = _small_bert(hidden=32, blocks=1)
+    layers = layers[:3]
 
     def measure(batches):
         return profile(
@@ -310,26 +303,11 @@ def test_the_joint_check_keeps_whichever_moves_the_outputs_less(calib) -> None:
     """The knapsack's choice against the best uniform setting within the budget, both measured
     with every layer changed at once: the one kept is the one with the smaller joint KL, and
     the record says so; a choice that is already uniform is not measured again."""
-
-    from transformers import AutoModelForSequenceClassification, BertConfig
-
     from orchestrator.compress.sensitivity import bit_costs, checked, joint_kl
 
-    cfg = BertConfig(
-        vocab_size=30522,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=128,
-        num_labels=2,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_config(cfg).eval()
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][:-1]
-
-    def variants(_name, layer):
-        return lambda b: fake_quantize(layer.weight.data, int(b), "channel", 1, True)
-
+    model, layers = _small_bert()
+    layers = layers[:-1]  # not the classifier
+    variants = _rounded
     prof = profile(model, layers, "bits", [2, 3, 8], variants, calib[:1])
     batches = calib[:1]
     # Most layers at 2 bits, one at 8, against 8 bits everywhere (the uniform setting that
