@@ -188,7 +188,11 @@ class UnstructuredPruneMethod(PruneMethod):
     needs_whole_weights: ClassVar[bool] = True
 
     sparsity: float = Field(
-        default=0.5, ge=0.0, lt=1.0, description="fraction of the targeted weights removed, [0, 1)"
+        default=0.5,
+        ge=0.0,
+        lt=1.0,
+        description="fraction of the targeted weights removed, [0, 1) (with allocate: the "
+        "mean over them, each layer at its own)",
     )
     scope: Literal["global", "layer"] = Field(
         default="layer",
