@@ -127,6 +127,24 @@ CASES = [
         ("compress.quantize.activation_scaling", "no Llama-style decoder blocks"),
     ),
     Case(
+        "a mean sparsity no per-layer allocation reaches",
+        _train("compress.prune={method: magnitude, sparsity: 0.95, allocate: {}}"),
+        2,
+        ("compress.prune.sparsity", "no allocation of", "0.875"),
+    ),
+    Case(
+        "an empty set of candidate ranks",
+        _train("compress.factorize={allocate: {param_ratio: 0.5, rank_ratios: []}}"),
+        2,
+        ("compress.factorize.allocate.rank_ratios",),
+    ),
+    Case(
+        "a parameter budget below what the smallest rank keeps",
+        _train("compress.factorize={allocate: {param_ratio: 0.05, rank_ratios: [0.5]}}"),
+        2,
+        ("compress.factorize.allocate.param_ratio", "smallest rank ratio"),
+    ),
+    Case(
         "blocks longer than the decoder's context",
         _decoder("data.max_length=1024"),
         2,

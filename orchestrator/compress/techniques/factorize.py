@@ -12,6 +12,7 @@ saved weights load."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,6 +209,40 @@ def factorize_allocated_(
     return rows, allocation
 
 
+def _rank_of(layer: nn.Linear, ratio: float) -> int | None:
+    """The rank ``ratio`` gives ``layer``, None where it stays dense (1, or no saving)."""
+    rank = ratio_rank(ratio, layer.in_features, layer.out_features)
+    return rank if ratio < 1 and saves(rank, layer.in_features, layer.out_features) else None
+
+
+def _kept(layer: nn.Linear, ratio: float) -> int:
+    """The weights ``layer`` keeps at rank ratio ``ratio``."""
+    rank = _rank_of(layer, ratio)
+    dense = layer.in_features * layer.out_features
+    return dense if rank is None else rank * (layer.in_features + layer.out_features)
+
+
+def _budget_error(cfg: FactorizeConfig, modules: list[tuple[str, nn.Module]]) -> ConfigError | None:
+    """The error for an ``allocate.param_ratio`` below what the smallest rank ratio keeps of
+    ``modules`` (the most any allocation saves), or None when it is reachable."""
+    spec = cfg.allocate
+    layers = [m for _, m in modules if isinstance(m, nn.Linear)]
+    dense = sum(m.in_features * m.out_features for m in layers)
+    least = sum(min(_kept(m, r) for r in spec.rank_ratios) for m in layers) / max(dense, 1)
+    if spec.param_ratio >= least - 1e-12:
+        return None
+    return ConfigError(
+        Problem(
+            "compress.factorize.allocate.param_ratio",
+            spec.param_ratio,
+            f"is below what the smallest rank ratio, {min(spec.rank_ratios):g}, on every "
+            f"selected layer keeps ({least:.3f} of their weights)",
+            f"raise it to at least {math.ceil(least * 1000) / 1000:.3f}, or add smaller "
+            "rank_ratios",
+        )
+    )
+
+
 def _allocate(
     model: nn.Module,
     cfg: FactorizeConfig,
@@ -235,16 +270,11 @@ def _allocate(
     batches = calibration_for(calib, key, spec.model_dump())
     values = sorted(set(spec.rank_ratios) | {1.0})
 
-    def rank_of(layer: nn.Linear, ratio: float) -> int | None:
-        """The rank ``ratio`` gives ``layer``, None where it stays dense."""
-        rank = ratio_rank(ratio, layer.in_features, layer.out_features)
-        return rank if ratio < 1 and saves(rank, layer.in_features, layer.out_features) else None
-
     def variants(name: str, layer: nn.Linear) -> Callable[[float], torch.Tensor | None]:
         dec = decompose(layer.weight, grams[name] if grams else None)
 
         def low_rank(ratio: float) -> torch.Tensor | None:
-            rank = rank_of(layer, ratio)
+            rank = _rank_of(layer, ratio)
             if rank is None:
                 return None
             up, down = dec.factors(rank)
@@ -264,28 +294,13 @@ def _allocate(
         # asvd's whitening also reads the inputs' Gram matrices, from every calibration batch.
         recipe=f"{cfg.method}:{batches_digest(batches) if grams else ''}",
     )
-    costs = []
-    for _, layer in modules:
-        dense = layer.in_features * layer.out_features
-        row = []
-        for ratio in values:
-            rank = rank_of(layer, ratio)
-            size = dense if rank is None else rank * (layer.in_features + layer.out_features)
-            row.append(exact(size))
-        costs.append(row)
+    costs = [[exact(_kept(layer, ratio)) for ratio in values] for _, layer in modules]
     budget = exact(spec.param_ratio) * sum(m.in_features * m.out_features for _, m in modules)
     try:
         choice = allocate(prof, costs, budget)
-    except ValueError:
-        least = float(sum(min(row) for row in costs) / max(sum(p for p in prof.params), 1))
-        raise ConfigError(
-            Problem(
-                f"{key}.param_ratio",
-                spec.param_ratio,
-                f"is below what the smallest rank ratio, {min(values):g}, on every layer "
-                f"keeps ({least:.3f} of the weights)",
-                f"raise it to at least {least:.3f}, or add smaller rank_ratios",
-            )
+    except ValueError as e:  # the driver checked the budget on the dense model: a last guard
+        raise _budget_error(cfg, modules) or ConfigError(
+            Problem(f"{key}.param_ratio", spec.param_ratio, str(e), "raise it")
         ) from None
     choice, check = checked(model, modules, prof, choice, costs, budget, variants, batches)
     choice = agree(choice)
@@ -298,6 +313,18 @@ def _allocate(
 @register
 class SvdFactorize(Technique):
     config_type = SvdConfig
+
+    def select(
+        self, model: nn.Module, cfg: FactorizeConfig, filter_fn: FilterFn | None = None
+    ) -> list[tuple[str, nn.Module]]:
+        """The targeted Linears; with ``allocate``, also a ConfigError for a budget that no
+        allocation meets on them (the driver checks before anything runs)."""
+        modules = super().select(model, cfg, filter_fn)
+        if cfg.allocate is not None:
+            error = _budget_error(cfg, modules)
+            if error is not None:
+                raise error
+        return modules
 
     def apply_(self, model: nn.Module, cfg: FactorizeConfig, ctx: Context) -> Applied:
         rows, allocation = factorize_allocated_(
