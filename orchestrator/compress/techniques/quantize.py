@@ -398,7 +398,9 @@ class _Quantize(Technique):
         return {}
 
     def rebuild_(self, model: nn.Module, cfg: QuantizeConfig, entry: dict[str, Any]) -> None:
-        layer_bits = entry.get("allocation", {}).get("choice", {})
+        allocation = entry.get("allocation", {})
+        # ``layer_bits``: how artifacts written before sparsity and rank allocation name it.
+        layer_bits = allocation.get("choice", allocation.get("layer_bits", {}))
         tied = entry.get("tied", {})
         for name, kind in entry["modules"].items():
             old = model.get_submodule(name)
