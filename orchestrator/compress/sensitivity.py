@@ -140,7 +140,7 @@ def profile(
         with contextlib.suppress(OSError, ValueError, TypeError):
             return Profile(**{**json.loads(path.read_text()), "cached": True})
     start = time.perf_counter()
-    refs = [F.log_softmax(_logits(model, b), -1) for b in batches]
+    refs = _references(model, batches)
     table = []
     for name, layer in layers:
         original = layer.weight.data
@@ -291,12 +291,30 @@ def joint_kl(
 ) -> float:
     """The mean KL divergence of the model's outputs with every layer changed at once, each to
     its setting in ``choice``. The model is left as it was."""
-    refs = [F.log_softmax(_logits(model, b), -1) for b in batches]
+    makes = {name: variants(name, layer) for name, layer in layers}
+    return _joint_kl(model, layers, choice, makes, batches, _references(model, batches))
+
+
+def _references(model: nn.Module, batches: Sequence[Batch]) -> list[torch.Tensor]:
+    """The unchanged model's log-probabilities on ``batches``."""
+    return [F.log_softmax(_logits(model, b), -1) for b in batches]
+
+
+def _joint_kl(
+    model: nn.Module,
+    layers: Sequence[tuple[str, nn.Linear]],
+    choice: dict[str, float],
+    makes: dict[str, Callable[[float], torch.Tensor | None]],
+    batches: Sequence[Batch],
+    refs: Sequence[torch.Tensor],
+) -> float:
+    """``joint_kl`` from each layer's variants already made (an SVD each) and the references
+    already computed, so that several choices are measured at the cost of their passes only."""
     originals = {}
     try:
         for name, layer in layers:
             originals[name] = layer.weight.data
-            weight = variants(name, layer)(choice[name])
+            weight = makes[name](choice[name])
             if weight is not None:
                 layer.weight.data = weight.to(originals[name].dtype)
         kls = [_kl(ref, _logits(model, b)) for ref, b in zip(refs, batches, strict=True)]
@@ -332,8 +350,13 @@ def checked(
     if uniform is None or all(v == uniform[1] for v in choice.values()):
         return choice, {"kept": "allocation", "uniform": None}
     flat = {name: uniform[1] for name in prof.layers}
-    allocated = joint_kl(model, layers, choice, variants, batches)
-    same = joint_kl(model, layers, flat, variants, batches)
+    # Both choices from the same variants and references: each layer's SVD and the unchanged
+    # model's outputs are computed once.
+    makes = {name: variants(name, layer) for name, layer in layers}
+    with torch.no_grad():
+        refs = _references(model, batches)
+        allocated = _joint_kl(model, layers, choice, makes, batches, refs)
+        same = _joint_kl(model, layers, flat, makes, batches, refs)
     record = {
         "uniform": uniform[1],
         "allocation_kl": allocated,
