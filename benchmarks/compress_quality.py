@@ -94,7 +94,6 @@ def one_shot(job: dict) -> dict[str, float]:
             bundle,
             tokenizer,
             Path(tmp) / "model",
-            int(report.metrics["compress/params_before"]),
         )
 
 

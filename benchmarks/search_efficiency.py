@@ -14,7 +14,10 @@ uses) over the same space, with the same trial budget, the same data split and t
 ``algorithm: optuna`` (TPE by default, ``--sampler gp`` or ``nsga2``) and ``algorithm: random``
 (Tune's ``BasicVariantGenerator``). The space is joint and mostly poor at random: unstructured
 pruning (magnitude / wanda) at 10-90% sparsity, SVD / ASVD at rank ratios 0.1-0.9 (above ~0.5
-the factors hold more weights than the matrix), and int8 / 4-bit / 2-bit weights.
+the factors hold more weights than the matrix), and int8 / 4-bit / 2-bit weights. With
+``--space layers`` it is the per-layer space instead: each Linear's bit width (2, 3, 4 or 8),
+one dimension per layer (``per_layer: true`` on ``compress.quantize.bits``; 36 on MiniLM-L6),
+where a random draw puts a quarter of the layers at 2 bits.
 
 Hypervolume is 2-D, over (size / dense size, validation accuracy), with the reference point
 (size ratio 1.0, accuracy 1 / number of classes): only trials smaller than the dense model and
@@ -75,6 +78,21 @@ SPACE: dict[str, Any] = {
             "w2": {"method": "weight_only", "bits": 2, "granularity": "group", "group_size": 64},
         }
     },
+}
+# The per-layer space (``--space layers``): each Linear's weights at 2, 3, 4 or 8 bits, one
+# dimension per layer (36 on MiniLM-L6), everything else fixed: packed group-wise weights and
+# 4-bit embedding rows. Random search draws a quarter of the layers at 2 bits in every trial.
+LAYERS_BASE = {
+    "quantize": {
+        "method": "weight_only",
+        "bits": 4,
+        "granularity": "group",
+        "group_size": 64,
+        "embedding_bits": 4,
+    }
+}
+SPACE_LAYERS: dict[str, Any] = {
+    "compress.quantize.bits": {"choice": [2, 3, 4, 8], "per_layer": True},
 }
 CURVE_EVERY = 4
 GOAL = 1.2
@@ -143,9 +161,12 @@ def base_job(args: argparse.Namespace, algorithm: str, seed: int, work: Path) ->
         "data": {"name": "mr", "limit": args.limit, "max_length": args.max_length},
         # No training: batch_size sets the calibration batches (wanda, asvd) only.
         "train": {"num_workers": 1, "batch_size": 32, "max_steps": 1},
-        "compress": {"calib_batches": args.calib_batches},
+        "compress": {
+            "calib_batches": args.calib_batches,
+            **(LAYERS_BASE if args.space == "layers" else {}),
+        },
         "search": {
-            "space": SPACE,
+            "space": SPACE_LAYERS if args.space == "layers" else SPACE,
             "objectives": OBJECTIVES,
             "algorithm": algorithm,
             "sampler": args.sampler,
@@ -165,14 +186,14 @@ def trial_fn(config: dict[str, Any], *, base: dict[str, Any], search: dict, work
     from orchestrator import data as data_lib
     from orchestrator import models
     from orchestrator.config.loader import validate_job
-    from orchestrator.config.search import SearchConfig
+    from orchestrator.config.search import SearchConfig, sampled_values
     from orchestrator.finalize import build_compressed, calibration_batches, finalize
     from orchestrator.search.space import trial_job
 
     start = time.perf_counter()
     search_cfg = SearchConfig.model_validate(search)
     name = ray.tune.get_context().get_trial_name()
-    sampled = {k: config[k] for k in search_cfg.space}
+    sampled = sampled_values(search_cfg.space, config)
     spec = validate_job(trial_job(base, search_cfg, sampled, name, work), source=f"trial {name}")
     tokenizer = models.build_tokenizer(spec.model)
     bundle = data_lib.build(spec.data, tokenizer)  # the driver warmed the tokenization cache
@@ -186,7 +207,6 @@ def trial_fn(config: dict[str, Any], *, base: dict[str, Any], search: dict, work
             bundle,
             tokenizer,
             Path(tmp) / "model",
-            int(report.metrics["compress/params_before"]),
         )
     metrics["bench/trial_s"] = time.perf_counter() - start
     metrics["bench/torch_threads"] = float(torch.get_num_threads())
@@ -205,8 +225,13 @@ def _progress(label: str, total: int) -> Any:
             recipe = ", ".join(
                 f"{k.split('.', 1)[1]}={v:.2f}" if isinstance(v, float) else f"{k[9:]}={v}"
                 for k, v in trial.config.items()
-                if _active(k, trial.config)
+                if _active(k, trial.config) and ":" not in k
             )
+            layers = [v for k, v in trial.config.items() if ":" in k]
+            if layers:  # a per-layer space: the values' mean and how many of each
+                counts = {v: layers.count(v) for v in sorted(set(layers))}
+                mean = f"mean {sum(layers) / len(layers):.2f} per layer {counts}"
+                recipe = f"{recipe}, {mean}" if recipe else mean
             if metrics:
                 print(
                     f"  {label} {len(done):2d}/{total}: acc {metrics['eval/accuracy']:.3f}, "
@@ -259,7 +284,7 @@ def run_search(
     )
     tuner = tune.Tuner(
         trainable,
-        param_space=param_space(search_cfg),
+        param_space=param_space(search_cfg, args.layers),
         tune_config=tune.TuneConfig(
             search_alg=searcher(search_cfg, args.concurrency),
             num_samples=args.trials,
@@ -282,8 +307,14 @@ def run_search(
 # ----------------------------------------------------------------------------- scoring
 
 
+def reference(header: dict[str, Any]) -> tuple[float, float]:
+    """The hypervolume's reference point (size ratio, accuracy): the dense size (the per-layer
+    space: the size of its largest recipe) and chance."""
+    return header.get("ref_size", 1.0), header["ref_acc"]
+
+
 def curve(
-    trials: list[dict[str, Any]], ref_acc: float, key: str = "eval/accuracy"
+    trials: list[dict[str, Any]], ref: tuple[float, float], key: str = "eval/accuracy"
 ) -> list[tuple[int, float]]:
     """[(trials finished, hypervolume of those)] every CURVE_EVERY trials and at the end."""
     points: list[tuple[float, float]] = []
@@ -293,7 +324,7 @@ def curve(
         if m:
             points.append((m["compress/size_bytes"] / m["compress/dense_size_bytes"], m[key]))
         if i % CURVE_EVERY == 0 or i == len(trials):
-            out.append((i, hypervolume_2d(points, (1.0, ref_acc))))
+            out.append((i, hypervolume_2d(points, ref)))
     return out
 
 
@@ -301,10 +332,10 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b > 0 else (float("inf") if a > 0 else float("nan"))
 
 
-def headroom(record: list[dict[str, Any]], ref_acc: float) -> float:
+def headroom(record: list[dict[str, Any]], ref: tuple[float, float]) -> float:
     """Hypervolume of every trial of every search together: the best front this run knows, an
     upper bound on what one search of the budget reached (a searcher at it cannot be beaten)."""
-    return curve([t for r in record for t in r["trials"]], ref_acc)[-1][1]
+    return curve([t for r in record for t in r["trials"]], ref)[-1][1]
 
 
 def print_table(
@@ -329,9 +360,11 @@ def print_table(
         f"{header['n_test']} test sentences), {args.max_length} tokens; median trial "
         f"{header['trial_s']:.0f} s"
     )
+    print(f"- space: {header.get('space', 'joint')}")
     print(
         "- hypervolume over (artifact bytes / dense bytes, validation accuracy), reference "
-        f"(1.0, {header['ref_acc']:.2f} = chance); HV test: the same trials' test accuracy\n"
+        f"({reference(header)[0]:.3f}{' = all layers at 8 bits' if 'ref_size' in header else ''}"
+        f", {header['ref_acc']:.2f} = chance); HV test: the same trials' test accuracy\n"
     )
     print(
         "| seed | searcher | "
@@ -355,7 +388,7 @@ def print_table(
         f"| mean | | {' | '.join('' for _ in marks)} | ratio {test_mean:.2f} | | "
         f"**{mean:.2f}** (goal >= {GOAL}: {verdict}) |"
     )
-    best = headroom(record, header["ref_acc"])
+    best = headroom(record, reference(header))
     share = [sum(r["curves"][which][-1][1] for r in rows) / len(rows) / best for which in (0, 1)]
     print(
         f"\nheadroom: all {sum(len(r['trials']) for r in record)} trials of all searches "
@@ -396,6 +429,13 @@ def main() -> None:
         default=1000,
         help="MR examples in all (10%% validation, 20%% test); with the quickstart baseline at "
         "most 3000, so that validation stays out of its training data (checked)",
+    )
+    ap.add_argument(
+        "--space",
+        choices=["joint", "layers"],
+        default="joint",
+        help="joint: prune / factorize / quantize methods and settings (9 dimensions); layers: "
+        "each Linear's bit width, one dimension per layer",
     )
     ap.add_argument("--max-length", type=int, default=48, help="tokens per sentence")
     ap.add_argument("--calib-batches", type=int, default=4, help="x 32 sentences (wanda, asvd)")
@@ -442,8 +482,8 @@ def main() -> None:
                 row: dict[str, Any] = {"seed": seed, "curves": [], "test_hv": [], "failed": []}
                 for algorithm in ("optuna", "random"):
                     trials, wall = run_search(args, algorithm, seed, work)
-                    row["curves"].append(curve(trials, header["ref_acc"]))
-                    test = curve(trials, header["ref_acc"], key="test/accuracy")
+                    row["curves"].append(curve(trials, reference(header)))
+                    test = curve(trials, reference(header), key="test/accuracy")
                     row["test_hv"].append(test[-1][1] if test else 0.0)
                     row["failed"].append(sum(1 for t in trials if not t["metrics"]))
                     record.append(
@@ -514,16 +554,41 @@ def _preflight(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     from orchestrator import launch, models
     from orchestrator.config.loader import validate_job
-    from orchestrator.finalize import evaluate_plain, label_config
+    from orchestrator.finalize import (
+        build_compressed,
+        calibration_batches,
+        evaluate_plain,
+        finalize,
+        label_config,
+    )
+    from orchestrator.search.space import per_layer_targets, trial_job
 
     for algorithm in ("optuna", "random"):
         spec = launch.resolve_paths(validate_job(base_job(args, algorithm, 0, work)))
     tokenizer, bundle = launch.preflight(spec)
     dense = models.build_model(spec.model, bundle.num_labels, tokenizer, seed=spec.train.seed)
+    # The per-layer space's dimensions, as ``orchestrator search`` reads them from the model.
+    args.layers = per_layer_targets(spec.model_dump(mode="json"), spec.search, dense)
     label_config(dense, bundle)
     dense_acc = evaluate_plain(dense, bundle, "validation")["eval/accuracy"]
     argv = [Path(sys.argv[0]).as_posix(), *sys.argv[1:]]
+    extra = {}
+    if args.space == "layers":
+        # The reference size: every layer at the largest width (8 bits), measured as a trial is.
+        raw = trial_job(
+            spec.model_dump(mode="json", exclude={"search"}),
+            spec.search,
+            {"compress.quantize.bits": 8},
+            "reference",
+            str(work),
+        )
+        ref = validate_job(raw)
+        model, report = build_compressed(ref, bundle, tokenizer, calibration_batches(ref, bundle))
+        with tempfile.TemporaryDirectory(dir=work) as tmp:
+            m = finalize(ref, model, report, bundle, tokenizer, Path(tmp) / "model")
+        extra["ref_size"] = m["compress/size_bytes"] / m["compress/dense_size_bytes"]
     return {
+        **extra,
         "date": datetime.date.today().isoformat(),
         "command": "python " + shlex.join(argv),
         "cpus": os.cpu_count(),
@@ -531,6 +596,13 @@ def _preflight(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "ray": ray.__version__,
         "optuna": optuna.__version__,
         "model": args.model_name or os.path.relpath(args.model_path, ROOT),
+        "space": (
+            f"per layer: each of {sum(map(len, args.layers.values()))} Linears' bit width in "
+            f"{SPACE_LAYERS['compress.quantize.bits']['choice']} (weight_only, group 64, 4-bit "
+            "embeddings)"
+            if args.space == "layers"
+            else "joint: prune / factorize / quantize methods and settings"
+        ),
         "dense_acc": dense_acc,
         "ref_acc": 1.0 / bundle.num_labels,
         "n_val": bundle.sizes["validation"],

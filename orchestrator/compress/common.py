@@ -85,6 +85,46 @@ def select_modules(
     return out
 
 
+def per_layer(names: Iterable[str], layers: dict[str, Any], key: str) -> dict[str, Any]:
+    """Each of ``names`` that a pattern of ``layers`` (``compress.<stage>.layers``) matches ->
+    the value of the first such pattern. A pattern matches a layer by its name or by the name
+    of a module holding it (``*query`` also matches the two factors a factorization made of
+    a ``query`` layer). A pattern that matches no layer is an error naming ``key``: a typo
+    must not silently leave a layer at the default."""
+    names = list(names)
+    out: dict[str, Any] = {}
+    used: set[str] = set()
+    for name in names:
+        prefixes = _prefixes(name)
+        for pattern, value in layers.items():
+            if any(fnmatch.fnmatchcase(p, pattern) for p in prefixes):
+                out[name] = value
+                used.add(pattern)
+                break
+    problems = []
+    for pattern in (p for p in layers if p not in used):
+        if any(fnmatch.fnmatchcase(p, pattern) for n in names for p in _prefixes(n)):
+            why, fix = (
+                "takes no layer: every layer it matches takes an earlier pattern's value",
+                "list the more specific patterns first",
+            )
+        else:
+            why = "matches no layer this technique targets"
+            fix = "use glob patterns over the targeted layers' names, such as " + ", ".join(
+                names[:4]
+            )
+        problems.append(Problem(key, pattern, why, fix))
+    if problems:
+        raise ConfigError(problems)
+    return out
+
+
+def _prefixes(name: str) -> list[str]:
+    """``a.b.c``, ``a.b``, ``a``: the module and the modules holding it."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+
+
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model

@@ -33,7 +33,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import nn
 
-from orchestrator.compress.common import FilterFn, ModuleRow, select_modules
+from orchestrator.compress.common import FilterFn, ModuleRow, per_layer, select_modules
 from orchestrator.config.compress import TechniqueConfig, technique_config
 
 Batch = dict[str, torch.Tensor]
@@ -123,15 +123,24 @@ class Technique:
     def select(
         self, model: nn.Module, cfg: TechniqueConfig, filter_fn: FilterFn | None = None
     ) -> list[tuple[str, nn.Module]]:
-        """The modules ``cfg`` targets; a pattern that matches nothing is a ConfigError."""
-        return select_modules(
+        """The modules ``cfg`` targets; a pattern that matches nothing (of ``include``,
+        ``exclude``, or the per-layer settings ``layers``) is a ConfigError."""
+        modules = select_modules(
             model,
             cfg.include,
             cfg.exclude,
-            self.module_types,
+            self.types(cfg),
             f"compress.{cfg.stage}",
             filter_fn=filter_fn,
         )
+        if getattr(cfg, "layers", None):
+            linears = (n for n, m in modules if isinstance(m, nn.Linear))
+            per_layer(linears, cfg.layers, f"compress.{cfg.stage}.layers")
+        return modules
+
+    def types(self, cfg: TechniqueConfig) -> tuple[type[nn.Module], ...]:
+        """Module types ``include`` / ``exclude`` select among for ``cfg``."""
+        return self.module_types
 
     def apply_(self, model: nn.Module, cfg: TechniqueConfig, ctx: Context) -> Applied:
         raise NotImplementedError

@@ -77,6 +77,31 @@ def _calib_batches_field() -> Any:
     )
 
 
+def _layers_field(what: str, unmatched: str) -> Any:
+    return Field(
+        default_factory=dict,
+        description=f"per-layer {what}: module-name glob pattern (fnmatch) -> value; a layer "
+        "takes the value of the first pattern that matches its name or the name of a module "
+        f"holding it, the others {unmatched}; each pattern must match a targeted layer "
+        "(exclusive with allocate)",
+    )
+
+
+def layers_problems(layers: dict[str, Any], allocate: Any) -> list[tuple[str, Any, str, str]]:
+    """``layers`` (set by hand, or per layer by a search) and ``allocate`` (chosen from a
+    measured profile) both decide each layer's setting: one of them."""
+    if not layers or allocate is None:
+        return []
+    return [
+        (
+            "layers",
+            layers,
+            "sets each layer's value by hand, and allocate chooses them from a measured profile",
+            "keep one of layers and allocate",
+        )
+    ]
+
+
 class SelectsModules(TechniqueConfig):
     """A technique applied to the modules ``include`` / ``exclude`` select."""
 
@@ -310,15 +335,26 @@ class AllocatesSparsity(UnstructuredPruneMethod):
         "pruned weights",
     )
 
+    layers: dict[str, Annotated[float, Field(ge=0.0, lt=1.0)]] = _layers_field(
+        "sparsity, each in [0, 1)", "take compress.prune.sparsity"
+    )
+
     @model_validator(mode="after")
     def _allocation_fits(self) -> AllocatesSparsity:
-        if self.allocate is None:
+        problems = layers_problems(self.layers, self.allocate)
+        per_layer = "allocate" if self.allocate is not None else "layers" if self.layers else None
+        if per_layer is None:
             return self
-        problems = candidate_problems(
-            "allocate.sparsities", self.allocate.sparsities, "sparsity", self.sparsity, "sparsity"
-        )
+        if self.allocate is not None:
+            problems += candidate_problems(
+                "allocate.sparsities",
+                self.allocate.sparsities,
+                "sparsity",
+                self.sparsity,
+                "sparsity",
+            )
         for key, value, fine, why in (
-            ("schedule", self.schedule, "oneshot", "the allocation is measured and made once"),
+            ("schedule", self.schedule, "oneshot", "each layer's sparsity is set once"),
             ("scope", self.scope, "layer", "global scope is itself one threshold for all layers"),
             ("pattern", self.pattern, None, "an N:M pattern fixes every layer's sparsity"),
         ):
@@ -327,8 +363,8 @@ class AllocatesSparsity(UnstructuredPruneMethod):
                     (
                         key,
                         value,
-                        f"cannot be combined with compress.prune.allocate: {why}",
-                        f"remove compress.prune.allocate, or set compress.prune.{key}={fine}"
+                        f"cannot be combined with compress.prune.{per_layer}: {why}",
+                        f"remove compress.prune.{per_layer}, or set compress.prune.{key}={fine}"
                         if fine is not None
                         else "remove one of them",
                     )
@@ -475,8 +511,16 @@ class FactorizeMethod(SelectsModules):
         "calibration data when only that layer is factorized) under allocate.param_ratio",
     )
 
+    layers: dict[str, Annotated[float, Field(gt=0.0, le=1.0)]] = _layers_field(
+        "rank, as a fraction of min(in, out) in (0, 1] (1: the layer stays dense)",
+        "follow rank, rank_ratio or energy",
+    )
+
     @model_validator(mode="after")
     def _one_rank_rule(self) -> FactorizeMethod:
+        problems = layers_problems(self.layers, self.allocate)
+        if problems:
+            raise cross_field_error(problems)
         given = [k for k in self.exclusive if getattr(self, k) is not None]
         if len(given) != 1:
             raise cross_field_error(
@@ -600,6 +644,16 @@ class LowBitQuantizeMethod(QuantizeMethod):
         "least (the measured KL divergence of the model's outputs on calibration data when only "
         "that layer is quantized) under the budget allocate.avg_bits",
     )
+    layers: dict[str, Annotated[int, Field(ge=2, le=8)]] = _layers_field(
+        "bit width of Linear weights, each 2-8", "take bits"
+    )
+
+    @model_validator(mode="after")
+    def _one_per_layer_rule(self) -> LowBitQuantizeMethod:
+        problems = layers_problems(self.layers, self.allocate)
+        if problems:
+            raise cross_field_error(problems)
+        return self
 
 
 class FakeQuantConfig(LowBitQuantizeMethod):

@@ -72,6 +72,13 @@ OPTIONAL_SECTIONS = tuple(f"compress.{stage}" for stage in STAGES)
 # The field named ``int`` shadows the builtin inside the class body.
 _Int = int
 KINDS = ("uniform", "loguniform", "int", "choice", "grid")
+# Space keys a search may vary layer by layer (``per_layer: true``) -> the job key that takes
+# the per-layer values ({layer name: value}; see ``compress.<stage>.layers``).
+PER_LAYER = {
+    "compress.quantize.bits": "compress.quantize.layers",
+    "compress.prune.sparsity": "compress.prune.layers",
+    "compress.factorize.rank_ratio": "compress.factorize.layers",
+}
 
 
 class Distribution(ConfigModel):
@@ -90,6 +97,11 @@ class Distribution(ConfigModel):
         "sections and null: {off: null, int8: {method: dynamic_int8}})",
     )
     grid: list[Any] | None = Field(default=None, description="values, each tried")
+    per_layer: bool = Field(
+        default=False,
+        description="one dimension per targeted layer, each drawn from this distribution "
+        f"(the layers are read from the model when the search starts); for {', '.join(PER_LAYER)}",
+    )
 
     @field_validator("choice", mode="before")
     @classmethod
@@ -160,7 +172,11 @@ class Distribution(ConfigModel):
     @model_serializer(mode="wrap")
     def _only_kind(self, handler: Any) -> Any:
         """Saved as written (``{uniform: [0.2, 0.7]}``), without the four unused kinds."""
-        return {k: v for k, v in handler(self).items() if v is not None}
+        return {
+            k: v
+            for k, v in handler(self).items()
+            if v is not None and not (k == "per_layer" and v is False)
+        }
 
     def kind_is(self, kind: str) -> bool:
         return getattr(self, kind) is not None
@@ -373,6 +389,28 @@ class SearchConfig(ConfigModel):
                             f"give {key} as grid: [values], or use search.algorithm=optuna",
                         )
                     )
+        for key, dist in self.space.items():
+            if not dist.per_layer:
+                continue
+            if key not in PER_LAYER:
+                problems.append(
+                    (
+                        f"space.{key}.per_layer",
+                        True,
+                        "only a bit width, a sparsity or a rank ratio can be set layer by layer",
+                        f"remove per_layer, or put it on one of {', '.join(PER_LAYER)}",
+                    )
+                )
+            elif dist.kind == "grid" or self.algorithm == "grid":
+                problems.append(
+                    (
+                        f"space.{key}.per_layer",
+                        True,
+                        "a grid over every layer's value has as many points as the values to "
+                        "the power of the layers",
+                        "use choice (or a range) with search.algorithm optuna or random",
+                    )
+                )
         if self.scheduler == "asha":
             if len(self.objectives) > 1:
                 problems.append(
@@ -444,14 +482,45 @@ def ignored(key: str, off: list[str]) -> bool:
     return any(_under(key, s) for s in off)
 
 
+def layer_key(key: str, layer: str) -> str:
+    """The searcher's name of layer ``layer``'s dimension of the per-layer key ``key``:
+    ``compress.quantize.bits:encoder.layer.0.attention.self.query`` (characters an MLflow
+    param name may hold, and no ``/``, which Tune reads as nesting)."""
+    return f"{key}:{layer}"
+
+
+def sampled_values(space: dict[str, Distribution], config: dict[str, Any]) -> dict[str, Any]:
+    """The values a trial was given, by space key, from the searcher's flat ``config``: a
+    per-layer key's dimensions (``layer_key``) gathered into {layer: value}. A config that
+    already holds a space key as such (a trial record) is taken as it is."""
+    out: dict[str, Any] = {}
+    for key, dist in space.items():
+        if key in config:
+            out[key] = config[key]
+        elif dist.per_layer:
+            prefix = layer_key(key, "")
+            layers = {k[len(prefix) :]: v for k, v in config.items() if k.startswith(prefix)}
+            if layers:
+                out[key] = layers
+    return out
+
+
 def trial_overrides(space: dict[str, Distribution], sampled: dict[str, Any]) -> dict[str, Any]:
     """Dotted overrides for one trial: labels resolved, sections applied before their keys, and
-    keys below a section the trial switched off dropped (they would re-create it)."""
+    keys below a section the trial switched off dropped (they would re-create it). A per-layer
+    key sets its stage's ``layers``: {layer: value}, or one value for all ({"*": value})."""
     off = switched_off(space, sampled)
     out: dict[str, Any] = {}
     for key in sorted(sampled, key=lambda k: k.count(".")):
-        if not ignored(key, off):
-            out[key] = space[key].resolve(sampled[key]) if key in space else sampled[key]
+        if ignored(key, off):
+            continue
+        dist = space.get(key)
+        if dist is not None and dist.per_layer:
+            value = sampled[key]
+            layers = value if isinstance(value, dict) else {"*": value}
+            out[PER_LAYER[key]] = {n: dist.resolve(v) for n, v in layers.items()}
+        else:
+            out[key] = dist.resolve(sampled[key]) if dist is not None else sampled[key]
     return out
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from orchestrator.config.overrides import apply_overrides
 from orchestrator.config.search import (
+    PER_LAYER,
     Distribution,
     SearchConfig,
     baseline_base,
@@ -52,7 +53,7 @@ def search_problems(
     return problems
 
 
-def _combinations(space: dict[str, Distribution]) -> list[dict[str, Any]]:
+def combinations(space: dict[str, Distribution]) -> list[dict[str, Any]]:
     """Every combination of choice values and range ends, or each key alone (the others at
     their first candidate) when there are more than ``MAX_COMBINATIONS``."""
     keys = list(space)
@@ -69,6 +70,11 @@ def _combinations(space: dict[str, Distribution]) -> list[dict[str, Any]]:
     return [dict(zip(keys, combo, strict=True)) for combo in combos]
 
 
+def _target(key: str, dist: Distribution) -> str:
+    """The job key a space key sets: its stage's ``layers`` for a per-layer key."""
+    return PER_LAYER[key] if dist.per_layer and key in PER_LAYER else key
+
+
 def _related(key: str, space_key: str) -> bool:
     """``key`` is ``space_key``, below it, or a section holding it."""
     return key == space_key or key.startswith(space_key + ".") or space_key.startswith(key + ".")
@@ -82,10 +88,10 @@ def _space_problems(
     problems: list[Problem] = []
     keys = list(space)
     seen: set[str] = set()
-    for sampled in _combinations(space):
+    for sampled in combinations(space):
         raw = apply_overrides(job, trial_overrides(space, sampled))
         for p in validate(raw):
-            owner = next((k for k in keys if _related(p.key, k)), None)
+            owner = next((k for k in keys if _related(p.key, _target(k, space[k]))), None)
             if p.message == "unknown key" and owner is not None:
                 if p.key not in seen:
                     seen.add(p.key)

@@ -24,6 +24,7 @@ from orchestrator.config.search import (
     TRIAL_METRICS,
     SearchConfig,
     ignored,
+    sampled_values,
     switched_off,
 )
 from orchestrator.results.pareto import pareto_front
@@ -138,7 +139,8 @@ def effective_config(config: dict[str, Any], search: SearchConfig) -> dict[str, 
     section the trial switched off set to None, since the trial ignored them (see
     ``orchestrator.config.search.trial_overrides``)."""
     off = switched_off(search.space, config)
-    return {key: None if ignored(key, off) else config.get(key) for key in search.space}
+    values = sampled_values(search.space, config)
+    return {key: None if ignored(key, off) else values.get(key) for key in search.space}
 
 
 def _short(value: Any) -> str:
@@ -163,8 +165,16 @@ def recipe(config: dict[str, Any]) -> str:
             if key in OPTIONAL_SECTIONS:
                 parts.append(f"{name}=off")
             continue
+        if isinstance(value, dict):  # a per-layer key: {layer: value}
+            parts.append(f"{name}=mean{_short(_mean(value))}/layer")
+            continue
         parts.append(f"{name}={_short(value)}")
     return " ".join(parts) or "(no search keys)"
+
+
+def _mean(layers: dict[str, Any]) -> float:
+    """The plain mean of a per-layer key's values (``recipe``, the ``config/`` column)."""
+    return sum(float(v) for v in layers.values()) / max(len(layers), 1)
 
 
 def _fmt(v: float) -> str:
@@ -257,6 +267,9 @@ def size_ratio(metrics: dict[str, float], baseline: dict[str, float] | None) -> 
 def _config_column(values: list[Any], kind: str) -> pa.Array:
     """float64 for numbers, bool for switches, else strings (labels), so parquet readers get
     sortable numeric columns where the space is numeric."""
+    # A per-layer key's column holds the mean of its layers' values (the trial's job.yaml has
+    # each layer's).
+    values = [_mean(v) if isinstance(v, dict) else v for v in values]
     given = [v for v in values if v is not None]
     if not given:
         return pa.array(values, pa.float64() if kind in RANGE_KINDS else pa.string())

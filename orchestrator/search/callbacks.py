@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from orchestrator.config.schema import JobSpec
-from orchestrator.config.search import SearchConfig
+from orchestrator.config.search import SearchConfig, sampled_values
 from orchestrator.results.quality import confidence_of, quality_of
 from orchestrator.results.table import (
     check_constraints,
@@ -138,10 +138,11 @@ def record_trials(run_dir: RunFolder, spec: JobSpec) -> Any:
             old = self.records.get(name, {})
             if old.get("status") == "done":
                 return  # finished before a resume: its record stands as it was
+            sampled = sampled_values(spec.search.space, trial.config)
             record = {
                 "trial": name,
                 "status": status,
-                "config": {k: trial.config.get(k) for k in keys},
+                "config": {k: sampled.get(k) for k in keys},
                 "metrics": old.get("metrics", {}),
                 "error": None,
                 "artifact": None,

@@ -82,11 +82,13 @@ def build_tuner(
     resume: bool,
     verbose: bool = False,
     extra_callbacks: list[Any] | None = None,
+    layers: dict[str, list[str]] | None = None,
 ) -> Any:
     """The Tune experiment: a new one, or the interrupted one restored (``--resume``).
     ``verbose``: Tune's own trial table every 30 s besides the driver's line per trial.
     ``extra_callbacks``: trackers' Tune callbacks (a restored experiment keeps those of its
-    first start: Tune saved them with it)."""
+    first start: Tune saved them with it); ``layers``: the layers of each per-layer space key
+    (``_per_layer_targets``)."""
     from ray import tune
 
     search = spec.search
@@ -111,7 +113,7 @@ def build_tuner(
     namer = TrialNamer(folder, search)
     return tune.Tuner(
         trainable,
-        param_space=space_lib.param_space(search),
+        param_space=space_lib.param_space(search, layers),
         tune_config=tune.TuneConfig(
             search_alg=space_lib.searcher(search, parallel),
             scheduler=space_lib.scheduler(search, total_steps, spec.train.eval_every),
@@ -174,7 +176,8 @@ def search(
         raise unreachable("output.dir", spec.output.dir, e) from None
     check_search_dir(spec, resume)
     tracking.check(spec)
-    _, bundle = launch.preflight(spec)
+    tokenizer, bundle = launch.preflight(spec)
+    layers = _per_layer_targets(spec, tokenizer, bundle)
     launch.connect_ray(spec, address)
     launch.check_capacity(spec)
     launch.claim_run_dir(spec)
@@ -200,7 +203,7 @@ def search(
         flush=True,
     )
     callbacks = [tracker.callback()] if tracker else []
-    tuner = build_tuner(spec, folder, parallel, total_steps, resume, verbose, callbacks)
+    tuner = build_tuner(spec, folder, parallel, total_steps, resume, verbose, callbacks, layers)
     try:
         grid = tuner.fit()
     except Exception as e:  # Tune raises on driver-side failures (trial errors are recorded)
@@ -224,6 +227,17 @@ def search(
             f"{summary.n_trials}); the first error:\n{error}\nreport: {folder.uri('report.html')}"
         )
     return summary
+
+
+def _per_layer_targets(spec: JobSpec, tokenizer: Any, bundle: Any) -> dict[str, list[str]]:
+    """The layers of each per-layer key of the space (none without one), read from the dense
+    model before Ray starts: a pattern or a section that selects none fails here, exit 2."""
+    if not any(d.per_layer for d in spec.search.space.values()):
+        return {}
+    from orchestrator import models
+
+    model = models.build_model(spec.model, bundle.num_labels, tokenizer)
+    return space_lib.per_layer_targets(spec.model_dump(mode="json"), spec.search, model)
 
 
 def _start_tracker(spec: JobSpec, folder: RunFolder) -> tracking.Tracker | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from orchestrator.config.search import SearchConfig, ignored, switched_off
+from orchestrator.config.search import SearchConfig, ignored, sampled_values, switched_off
 from orchestrator.search.records import NAMES, trial_ordinal
 from orchestrator.search.space import trial_name
 from orchestrator.storage import RunFolder
@@ -31,7 +31,7 @@ class TrialNamer:
         if trial.trial_id not in names:
             used = [trial_ordinal(n) for n in names.values()]
             index = 1 + max((i for i in used if i is not None), default=-1)
-            sampled = {k: trial.config[k] for k in self.search.space if k in trial.config}
+            sampled = sampled_values(self.search.space, trial.config)
             # Keys under a section the trial switched off are not part of its recipe.
             off = switched_off(self.search.space, sampled)
             recipe = {k: v for k, v in sampled.items() if not ignored(k, off)}

@@ -8,29 +8,78 @@ import re
 from typing import Any
 
 from orchestrator.config.overrides import apply_overrides
-from orchestrator.config.search import SearchConfig, trial_overrides
+from orchestrator.config.search import PER_LAYER, SearchConfig, layer_key, trial_overrides
+from orchestrator.errors import ConfigError, Problem
 
 
-def param_space(search: SearchConfig) -> dict[str, Any]:
+def param_space(search: SearchConfig, layers: dict[str, list[str]] | None = None) -> dict[str, Any]:
     """Flat ``{dotted key: tune distribution}``; labelled choices are sampled as their labels
-    (Optuna's categorical values must be plain scalars), resolved in the trial."""
+    (Optuna's categorical values must be plain scalars), resolved in the trial. A per-layer key
+    becomes one dimension per layer of ``layers[key]`` (``per_layer_targets``), named by
+    ``layer_key``."""
     from ray import tune
 
     out: dict[str, Any] = {}
     for key, dist in search.space.items():
         kind, value = dist.kind, getattr(dist, dist.kind)
         if kind == "uniform":
-            out[key] = tune.uniform(*value)
+            domain = tune.uniform(*value)
         elif kind == "loguniform":
-            out[key] = tune.loguniform(*value)
+            domain = tune.loguniform(*value)
         elif kind == "int":
-            out[key] = tune.randint(value[0], value[1] + 1)  # randint's upper end is exclusive
+            domain = tune.randint(value[0], value[1] + 1)  # randint's upper end is exclusive
         elif kind == "choice" and search.algorithm == "grid":
-            out[key] = tune.grid_search(list(value))
+            domain = tune.grid_search(list(value))
         elif kind == "choice":
-            out[key] = tune.choice(list(value))
+            domain = tune.choice(list(value))
         else:
-            out[key] = tune.grid_search(list(value))
+            domain = tune.grid_search(list(value))
+        if not dist.per_layer:
+            out[key] = domain
+            continue
+        names = (layers or {}).get(key)
+        if not names:
+            raise ValueError(f"{key} is searched per layer and no layers were given for it")
+        for name in names:
+            out[layer_key(key, name)] = domain
+    return out
+
+
+def per_layer_targets(
+    job: dict[str, Any], search: SearchConfig, model: Any
+) -> dict[str, list[str]]:
+    """The layers each per-layer key of ``search`` has a dimension for: the Linear layers its
+    technique targets in ``model`` (the dense model, whose layer names every trial starts
+    from), under the first of the space's combinations that applies that technique."""
+    from torch import nn
+
+    from orchestrator.compress.technique import technique_for
+    from orchestrator.config.compress import CompressConfig
+    from orchestrator.config.space_check import combinations
+
+    wanted = {k: PER_LAYER[k].rsplit(".", 2)[1] for k, d in search.space.items() if d.per_layer}
+    out: dict[str, list[str]] = {}
+    for sampled in combinations(search.space):
+        raw = apply_overrides(job, trial_overrides(search.space, sampled))
+        compress = CompressConfig.model_validate(raw.get("compress") or {})
+        for key, stage in wanted.items():
+            cfg = getattr(compress, stage)
+            if key in out or cfg is None:
+                continue
+            cfg = cfg.model_copy(update={"layers": {}})
+            modules = technique_for(cfg).select(model, cfg)
+            out[key] = [n for n, m in modules if isinstance(m, nn.Linear)]
+            if not out[key]:
+                raise ConfigError(
+                    Problem(
+                        f"search.space.{key}.per_layer",
+                        True,
+                        f"compress.{stage} targets no Linear layer of the model",
+                        f"widen compress.{stage}.include, or remove per_layer",
+                    )
+                )
+        if len(out) == len(wanted):
+            break
     return out
 
 
@@ -101,9 +150,14 @@ def _short(value: Any) -> str:
 
 def trial_name(index: int, sampled: dict[str, Any]) -> str:
     """``t003_sparsity0.42_quantize-int8``: the trial's ordinal and its recipe (names derive from
-    the config, never from timestamps: resume finds trials by name)."""
+    the config, never from timestamps: resume finds trials by name); per-layer values by their
+    mean (``bits-mean3.4``)."""
     parts = [f"t{index:03d}"]
     for key, value in sampled.items():
+        if isinstance(value, dict):
+            mean = sum(value.values()) / max(len(value), 1)
+            parts.append(f"{key.rsplit('.', 1)[-1]}-mean{_short(mean)}")
+            continue
         parts.append(
             f"{key.rsplit('.', 1)[-1]}{'' if isinstance(value, float | int) else '-'}"
             f"{_short(value)}"

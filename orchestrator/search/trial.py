@@ -10,7 +10,7 @@ from typing import Any
 
 from orchestrator import launch
 from orchestrator.config.loader import dump_job, validate_job
-from orchestrator.config.search import SearchConfig
+from orchestrator.config.search import SearchConfig, sampled_values
 from orchestrator.errors import RunError
 from orchestrator.loop import FINAL_REPORT
 from orchestrator.search import space as space_lib
@@ -34,7 +34,7 @@ def train_driver_fn(
     entered = time.perf_counter()
     spec_search = SearchConfig.model_validate(search)
     name = ray.tune.get_context().get_trial_name()
-    sampled = {k: config[k] for k in spec_search.space}
+    sampled = sampled_values(spec_search.space, config)
     raw = space_lib.trial_job(base, spec_search, sampled, name, join(run_dir, TRIALS))
     spec = validate_job(raw, source=f"trial {name}")
     # This process may run on another node than the driver: with output.dir in storage, its

@@ -26,6 +26,7 @@ from orchestrator.compress.common import (
     ModuleRow,
     collect_input_stats,
     param_count,
+    per_layer,
     select_modules,
     set_module,
 )
@@ -175,18 +176,24 @@ def factorize_allocated_(
             raise ValueError("asvd factorization needs calibration batches")
         grams = collect_input_stats(model, modules, calib, gram=True)
     allocation = None
-    ranks: dict[str, int | None] = {}  # the allocated ones; None: kept dense
+    ratios: dict[str, float] = {}  # each layer's own rank ratio, where it has one (1: dense)
     if cfg.allocate is not None:
         allocation = _allocate(model, cfg, modules, grams, calib, agree, cache_dir)
-        for name, m in modules:
-            ratio = allocation["choice"][name]
-            ranks[name] = ratio_rank(ratio, m.in_features, m.out_features) if ratio < 1 else None
+        ratios = allocation["choice"]
+    elif cfg.layers:
+        ratios = per_layer((n for n, _ in modules), cfg.layers, "compress.factorize.layers")
+    ranks = {
+        n: ratio_rank(ratios[n], m.in_features, m.out_features)
+        for n, m in modules
+        if ratios.get(n, 1) < 1
+    }
     rows = []
     for name, linear in modules:
         shape = list(linear.weight.shape)
         before = param_count(linear)
-        if allocation is not None and ranks[name] is None:
-            new, rank, reason = None, min(shape), "kept dense by the allocation"
+        if ratios.get(name, 0) >= 1:
+            why = "the allocation" if allocation is not None else "compress.factorize.layers"
+            new, rank, reason = None, min(shape), f"kept dense by {why}"
         else:
             gram = grams[name] if grams else None
             new, rank, reason = factorize_linear(linear, cfg, gram, ranks.get(name))

@@ -19,7 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from orchestrator.compress.common import FilterFn, ModuleRow, collect_input_stats, select_modules
+from orchestrator.compress.common import (
+    FilterFn,
+    ModuleRow,
+    collect_input_stats,
+    per_layer,
+    select_modules,
+)
 from orchestrator.compress.technique import Applied, Context, MaskApplier, Technique, register
 from orchestrator.config.compress import (
     MagnitudePruneConfig,
@@ -132,10 +138,12 @@ class Pruner:
         self.input_norms = input_norms or {}
         self.masks: dict[str, torch.Tensor] = {}
         self.current_sparsity = 0.0
-        # Each layer's own sparsity (``compress.prune.allocate``; keyed by parameter name), or
-        # None: ``cfg.sparsity`` for all; and the allocation's record for the manifest.
+        # Each layer's own sparsity (``compress.prune.allocate`` or ``layers``; keyed by
+        # parameter name), or None: ``cfg.sparsity`` for all; and for the manifest the
+        # allocation's record, or the sparsities ``layers`` set (by module name).
         self.layer_sparsity: dict[str, float] | None = None
         self.allocation: dict[str, Any] | None = None
+        self.layers: dict[str, float] | None = None
 
     def scores(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -243,13 +251,19 @@ def prune_(
             raise ValueError("wanda pruning needs calibration batches")
         norms = collect_input_stats(model, modules, calib)
     pruner = Pruner(cfg, modules, norms)
+    targets: dict[str, float] = {}
     if getattr(cfg, "allocate", None) is not None:
         pruner.allocation = _allocate(model, pruner, calib, agree, cache_dir)
-        pruner.layer_sparsity = {f"{n}.weight": s for n, s in pruner.allocation["choice"].items()}
+        targets = pruner.allocation["choice"]
+    elif getattr(cfg, "layers", None):
+        pruner.layers = per_layer(pruner.modules, cfg.layers, "compress.prune.layers")
+        targets = {n: pruner.layers.get(n, cfg.sparsity) for n in pruner.modules}
+    if targets:
+        pruner.layer_sparsity = {f"{n}.weight": s for n, s in targets.items()}
     start = cfg.sparsity if cfg.schedule == "oneshot" else cfg.initial_sparsity
     pruner.update(start)
     pruner.apply_()
-    return pruner, _rows(modules, cfg, pruner.allocation)
+    return pruner, _rows(modules, cfg, targets)
 
 
 def _allocate(
@@ -315,9 +329,10 @@ def _allocate(
 def _rows(
     modules: list[tuple[str, nn.Module]],
     cfg: PruneConfig,
-    allocation: dict[str, Any] | None = None,
+    targets: dict[str, float] | None = None,
 ) -> list[ModuleRow]:
-    targets = {} if allocation is None else allocation["choice"]
+    """One row per pruned layer; ``targets``: each layer's own sparsity, where it has one."""
+    targets = targets or {}
     rows = []
     for name, module in modules:
         w = module.weight
@@ -360,6 +375,8 @@ class MagnitudePrune(Technique):
         entry: dict[str, Any] = {"modules": sorted(pruner.modules)}
         if pruner.allocation is not None:
             entry["allocation"] = pruner.allocation
+        if pruner.layers:
+            entry["layers"] = pruner.layers
         return Applied(rows, entry=entry, hook=pruner)
 
     def sparsity_scope(self, model: nn.Module, entry: dict[str, Any]) -> list[nn.Module]:

@@ -23,6 +23,7 @@ from orchestrator.compress.common import (
     FilterFn,
     ModuleRow,
     bitmap,
+    per_layer,
     select_modules,
     set_module,
     sqnr_db,
@@ -362,12 +363,8 @@ def _scale_activations(
 class _Quantize(Technique):
     """What the three quantization methods share: training form, rebuild, storage."""
 
-    def select(
-        self, model: nn.Module, cfg: QuantizeConfig, filter_fn: FilterFn | None = None
-    ) -> list[tuple[str, nn.Module]]:
-        return select_modules(
-            model, cfg.include, cfg.exclude, _types(cfg), "compress.quantize", filter_fn=filter_fn
-        )
+    def types(self, cfg: QuantizeConfig) -> tuple[type[nn.Module], ...]:
+        return _types(cfg)
 
     def apply_(self, model: nn.Module, cfg: QuantizeConfig, ctx: Context) -> Applied:
         entry: dict[str, Any] = {}
@@ -379,6 +376,13 @@ class _Quantize(Technique):
         if allocate is not None:
             entry["allocation"] = allocation = _allocate(model, cfg, ctx)
             layer_bits = allocation["choice"]
+        elif getattr(cfg, "layers", None):
+            linears = [
+                n for n, m, _ in quantizable(model, cfg, ctx.filter_fn) if isinstance(m, nn.Linear)
+            ]
+            entry["layers"] = layer_bits = per_layer(
+                linears, cfg.layers, "compress.quantize.layers"
+            )
         details = self.prepare_(model, cfg, ctx, layer_bits or {})
         rows = apply_quantize_(model, cfg, filter_fn=ctx.filter_fn, layer_bits=layer_bits)
         for row in rows:
@@ -399,8 +403,11 @@ class _Quantize(Technique):
 
     def rebuild_(self, model: nn.Module, cfg: QuantizeConfig, entry: dict[str, Any]) -> None:
         allocation = entry.get("allocation", {})
-        # ``layer_bits``: how artifacts written before sparsity and rank allocation name it.
-        layer_bits = allocation.get("choice", allocation.get("layer_bits", {}))
+        # ``layer_bits``: how artifacts written before sparsity and rank allocation name it;
+        # ``layers``: the widths ``compress.quantize.layers`` set.
+        layer_bits = entry.get("layers") or allocation.get(
+            "choice", allocation.get("layer_bits", {})
+        )
         tied = entry.get("tied", {})
         for name, kind in entry["modules"].items():
             old = model.get_submodule(name)
