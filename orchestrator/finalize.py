@@ -26,6 +26,7 @@ from orchestrator.compress import CompressionReport, compress_, summary_metrics
 from orchestrator.compress.artifact import load_artifact, save_artifact, weights_bytes
 from orchestrator.compress.common import param_count
 from orchestrator.compress.measure import kernel_summary, measure_decode, measure_latency
+from orchestrator.compress.technique import Workers
 from orchestrator.config.schema import JobSpec
 from orchestrator.files import write_atomic
 from orchestrator.models import CAUSAL_LM
@@ -53,9 +54,10 @@ def build_compressed(
     calib: list[dict[str, torch.Tensor]],
     total_steps: int = 0,
     agree: Callable[[Any], Any] | None = None,
+    workers: Workers | None = None,
 ) -> tuple[nn.Module, CompressionReport]:
-    """The job's model with its compression recipe applied (training form); ``agree``: see
-    ``compress.technique.Context.agree``."""
+    """The job's model with its compression recipe applied (training form); ``agree``,
+    ``workers``: see ``compress.technique.Context``."""
     model = models.build_model(spec.model, bundle.num_labels, tokenizer, seed=spec.train.seed)
     label_config(model, bundle)
     report = compress_(
@@ -67,6 +69,7 @@ def build_compressed(
         token_counts=(lambda: bundle.token_counts("train")) if tokenizer is not None else None,
         agree=agree,
         cache_dir=data_lib.cache_root(spec.data) / "sensitivity",
+        workers=workers,
     )
     return model, report
 

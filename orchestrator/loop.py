@@ -29,6 +29,7 @@ import torch.distributed as dist
 from orchestrator import data as data_lib
 from orchestrator import finalize, models, strategies
 from orchestrator.compress import CompressionReport, skeleton
+from orchestrator.compress.technique import Workers
 from orchestrator.config.loader import dump_job
 from orchestrator.config.schema import JobSpec, TrainConfig
 from orchestrator.distill import Distiller
@@ -74,6 +75,15 @@ def _broadcast(value: Any, is_main: bool) -> Any:
     if dist.is_initialized():
         dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def _gather(value: Any) -> list[Any]:
+    """Every rank's ``value``, by rank."""
+    if not dist.is_initialized():
+        return [value]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
 
 
 def log(message: str) -> None:
@@ -172,6 +182,7 @@ class Trainer:
                 calib,
                 self.total_steps,
                 agree=lambda value: _broadcast(value, self.is_main),
+                workers=Workers(ctx.rank, ctx.world_size, _gather),
             )
         else:
             model = models.build_model(

@@ -17,7 +17,14 @@ import torch
 from torch import nn
 
 from orchestrator.compress.common import FilterFn, ModuleRow, forward_eval, param_count, sqnr_db
-from orchestrator.compress.technique import Batch, Context, Step, TrainingHook, technique_for
+from orchestrator.compress.technique import (
+    Batch,
+    Context,
+    Step,
+    TrainingHook,
+    Workers,
+    technique_for,
+)
 from orchestrator.config.compress import CompressConfig
 from orchestrator.errors import ConfigError, Problem
 
@@ -105,11 +112,12 @@ def compress_(
     token_counts: Callable[[], dict[int, int]] | None = None,
     agree: Callable[[Any], Any] | None = None,
     cache_dir: Path | None = None,
+    workers: Workers | None = None,
 ) -> CompressionReport:
     """Apply ``spec`` to ``model`` in place (training form). ``calib`` batches feed Wanda, ASVD,
     structured importance, block similarity, allocation and SQNR; ``total_steps`` sizes a
     gradual pruning schedule; ``tokenizer`` and ``token_counts`` (the training split's) feed
-    vocabulary trimming; ``agree``, ``cache_dir``: see ``Context``."""
+    vocabulary trimming; ``agree``, ``cache_dir``, ``workers``: see ``Context``."""
     report = CompressionReport()
     params_before = param_count(model)
     targets = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
@@ -122,6 +130,7 @@ def compress_(
         token_counts=token_counts,
         **({"agree": agree} if agree is not None else {}),
         cache_dir=cache_dir,
+        workers=workers or Workers(),
     )
     for cfg in spec.techniques():
         technique = technique_for(cfg)

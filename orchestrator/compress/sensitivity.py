@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from orchestrator.compress.common import forward_eval
+from orchestrator.compress.technique import Workers
 from orchestrator.errors import ConfigError, Problem
 from orchestrator.files import write_atomic
 
@@ -53,7 +54,8 @@ Variants = Callable[[str, nn.Linear], Callable[[float], torch.Tensor | None]]
 class Profile:
     """``kl[i][j]``: mean KL divergence (nats per example) of the model's outputs when only
     layer ``layers[i]`` is changed by ``setting`` = ``values[j]`` (``bits``, ``sparsity``,
-    ``rank_ratio``). ``seconds``: what measuring it cost; ``cached``: read back instead."""
+    ``rank_ratio``). ``seconds``: what measuring it cost (wall time); ``cached``: read back
+    instead."""
 
     layers: list[str]
     params: list[int]
@@ -63,6 +65,7 @@ class Profile:
     batches: int
     seconds: float
     cached: bool = False
+    workers: int = 1  # the workers the layers were split among (``seconds``: the slowest's)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -127,53 +130,85 @@ def profile(
     *,
     cache_dir: Path | None = None,
     recipe: str = "",
+    workers: Workers | None = None,
 ) -> Profile:
     """The sensitivity of ``model`` to each layer of ``layers`` at each of ``values``;
     ``variants(name, layer)(value)``: the layer's weight under that setting (``None`` for a
     setting that leaves it as it is, which costs no forward pass). The model is left as it
     was. With ``cache_dir``, a profile measured before on the same model, batches, layers and
-    settings (``recipe``: what else the variants depend on) is read back instead."""
-    path = None
+    settings (``recipe``: what else the variants depend on) is read back instead.
+
+    ``workers`` (a distributed run's, all holding the same model and batches): each measures
+    every ``size``-th layer from its ``rank`` on, and all receive the whole table; a profile is
+    read back from the cache only when every worker has it."""
+    workers = workers or Workers()
+    path, cached = None, None
     if cache_dir is not None:
         key = _digest(model, batches, layers, setting, values, recipe)
         path = Path(cache_dir) / f"{setting}-{key}.json"
         with contextlib.suppress(OSError, ValueError, TypeError):
-            return Profile(**{**json.loads(path.read_text()), "cached": True})
+            cached = Profile(**{**json.loads(path.read_text()), "cached": True})
+    if workers.size > 1 and not all(workers.gather(cached is not None)):
+        # A worker on another node may lack it: one measuring alone would wait for the
+        # others' shares forever. All measure.
+        cached = None
+    if cached is not None:
+        return cached
     start = time.perf_counter()
     refs = _references(model, batches)
-    table = []
-    for name, layer in layers:
-        original = layer.weight.data
-        make = variants(name, layer)
-        row = []
-        try:
-            for value in values:
-                layer.weight.data = original  # each setting starts from the layer as it is
-                weight = make(value)
-                if weight is None:
-                    row.append(0.0)
-                    continue
-                layer.weight.data = weight.to(original.dtype)
-                pairs = zip(refs, batches, strict=True)
-                kls = [_kl(ref, _logits(model, batch)) for ref, batch in pairs]
-                row.append(max(0.0, sum(kls) / len(kls)))
-        finally:
-            layer.weight.data = original
-        table.append(row)
+    mine = {
+        i: _row(model, layers[i], values, variants, refs, batches)
+        for i in range(workers.rank, len(layers), workers.size)
+    }
+    seconds = time.perf_counter() - start
+    if workers.size > 1:
+        shares = workers.gather((mine, seconds))
+        mine = {i: row for rows, _ in shares for i, row in rows.items()}
+        seconds = max(s for _, s in shares)  # the slowest worker's share is the wall time
     prof = Profile(
         layers=[n for n, _ in layers],
         params=[int(m.weight.numel()) for _, m in layers],
         setting=setting,
         values=[float(v) for v in values],
-        kl=table,
+        kl=[mine[i] for i in range(len(layers))],
         batches=len(batches),
-        seconds=time.perf_counter() - start,
+        seconds=seconds,
+        workers=workers.size,
     )
     if path is not None:
         with contextlib.suppress(OSError):  # a cache that cannot be written is only slower
             path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(path, json.dumps(prof.to_json()))
     return prof
+
+
+def _row(
+    model: nn.Module,
+    layer: tuple[str, nn.Linear],
+    values: Sequence[float],
+    variants: Variants,
+    refs: Sequence[torch.Tensor],
+    batches: Sequence[Batch],
+) -> list[float]:
+    """One layer's KL at each of ``values``, the layer restored afterwards."""
+    name, module = layer
+    original = module.weight.data
+    make = variants(name, module)
+    row = []
+    try:
+        for value in values:
+            module.weight.data = original  # each setting starts from the layer as it is
+            weight = make(value)
+            if weight is None:
+                row.append(0.0)
+                continue
+            module.weight.data = weight.to(original.dtype)
+            pairs = zip(refs, batches, strict=True)
+            kls = [_kl(ref, _logits(model, batch)) for ref, batch in pairs]
+            row.append(max(0.0, sum(kls) / len(kls)))
+    finally:
+        module.weight.data = original
+    return row
 
 
 def calibration_for(calib: Sequence[Batch] | None, key: str, value: Any) -> Sequence[Batch]:

@@ -53,6 +53,21 @@ class TrainingHook(Protocol):
         """A later technique changed ``model``: forget the modules it replaced; returns them."""
 
 
+def _alone(value: Any) -> list[Any]:
+    return [value]
+
+
+@dataclass(frozen=True)
+class Workers:
+    """The workers of a distributed run that compress the same model together: this one's
+    ``rank`` of ``size``, and ``gather(value)``: every worker's value, by rank (a collective:
+    every worker calls it, in the same order). One process: rank 0 of 1."""
+
+    rank: int = 0
+    size: int = 1
+    gather: Callable[[Any], list[Any]] = _alone
+
+
 @dataclass
 class Context:
     """What ``apply_`` may use besides the model and its config."""
@@ -72,6 +87,9 @@ class Context:
     # (the model's weights, the calibration batches, the layers and settings): trials of a
     # search that profile the same model at other budgets measure it once. None: not kept.
     cache_dir: Path | None = None
+    # The workers compressing this model together: a sensitivity profile's layers are split
+    # among them (layers are independent), each measures its share and all receive the whole.
+    workers: Workers = field(default_factory=Workers)
 
 
 @dataclass

@@ -122,43 +122,51 @@ def test_distillation_from_the_dense_teacher(tmp_path: Path, train: dict) -> Non
     assert -1 <= m0["eval/accuracy_drop"] <= 1
 
 
-def allocation_worker(rank: int, world: int, job: dict) -> tuple[dict, dict]:
-    """Compress with a per-layer allocation as a training worker does, rank 1 measuring its
-    sensitivity on other calibration batches than rank 0 (as float noise or a near-tie could
-    make it decide otherwise); returns (the widths applied, the widths its own profile gives)."""
+def allocation_worker(rank: int, world: int, job: dict) -> dict:
+    """Compress with a per-layer allocation as a training worker does (the first worker's
+    choice on all, the profile's layers split among the workers); rank 0 then profiles a fresh
+    copy of the model alone, to compare."""
     import torch.distributed as dist
 
     from orchestrator import data, finalize, loop, models
-    from orchestrator.compress.sensitivity import Profile, allocate_bits
+    from orchestrator.compress.qtensor import fake_quantize
+    from orchestrator.compress.sensitivity import profile
+    from orchestrator.compress.technique import Workers
+    from orchestrator.compress.techniques.quantize import linear_spec, quantizable
     from orchestrator.config import validate_job
 
     spec = validate_job(job)
     tokenizer = models.build_tokenizer(spec.model)
     bundle = data.build(spec.data, tokenizer)
     calib = finalize.calibration_batches(spec, bundle)
-    if rank == 1:
-        calib = [{k: v.flip(0) for k, v in b.items()} for b in calib[::-1]]
-        calib = [
-            {k: (v + 7) % 1000 if k == "input_ids" else v for k, v in b.items()} for b in calib
-        ]
     _, report = finalize.build_compressed(
-        spec, bundle, tokenizer, calib, agree=lambda v: loop._broadcast(v, rank == 0)
+        spec,
+        bundle,
+        tokenizer,
+        calib,
+        agree=lambda v: loop._broadcast(v, rank == 0),
+        workers=Workers(rank, world, loop._gather),
     )
     entry = next(s.entry for s in report.steps if s.config.stage == "quantize")["allocation"]
-    # What this worker alone would have chosen: its own profile's allocation, or the uniform
-    # width its own joint check preferred.
-    own = allocate_bits(Profile(**entry["profile"]), spec.compress.quantize.allocate.avg_bits)
-    if entry["check"]["kept"] == "uniform":
-        own = dict.fromkeys(own, entry["check"]["uniform"])
+    alone = None
+    if rank == 0:
+        cfg = spec.compress.quantize
+        model = models.build_model(spec.model, bundle.num_labels, tokenizer, seed=spec.train.seed)
+        chosen = entry["choice"]
+        layers = [(n, m) for n, m, why in quantizable(model, cfg) if not why and n in chosen]
+
+        def variants(_name, layer):
+            return lambda b: fake_quantize(layer.weight.data, *linear_spec(cfg, int(b)).as_args())
+
+        alone = profile(model, layers, "bits", sorted(cfg.allocate.bits), variants, calib[:2]).kl
     dist.barrier()
-    return entry["choice"], {n: int(b) for n, b in own.items()}
+    return {"choice": entry["choice"], "profile": entry["profile"], "alone": alone}
 
 
-def test_workers_apply_the_first_workers_allocation(tmp_path: Path) -> None:
+def test_workers_split_the_profile_and_apply_one_allocation(tmp_path: Path) -> None:
     job = {
         "name": "allocate",
-        # Real pretrained weights: an untrained model's outputs barely move at any width, and
-        # the joint check then keeps one width everywhere on both workers alike.
+        # Real pretrained weights: an untrained model's outputs barely move at any width.
         "model": {"name": "minilm-l6"},
         "data": {"name": "mr", "limit": 300, "max_length": 32, "cache_dir": str(tmp_path)},
         "compress": {
@@ -166,11 +174,17 @@ def test_workers_apply_the_first_workers_allocation(tmp_path: Path) -> None:
                 "method": "weight_only",
                 "granularity": "group",
                 "group_size": 32,
+                "include": ["*layer.[01].*"],  # 12 Linears: the profile twice stays short
                 "allocate": {"avg_bits": 3.0, "calib_batches": 2},
             },
             "calib_batches": 2,
         },
     }
-    (applied0, own0), (applied1, own1) = run_workers(allocation_worker, 2, job)
-    assert applied0 == applied1 == own0
-    assert own1 != own0  # rank 1 alone would have chosen otherwise
+    r0, r1 = run_workers(allocation_worker, 2, job)
+    assert r0["choice"] == r1["choice"] and len(r0["choice"]) == 12
+    # Each worker measured half the layers; both hold the whole profile, the one a single
+    # process measures.
+    assert r0["profile"]["workers"] == r1["profile"]["workers"] == 2
+    assert r0["profile"]["kl"] == r1["profile"]["kl"]
+    split = [kl for row in r0["profile"]["kl"] for kl in row]
+    assert split == pytest.approx([kl for row in r0["alone"] for kl in row], rel=1e-3, abs=1e-10)

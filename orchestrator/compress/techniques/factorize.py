@@ -30,7 +30,7 @@ from orchestrator.compress.common import (
     select_modules,
     set_module,
 )
-from orchestrator.compress.technique import Applied, Context, Technique, register
+from orchestrator.compress.technique import Applied, Context, Technique, Workers, register
 from orchestrator.config.compress import AsvdConfig, FactorizeMethod, SvdConfig
 from orchestrator.errors import ConfigError, Problem
 
@@ -162,6 +162,7 @@ def factorize_allocated_(
     filter_fn: FilterFn | None = None,
     agree: Callable[[Any], Any] = lambda value: value,
     cache_dir: Path | None = None,
+    workers: Workers | None = None,
 ) -> tuple[list[ModuleRow], dict[str, Any] | None]:
     """``factorize_``, and with ``cfg.allocate`` the allocation's record (the rank ratio of
     each layer, 1 for the layers it keeps dense)."""
@@ -178,7 +179,7 @@ def factorize_allocated_(
     allocation = None
     ratios: dict[str, float] = {}  # each layer's own rank ratio, where it has one (1: dense)
     if cfg.allocate is not None:
-        allocation = _allocate(model, cfg, modules, grams, calib, agree, cache_dir)
+        allocation = _allocate(model, cfg, modules, grams, calib, agree, cache_dir, workers)
         ratios = allocation["choice"]
     elif cfg.layers:
         ratios = per_layer((n for n, _ in modules), cfg.layers, "compress.factorize.layers")
@@ -258,6 +259,7 @@ def _allocate(
     calib: list[dict[str, torch.Tensor]] | None,
     agree: Callable[[Any], Any],
     cache_dir: Path | None,
+    workers: Workers | None,
 ) -> dict[str, Any]:
     """Each layer's rank ratio (1: dense) with the factorized weights at most
     ``allocate.param_ratio`` of the dense ones, from the model's measured sensitivity to
@@ -298,6 +300,7 @@ def _allocate(
         variants,
         measured,
         cache_dir=cache_dir,
+        workers=workers,
         # asvd's whitening also reads the inputs' Gram matrices, from every calibration batch.
         recipe=f"{cfg.method}:{batches_digest(batches) if grams else ''}",
     )
@@ -341,6 +344,7 @@ class SvdFactorize(Technique):
             filter_fn=ctx.filter_fn,
             agree=ctx.agree,
             cache_dir=ctx.cache_dir,
+            workers=ctx.workers,
         )
         ranks = {r.name: r.details["rank"] for r in rows if not r.skipped}
         entry: dict[str, Any] = {"ranks": ranks}

@@ -26,7 +26,14 @@ from orchestrator.compress.common import (
     per_layer,
     select_modules,
 )
-from orchestrator.compress.technique import Applied, Context, MaskApplier, Technique, register
+from orchestrator.compress.technique import (
+    Applied,
+    Context,
+    MaskApplier,
+    Technique,
+    Workers,
+    register,
+)
 from orchestrator.config.compress import (
     MagnitudePruneConfig,
     SparseGptPruneConfig,
@@ -235,6 +242,7 @@ def prune_(
     total_steps: int = 0,
     agree: Callable[[Any], Any] = lambda value: value,
     cache_dir: Path | None = None,
+    workers: Workers | None = None,
 ) -> tuple[Pruner, list[ModuleRow]]:
     """Unstructured pruning of the selected Linear layers, in place. One-shot prunes to
     ``cfg.sparsity`` now (with ``cfg.allocate``: each layer to its allocated sparsity, the
@@ -253,7 +261,7 @@ def prune_(
     pruner = Pruner(cfg, modules, norms)
     targets: dict[str, float] = {}
     if getattr(cfg, "allocate", None) is not None:
-        pruner.allocation = _allocate(model, pruner, calib, agree, cache_dir)
+        pruner.allocation = _allocate(model, pruner, calib, agree, cache_dir, workers)
         targets = pruner.allocation["choice"]
     elif getattr(cfg, "layers", None):
         pruner.layers = per_layer(pruner.modules, cfg.layers, "compress.prune.layers")
@@ -272,6 +280,7 @@ def _allocate(
     calib: list[dict[str, torch.Tensor]] | None,
     agree: Callable[[Any], Any],
     cache_dir: Path | None,
+    workers: Workers | None,
 ) -> dict[str, Any]:
     """Each layer's sparsity under the mean ``cfg.sparsity``, from the model's measured
     sensitivity to pruning that layer alone by the method's own scores
@@ -312,6 +321,7 @@ def _allocate(
         variants,
         batches[: allocate.calib_batches],
         cache_dir=cache_dir,
+        workers=workers,
         # Wanda's scores also read the input norms, measured on every calibration batch.
         recipe=f"{cfg.method}:{tensors_digest(pruner.input_norms)}",
     )
@@ -370,6 +380,7 @@ class MagnitudePrune(Technique):
             total_steps=ctx.total_steps,
             agree=ctx.agree,
             cache_dir=ctx.cache_dir,
+            workers=ctx.workers,
         )
         # The pruned layers, so that sparsity is measured over them (on any copy of the model).
         entry: dict[str, Any] = {"modules": sorted(pruner.modules)}

@@ -302,6 +302,7 @@ def _allocate(model: nn.Module, cfg: QuantizeConfig, ctx: Context) -> dict[str, 
         batches,
         cache_dir=ctx.cache_dir,
         recipe=f"{cfg.method}:{cfg.granularity}:{cfg.group_size}:{cfg.symmetric}",
+        workers=ctx.workers,
     )
     choice = allocate_bits(prof, allocate.avg_bits)
     choice, check = checked(
