@@ -186,8 +186,12 @@ class Distribution(ConfigModel):
         return next(k for k in KINDS if self.kind_is(k))
 
     def candidates(self) -> list[Any]:
-        """What the searcher may hand a trial: the ends of a range, every choice / grid value
-        (labels for a labelled choice)."""
+        """What the searcher may hand a trial: the ends of a range and a fractional value
+        inside a float range (a whole-number key such as a bit width must not take one), every
+        choice / grid value (labels for a labelled choice)."""
+        if self.kind in ("uniform", "loguniform"):
+            lo, hi = getattr(self, self.kind)
+            return [lo, lo + 0.37 * (hi - lo), hi]
         return list(getattr(self, self.kind))  # range ends, a mapping's labels, or the values
 
     def resolve(self, sampled: Any) -> Any:
@@ -399,6 +403,16 @@ class SearchConfig(ConfigModel):
                         True,
                         "only a bit width, a sparsity or a rank ratio can be set layer by layer",
                         f"remove per_layer, or put it on one of {', '.join(PER_LAYER)}",
+                    )
+                )
+            elif dist.kind == "choice" and isinstance(dist.choice, dict):
+                problems.append(
+                    (
+                        f"space.{key}.per_layer",
+                        True,
+                        "each layer's value is a number: labels name sections, not widths, "
+                        "sparsities or rank ratios",
+                        f"list the values: {key}: {{choice: [...], per_layer: true}}",
                     )
                 )
             elif dist.kind == "grid" or self.algorithm == "grid":

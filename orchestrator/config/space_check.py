@@ -113,7 +113,9 @@ def _space_problems(
                     sampled.get(where, p.value),
                     f"makes an invalid trial job: {p.key} = {p.value!r}: {p.message}"
                     + (f" (with {shown})" if shown else ""),
-                    "narrow the range, or use a labelled choice of whole sections so that "
+                    "draw whole numbers: {int: [lo, hi]} or {choice: [...]}"
+                    if "valid integer" in p.message
+                    else "narrow the range, or use a labelled choice of whole sections so that "
                     "only valid combinations can be drawn",
                 )
             )

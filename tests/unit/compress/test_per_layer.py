@@ -226,6 +226,18 @@ def test_the_table_shows_a_per_layer_key_by_its_mean() -> None:
             "search.space.compress.prune.initial_sparsity.per_layer = True: only a bit width",
         ),
         (
+            {"compress.quantize.bits": {"choice": {"low": 2, "high": 8}, "per_layer": True}},
+            {},
+            "search.space.compress.quantize.bits.per_layer = True: each layer's value is a number",
+        ),
+        (
+            {"compress.quantize.bits": {"uniform": [2, 8], "per_layer": True}},
+            {},
+            "search.space.compress.quantize.bits = 4.22: makes an invalid trial job: "
+            "compress.quantize.layers.* = 4.22: Input should be a valid integer, got a number "
+            "with a fractional part. Fix: draw whole numbers: {int: [lo, hi]}",
+        ),
+        (
             {"compress.quantize.bits": {"grid": [2, 4], "per_layer": True}},
             {"algorithm": "grid"},
             "search.space.compress.quantize.bits.per_layer = True: a grid over every layer",
@@ -236,6 +248,7 @@ def test_per_layer_search_errors(space: dict, extra: dict, says: str) -> None:
     from orchestrator.config.loader import validate_job
 
     raw = load_job(JOB).model_dump(mode="json")
+    raw["compress"]["quantize"] = {"method": "weight_only"}
     raw["search"] = {"space": space, **extra}
     with pytest.raises(ConfigError) as e:
         validate_job(raw)
