@@ -102,6 +102,13 @@ class Distribution(ConfigModel):
         description="one dimension per targeted layer, each drawn from this distribution "
         f"(the layers are read from the model when the search starts); for {', '.join(PER_LAYER)}",
     )
+    allocations: list[float] | None = Field(
+        default=None,
+        description="with per_layer and choice: budgets whose per-layer allocation (from the "
+        "dense model's measured sensitivity, as compress.<stage>.allocate makes it, over the "
+        "choice's values) the searcher tries first: mean bits, mean sparsity, or the fraction "
+        "of the weights factorization keeps",
+    )
 
     @field_validator("choice", mode="before")
     @classmethod
@@ -199,6 +206,59 @@ class Distribution(ConfigModel):
         if self.kind == "choice" and isinstance(self.choice, dict):
             return self.choice[sampled]
         return sampled
+
+
+def _allocations_problems(
+    key: str, dist: Distribution, samples: int
+) -> list[tuple[str, Any, str, str]]:
+    """An allocation draws each layer's value from a choice's values, and a budget must be
+    one some choice of them meets."""
+    where, budgets = f"space.{key}.allocations", dist.allocations or []
+    if dist.kind != "choice":
+        return [
+            (
+                where,
+                budgets,
+                "an allocation picks each layer's value among candidates: it needs choice",
+                f"write {key}: {{choice: [...], per_layer: true, allocations: [...]}}",
+            )
+        ]
+    values = [float(v) for v in dist.choice]
+    problems = []
+    rank = key == "compress.factorize.rank_ratio"
+    if rank:
+        lo, hi, what = 0.0, 1.0, "the fraction of the factorized layers' weights kept"
+        if 1.0 not in values:
+            problems.append(
+                (
+                    where,
+                    budgets,
+                    "an allocation may keep a layer dense (rank ratio 1), which the choice lacks",
+                    f"add 1 to {key}'s choice",
+                )
+            )
+    else:
+        lo, hi, what = min(values), max(values), "the mean over the layers' weights"
+    for b in budgets:
+        if not (lo < b <= hi if rank else lo <= b <= hi):  # a rank budget of 0 keeps nothing
+            problems.append(
+                (
+                    where,
+                    b,
+                    f"is out of reach: the budget is {what}, between {lo:g} and {hi:g} here",
+                    f"use budgets between {lo:g} and {hi:g}",
+                )
+            )
+    if len(budgets) > samples:
+        problems.append(
+            (
+                where,
+                budgets,
+                f"lists more starting points than the search's {samples} trials",
+                "list fewer allocations, or raise search.num_samples",
+            )
+        )
+    return problems
 
 
 class Objective(ConfigModel):
@@ -395,6 +455,16 @@ class SearchConfig(ConfigModel):
                     )
         for key, dist in self.space.items():
             if not dist.per_layer:
+                if dist.allocations is not None:
+                    problems.append(
+                        (
+                            f"space.{key}.allocations",
+                            dist.allocations,
+                            "allocations are starting points of a per-layer search",
+                            "set per_layer: true (on a bit width, sparsity or rank ratio), or "
+                            "remove allocations",
+                        )
+                    )
                 continue
             if key not in PER_LAYER:
                 problems.append(
@@ -415,7 +485,9 @@ class SearchConfig(ConfigModel):
                         f"list the values: {key}: {{choice: [...], per_layer: true}}",
                     )
                 )
-            elif dist.kind == "grid" or self.algorithm == "grid":
+            elif dist.allocations is not None:
+                problems += _allocations_problems(key, dist, self.samples)
+            if dist.kind == "grid" or self.algorithm == "grid":
                 problems.append(
                     (
                         f"space.{key}.per_layer",

@@ -6,6 +6,7 @@ refreshes the report as trials finish."""
 from __future__ import annotations
 
 import os
+import time
 import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -83,12 +84,13 @@ def build_tuner(
     verbose: bool = False,
     extra_callbacks: list[Any] | None = None,
     layers: dict[str, list[str]] | None = None,
+    points: list[dict[str, Any]] | None = None,
 ) -> Any:
     """The Tune experiment: a new one, or the interrupted one restored (``--resume``).
     ``verbose``: Tune's own trial table every 30 s besides the driver's line per trial.
     ``extra_callbacks``: trackers' Tune callbacks (a restored experiment keeps those of its
     first start: Tune saved them with it); ``layers``: the layers of each per-layer space key
-    (``_per_layer_targets``)."""
+    (``_per_layer_targets``); ``points``: configs the searcher tries first."""
     from ray import tune
 
     search = spec.search
@@ -115,7 +117,7 @@ def build_tuner(
         trainable,
         param_space=space_lib.param_space(search, layers),
         tune_config=tune.TuneConfig(
-            search_alg=space_lib.searcher(search, parallel),
+            search_alg=space_lib.searcher(search, parallel, points),
             scheduler=space_lib.scheduler(search, total_steps, spec.train.eval_every),
             num_samples=search.samples,
             max_concurrent_trials=parallel,
@@ -203,7 +205,12 @@ def search(
         flush=True,
     )
     callbacks = [tracker.callback()] if tracker else []
-    tuner = build_tuner(spec, folder, parallel, total_steps, resume, verbose, callbacks, layers)
+    points = None
+    if not (resume and folder.exists(TUNE_NAME)):  # a resumed searcher keeps its own
+        points = _allocation_points(spec, folder, layers, tokenizer, bundle)
+    tuner = build_tuner(
+        spec, folder, parallel, total_steps, resume, verbose, callbacks, layers, points
+    )
     try:
         grid = tuner.fit()
     except Exception as e:  # Tune raises on driver-side failures (trial errors are recorded)
@@ -238,6 +245,25 @@ def _per_layer_targets(spec: JobSpec, tokenizer: Any, bundle: Any) -> dict[str, 
 
     model = models.build_model(spec.model, bundle.num_labels, tokenizer)
     return space_lib.per_layer_targets(spec.model_dump(mode="json"), spec.search, model)
+
+
+def _allocation_points(
+    spec: JobSpec, folder: RunFolder, layers: dict[str, list[str]], tokenizer: Any, bundle: Any
+) -> list[dict[str, Any]] | None:
+    """The per-layer allocations the searcher tries first (``allocations`` on a per-layer
+    key), measured on the dense baseline the trials start from; None without any."""
+    keys = [k for k, d in spec.search.space.items() if d.per_layer and d.allocations]
+    if not keys:
+        return None
+    start = time.perf_counter()
+    base = trial_base(spec.model_dump(mode="json"), spec.search, folder.uri("baseline", "model"))
+    points = space_lib.allocation_points(base, spec.search, layers, bundle, tokenizer)
+    print(
+        f"[orchestrator] the searcher starts from {len(points)} per-layer allocations of "
+        f"{', '.join(keys)}, measured on the dense model in {time.perf_counter() - start:.0f} s",
+        flush=True,
+    )
+    return points
 
 
 def _start_tracker(spec: JobSpec, folder: RunFolder) -> tracking.Tracker | None:

@@ -45,6 +45,32 @@ def param_space(search: SearchConfig, layers: dict[str, list[str]] | None = None
     return out
 
 
+def _stage(key: str) -> str:
+    """The compress stage a per-layer key belongs to (``compress.quantize.bits``: quantize)."""
+    return PER_LAYER[key].split(".")[1]
+
+
+def stage_configs(job: dict[str, Any], search: SearchConfig) -> dict[str, tuple[Any, dict]]:
+    """Each per-layer key's technique config as the trials apply it (its ``layers`` empty),
+    with the sampled values it comes from: the first of the space's combinations that
+    applies the stage."""
+    from orchestrator.config.compress import CompressConfig
+    from orchestrator.config.space_check import combinations
+
+    wanted = {k: _stage(k) for k, d in search.space.items() if d.per_layer}
+    out: dict[str, tuple[Any, dict]] = {}
+    for sampled in combinations(search.space):
+        raw = apply_overrides(job, trial_overrides(search.space, sampled))
+        compress = CompressConfig.model_validate(raw.get("compress") or {})
+        for key, stage in wanted.items():
+            cfg = getattr(compress, stage)
+            if key not in out and cfg is not None:
+                out[key] = (cfg.model_copy(update={"layers": {}}), sampled)
+        if len(out) == len(wanted):
+            break
+    return out
+
+
 def per_layer_targets(
     job: dict[str, Any], search: SearchConfig, model: Any
 ) -> dict[str, list[str]]:
@@ -54,44 +80,111 @@ def per_layer_targets(
     from torch import nn
 
     from orchestrator.compress.technique import technique_for
-    from orchestrator.config.compress import CompressConfig
-    from orchestrator.config.space_check import combinations
 
-    wanted = {k: PER_LAYER[k].rsplit(".", 2)[1] for k, d in search.space.items() if d.per_layer}
     out: dict[str, list[str]] = {}
-    for sampled in combinations(search.space):
-        raw = apply_overrides(job, trial_overrides(search.space, sampled))
-        compress = CompressConfig.model_validate(raw.get("compress") or {})
-        for key, stage in wanted.items():
-            cfg = getattr(compress, stage)
-            if key in out or cfg is None:
-                continue
-            cfg = cfg.model_copy(update={"layers": {}})
-            modules = technique_for(cfg).select(model, cfg)
-            out[key] = [n for n, m in modules if isinstance(m, nn.Linear)]
-            if not out[key]:
-                raise ConfigError(
-                    Problem(
-                        f"search.space.{key}.per_layer",
-                        True,
-                        f"compress.{stage} targets no Linear layer of the model",
-                        f"widen compress.{stage}.include, or remove per_layer",
-                    )
+    for key, (cfg, _) in stage_configs(job, search).items():
+        modules = technique_for(cfg).select(model, cfg)
+        out[key] = [n for n, m in modules if isinstance(m, nn.Linear)]
+        if not out[key]:
+            raise ConfigError(
+                Problem(
+                    f"search.space.{key}.per_layer",
+                    True,
+                    f"compress.{_stage(key)} targets no Linear layer of the model",
+                    f"widen compress.{_stage(key)}.include, or remove per_layer",
                 )
-        if len(out) == len(wanted):
-            break
+            )
     return out
 
 
-def searcher(search: SearchConfig, max_concurrent: int = 1) -> Any:
+def allocation_points(
+    job: dict[str, Any],
+    search: SearchConfig,
+    layers: dict[str, list[str]],
+    bundle: Any,
+    tokenizer: Any,
+) -> list[dict[str, Any]]:
+    """The searcher's starting points of each per-layer key with ``allocations``: for each
+    budget, the per-layer allocation ``compress.<stage>.allocate`` makes over the key's
+    choice values, of the stage alone on ``job``'s model (the trials' dense model, with their
+    data and calibration). A point gives every dimension (Tune's Optuna searcher takes only
+    whole ones): the key's layers their allocated values, the space's other keys the values
+    of the combination the stage's config comes from (``stage_configs``: a range at its low
+    end, another per-layer key one value for all its layers). One sensitivity profile per
+    key (cached by content), one joint check per budget."""
+    from orchestrator import finalize
+    from orchestrator.config.loader import validate_job
+
+    points: list[dict[str, Any]] = []
+    configs = stage_configs(job, search)
+    for key, dist in search.space.items():
+        if not dist.per_layer or not dist.allocations:
+            continue
+        stage, values = _stage(key), list(dist.choice)
+        stage_cfg, sampled = configs[key]
+        rest: dict[str, Any] = {}
+        for other, value in sampled.items():
+            if search.space[other].per_layer:
+                rest.update({layer_key(other, n): value for n in layers[other]})
+            else:
+                rest[other] = value
+        for budget in dist.allocations:
+            cfg = _allocating(stage_cfg.model_dump(mode="json"), key, values, budget)
+            raw = {**job, "compress": {stage: cfg, "calib_batches": _calib(job)}}
+            raw.pop("search", None)
+            spec = validate_job(raw, source=f"search.space.{key}.allocations")
+            calib = finalize.calibration_batches(spec, bundle)
+            _, report = finalize.build_compressed(spec, bundle, tokenizer, calib)
+            choice = report.steps[-1].entry["allocation"]["choice"]
+            # The choice's own values (an allocation's are floats); a layer the allocation
+            # does not cover (one that cannot be quantized) keeps the combination's value.
+            exact = {float(v): v for v in values}
+            allocated = {
+                layer_key(key, n): exact[float(choice[n])] for n in layers[key] if n in choice
+            }
+            points.append({**rest, **allocated})
+    return points
+
+
+def _allocating(cfg: dict[str, Any], key: str, values: list[Any], budget: float) -> dict[str, Any]:
+    """The stage's config ``cfg`` allocating over ``values`` at ``budget`` instead of setting
+    each layer (``layers``) or one value for all."""
+    cfg.pop("layers", None)
+    if key == "compress.quantize.bits":
+        cfg["allocate"] = {"bits": values, "avg_bits": budget}
+    elif key == "compress.prune.sparsity":
+        cfg.update(sparsity=budget, allocate={"sparsities": values})
+    else:  # rank: a layer may also stay dense (1), the allocation's own option
+        for rule in ("rank", "rank_ratio", "energy"):
+            cfg.pop(rule, None)
+        ratios = [v for v in values if float(v) < 1]
+        cfg["allocate"] = {"rank_ratios": ratios, "param_ratio": budget}
+    return cfg
+
+
+def _calib(job: dict[str, Any]) -> int:
+    """The job's ``compress.calib_batches`` (the section's default when it leaves it out)."""
+    from orchestrator.config.compress import CompressConfig
+
+    return CompressConfig.model_validate(job.get("compress") or {}).calib_batches
+
+
+def searcher(
+    search: SearchConfig, max_concurrent: int = 1, points: list[dict[str, Any]] | None = None
+) -> Any:
     """Optuna (TPE, GP or NSGA-II, one or several objectives) or Tune's own random/grid
-    generator. Metrics and modes go to the searcher only: also setting them in ``TuneConfig``
-    silently makes an Optuna study single-objective (checked on Ray 2.60)."""
+    generator, trying ``points`` (partial configs: ``allocation_points``) first. Metrics and
+    modes go to the searcher only: also setting them in ``TuneConfig`` silently makes an Optuna
+    study single-objective (checked on Ray 2.60)."""
     if search.algorithm != "optuna":
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
         # Tune ignores TuneConfig.max_concurrent_trials for this generator: it takes its own.
-        return BasicVariantGenerator(random_state=search.seed, max_concurrent=max_concurrent)
+        return BasicVariantGenerator(
+            random_state=search.seed,
+            max_concurrent=max_concurrent,
+            points_to_evaluate=points or None,
+        )
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -107,9 +200,10 @@ def searcher(search: SearchConfig, max_concurrent: int = 1) -> Any:
         sampler = optuna.samplers.TPESampler(seed=search.seed, n_startup_trials=startup)
     metrics = [o.metric for o in search.objectives]
     modes = [o.mode for o in search.objectives]
+    first = {"points_to_evaluate": points} if points else {}
     if len(metrics) == 1:
-        return OptunaSearch(metric=metrics[0], mode=modes[0], sampler=sampler)
-    return OptunaSearch(metric=metrics, mode=modes, sampler=sampler)
+        return OptunaSearch(metric=metrics[0], mode=modes[0], sampler=sampler, **first)
+    return OptunaSearch(metric=metrics, mode=modes, sampler=sampler, **first)
 
 
 # Tune's own counter restarts at 1 after a restore: schedulers use our step counter.

@@ -302,3 +302,82 @@ def test_the_driver_reads_each_per_layer_keys_layers(tmp_path: Path) -> None:
         "compress.quantize.bits": [n for n in LINEARS if "attention" not in n],
     }
     assert len(param_space(spec.search, layers)) == 1 + len(LINEARS) + 4
+
+
+# ----------------------------------------------------------------------------- starting points
+
+
+@pytest.mark.parametrize(
+    ("dist", "says"),
+    [
+        (
+            {"uniform": [0.2, 0.7], "allocations": [0.5]},
+            "space.compress.prune.sparsity.allocations = [0.5]: allocations are starting points",
+        ),
+        (
+            {"uniform": [0.2, 0.7], "per_layer": True, "allocations": [0.5]},
+            "allocations = [0.5]: an allocation picks each layer's value among candidates",
+        ),
+        (
+            {"choice": [0.25, 0.5], "per_layer": True, "allocations": [0.75]},
+            "allocations = 0.75: is out of reach: the budget is the mean over the layers' "
+            "weights, between 0.25 and 0.5 here",
+        ),
+        (
+            {"choice": [0.25, 0.5, 0.75], "per_layer": True, "allocations": [0.3, 0.4, 0.5]},
+            "lists more starting points than the search's 2 trials",
+        ),
+    ],
+)
+def test_allocation_starting_point_errors(dist: dict, says: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_job(
+            ROOT / "jobs/debug/search.yaml",
+            [f"search.space={{compress.prune.sparsity: {json.dumps(dist)}}}"],
+        )
+    assert says in str(e.value)
+
+
+def test_a_rank_allocation_needs_the_dense_choice() -> None:
+    dist = {"choice": [0.25, 0.5], "per_layer": True, "allocations": [0.5]}
+    with pytest.raises(ConfigError) as e:
+        load_job(
+            ROOT / "jobs/debug/search.yaml",
+            [f"search.space={{compress.factorize.rank_ratio: {json.dumps(dist)}}}"],
+        )
+    assert "which the choice lacks. Fix: add 1 to compress.factorize.rank_ratio's choice" in str(
+        e.value
+    )
+
+
+def test_the_searcher_starts_from_the_allocations(tmp_path: Path) -> None:
+    """Bit widths per layer, starting from the allocations at a mean of 4 bits (every layer at
+    4: the smallest width) and at 6: the points hold a width from the choice for every layer,
+    and both searchers are handed them first."""
+    from orchestrator import data, models
+    from orchestrator.search.space import allocation_points, per_layer_targets, searcher
+
+    space = (
+        "search.space={compress.quantize: {choice: {w: {method: weight_only, granularity: group, "
+        "group_size: 32}}}, compress.quantize.bits: {choice: [4, 8], per_layer: true, "
+        "allocations: [4, 6]}}"
+    )
+    spec = load_job(
+        ROOT / "jobs/debug/search.yaml",
+        [space, f"output.dir={tmp_path}", f"data.cache_dir={tmp_path / 'c'}"],
+    )
+    tokenizer = models.build_tokenizer(spec.model)
+    bundle = data.build(spec.data, tokenizer)
+    job = spec.model_dump(mode="json")
+    model = models.build_model(spec.model, bundle.num_labels, tokenizer)
+    layers = per_layer_targets(job, spec.search, model)
+    points = allocation_points(job, spec.search, layers, bundle, tokenizer)
+    # Whole points (Tune's Optuna searcher takes no partial ones): every layer, and the section.
+    keys = {f"compress.quantize.bits:{n}" for n in layers["compress.quantize.bits"]}
+    assert len(points) == 2 and all(set(p) == keys | {"compress.quantize"} for p in points)
+    assert {v for k, v in points[0].items() if k in keys} == {4}
+    assert all(points[1][k] in (4, 8) for k in keys) and points[1]["compress.quantize"] == "w"
+    optuna = searcher(spec.search, 1, points)
+    assert optuna._points_to_evaluate == points
+    random = searcher(spec.search.model_copy(update={"algorithm": "random"}), 1, points)
+    assert random._points_to_evaluate == points
