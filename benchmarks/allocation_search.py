@@ -1,0 +1,280 @@
+"""A search with per-layer allocation against the same search with one setting for every
+layer, with recovery training, at an equal trial budget, over several seeds (issue goal: the
+allocated search's front dominates; hypervolume ratio, mean and spread).
+
+Each search is a real ``orchestrator search`` (embedded Ray, Optuna's TPE on both objectives
+``eval/accuracy`` and ``compress/size_bytes``) from a fine-tuned dense MiniLM-L6 (``--model``,
+by default the dense model ``benchmarks/distill_recovery.py`` trains on the quickstart's
+data), whose trials compress it, recover for ``--steps`` optimizer steps on one worker and
+measure the artifact. The two spaces differ only in how each layer's setting is chosen:
+
+- ``sparsity``: magnitude pruning of every Linear; uniform: ``compress.prune.sparsity`` in
+  [lo, hi] for every layer; allocated: the same key as the mean, each layer's sparsity from
+  the measured profile (``compress.prune.allocate``).
+- ``bits``: packed weights with fake-quant recovery, 4-bit embedding rows; uniform:
+  ``compress.quantize.bits`` one of 2, 3, 4, 8 for every layer; allocated:
+  ``compress.quantize.allocate.avg_bits`` in [2, 8] (mixed precision).
+
+Hypervolume is 2-D over (artifact bytes / dense bytes, validation accuracy), reference (1.0,
+chance); the same trials' test accuracy gives a second one. Data: the first 3,000 sentences of
+MR's seeded permutation (900 validation, 900 test, 1,200 for recovery), all from the dense
+model's own test split, so none was trained on.
+
+Run: python benchmarks/allocation_search.py --family sparsity --seeds 0 1 2 --trials 8 \
+       --model /tmp/distill/dense --work /tmp/as
+The table of the searches finished in a --work folder (of the seeds given), running nothing:
+     python benchmarks/allocation_search.py --family sparsity --table-from /tmp/as
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from search_efficiency import hypervolume_2d  # noqa: E402
+
+# family -> space -> (the job's compress section, its search space).
+SPACES: dict[str, dict[str, tuple[dict[str, Any], dict[str, Any]]]] = {
+    "sparsity": {
+        "uniform": (
+            {"prune": {"method": "magnitude", "sparsity": 0.5}},
+            {"compress.prune.sparsity": {"uniform": [0.4, 0.85]}},
+        ),
+        "allocated": (
+            {"prune": {"method": "magnitude", "sparsity": 0.5, "allocate": {}}},
+            {"compress.prune.sparsity": {"uniform": [0.4, 0.85]}},
+        ),
+    },
+    "bits": {
+        "uniform": (
+            {"quantize": {"method": "fake", "granularity": "group", "embedding_bits": 4}},
+            {"compress.quantize.bits": {"choice": [2, 3, 4, 8]}},
+        ),
+        "allocated": (
+            {
+                "quantize": {
+                    "method": "fake",
+                    "granularity": "group",
+                    "embedding_bits": 4,
+                    "allocate": {"avg_bits": 4.0},
+                }
+            },
+            {"compress.quantize.allocate.avg_bits": {"uniform": [2.0, 8.0]}},
+        ),
+    },
+}
+
+
+def job(args: argparse.Namespace, space: str, seed: int, out: Path) -> dict[str, Any]:
+    compress, searched = SPACES[args.family][space]
+    return {
+        "name": f"{args.family}-{space}-seed{seed}",
+        "model": {"path": str(args.model)},
+        # The first 3,000 sentences of the quickstart's permutation: 900 validation, 900 test
+        # and 1,200 for recovery, all within the dense model's own test split (its training
+        # sentences are the last 20 %), so none of them was trained on.
+        "data": {
+            "name": "mr",
+            "limit": 3000,
+            "val_fraction": 0.3,
+            "test_fraction": 0.3,
+            "max_length": 48,
+        },
+        "train": {
+            "strategy": "ddp",
+            "num_workers": 1,
+            "batch_size": 32,
+            "max_steps": args.steps,
+            "lr": 1.0e-4,
+            "log_every": 20,
+        },
+        "resources": {"cpus_per_worker": 2},
+        "measure": {"threads": 1},
+        "compress": compress,
+        "search": {
+            "space": searched,
+            "objectives": [
+                {"metric": "eval/accuracy", "mode": "max"},
+                {"metric": "compress/size_bytes", "mode": "min"},
+            ],
+            "algorithm": "optuna",
+            "num_samples": args.trials,
+            "seed": seed,
+            "baseline": {"train": False},
+        },
+        "output": {"dir": str(out)},
+    }
+
+
+def read_trials(run: Path) -> list[dict[str, Any]]:
+    """The trials of a finished search (its results.parquet rows)."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(run / "results.parquet").to_pylist()
+
+
+def run_search(raw: dict[str, Any], work: Path) -> list[dict[str, Any]]:
+    """``orchestrator search`` on ``raw``; returns its trials (results.parquet rows)."""
+    path = work / f"{raw['name']}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    log = work / f"{raw['name']}.log"
+    with log.open("w") as f:
+        proc = subprocess.run(
+            [sys.executable, "-m", "orchestrator", "search", str(path)],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+    if proc.returncode != 0:
+        sys.exit(f"{raw['name']}: orchestrator search failed ({proc.returncode}); see {log}")
+    return read_trials(Path(raw["output"]["dir"]) / raw["name"])
+
+
+def hypervolume(trials: list[dict[str, Any]], key: str) -> float:
+    points = [
+        (t["compress/size_bytes"] / t["compress/dense_size_bytes"], t[key])
+        for t in trials
+        if t["status"] == "done" and t.get(key) is not None
+    ]
+    return hypervolume_2d(points, (1.0, 0.5))
+
+
+def summary(trials: list[dict[str, Any]], minutes: float | None) -> dict[str, Any]:
+    """One search: its hypervolumes, failures, wall time and finished trials."""
+    return {
+        "hv": hypervolume(trials, "eval/accuracy"),
+        "hv_test": hypervolume(trials, "test/accuracy"),
+        "failed": sum(t["status"] != "done" for t in trials),
+        "minutes": minutes,
+        "trials": [
+            {
+                "recipe": t["recipe"],
+                "size": t["compress/size_bytes"] / t["compress/dense_size_bytes"],
+                "eval": t["eval/accuracy"],
+                "test": t["test/accuracy"],
+            }
+            for t in trials
+            if t["status"] == "done"
+        ],
+    }
+
+
+def print_table(
+    rows: list[dict[str, Any]], args: argparse.Namespace, wall_min: float | None
+) -> None:
+    ratios = [r["allocated"]["hv"] / r["uniform"]["hv"] for r in rows]
+    tests = [r["allocated"]["hv_test"] / r["uniform"]["hv_test"] for r in rows]
+    print(
+        f"\n### Search with allocation against one setting for every layer: {args.family}, "
+        f"{args.trials} trials per search, {args.steps} recovery steps\n"
+    )
+    wall = f"wall time {wall_min:.1f} min" if wall_min is not None else "printed from the runs"
+    print(f"- date: {datetime.date.today().isoformat()}; {os.cpu_count()} CPUs; {wall}")
+    print(f"- command: `python {' '.join(sys.argv)}`")
+    for space, (compress, searched) in SPACES[args.family].items():
+        print(f"- {space}: compress {compress}, search.space {searched}")
+    print(
+        "- hypervolume over (artifact bytes / dense bytes, validation accuracy), reference "
+        "(1.0, 0.5)\n"
+    )
+    print(
+        "| seed | HV uniform | HV allocated | ratio | HV test uniform | HV test allocated | "
+        "test ratio |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r, ratio, test in zip(rows, ratios, tests, strict=True):
+        u, a = r["uniform"], r["allocated"]
+        print(
+            f"| {r['seed']} | {u['hv']:.4f} | {a['hv']:.4f} | {ratio:.3f} | "
+            f"{u['hv_test']:.4f} | {a['hv_test']:.4f} | {test:.3f} |"
+        )
+    spread = statistics.stdev(ratios) if len(ratios) > 1 else 0.0
+    tspread = statistics.stdev(tests) if len(tests) > 1 else 0.0
+    print(
+        f"| mean +- sd | | | **{statistics.mean(ratios):.3f} +- {spread:.3f}** | | | "
+        f"{statistics.mean(tests):.3f} +- {tspread:.3f} |"
+    )
+    for r in rows:
+        for space in SPACES[args.family]:
+            print(f"\nseed {r['seed']}, {space}: size / dense, validation, test accuracy")
+            for t in sorted(r[space]["trials"], key=lambda t: t["size"]):
+                print(f"    {t['recipe']}: {t['size']:.3f}, {t['eval']:.4f}, {t['test']:.4f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--family", choices=list(SPACES), default="sparsity")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--trials", type=int, default=8, help="trial budget of each search")
+    ap.add_argument("--steps", type=int, default=40, help="recovery steps of each trial")
+    ap.add_argument(
+        "--model",
+        type=Path,
+        default=Path("/tmp/distill-recovery/dense"),
+        help="the fine-tuned dense MiniLM (benchmarks/distill_recovery.py makes it)",
+    )
+    ap.add_argument("--work", type=Path, default=None, help="run folders (default: temporary)")
+    ap.add_argument(
+        "--table-from",
+        type=Path,
+        default=None,
+        help="a --work folder: print the table of the searches finished there, run nothing",
+    )
+    args = ap.parse_args()
+    if args.table_from is not None:
+        rows = []
+        for seed in args.seeds:
+            runs = {
+                space: args.table_from / "runs" / f"{args.family}-{space}-seed{seed}"
+                for space in SPACES[args.family]
+            }
+            if all((r / "results.parquet").is_file() for r in runs.values()):
+                row = {space: summary(read_trials(r), None) for space, r in runs.items()}
+                rows.append({"seed": seed, **row})
+        print_table(rows, args, None)
+        return
+    if not (args.model / "config.json").is_file():
+        sys.exit(f"no fine-tuned model in {args.model}: run benchmarks/distill_recovery.py")
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="allocation-search-") as tmp:
+        work = (args.work or Path(tmp)).resolve()
+        work.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for seed in args.seeds:
+            row: dict[str, Any] = {"seed": seed}
+            for space in ("uniform", "allocated"):
+                t0 = time.perf_counter()
+                trials = run_search(job(args, space, seed, work / "runs"), work)
+                row[space] = summary(trials, (time.perf_counter() - t0) / 60)
+                print(
+                    f"seed {seed} {space}: HV {row[space]['hv']:.4f} (test "
+                    f"{row[space]['hv_test']:.4f}), {len(trials)} trials in "
+                    f"{row[space]['minutes']:.1f} min",
+                    flush=True,
+                )
+                for t in row[space]["trials"]:
+                    print(
+                        f"    {t['recipe']}: size {t['size']:.3f} of dense, validation "
+                        f"{t['eval']:.4f}, test {t['test']:.4f}",
+                        flush=True,
+                    )
+            rows.append(row)
+        (work / "results.json").write_text(json.dumps(rows, indent=1))
+    print_table(rows, args, (time.perf_counter() - started) / 60)
+
+
+if __name__ == "__main__":
+    main()
