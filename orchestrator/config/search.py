@@ -208,6 +208,57 @@ class Distribution(ConfigModel):
         return sampled
 
 
+def _per_layer_problems(
+    key: str, dist: Distribution, algorithm: str, samples: int
+) -> list[tuple[str, Any, str, str]]:
+    """A per-layer key (``per_layer``, ``allocations``) the search can expand and start from."""
+    problems: list[tuple[str, Any, str, str]] = []
+    if not dist.per_layer:
+        if dist.allocations is not None:
+            problems.append(
+                (
+                    f"space.{key}.allocations",
+                    dist.allocations,
+                    "allocations are starting points of a per-layer search",
+                    "set per_layer: true (on a bit width, sparsity or rank ratio), or "
+                    "remove allocations",
+                )
+            )
+        return problems
+    if key not in PER_LAYER:
+        problems.append(
+            (
+                f"space.{key}.per_layer",
+                True,
+                "only a bit width, a sparsity or a rank ratio can be set layer by layer",
+                f"remove per_layer, or put it on one of {', '.join(PER_LAYER)}",
+            )
+        )
+    elif dist.kind == "choice" and isinstance(dist.choice, dict):
+        problems.append(
+            (
+                f"space.{key}.per_layer",
+                True,
+                "each layer's value is a number: labels name sections, not widths, "
+                "sparsities or rank ratios",
+                f"list the values: {key}: {{choice: [...], per_layer: true}}",
+            )
+        )
+    elif dist.allocations is not None:
+        problems += _allocations_problems(key, dist, samples)
+    if dist.kind == "grid" or algorithm == "grid":
+        problems.append(
+            (
+                f"space.{key}.per_layer",
+                True,
+                "a grid over every layer's value has as many points as the values to "
+                "the power of the layers",
+                "use choice (or a range) with search.algorithm optuna or random",
+            )
+        )
+    return problems
+
+
 def _allocations_problems(
     key: str, dist: Distribution, samples: int
 ) -> list[tuple[str, Any, str, str]]:
@@ -454,49 +505,7 @@ class SearchConfig(ConfigModel):
                         )
                     )
         for key, dist in self.space.items():
-            if not dist.per_layer:
-                if dist.allocations is not None:
-                    problems.append(
-                        (
-                            f"space.{key}.allocations",
-                            dist.allocations,
-                            "allocations are starting points of a per-layer search",
-                            "set per_layer: true (on a bit width, sparsity or rank ratio), or "
-                            "remove allocations",
-                        )
-                    )
-                continue
-            if key not in PER_LAYER:
-                problems.append(
-                    (
-                        f"space.{key}.per_layer",
-                        True,
-                        "only a bit width, a sparsity or a rank ratio can be set layer by layer",
-                        f"remove per_layer, or put it on one of {', '.join(PER_LAYER)}",
-                    )
-                )
-            elif dist.kind == "choice" and isinstance(dist.choice, dict):
-                problems.append(
-                    (
-                        f"space.{key}.per_layer",
-                        True,
-                        "each layer's value is a number: labels name sections, not widths, "
-                        "sparsities or rank ratios",
-                        f"list the values: {key}: {{choice: [...], per_layer: true}}",
-                    )
-                )
-            elif dist.allocations is not None:
-                problems += _allocations_problems(key, dist, self.samples)
-            if dist.kind == "grid" or self.algorithm == "grid":
-                problems.append(
-                    (
-                        f"space.{key}.per_layer",
-                        True,
-                        "a grid over every layer's value has as many points as the values to "
-                        "the power of the layers",
-                        "use choice (or a range) with search.algorithm optuna or random",
-                    )
-                )
+            problems += _per_layer_problems(key, dist, self.algorithm, self.samples)
         if self.scheduler == "asha":
             if len(self.objectives) > 1:
                 problems.append(
