@@ -115,13 +115,18 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="*", default=[list(RECIPES)[0]])
     parser.add_argument("--lr", type=float, default=None, help="default: the quickstart's")
     parser.add_argument("--only", choices=["both", "distill", "fine-tune"], default="both")
+    parser.add_argument("--alpha", type=float, default=DISTILL["alpha"], help="train.distill")
+    parser.add_argument("--temperature", type=float, default=DISTILL["temperature"])
+    parser.add_argument("--hidden", type=float, default=DISTILL["hidden"])
     args = parser.parse_args()
+    distill_cfg = {"alpha": args.alpha, "temperature": args.temperature, "hidden": args.hidden}
+    print(f"distillation: {distill_cfg}", flush=True)
     torch.set_num_threads(2)
     dense = dense_model(args.work, args.epochs)
     rows = []
     for label in args.recipes:
         for seed in args.seeds:
-            modes = {"both": (None, DISTILL), "distill": (DISTILL,), "fine-tune": (None,)}
+            modes = {"both": (None, distill_cfg), "distill": (distill_cfg,), "fine-tune": (None,)}
             for distill in modes[args.only]:
                 name = f"r{list(RECIPES).index(label)}-s{seed}-{'kd' if distill else 'ft'}"
                 raw = _job(
