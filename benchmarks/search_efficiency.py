@@ -17,16 +17,25 @@ pruning (magnitude / wanda) at 10-90% sparsity, SVD / ASVD at rank ratios 0.1-0.
 the factors hold more weights than the matrix), and int8 / 4-bit / 2-bit weights. With
 ``--space layers`` it is the per-layer space instead: each Linear's bit width (2, 3, 4 or 8),
 one dimension per layer (``per_layer: true`` on ``compress.quantize.bits``; 36 on MiniLM-L6),
-where a random draw puts a quarter of the layers at 2 bits.
+where a random draw puts a quarter of the layers at 2 bits. ``--allocations 2.5 3 ...`` (with
+``--space layers``) adds what ``allocations:`` on that key does in a job: the per-layer bit
+allocations at those average-bit budgets, measured once on the dense model, are the first trials
+of an Optuna and of a random search (Tune's ``points_to_evaluate``, inside the same budget); the
+searches are then TPE from the allocations, random from the allocations, and plain random (the
+baseline every ratio is over). The table then adds a control the same trials give: random search
+starting from the uniform recipes (every layer at each width up to the largest budget, measured
+before the searches), the starting points a user would write by hand.
 
 Hypervolume is 2-D, over (size / dense size, validation accuracy), with the reference point
 (size ratio 1.0, accuracy 1 / number of classes): only trials smaller than the dense model and
 better than chance count. It is reported after every 4 finished trials (the anytime curve) and
-at the full budget; the ratio is Optuna's hypervolume over random's, per seed and averaged. The
+at the full budget; the ratio is each search's hypervolume over random's, per seed and averaged. The
 same trials' test accuracy gives a second hypervolume (a check that the front generalises).
 
-Run (the recorded benchmark, 72 trials, about 20 s each on 2 cores):
+Run (the recorded benchmarks, about 20 s a trial on 2 cores):
   python benchmarks/search_efficiency.py --trials 12 --seeds 0 1 2
+  python benchmarks/search_efficiency.py --space layers --trials 20 --seeds 0 1 2 \
+      --model-path /tmp/distill/dense --limit 3000 --allocations 2.25 2.5 2.75 3 3.5 4
 Smoke test (tiny random model, seconds):
   python benchmarks/search_efficiency.py --trials 4 --seeds 0 --limit 400 \\
       --model-name tiny-bert
@@ -41,6 +50,7 @@ import os
 import platform
 import random
 import shlex
+import statistics
 import sys
 import tempfile
 import time
@@ -166,7 +176,7 @@ def base_job(args: argparse.Namespace, algorithm: str, seed: int, work: Path) ->
             **(LAYERS_BASE if args.space == "layers" else {}),
         },
         "search": {
-            "space": SPACE_LAYERS if args.space == "layers" else SPACE,
+            "space": _layers_space(args) if args.space == "layers" else SPACE,
             "objectives": OBJECTIVES,
             "algorithm": algorithm,
             "sampler": args.sampler,
@@ -176,6 +186,14 @@ def base_job(args: argparse.Namespace, algorithm: str, seed: int, work: Path) ->
         },
         "output": {"dir": str(work)},
     }
+
+
+def _layers_space(args: argparse.Namespace) -> dict[str, Any]:
+    """The per-layer space, with ``allocations`` on its key when the searches start there."""
+    if not args.allocations:
+        return SPACE_LAYERS
+    key = "compress.quantize.bits"
+    return {key: {**SPACE_LAYERS[key], "allocations": args.allocations}}
 
 
 def trial_fn(config: dict[str, Any], *, base: dict[str, Any], search: dict, work: str) -> None:
@@ -262,10 +280,28 @@ def _active(key: str, config: dict[str, Any]) -> bool:
     return config.get(section, "") != "off"
 
 
+def searches(args: argparse.Namespace) -> list[tuple[str, str, bool]]:
+    """(label, algorithm, from the allocations) of each search a seed runs; the last one, plain
+    random search, is what every ratio is over."""
+    name = f"optuna {args.sampler}"
+    if args.allocations:
+        return [
+            (f"{name} + allocations", "optuna", True),
+            ("random + allocations", "random", True),
+            ("random", "random", False),
+        ]
+    return [(name, "optuna", False), ("random", "random", False)]
+
+
 def run_search(
-    args: argparse.Namespace, algorithm: str, seed: int, work: Path
+    args: argparse.Namespace,
+    algorithm: str,
+    seed: int,
+    work: Path,
+    points: list[dict[str, Any]] | None = None,
 ) -> tuple[list[dict[str, Any]], float]:
-    """One Tune experiment; returns its trials in finishing order and its wall time."""
+    """One Tune experiment, trying ``points`` first; returns its trials in finishing order and
+    its wall time."""
     from ray import tune
 
     from orchestrator import launch
@@ -275,7 +311,8 @@ def run_search(
     spec = launch.resolve_paths(validate_job(base_job(args, algorithm, seed, work)))
     search_cfg = spec.search
     base = spec.model_dump(mode="json", exclude={"search"})
-    label = f"{algorithm if algorithm == 'random' else args.sampler}-seed{seed}"
+    label = f"{algorithm if algorithm == 'random' else args.sampler}{'-alloc' if points else ''}"
+    label = f"{label}-seed{seed}"
     trainable = tune.with_resources(
         tune.with_parameters(
             trial_fn, base=base, search=search_cfg.model_dump(mode="json"), work=str(work)
@@ -286,7 +323,7 @@ def run_search(
         trainable,
         param_space=param_space(search_cfg, args.layers),
         tune_config=tune.TuneConfig(
-            search_alg=searcher(search_cfg, args.concurrency),
+            search_alg=searcher(search_cfg, args.concurrency, points),
             num_samples=args.trials,
             max_concurrent_trials=args.concurrency,
             reuse_actors=True,
@@ -338,15 +375,68 @@ def headroom(record: list[dict[str, Any]], ref: tuple[float, float]) -> float:
     return curve([t for r in record for t in r["trials"]], ref)[-1][1]
 
 
+def _uniform(header: dict[str, Any], key: str) -> list[tuple[float, float]]:
+    return [
+        (m["compress/size_bytes"] / m["compress/dense_size_bytes"], m[key])
+        for m in header["uniform"].values()
+    ]
+
+
+def print_uniform_control(header: dict[str, Any], record: list[dict[str, Any]], n: int) -> None:
+    """What seeding with the uniform recipes instead of the allocations gives: each seed's plain
+    random search, its first trials kept and the uniform recipes (every layer at each width up
+    to the largest budget) in place of the rest: the same budget, and the recipes random search
+    draws after starting points (it draws the same sequence)."""
+    ref = reference(header)
+    widths = ", ".join(header["uniform"])
+    ratios, test_ratios = [], []
+    for search in record:
+        if search["searcher"] != "random":
+            continue
+        kept = search["trials"][: n - len(header["uniform"])]
+        for key, out in (("eval/accuracy", ratios), ("test/accuracy", test_ratios)):
+            plain = curve(search["trials"], ref, key)[-1][1]
+            seeded = hypervolume_2d(_uniform(header, key) + _points(kept, key), ref)
+            out.append(_ratio(seeded, plain))
+    points = header["allocations"].get("points")
+    if points:
+        first = [t for t in record[0]["trials"] if t["config"] in points]
+    else:  # an older results.json: Tune runs the starting points first
+        first = record[0]["trials"][: len(header["allocations"]["budgets"])]
+    alone = hypervolume_2d(_points(first, "eval/accuracy"), ref)
+    uniform = hypervolume_2d(_uniform(header, "eval/accuracy"), ref)
+    print(
+        f"\ncontrol, random + uniform (every layer at {widths} bits, then random's first "
+        f"{n - len(header['uniform'])} trials): "
+        + ", ".join(f"{v:.2f}" for v in ratios)
+        + f" x random (mean {sum(ratios) / len(ratios):.2f}; test "
+        + ", ".join(f"{v:.2f}" for v in test_ratios)
+        + f"); the allocations alone reach HV {alone:.4f}, the uniform recipes alone {uniform:.4f}"
+    )
+
+
+def _points(trials: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
+    """(size ratio, accuracy) of the trials that finished."""
+    return [
+        (
+            t["metrics"]["compress/size_bytes"] / t["metrics"]["compress/dense_size_bytes"],
+            t["metrics"][key],
+        )
+        for t in trials
+        if t["metrics"]
+    ]
+
+
 def print_table(
     rows: list[dict[str, Any]],
     args: argparse.Namespace,
     header: dict[str, Any],
     record: list[dict[str, Any]],
 ) -> None:
-    name = f"optuna {args.sampler}"
+    # A results.json from before ``--allocations`` names no searchers: TPE (or its sampler), random.
+    labels = header.get("searchers") or [f"optuna {args.sampler}", "random"]
     marks = [n for n, _ in rows[0]["curves"][0]]
-    print(f"\n### Search efficiency: {name} vs random, {args.trials} trials per search\n")
+    print(f"\n### Search efficiency: {' vs '.join(labels)}, {args.trials} trials per search\n")
     print(f"- date: {header['date']}; wall time {header['wall_min']:.1f} min")
     print(f"- command: `{header['command']}`")
     print(
@@ -361,6 +451,13 @@ def print_table(
         f"{header['trial_s']:.0f} s"
     )
     print(f"- space: {header.get('space', 'joint')}")
+    if header.get("allocations"):
+        a = header["allocations"]
+        print(
+            f"- allocations: at average bits {a['budgets']}, measured on the dense model in "
+            f"{a['seconds']:.0f} s (once; the first {len(a['budgets'])} trials of each search "
+            "marked + allocations)"
+        )
     print(
         "- hypervolume over (artifact bytes / dense bytes, validation accuracy), reference "
         f"({reference(header)[0]:.3f}{' = all layers at 8 bits' if 'ref_size' in header else ''}"
@@ -372,28 +469,47 @@ def print_table(
         + " | HV test | failed | HV ratio vs random |"
     )
     print("|---|---|" + "---|" * len(marks) + "---|---|---|")
+    base = len(labels) - 1  # plain random search
+    ratios: list[list[float]] = [[] for _ in labels]
+    test_ratios: list[list[float]] = [[] for _ in labels]
     for r in rows:
-        for which, label in ((0, name), (1, "random")):
+        for which, label in enumerate(labels):
             hv = [f"{v:.4f}" for _, v in r["curves"][which]]
-            ratio = f"**{r['ratio']:.2f}**" if which == 0 else "1.00"
+            ratios[which].append(_ratio(r["curves"][which][-1][1], r["curves"][base][-1][1]))
+            test_ratios[which].append(_ratio(r["test_hv"][which], r["test_hv"][base]))
+            ratio = "1.00" if which == base else f"**{ratios[which][-1]:.2f}**"
             print(
                 f"| {r['seed']} | {label} | {' | '.join(hv)} | {r['test_hv'][which]:.4f} | "
                 f"{r['failed'][which]} | {ratio} |"
             )
-    ratios = [r["ratio"] for r in rows]
-    mean = sum(ratios) / len(ratios)
-    test_mean = sum(_ratio(*r["test_hv"]) for r in rows) / len(rows)
-    verdict = "met" if mean >= GOAL else "not met"
-    print(
-        f"| mean | | {' | '.join('' for _ in marks)} | ratio {test_mean:.2f} | | "
-        f"**{mean:.2f}** (goal >= {GOAL}: {verdict}) |"
-    )
+    for which, label in enumerate(labels[:base]):
+        mean = sum(ratios[which]) / len(rows)
+        sd = statistics.stdev(ratios[which]) if len(rows) > 1 else 0.0
+        test_mean = sum(test_ratios[which]) / len(rows)
+        verdict = "met" if mean >= GOAL else "not met"
+        print(
+            f"| mean | {label} | {' | '.join('' for _ in marks)} | ratio {test_mean:.2f} | | "
+            f"**{mean:.2f}** +- {sd:.2f} (goal >= {GOAL}: {verdict}) |"
+        )
+    if base == 2:  # the searcher's own share: from the same allocations, TPE against random
+        own = [_ratio(r["curves"][0][-1][1], r["curves"][1][-1][1]) for r in rows]
+        print(
+            f"\nfrom the same allocations, {labels[0]} / {labels[1]}: "
+            + ", ".join(f"{v:.2f}" for v in own)
+            + f" (mean {sum(own) / len(own):.2f})"
+        )
+    if header.get("uniform"):
+        print_uniform_control(header, record, args.trials)
     best = headroom(record, reference(header))
-    share = [sum(r["curves"][which][-1][1] for r in rows) / len(rows) / best for which in (0, 1)]
+    share = [
+        sum(r["curves"][which][-1][1] for r in rows) / len(rows) / best
+        for which in range(len(labels))
+    ]
     print(
         f"\nheadroom: all {sum(len(r['trials']) for r in record)} trials of all searches "
-        f"together reach HV {best:.4f}; the mean final HV is {share[0]:.1%} of that for {name} "
-        f"and {share[1]:.1%} for random (so at most {1 / share[1]:.2f}x random was possible)"
+        f"together reach HV {best:.4f}; the mean final HV is "
+        + ", ".join(f"{s:.1%} of that for {label}" for s, label in zip(share, labels, strict=True))
+        + f" (so at most {1 / share[base]:.2f}x random was possible)"
     )
 
 
@@ -437,6 +553,14 @@ def main() -> None:
         help="joint: prune / factorize / quantize methods and settings (9 dimensions); layers: "
         "each Linear's bit width, one dimension per layer",
     )
+    ap.add_argument(
+        "--allocations",
+        type=float,
+        nargs="+",
+        default=None,
+        help="with --space layers: average-bit budgets whose per-layer allocations start an "
+        "Optuna and a random search (against plain random search)",
+    )
     ap.add_argument("--max-length", type=int, default=48, help="tokens per sentence")
     ap.add_argument("--calib-batches", type=int, default=4, help="x 32 sentences (wanda, asvd)")
     ap.add_argument("--concurrency", type=int, default=2, help="trials at a time (1 CPU each)")
@@ -445,6 +569,8 @@ def main() -> None:
         "--table-from", default=None, help="print the table of a saved results.json, run nothing"
     )
     args = ap.parse_args()
+    if args.allocations and args.space != "layers":
+        ap.error("--allocations needs --space layers (they are per-layer starting points)")
     if args.table_from:
         saved = json.loads(Path(args.table_from).read_text())
         args.trials = max(len(r["trials"]) for r in saved["searches"])
@@ -470,7 +596,8 @@ def main() -> None:
         print(
             f"{header['cpus']} CPUs, torch {torch.__version__}; model {header['model']} (dense "
             f"validation accuracy {header['dense_acc']:.3f}); {args.trials} trials x "
-            f"{len(args.seeds)} seeds x 2 searchers, {args.concurrency} at a time",
+            f"{len(args.seeds)} seeds x {len(searches(args))} searchers, "
+            f"{args.concurrency} at a time",
             flush=True,
         )
         import ray
@@ -478,23 +605,31 @@ def main() -> None:
         ray.init(address="local", num_cpus=2, log_to_driver=False)
         try:
             rows, record = [], []
+            points = header["allocations"]["points"] if args.allocations else None
             for seed in args.seeds:
                 row: dict[str, Any] = {"seed": seed, "curves": [], "test_hv": [], "failed": []}
-                for algorithm in ("optuna", "random"):
-                    trials, wall = run_search(args, algorithm, seed, work)
+                for label, algorithm, seeded in searches(args):
+                    trials, wall = run_search(
+                        args, algorithm, seed, work, points if seeded else None
+                    )
                     row["curves"].append(curve(trials, reference(header)))
                     test = curve(trials, reference(header), key="test/accuracy")
                     row["test_hv"].append(test[-1][1] if test else 0.0)
                     row["failed"].append(sum(1 for t in trials if not t["metrics"]))
                     record.append(
-                        {"seed": seed, "algorithm": algorithm, "wall_s": wall, "trials": trials}
+                        {
+                            "seed": seed,
+                            "algorithm": algorithm,
+                            "searcher": label,
+                            "wall_s": wall,
+                            "trials": trials,
+                        }
                     )
                     print(
-                        f"seed {seed} {algorithm}: hypervolume {row['curves'][-1][-1][1]:.4f} "
+                        f"seed {seed} {label}: hypervolume {row['curves'][-1][-1][1]:.4f} "
                         f"after {len(trials)} trials ({wall:.0f} s)",
                         flush=True,
                     )
-                row["ratio"] = _ratio(row["curves"][0][-1][1], row["curves"][1][-1][1])
                 rows.append(row)
         finally:
             ray.shutdown()
@@ -546,6 +681,41 @@ def _check_no_leak(model: Path, limit: int) -> None:
         )
 
 
+def uniform_recipe(spec: Any, bits: int, bundle: Any, tokenizer: Any, work: Path) -> dict:
+    """Every layer of the per-layer space at ``bits``, measured as a trial is."""
+    from orchestrator.config.loader import validate_job
+    from orchestrator.finalize import build_compressed, calibration_batches, finalize
+    from orchestrator.search.space import trial_job
+
+    base = spec.model_dump(mode="json", exclude={"search"})
+    raw = trial_job(base, spec.search, {"compress.quantize.bits": bits}, f"w{bits}", str(work))
+    job = validate_job(raw)
+    model, report = build_compressed(job, bundle, tokenizer, calibration_batches(job, bundle))
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
+        return finalize(job, model, report, bundle, tokenizer, Path(tmp) / "model")
+
+
+def uniform_points(
+    args: argparse.Namespace, spec: Any, bundle: Any, tokenizer: Any, work: Path
+) -> dict[str, dict[str, float]]:
+    """The control of ``--allocations``: every layer at one width, for each width of the choice
+    up to the largest budget (the recipes a user seeds by hand, without a profile)."""
+    widths = SPACE_LAYERS["compress.quantize.bits"]["choice"]
+    out = {}
+    for bits in [w for w in widths if w <= max(args.allocations)]:
+        m = uniform_recipe(spec, bits, bundle, tokenizer, work)
+        out[str(bits)] = {
+            k: m[k]
+            for k in (
+                "eval/accuracy",
+                "test/accuracy",
+                "compress/size_bytes",
+                "compress/dense_size_bytes",
+            )
+        }
+    return out
+
+
 def _preflight(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Validate the job (every combination of the space), warm the tokenization cache, and
     measure the dense model once; returns the facts for the table's header."""
@@ -554,14 +724,8 @@ def _preflight(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     from orchestrator import launch, models
     from orchestrator.config.loader import validate_job
-    from orchestrator.finalize import (
-        build_compressed,
-        calibration_batches,
-        evaluate_plain,
-        finalize,
-        label_config,
-    )
-    from orchestrator.search.space import per_layer_targets, trial_job
+    from orchestrator.finalize import evaluate_plain, label_config
+    from orchestrator.search.space import allocation_points, per_layer_targets
 
     for algorithm in ("optuna", "random"):
         spec = launch.resolve_paths(validate_job(base_job(args, algorithm, 0, work)))
@@ -575,20 +739,21 @@ def _preflight(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     extra = {}
     if args.space == "layers":
         # The reference size: every layer at the largest width (8 bits), measured as a trial is.
-        raw = trial_job(
-            spec.model_dump(mode="json", exclude={"search"}),
-            spec.search,
-            {"compress.quantize.bits": 8},
-            "reference",
-            str(work),
-        )
-        ref = validate_job(raw)
-        model, report = build_compressed(ref, bundle, tokenizer, calibration_batches(ref, bundle))
-        with tempfile.TemporaryDirectory(dir=work) as tmp:
-            m = finalize(ref, model, report, bundle, tokenizer, Path(tmp) / "model")
+        m = uniform_recipe(spec, 8, bundle, tokenizer, work)
         extra["ref_size"] = m["compress/size_bytes"] / m["compress/dense_size_bytes"]
+    if args.allocations:
+        extra["uniform"] = uniform_points(args, spec, bundle, tokenizer, work)
+        # What the driver does after its baseline for a key with ``allocations``.
+        start = time.perf_counter()
+        job = spec.model_dump(mode="json")
+        extra["allocations"] = {
+            "points": allocation_points(job, spec.search, args.layers, bundle, tokenizer),
+            "budgets": args.allocations,
+            "seconds": time.perf_counter() - start,
+        }
     return {
         **extra,
+        "searchers": [label for label, _, _ in searches(args)],
         "date": datetime.date.today().isoformat(),
         "command": "python " + shlex.join(argv),
         "cpus": os.cpu_count(),
