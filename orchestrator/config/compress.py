@@ -67,9 +67,13 @@ def _plain(value: Any) -> Any:
     return value.model_dump() if isinstance(value, ConfigModel) else value
 
 
+# The calibration batches an ``allocate`` section measures its profile on, unless it says.
+ALLOCATE_CALIB_BATCHES = 2
+
+
 def _calib_batches_field() -> Any:
     return Field(
-        default=2,
+        default=ALLOCATE_CALIB_BATCHES,
         ge=1,
         le=1024,
         description="calibration batches the sensitivity is measured on (the first of "

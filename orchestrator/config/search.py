@@ -288,6 +288,15 @@ def _allocations_problems(
                     f"add 1 to {key}'s choice",
                 )
             )
+        if not any(v < 1.0 for v in values):
+            problems.append(
+                (
+                    where,
+                    budgets,
+                    "an allocation factorizes layers at the choice's ratios below 1; it has none",
+                    f"add a rank ratio below 1 to {key}'s choice",
+                )
+            )
     else:
         lo, hi, what = min(values), max(values), "the mean over the layers' weights"
     for b in budgets:

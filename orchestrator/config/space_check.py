@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from orchestrator.config.compress import ALLOCATE_CALIB_BATCHES, CompressConfig
 from orchestrator.config.overrides import apply_overrides
 from orchestrator.config.search import (
     PER_LAYER,
@@ -46,6 +47,8 @@ def search_problems(
         Problem(f"search.{p.key}", p.value, p.message, p.fix)
         for p in _space_problems(trials, search.space, validate)
     ]
+    if not problems:  # the allocations need the stage's config from a valid combination
+        problems += _allocation_problems(trials, search, validate)
     if search.baseline.overrides:
         for p in validate(baseline_base(job, search, exclusive or ())):
             key = f"search.baseline.overrides.{p.key}"
@@ -121,6 +124,86 @@ def _space_problems(
             )
         if len(problems) >= 5:
             break
+    return problems
+
+
+def per_layer_stage(key: str) -> str:
+    """The compress stage a per-layer key belongs to (``compress.quantize.bits``: quantize)."""
+    return PER_LAYER[key].split(".")[1]
+
+
+def stage_configs(job: dict[str, Any], search: SearchConfig) -> dict[str, tuple[Any, dict]]:
+    """Each per-layer key's technique config as the trials apply it (its ``layers`` empty),
+    with the sampled values it comes from: the first of the space's combinations that
+    applies the stage."""
+    wanted = {k: per_layer_stage(k) for k, d in search.space.items() if d.per_layer}
+    out: dict[str, tuple[Any, dict]] = {}
+    for sampled in combinations(search.space):
+        raw = apply_overrides(job, trial_overrides(search.space, sampled))
+        compress = CompressConfig.model_validate(raw.get("compress") or {})
+        for key, stage in wanted.items():
+            cfg = getattr(compress, stage)
+            if key not in out and cfg is not None:
+                out[key] = (cfg.model_copy(update={"layers": {}}), sampled)
+        if len(out) == len(wanted):
+            break
+    return out
+
+
+def allocation_job(
+    job: dict[str, Any], key: str, values: list[Any], stage_cfg: Any, budget: float
+) -> dict[str, Any]:
+    """The raw job that measures the allocation of per-layer key ``key`` at ``budget``: the
+    stage alone (``stage_cfg``, from ``stage_configs``), allocating over ``values`` (the key's
+    choice) instead of setting each layer or one value for all, with the job's calibration."""
+    cfg = stage_cfg.model_dump(mode="json")
+    cfg.pop("layers", None)
+    calib = CompressConfig.model_validate(job.get("compress") or {}).calib_batches
+    # The profile's batches: allocate's own default, or all the job has when it has fewer.
+    profile = {"calib_batches": min(ALLOCATE_CALIB_BATCHES, calib)}
+    if key == "compress.quantize.bits":
+        cfg["allocate"] = {"bits": values, "avg_bits": budget, **profile}
+    elif key == "compress.prune.sparsity":
+        cfg.update(sparsity=budget, allocate={"sparsities": values, **profile})
+    else:  # rank: a layer may also stay dense (1), the allocation's own option
+        for rule in ("rank", "rank_ratio", "energy"):
+            cfg.pop(rule, None)
+        ratios = [v for v in values if float(v) < 1]
+        cfg["allocate"] = {"rank_ratios": ratios, "param_ratio": budget, **profile}
+    raw = {k: v for k, v in job.items() if k != "search"}
+    raw["compress"] = {per_layer_stage(key): cfg, "calib_batches": calib}
+    return raw
+
+
+def _allocation_problems(
+    job: dict[str, Any], search: SearchConfig, validate: Validate
+) -> list[Problem]:
+    """Each allocation starting point's job must be valid: measured after the baseline, a
+    setting only ``allocate`` checks (its calibration batches, say) must fail here, not then."""
+    keys = [k for k, d in search.space.items() if d.per_layer and d.allocations]
+    if not keys:
+        return []
+    configs = stage_configs(job, search)
+    problems: list[Problem] = []
+    for key in keys:
+        if key not in configs:  # no combination applies the stage: nothing is allocated
+            continue
+        stage_cfg, _ = configs[key]
+        dist = search.space[key]
+        for budget in dist.allocations or []:
+            raw = allocation_job(job, key, list(dist.choice), stage_cfg, budget)
+            found = validate(raw)
+            problems += [
+                Problem(
+                    f"search.space.{key}.allocations",
+                    budget,
+                    f"makes an invalid allocation job: {p.key} = {p.value!r}: {p.message}",
+                    p.fix,
+                )
+                for p in found
+            ]
+            if found:  # the other budgets share the cause
+                break
     return problems
 
 

@@ -8,7 +8,8 @@ import re
 from typing import Any
 
 from orchestrator.config.overrides import apply_overrides
-from orchestrator.config.search import PER_LAYER, SearchConfig, layer_key, trial_overrides
+from orchestrator.config.search import SearchConfig, layer_key, trial_overrides
+from orchestrator.config.space_check import allocation_job, per_layer_stage, stage_configs
 from orchestrator.errors import ConfigError, Problem
 
 
@@ -45,32 +46,6 @@ def param_space(search: SearchConfig, layers: dict[str, list[str]] | None = None
     return out
 
 
-def _stage(key: str) -> str:
-    """The compress stage a per-layer key belongs to (``compress.quantize.bits``: quantize)."""
-    return PER_LAYER[key].split(".")[1]
-
-
-def stage_configs(job: dict[str, Any], search: SearchConfig) -> dict[str, tuple[Any, dict]]:
-    """Each per-layer key's technique config as the trials apply it (its ``layers`` empty),
-    with the sampled values it comes from: the first of the space's combinations that
-    applies the stage."""
-    from orchestrator.config.compress import CompressConfig
-    from orchestrator.config.space_check import combinations
-
-    wanted = {k: _stage(k) for k, d in search.space.items() if d.per_layer}
-    out: dict[str, tuple[Any, dict]] = {}
-    for sampled in combinations(search.space):
-        raw = apply_overrides(job, trial_overrides(search.space, sampled))
-        compress = CompressConfig.model_validate(raw.get("compress") or {})
-        for key, stage in wanted.items():
-            cfg = getattr(compress, stage)
-            if key not in out and cfg is not None:
-                out[key] = (cfg.model_copy(update={"layers": {}}), sampled)
-        if len(out) == len(wanted):
-            break
-    return out
-
-
 def per_layer_targets(
     job: dict[str, Any], search: SearchConfig, model: Any
 ) -> dict[str, list[str]]:
@@ -90,8 +65,8 @@ def per_layer_targets(
                 Problem(
                     f"search.space.{key}.per_layer",
                     True,
-                    f"compress.{_stage(key)} targets no Linear layer of the model",
-                    f"widen compress.{_stage(key)}.include, or remove per_layer",
+                    f"compress.{per_layer_stage(key)} targets no Linear layer of the model",
+                    f"widen compress.{per_layer_stage(key)}.include, or remove per_layer",
                 )
             )
     return out
@@ -120,7 +95,7 @@ def allocation_points(
     for key, dist in search.space.items():
         if not dist.per_layer or not dist.allocations:
             continue
-        stage, values = _stage(key), list(dist.choice)
+        values = list(dist.choice)
         stage_cfg, sampled = configs[key]
         rest: dict[str, Any] = {}
         for other, value in sampled.items():
@@ -129,9 +104,7 @@ def allocation_points(
             else:
                 rest[other] = value
         for budget in dist.allocations:
-            cfg = _allocating(stage_cfg.model_dump(mode="json"), key, values, budget)
-            raw = {**job, "compress": {stage: cfg, "calib_batches": _calib(job)}}
-            raw.pop("search", None)
+            raw = allocation_job(job, key, values, stage_cfg, budget)
             spec = validate_job(raw, source=f"search.space.{key}.allocations")
             calib = finalize.calibration_batches(spec, bundle)
             _, report = finalize.build_compressed(spec, bundle, tokenizer, calib)
@@ -144,29 +117,6 @@ def allocation_points(
             }
             points.append({**rest, **allocated})
     return points
-
-
-def _allocating(cfg: dict[str, Any], key: str, values: list[Any], budget: float) -> dict[str, Any]:
-    """The stage's config ``cfg`` allocating over ``values`` at ``budget`` instead of setting
-    each layer (``layers``) or one value for all."""
-    cfg.pop("layers", None)
-    if key == "compress.quantize.bits":
-        cfg["allocate"] = {"bits": values, "avg_bits": budget}
-    elif key == "compress.prune.sparsity":
-        cfg.update(sparsity=budget, allocate={"sparsities": values})
-    else:  # rank: a layer may also stay dense (1), the allocation's own option
-        for rule in ("rank", "rank_ratio", "energy"):
-            cfg.pop(rule, None)
-        ratios = [v for v in values if float(v) < 1]
-        cfg["allocate"] = {"rank_ratios": ratios, "param_ratio": budget}
-    return cfg
-
-
-def _calib(job: dict[str, Any]) -> int:
-    """The job's ``compress.calib_batches`` (the section's default when it leaves it out)."""
-    from orchestrator.config.compress import CompressConfig
-
-    return CompressConfig.model_validate(job.get("compress") or {}).calib_batches
 
 
 def searcher(

@@ -350,6 +350,46 @@ def test_a_rank_allocation_needs_the_dense_choice() -> None:
     )
 
 
+def test_a_rank_allocation_needs_a_ratio_below_one() -> None:
+    dist = {"choice": [1], "per_layer": True, "allocations": [1]}
+    with pytest.raises(ConfigError) as e:
+        load_job(
+            ROOT / "jobs/debug/search.yaml",
+            [
+                "search.space={compress.factorize: {choice: {svd: {method: svd, rank_ratio: 0.5}}}"
+                f", compress.factorize.rank_ratio: {json.dumps(dist)}}}"
+            ],
+        )
+    assert "ratios below 1; it has none. Fix: add a rank ratio below 1" in str(e.value)
+
+
+def test_the_allocations_measure_on_the_jobs_calibration_batches() -> None:
+    """With fewer calibration batches than ``allocate`` profiles on by default, the allocation
+    jobs take all the job has; and every allocation job is checked when the job loads."""
+    from orchestrator.config.loader import validate_job
+    from orchestrator.config.space_check import allocation_job, stage_configs
+
+    space = (
+        "search.space={compress.quantize: {choice: {w: {method: weight_only, granularity: group, "
+        "group_size: 32}}}, compress.quantize.bits: {choice: [4, 8], per_layer: true, "
+        "allocations: [4, 6]}}"
+    )
+    spec = load_job(ROOT / "jobs/debug/search.yaml", [space, "compress.calib_batches=1"])
+    job = spec.model_dump(mode="json")
+    cfg, sampled = stage_configs(job, spec.search)["compress.quantize.bits"]
+    raw = allocation_job(job, "compress.quantize.bits", [4, 8], cfg, 6)
+    assert sampled == {"compress.quantize": "w", "compress.quantize.bits": 4}
+    assert raw["compress"] == {
+        "quantize": {
+            **cfg.model_dump(mode="json", exclude={"layers"}),
+            "allocate": {"bits": [4, 8], "avg_bits": 6, "calib_batches": 1},
+        },
+        "calib_batches": 1,
+    }
+    assert "search" not in raw
+    validate_job(raw)
+
+
 def test_the_searcher_starts_from_the_allocations(tmp_path: Path) -> None:
     """Bit widths per layer, starting from the allocations at a mean of 4 bits (every layer at
     4: the smallest width) and at 6: the points hold a width from the choice for every layer,
