@@ -1,9 +1,10 @@
 """Per-layer allocation from a measured sensitivity profile against one setting for every layer
 (issue #14), one-shot on the fine-tuned MiniLM-L6, at equal size:
 
-- ``--family bits``: weight-only group quantization of every Linear (group 64, embeddings at 8
-  bits), uniform at ``b`` bits or ``compress.quantize.allocate`` with the widths 2, 3, 4 and 8
-  under a mean of ``b`` bits;
+- ``--family bits``: weight-only quantization of every Linear (group 64, or one scale per
+  output channel with ``--granularity channel``; embeddings at 8 bits), uniform at ``b`` bits
+  or ``compress.quantize.allocate`` with the widths 2, 3, 4 and 8 (``--widths``) under a mean
+  of ``b`` bits;
 - ``--family sparsity``: unstructured pruning of every Linear (``--prune-method`` magnitude or
   wanda), uniform at ``s`` or ``compress.prune.allocate`` (sparsities 0 to 0.875 by eighths)
   under a mean of ``s``;
@@ -21,7 +22,8 @@ The dense model is a MiniLM-L6 fine-tuned on the quickstart's data (``--dense``:
 ``benchmarks/distill_recovery.py`` writes, by default /tmp/distill/dense).
 
 Run: python benchmarks/allocation.py [--family bits|sparsity|rank] [--levels 2 3 4]
-     [--dense /tmp/distill/dense] [--calib-batches 2] [--no-uniform]
+     [--dense /tmp/distill/dense] [--calib-batches 2] [--no-uniform] [--widths 2 3 4 8]
+     [--granularity group|channel]
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ BITS = {"method": "weight_only", "granularity": "group", "group_size": 64, "embe
 WIDTHS = [2, 3, 4, 8]
 DEFAULT_LEVELS = {"bits": [2.0, 2.5, 3.0, 4.0], "sparsity": [0.5, 0.6, 0.7], "rank": [0.25]}
 WHAT = {
-    "bits": "weight-only group-64 quantization of every Linear, 8-bit embeddings",
+    "bits": "weight-only quantization of every Linear, 8-bit embeddings",
     "sparsity": "unstructured pruning of every Linear, float weights",
     "rank": "low-rank factorization of every Linear, float weights",
 }
@@ -51,8 +53,9 @@ def _stage(family: str, level: float, allocated: bool, args: argparse.Namespace)
     calib = {"calib_batches": args.calib_batches}
     if family == "bits":
         if allocated:
-            return {"quantize": {**BITS, "allocate": {"bits": WIDTHS, "avg_bits": level, **calib}}}
-        return {"quantize": {**BITS, "bits": int(level)}}
+            widths = {"bits": args.widths, "avg_bits": level, **calib}
+            return {"quantize": {**_bits(args), "allocate": widths}}
+        return {"quantize": {**_bits(args), "bits": int(level)}}
     if family == "sparsity":
         prune = {"method": args.prune_method, "sparsity": level}
         return {"prune": {**prune, "allocate": calib} if allocated else prune}
@@ -60,6 +63,13 @@ def _stage(family: str, level: float, allocated: bool, args: argparse.Namespace)
     if allocated:
         return {"factorize": {**factorize, "allocate": {"param_ratio": level, **calib}}}
     return {"factorize": {**factorize, "rank_ratio": level}}
+
+
+def _bits(args: argparse.Namespace) -> dict:
+    """The quantize section's settings but the widths: group 64 or one scale per channel."""
+    if args.granularity == "channel":
+        return {k: v for k, v in BITS.items() if k != "group_size"} | {"granularity": "channel"}
+    return BITS
 
 
 def _drop(m: dict[str, float], p: str) -> str:
@@ -105,6 +115,12 @@ def main() -> None:
         "--calib-batches", type=int, default=2, help="batches the sensitivity is measured on"
     )
     parser.add_argument("--no-uniform", action="store_true", help="only the allocated rows")
+    parser.add_argument(
+        "--widths", nargs="+", type=int, default=WIDTHS, help="--family bits: the candidate widths"
+    )
+    parser.add_argument(
+        "--granularity", choices=["group", "channel"], default="group", help="--family bits"
+    )
     args = parser.parse_args()
     family = args.family
     if family == "rank" and args.no_uniform:
@@ -117,6 +133,11 @@ def main() -> None:
     print(
         f"MiniLM-L6 fine-tuned on MR ({bundle.sizes}), one-shot {WHAT[family]}; "
         f"{base.compress.calib_batches} calibration batches of the training split"
+        + (
+            f"; {args.granularity} scales, allocated widths {args.widths}"
+            if family == "bits"
+            else ""
+        )
     )
     print(
         "| recipe | mean | MB on disk | val drop, points [95 %] | test drop, points [95 %] "
