@@ -50,7 +50,7 @@ WHAT = {
 
 def _stage(family: str, level: float, allocated: bool, args: argparse.Namespace) -> dict:
     """The compress section of one row (the rank budget is filled in from the uniform row)."""
-    calib = {"calib_batches": args.calib_batches}
+    calib = {"calib_batches": args.calib_batches, "refine": args.refine}
     if family == "bits":
         if allocated:
             widths = {"bits": args.widths, "avg_bits": level, **calib}
@@ -121,6 +121,9 @@ def main() -> None:
     parser.add_argument(
         "--granularity", choices=["group", "channel"], default="group", help="--family bits"
     )
+    parser.add_argument(
+        "--refine", type=int, default=0, help="allocate.refine: joint measurements after it"
+    )
     args = parser.parse_args()
     family = args.family
     if family == "rank" and args.no_uniform:
@@ -174,6 +177,12 @@ def main() -> None:
                     check += (
                         f" (joint KL {c['allocation_kl']:.4f} allocated, {c['uniform_kl']:.4f} "
                         f"at {c['uniform']:g} everywhere)"
+                    )
+                if c.get("refine"):
+                    r = c["refine"]
+                    check += (
+                        f"; refined: {r['moves']} moves in {r['evaluations']} measurements, "
+                        f"joint KL {r['kl_before']:.4f} -> {r['kl_after']:.4f}"
                     )
             label = f"{'allocated' if allocated else 'uniform'} {family} {level:g}"
             print(

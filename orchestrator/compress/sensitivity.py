@@ -18,6 +18,12 @@ one); given it, the choice is a multiple-choice knapsack, solved exactly by dyna
 over the budget in units of the greatest common divisor of the costs (a BERT-size model has a
 few hundred to a few thousand units). When that grid would exceed ``MAX_UNITS`` the costs are
 rounded up to a coarser grid, which can only under-use the budget, never exceed it.
+
+**Check and refinement.** The knapsack's choice is then measured with every layer changed at
+once against the best single setting within the budget, and the better kept (``checked``);
+with ``refine``, a local search on that joint loss follows (``refined``): one or two layers
+moved one candidate step within the budget, in the order the profile predicts least harmful,
+the first that lowers the joint KL taken, up to ``refine`` measurements.
 """
 
 from __future__ import annotations
@@ -369,36 +375,108 @@ def checked(
     budget: Fraction,
     variants: Variants,
     batches: Sequence[Batch],
+    refine: int = 0,
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """``choice`` (the knapsack's, from summed per-layer losses) or, when it moves the model's
     outputs more with every layer changed at once, the uniform setting within the budget that
     loses least: the additive approximation is checked, not trusted (layers' errors compound,
     most under a tight budget). Two forward passes per batch, so the callers give it every
-    calibration batch, not only the profile's. Returns the kept choice and the check's
-    record."""
+    calibration batch, not only the profile's. With ``refine``, then up to that many more
+    joint measurements (``refined``). Returns the kept choice and the check's record."""
     uniform = None
     for j, value in enumerate(prof.values):
         if sum(row[j] for row in costs) <= budget:
             loss = sum(row[j] for row in prof.kl)
             if uniform is None or loss < uniform[0]:
                 uniform = (loss, value)
-    if uniform is None or all(v == uniform[1] for v in choice.values()):
+    flat = {name: uniform[1] for name in prof.layers} if uniform else None
+    needed = flat is not None and flat != choice
+    if not needed and not refine:
         return choice, {"kept": "allocation", "uniform": None}
-    flat = {name: uniform[1] for name in prof.layers}
-    # Both choices from the same variants and references: each layer's SVD and the unchanged
+    # Every choice from the same variants and references: each layer's SVD and the unchanged
     # model's outputs are computed once.
     makes = {name: variants(name, layer) for name, layer in layers}
     with torch.no_grad():
         refs = _references(model, batches)
         allocated = _joint_kl(model, layers, choice, makes, batches, refs)
-        same = _joint_kl(model, layers, flat, makes, batches, refs)
-    record = {
-        "uniform": uniform[1],
-        "allocation_kl": allocated,
-        "uniform_kl": same,
-        "kept": "allocation" if allocated <= same else "uniform",
-    }
-    return (choice if allocated <= same else flat), record
+        record: dict[str, Any] = {"kept": "allocation", "uniform": None}
+        kept, kl = choice, allocated
+        if needed:
+            same = _joint_kl(model, layers, flat, makes, batches, refs)
+            record = {
+                "uniform": uniform[1],
+                "allocation_kl": allocated,
+                "uniform_kl": same,
+                "kept": "allocation" if allocated <= same else "uniform",
+            }
+            if same < allocated:
+                kept, kl = flat, same
+        if refine:
+
+            def measure(c: dict[str, float]) -> float:
+                return _joint_kl(model, layers, c, makes, batches, refs)
+
+            kept, record["refine"] = refined(prof, kept, kl, costs, budget, measure, refine)
+    return kept, record
+
+
+def refined(
+    prof: Profile,
+    choice: dict[str, float],
+    kl: float,
+    costs: Sequence[Sequence[Fraction]],
+    budget: Fraction,
+    measure: Callable[[dict[str, float]], float],
+    evaluations: int,
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """A local search measured with every layer changed at once (``measure``: the joint KL of
+    a choice), from ``choice`` (joint KL ``kl``): the neighbours move one layer, or two, one
+    candidate step each (``prof.values`` in order) within the budget; they are measured in the
+    order of the profile's summed change (least harmful first, since the knapsack left no
+    move the profile thinks helps), and the first that lowers the joint KL is taken; at most
+    ``evaluations`` measurements. Returns the best choice and the search's record."""
+    names = prof.layers
+    at = [prof.values.index(choice[n]) for n in names]
+    n_values = len(prof.values)
+    start, measured, taken = kl, 0, 0
+    seen = {tuple(at)}
+    while measured < evaluations:
+        spent = sum(costs[i][j] for i, j in enumerate(at))
+        steps = [
+            (i, j, prof.kl[i][j] - prof.kl[i][at[i]], costs[i][j] - costs[i][at[i]])
+            for i in range(len(names))
+            for j in (at[i] - 1, at[i] + 1)
+            if 0 <= j < n_values
+        ]
+        moves = [((delta, cost), [(i, j)]) for i, j, delta, cost in steps]
+        moves += [
+            ((d1 + d2, c1 + c2), [(i1, j1), (i2, j2)])
+            for k, (i1, j1, d1, c1) in enumerate(steps)
+            for i2, j2, d2, c2 in steps[k + 1 :]
+            if i1 != i2
+        ]
+        moves = sorted((m for m in moves if spent + m[0][1] <= budget), key=lambda m: m[0][0])
+        better = None
+        for _, changes in moves:
+            after = list(at)
+            for i, j in changes:
+                after[i] = j
+            if tuple(after) in seen:
+                continue
+            seen.add(tuple(after))
+            measured += 1
+            candidate = measure({n: prof.values[j] for n, j in zip(names, after, strict=True)})
+            if candidate < kl:
+                better = (after, candidate)
+                break
+            if measured >= evaluations:
+                break
+        if better is None:
+            break
+        at, kl = better
+        taken += 1
+    final = {n: prof.values[j] for n, j in zip(names, at, strict=True)}
+    return final, {"evaluations": measured, "moves": taken, "kl_before": start, "kl_after": kl}
 
 
 def allocation_record(

@@ -81,6 +81,18 @@ def _calib_batches_field() -> Any:
     )
 
 
+def _refine_field() -> Any:
+    return Field(
+        default=0,
+        ge=0,
+        le=1000,
+        description="after the knapsack, up to this many allocations measured with every layer "
+        "changed at once, each one step from the best so far (two layers moved within the "
+        "budget, the profile's least costly moves first); 0 keeps the knapsack's (and the "
+        "joint check's) choice",
+    )
+
+
 def _layers_field(what: str, unmatched: str) -> Any:
     return Field(
         default_factory=dict,
@@ -326,6 +338,7 @@ class AllocateSparsityConfig(ConfigModel):
         description="the sparsities a Linear may get, each in [0, 1)",
     )
     calib_batches: int = _calib_batches_field()
+    refine: int = _refine_field()
 
 
 class AllocatesSparsity(UnstructuredPruneMethod):
@@ -481,6 +494,7 @@ class AllocateRankConfig(ConfigModel):
         "of their dense count, (0, 1]",
     )
     calib_batches: int = _calib_batches_field()
+    refine: int = _refine_field()
 
     @model_validator(mode="after")
     def _once_each(self) -> AllocateRankConfig:
@@ -618,6 +632,7 @@ class AllocateBitsConfig(ConfigModel):
         "sizes (scales not counted), between the smallest and largest of bits",
     )
     calib_batches: int = _calib_batches_field()
+    refine: int = _refine_field()
 
     @model_validator(mode="after")
     def _budget_reachable(self) -> AllocateBitsConfig:

@@ -312,7 +312,9 @@ def _allocate(
         raise _budget_error(cfg, modules) or ConfigError(
             Problem(f"{key}.param_ratio", spec.param_ratio, str(e), "raise it")
         ) from None
-    choice, check = checked(model, modules, prof, choice, costs, budget, variants, batches)
+    choice, check = checked(
+        model, modules, prof, choice, costs, budget, variants, batches, spec.refine
+    )
     choice = agree(choice)
     record = allocation_record(prof, choice, spec.param_ratio, check)
     kept = sum(float(costs[i][values.index(choice[n])]) for i, (n, _) in enumerate(modules))

@@ -332,7 +332,9 @@ def _allocate(
             Problem("compress.prune.sparsity", cfg.sparsity, str(e), "lower it")
         ) from None
     costs, budget = sparsity_costs(prof, cfg.sparsity)
-    choice, check = checked(model, layers, prof, choice, costs, budget, variants, batches)
+    choice, check = checked(
+        model, layers, prof, choice, costs, budget, variants, batches, allocate.refine
+    )
     return allocation_record(prof, agree(choice), cfg.sparsity, check)
 
 

@@ -306,7 +306,14 @@ def _allocate(model: nn.Module, cfg: QuantizeConfig, ctx: Context) -> dict[str, 
     )
     choice = allocate_bits(prof, allocate.avg_bits)
     choice, check = checked(
-        model, layers, prof, choice, *bit_costs(prof, allocate.avg_bits), variants, calib
+        model,
+        layers,
+        prof,
+        choice,
+        *bit_costs(prof, allocate.avg_bits),
+        variants,
+        calib,
+        allocate.refine,
     )
     choice = ctx.agree({n: int(b) for n, b in choice.items()})
     return allocation_record(prof, choice, allocate.avg_bits, check)

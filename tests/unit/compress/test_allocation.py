@@ -199,13 +199,14 @@ def _layers(report: dict, technique: str) -> dict[str, dict]:
 
 
 def test_per_layer_sparsity_in_the_artifact_and_its_reload(tmp_path: Path, make_artifact) -> None:
-    """Magnitude pruning at a mean of 50 %, allocated: the layers differ, each holds the
-    sparsity it was given, the mean holds, and the reload has the same zeros."""
+    """Magnitude pruning at a mean of 50 %, allocated and refined by 3 joint measurements: the
+    layers differ, each holds the sparsity it was given, the mean holds, and the reload has
+    the same zeros."""
     make_artifact(
         tmp_path,
         "compress.factorize=null",
         "compress.quantize=null",
-        "compress.prune={method: magnitude, sparsity: 0.5, allocate: {}}",
+        "compress.prune={method: magnitude, sparsity: 0.5, allocate: {refine: 3}}",
     )
     folder = tmp_path / "debug-compress"
     report = json.loads((folder / "compress_report.json").read_text())
@@ -214,6 +215,8 @@ def test_per_layer_sparsity_in_the_artifact_and_its_reload(tmp_path: Path, make_
     assert allocation["setting"] == "sparsity" and allocation["mean"] >= 0.5 - 1e-9
     # The untrained tiny model barely reacts: the joint check may keep 50 % everywhere.
     assert len(set(chosen.values())) > 1 or allocation["check"]["kept"] == "uniform", chosen
+    refine = allocation["check"]["refine"]
+    assert refine["evaluations"] <= 3 and refine["kl_after"] <= refine["kl_before"]
     rows = _layers(report, "prune")
     for name, s in chosen.items():
         assert rows[name]["details"]["target_sparsity"] == s
@@ -332,3 +335,36 @@ def test_the_joint_check_keeps_whichever_moves_the_outputs_less(calib) -> None:
         flat,
         {"kept": "allocation", "uniform": None},
     )
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_refinement_only_takes_what_lowers_the_joint_loss_within_the_budget(seed: int) -> None:
+    """``refined`` on a loss that is not the profile's sum (pairs of layers interact): every
+    choice it measures keeps the budget, it stops at its measurement limit, it ends no worse
+    than it started, and what it returns is the best it measured."""
+    from orchestrator.compress.sensitivity import bit_costs, refined
+
+    prof = _profile(seed, n=6)
+    costs, budget = bit_costs(prof, 3.0)
+    rng = random.Random(seed)
+    inter = [[rng.uniform(-0.3, 0.3) for _ in prof.layers] for _ in prof.layers]
+    seen: list[tuple[dict, float]] = []
+
+    def measure(choice: dict[str, float]) -> float:
+        at = [prof.values.index(choice[n]) for n in prof.layers]
+        assert sum(costs[i][j] for i, j in enumerate(at)) <= budget
+        loss = sum(prof.kl[i][j] for i, j in enumerate(at))
+        loss += sum(inter[i][k] * (j - at[k]) ** 2 for i, j in enumerate(at) for k in range(i))
+        seen.append((choice, loss))
+        return loss
+
+    start = allocate_bits(prof, 3.0)
+    first = measure(start)
+    seen.clear()
+    kept, record = refined(prof, start, first, costs, budget, measure, evaluations=25)
+    assert record["evaluations"] == len(seen) <= 25
+    assert record["kl_before"] == first and record["kl_after"] <= first
+    best = min([first] + [loss for _, loss in seen])
+    assert record["kl_after"] == best
+    assert kept == (start if best == first else next(c for c, loss in seen if loss == best))
+    assert record["moves"] == 0 or record["kl_after"] < first
