@@ -357,9 +357,8 @@ def curve(
     points: list[tuple[float, float]] = []
     out = []
     for i, t in enumerate(trials, 1):
-        m = t["metrics"]
-        if m:
-            points.append((m["compress/size_bytes"] / m["compress/dense_size_bytes"], m[key]))
+        if t["metrics"]:
+            points.append(_point(t["metrics"], key))
         if i % CURVE_EVERY == 0 or i == len(trials):
             out.append((i, hypervolume_2d(points, ref)))
     return out
@@ -375,11 +374,18 @@ def headroom(record: list[dict[str, Any]], ref: tuple[float, float]) -> float:
     return curve([t for r in record for t in r["trials"]], ref)[-1][1]
 
 
+def _point(metrics: dict[str, Any], key: str) -> tuple[float, float]:
+    """(size ratio, accuracy) of one measured recipe."""
+    return metrics["compress/size_bytes"] / metrics["compress/dense_size_bytes"], metrics[key]
+
+
+def _points(trials: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
+    """(size ratio, accuracy) of the trials that finished."""
+    return [_point(t["metrics"], key) for t in trials if t["metrics"]]
+
+
 def _uniform(header: dict[str, Any], key: str) -> list[tuple[float, float]]:
-    return [
-        (m["compress/size_bytes"] / m["compress/dense_size_bytes"], m[key])
-        for m in header["uniform"].values()
-    ]
+    return [_point(m, key) for m in header["uniform"].values()]
 
 
 def print_uniform_control(header: dict[str, Any], record: list[dict[str, Any]], n: int) -> None:
@@ -413,18 +419,6 @@ def print_uniform_control(header: dict[str, Any], record: list[dict[str, Any]], 
         + ", ".join(f"{v:.2f}" for v in test_ratios)
         + f"); the allocations alone reach HV {alone:.4f}, the uniform recipes alone {uniform:.4f}"
     )
-
-
-def _points(trials: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
-    """(size ratio, accuracy) of the trials that finished."""
-    return [
-        (
-            t["metrics"]["compress/size_bytes"] / t["metrics"]["compress/dense_size_bytes"],
-            t["metrics"][key],
-        )
-        for t in trials
-        if t["metrics"]
-    ]
 
 
 def print_table(

@@ -87,9 +87,9 @@ def _refine_field() -> Any:
         ge=0,
         le=1000,
         description="after the knapsack, up to this many allocations measured with every layer "
-        "changed at once, each one step from the best so far (two layers moved within the "
-        "budget, the profile's least costly moves first); 0 keeps the knapsack's (and the "
-        "joint check's) choice",
+        "changed at once, each one step from the best so far (one or two layers moved one "
+        "candidate within the budget, the profile's least harmful moves first); 0 keeps the "
+        "knapsack's (and the joint check's) choice",
     )
 
 
