@@ -188,3 +188,60 @@ def test_workers_split_the_profile_and_apply_one_allocation(tmp_path: Path) -> N
     assert r0["profile"]["kl"] == r1["profile"]["kl"]
     split = [kl for row in r0["profile"]["kl"] for kl in row]
     assert split == pytest.approx([kl for row in r0["alone"] for kl in row], rel=1e-3, abs=1e-10)
+
+
+def node_cache_worker(rank: int, world: int, folder: str) -> dict:
+    """A profile on workers whose nodes keep separate caches: the first worker's node measured
+    it before (alone), the second's never did. Then the same profile once more, when both
+    nodes hold it."""
+    import torch.distributed as dist
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from orchestrator import loop
+    from orchestrator.compress.qtensor import fake_quantize
+    from orchestrator.compress.sensitivity import profile
+    from orchestrator.compress.technique import Workers
+
+    torch.manual_seed(0)  # the same model and batches on both workers
+    cfg = BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=2,
+    )
+    model = BertForSequenceClassification(cfg).eval()
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][:4]
+    batches = [{"input_ids": torch.randint(0, 100, (4, 12))} for _ in range(2)]
+    cache = Path(folder) / f"node{rank}"  # each worker's node has its own cache folder
+
+    def measure(workers: Workers | None):
+        return profile(
+            model,
+            layers,
+            "bits",
+            [2, 3, 8],
+            lambda _n, layer: lambda b: fake_quantize(layer.weight.data, int(b), "channel", 1),
+            batches,
+            cache_dir=cache,
+            workers=workers,
+        )
+
+    alone = measure(None).kl if rank == 0 else None
+    dist.barrier()
+    shared = Workers(rank, world, loop._gather)
+    first, again = measure(shared), measure(shared)
+    return {"alone": alone, "first": first.to_json(), "again": again.to_json()}
+
+
+def test_a_profile_cached_on_one_node_only_is_measured_by_all(tmp_path: Path) -> None:
+    """A worker must not read its node's cached profile while another waits for its share:
+    all measure (split) unless every worker has it, and from then on all read it back."""
+    r0, r1 = run_workers(node_cache_worker, 2, str(tmp_path))
+    for r in (r0, r1):
+        assert not r["first"]["cached"] and r["first"]["workers"] == 2
+        assert r["again"]["cached"] and r["again"]["kl"] == r["first"]["kl"]
+    assert r0["first"]["kl"] == r1["first"]["kl"]
+    split = [kl for row in r0["first"]["kl"] for kl in row]
+    assert split == pytest.approx([kl for row in r0["alone"] for kl in row], rel=1e-3, abs=1e-10)
