@@ -1,8 +1,9 @@
 """Per-layer allocation from a measured sensitivity profile against one setting for every layer
 (issue #14), one-shot on the fine-tuned MiniLM-L6, at equal size:
 
-- ``--family bits``: weight-only quantization of every Linear (group 64, or one scale per
-  output channel with ``--granularity channel``; embeddings at 8 bits), uniform at ``b`` bits
+- ``--family bits``: weight-only quantization of every Linear (groups of 64 inputs per scale,
+  ``--group-size``, or one scale per output channel with ``--granularity channel``; embeddings
+  at 8 bits), uniform at ``b`` bits
   or ``compress.quantize.allocate`` with the widths 2, 3, 4 and 8 (``--widths``) under a mean
   of ``b`` bits;
 - ``--family sparsity``: unstructured pruning of every Linear (``--prune-method`` magnitude or
@@ -16,14 +17,16 @@ Each row is measured on the reloaded artifact as a trial measures it: bytes on d
 accuracy drop on the validation and test splits paired with the dense model (95 % interval);
 for the allocated rows, the profile's cost and what the joint check kept (the knapsack's
 allocation or the best uniform setting within the budget, whichever moves the outputs less
-with every layer changed at once; ``orchestrator.compress.sensitivity.checked``).
+with every layer changed at once; ``orchestrator.compress.sensitivity.checked``). Where both
+recipes of a level ran, a last line compares them with each other on the same sentences: how
+many points more the allocated recipe gets right, with its paired 95 % interval.
 
 The dense model is a MiniLM-L6 fine-tuned on the quickstart's data (``--dense``: a folder
 ``benchmarks/distill_recovery.py`` writes, by default /tmp/distill/dense).
 
 Run: python benchmarks/allocation.py [--family bits|sparsity|rank] [--levels 2 3 4]
      [--dense /tmp/distill/dense] [--calib-batches 2] [--no-uniform] [--widths 2 3 4 8]
-     [--granularity group|channel]
+     [--granularity group|channel] [--group-size 64] [--refine 0]
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import data, finalize, models
+from orchestrator.compress.artifact import load_artifact
 from orchestrator.config.loader import load_job
+from orchestrator.stats import PairedCounts
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "jobs" / "quickstart.yaml"
@@ -66,10 +71,11 @@ def _stage(family: str, level: float, allocated: bool, args: argparse.Namespace)
 
 
 def _bits(args: argparse.Namespace) -> dict:
-    """The quantize section's settings but the widths: group 64 or one scale per channel."""
+    """The quantize section's settings but the widths: groups of ``--group-size`` inputs or one
+    scale per output channel."""
     if args.granularity == "channel":
         return {k: v for k, v in BITS.items() if k != "group_size"} | {"granularity": "channel"}
-    return BITS
+    return BITS | {"group_size": args.group_size}
 
 
 def _drop(m: dict[str, float], p: str) -> str:
@@ -77,6 +83,17 @@ def _drop(m: dict[str, float], p: str) -> str:
         f"{100 * m[f'{p}/accuracy_drop']:+.2f} [{100 * m[f'{p}/accuracy_drop_lo']:+.2f}, "
         f"{100 * m[f'{p}/accuracy_drop_hi']:+.2f}]"
     )
+
+
+def _gain(uniform: dict[str, list], allocated: dict[str, list]) -> str:
+    """How many points more the allocated recipe answers right than the uniform one, on each
+    split, paired on the same sentences [95 %]."""
+    out = []
+    for split in ("validation", "test"):
+        counts = PairedCounts.of(uniform[split], allocated[split])
+        lo, hi = counts.interval()
+        out.append(f"{split} {-100 * counts.drop:+.2f} [{-100 * hi:+.2f}, {-100 * lo:+.2f}]")
+    return ", ".join(out)
 
 
 def _kept(report: Any) -> float:
@@ -122,6 +139,9 @@ def main() -> None:
         "--granularity", choices=["group", "channel"], default="group", help="--family bits"
     )
     parser.add_argument(
+        "--group-size", type=int, default=64, help="--family bits: inputs per scale"
+    )
+    parser.add_argument(
         "--refine", type=int, default=0, help="allocate.refine: joint measurements after it"
     )
     args = parser.parse_args()
@@ -137,7 +157,9 @@ def main() -> None:
         f"MiniLM-L6 fine-tuned on MR ({bundle.sizes}), one-shot {WHAT[family]}; "
         f"{base.compress.calib_batches} calibration batches of the training split"
         + (
-            f"; {args.granularity} scales, allocated widths {args.widths}"
+            f"; {args.granularity} scales"
+            + (f" of {args.group_size} inputs" if args.granularity == "group" else "")
+            + f", allocated widths {args.widths}"
             if family == "bits"
             else ""
         )
@@ -149,6 +171,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for level in levels:
         budget = level
+        answers = {}
         for allocated in (False, True):
             if not allocated and (args.no_uniform or (family == "bits" and level % 1)):
                 continue
@@ -162,6 +185,11 @@ def main() -> None:
             )
             with tempfile.TemporaryDirectory() as tmp:
                 m = finalize.finalize(spec, model, report, bundle, tokenizer, Path(tmp) / "model")
+                shipped = load_artifact(Path(tmp) / "model")
+                answers[allocated] = {
+                    split: finalize.evaluate_answers(shipped, bundle, split)[1]
+                    for split in ("validation", "test")
+                }
             if family == "rank" and not allocated:
                 budget = round(_kept(report), 4)  # the allocation gets the same size
             cost = check = "-"
@@ -191,6 +219,8 @@ def main() -> None:
                 f"| {_drop(m, 'test')} | {cost} | {check} |",
                 flush=True,
             )
+        if len(answers) == 2:
+            print(f"- at {level:g}, allocated against uniform, points: {_gain(*answers.values())}")
 
 
 if __name__ == "__main__":
