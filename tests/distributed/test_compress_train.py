@@ -195,24 +195,16 @@ def node_cache_worker(rank: int, world: int, folder: str) -> dict:
     it before (alone), the second's never did. Then the same profile once more, when both
     nodes hold it."""
     import torch.distributed as dist
-    from transformers import BertConfig, BertForSequenceClassification
 
     from orchestrator import loop
     from orchestrator.compress.qtensor import fake_quantize
     from orchestrator.compress.sensitivity import profile
     from orchestrator.compress.technique import Workers
+    from orchestrator.testing import tiny_classifier
 
-    torch.manual_seed(0)  # the same model and batches on both workers
-    cfg = BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=2,
-    )
-    model = BertForSequenceClassification(cfg).eval()
+    model = tiny_classifier(vocab_size=100).eval()  # seeded: the same on both workers
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][:4]
+    torch.manual_seed(1)
     batches = [{"input_ids": torch.randint(0, 100, (4, 12))} for _ in range(2)]
     cache = Path(folder) / f"node{rank}"  # each worker's node has its own cache folder
 
