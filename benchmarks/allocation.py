@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import data, finalize, models
-from orchestrator.compress.artifact import load_artifact
 from orchestrator.config.loader import load_job
 from orchestrator.stats import PairedCounts
 
@@ -184,12 +183,10 @@ def main() -> None:
                 (s.entry["allocation"] for s in report.steps if "allocation" in s.entry), None
             )
             with tempfile.TemporaryDirectory() as tmp:
-                m = finalize.finalize(spec, model, report, bundle, tokenizer, Path(tmp) / "model")
-                shipped = load_artifact(Path(tmp) / "model")
-                answers[allocated] = {
-                    split: finalize.evaluate_answers(shipped, bundle, split)[1]
-                    for split in ("validation", "test")
-                }
+                answers[allocated] = {}  # each example's answer, filled by finalize
+                m = finalize.finalize(
+                    spec, model, report, bundle, tokenizer, Path(tmp) / "model", answers[allocated]
+                )
             if family == "rank" and not allocated:
                 budget = round(_kept(report), 4)  # the allocation gets the same size
             cost = check = "-"

@@ -258,10 +258,13 @@ def finalize(
     bundle: data_lib.DataBundle,
     tokenizer: Any,
     folder: Path,
+    answers: dict[str, list] | None = None,
 ) -> dict[str, float]:
     """Write ``model``'s artifact (``model`` in its training form, made by ``report.steps``) to
     ``folder``, reload it, evaluate and time it against the dense model. Returns the metrics
-    (the keys of docs/contracts.md); also fills ``report.metrics``."""
+    (the keys of docs/contracts.md); also fills ``report.metrics``, and ``answers`` when given:
+    the reloaded model's answer per example of each split (``evaluate_answers``), to pair it
+    with another recipe's."""
     size = save_artifact(model, folder, steps=report.steps, tokenizer=tokenizer)
     dense = models.build_model(spec.model, bundle.num_labels, tokenizer, seed=spec.train.seed)
     label_config(dense, bundle)
@@ -275,9 +278,11 @@ def finalize(
     _, reference = dense_answers(spec, dense, bundle)
     for split in ("validation", "test"):
         # Paired with the dense model on the same examples: the drop and its interval.
-        split_metrics, answers = evaluate_answers(shipped, bundle, split)
+        split_metrics, mine = evaluate_answers(shipped, bundle, split)
         metrics.update(split_metrics)
-        metrics.update(paired(bundle, reference[split], answers).metrics(split_key(split)))
+        metrics.update(paired(bundle, reference[split], mine).metrics(split_key(split)))
+        if answers is not None:
+            answers[split] = mine
     if spec.measure.backend == "onnxruntime":
         from orchestrator.compress.measure import measure_latency_onnxruntime
         from orchestrator.compress.onnx_export import manifest_steps
