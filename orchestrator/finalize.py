@@ -223,6 +223,14 @@ def _dense_answers_path(spec: JobSpec) -> Path:
     return cache_root() / "dense_answers" / f"{h.hexdigest()[:32]}.json"
 
 
+def saved_model_spec(spec: JobSpec, path: str) -> JobSpec:
+    """``spec`` reading its model from the saved folder ``path`` (a search's fine-tuned
+    baseline): how the search measures that model, and the key its cached answers
+    (``dense_answers``) are found under."""
+    model = spec.model.model_copy(update={"name": None, "path": path})
+    return spec.model_copy(update={"model": model})
+
+
 def dense_answers(
     spec: JobSpec, dense: nn.Module, bundle: data_lib.DataBundle
 ) -> tuple[dict[str, float], dict[str, list[bool]]]:

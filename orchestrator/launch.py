@@ -61,6 +61,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, float]:
             # The device Ray Train assigned this worker (its GPU, fractional or one of several
             # per worker; the CPU without GPUs), not one derived from the local rank.
             device=ray.train.torch.get_device(),
+            local_world_size=context.get_local_world_size(),
         )
         return loop.run(spec, ctx)
 

@@ -10,15 +10,17 @@ writes the model that ships and measures that.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
+import os
 import resource
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,9 @@ class WorkerContext:
     # The device this worker trains on, as its launcher assigned it (Ray Train picks the GPU
     # of a worker, fractional or several GPUs per worker included); None: the CPU.
     device: torch.device | None = None
+    # Ranks on this worker's node (this one included): while rank 0 exports alone, the CPU
+    # threads of the others on its node are idle and its to use.
+    local_world_size: int = 1
 
 
 def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
@@ -67,6 +72,27 @@ def _all_reduce_max(value: float, device: torch.device) -> float:
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t.item())
+
+
+@contextlib.contextmanager
+def _node_threads(local_world_size: int, device: torch.device) -> Iterator[None]:
+    """Torch's intra-op threads raised to those of every rank on this node while rank 0 works
+    alone (the export: evaluating the artifact on validation and test) and the others wait
+    for it in a collective: each rank runs ``torch.get_num_threads()`` threads (Ray sets them to
+    the worker's CPUs), so the node's share of the run's CPUs is that times the local ranks.
+    Only on the CPU; latency is still timed at ``measure.threads`` (``measure_latency`` sets
+    its own)."""
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = min(before * max(1, local_world_size), cores or 1)
+    if device.type != "cpu" or threads <= before:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _broadcast(value: Any, is_main: bool) -> Any:
@@ -402,16 +428,17 @@ class Trainer:
     def export(self, folder: Path) -> dict[str, float]:
         """The model that ships, written into ``folder/model`` and measured there: every rank
         gathers the full fp32 weights (a collective on ZeRO-3), rank 0 writes and scores what
-        it wrote while the others wait, and broadcasts the figures so every rank reports the
-        same."""
+        it wrote while the others wait (on the threads of the ranks of its node: see
+        ``_node_threads``), and broadcasts the figures so every rank reports the same."""
         full = self.strategy.full_state_dict()
         metrics = None
         if self.is_main:
             started = time.perf_counter()
-            if self.creport is not None:
-                metrics = self.export_compressed(full, folder)
-            else:
-                metrics = self.export_dense(full, folder)
+            with _node_threads(self.ctx.local_world_size, self.device):
+                if self.creport is not None:
+                    metrics = self.export_compressed(full, folder)
+                else:
+                    metrics = self.export_dense(full, folder)
             metrics["time/export_s"] = time.perf_counter() - started
         return _broadcast(metrics, self.is_main)
 
@@ -426,8 +453,11 @@ class Trainer:
 
         write_dir_atomic(folder / "model", save)
         saved = models.load_saved(folder / "model")
-        metrics = finalize.evaluate_plain(saved, self.bundle, "validation")
-        metrics.update(finalize.evaluate_plain(saved, self.bundle, "test"))
+        # Its answers on validation and test, cached on this node under the key a search looks
+        # them up by once this model is its baseline (the same files): the search's measurement
+        # of the baseline and its trials then read them instead of evaluating it again.
+        key = finalize.saved_model_spec(self.spec, str(folder / "model"))
+        metrics, _ = finalize.dense_answers(key, saved, self.bundle)
         return metrics
 
     def export_compressed(self, full: dict[str, torch.Tensor], folder: Path) -> dict[str, float]:

@@ -31,9 +31,7 @@ def _measure_dense(job: dict[str, Any], model_path: str | None) -> dict[str, flo
 
     spec = JobSpec.model_validate(job)
     if model_path:
-        spec = spec.model_copy(
-            update={"model": spec.model.model_copy(update={"name": None, "path": model_path})}
-        )
+        spec = finalize.saved_model_spec(spec, model_path)
     tokenizer = models.build_tokenizer(spec.model)
     bundle = data_lib.build(spec.data, tokenizer, models.task_of(spec.model))
     model = models.build_model(spec.model, bundle.num_labels, tokenizer, seed=spec.train.seed)
@@ -56,7 +54,9 @@ def run_baseline(spec: JobSpec, folder: RunFolder, address: str | None) -> dict[
             f"[orchestrator] dense baseline: fine-tuning once ({folder.uri('baseline')})",
             flush=True,
         )
-        # Its accuracy is measured again below on the saved model, the same way as trials'.
+        # Measured below on the saved model as trials are; its answers on validation and test
+        # are read from the node's cache the run's own export filled (a worker on another node
+        # without it evaluates the model again).
         launch.train(bspec, address=address)
         # A URI when output.dir is one: the task (and every trial) fetches it from storage.
         model_path = folder.uri("baseline", "model")

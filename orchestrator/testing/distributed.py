@@ -159,5 +159,5 @@ def run_job_worker(rank: int, world: int, job: dict, store: str) -> dict:
         if folder is not None and "compress/size_bytes" in metrics:
             shutil.copytree(folder, Path(store), dirs_exist_ok=True)
 
-    ctx = loop.WorkerContext(rank=rank, world_size=world, report=report)
+    ctx = loop.WorkerContext(rank=rank, world_size=world, report=report, local_world_size=world)
     return loop.run(validate_job(job), ctx)

@@ -122,14 +122,19 @@ def test_every_report_carries_its_own_step(tmp_path: Path) -> None:
     assert [bool(m.get("final_report")) for m in r0["reports"]] == [False] * 7 + [True]
 
 
-def test_dense_run_is_scored_on_the_saved_model(tmp_path: Path) -> None:
+def test_dense_run_is_scored_on_the_saved_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The final accuracy and loss of a run without compression are those of the fp32 model it
-    saved, not of the live bf16-autocast one."""
+    saved, not of the live bf16-autocast one; its answers are cached under the key a search
+    that takes this model as its baseline looks them up by, so it does not evaluate it again."""
     import torch
 
     from orchestrator import data, finalize, models
+    from orchestrator.config import validate_job
     from orchestrator.config.schema import DataConfig, ModelConfig
 
+    monkeypatch.setenv("ORCHESTRATOR_CACHE", str(tmp_path / "node-cache"))  # the workers' too
     job = _job(tmp_path, strategy="ddp", precision="bf16", max_steps=6)
     store = tmp_path / "ckpts"
     r0, _ = run_workers(loop_worker, 2, job, str(store), None)
@@ -142,3 +147,17 @@ def test_dense_run_is_scored_on_the_saved_model(tmp_path: Path) -> None:
         expected = finalize.evaluate_plain(saved, bundle, split)
         assert r0["final"][f"{key}/loss"] == expected[f"{key}/loss"]
         assert r0["final"][f"{key}/accuracy"] == expected[f"{key}/accuracy"]
+
+    def evaluated_again(*args: object) -> None:
+        raise AssertionError("the saved dense model was evaluated a second time")
+
+    monkeypatch.setattr(finalize, "evaluate_answers", evaluated_again)
+    key = finalize.saved_model_spec(validate_job(job), str(store / "step-6" / "model"))
+    cached, answers = finalize.dense_answers(key, saved, bundle)
+    assert {k: cached[k] for k in ("eval/accuracy", "test/loss")} == {
+        k: r0["final"][k] for k in ("eval/accuracy", "test/loss")
+    }
+    assert [len(answers[s]) for s in ("validation", "test")] == [
+        bundle.sizes["validation"],
+        bundle.sizes["test"],
+    ]

@@ -1,0 +1,55 @@
+"""Rank 0 exports alone while the other ranks of its node wait in a collective: it borrows their
+CPU threads for that step (on the CPU only) and gives them back after."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from orchestrator import loop
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture
+def one_thread() -> object:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def test_rank_zero_runs_on_the_threads_of_its_node_then_gives_them_back(one_thread) -> None:
+    with loop._node_threads(2, torch.device("cpu")):
+        inside = torch.get_num_threads()
+    assert inside == min(2, _cores())
+    assert torch.get_num_threads() == 1
+
+
+@pytest.mark.parametrize(
+    ("local_world_size", "device"),
+    [(1, "cpu"), (4, "meta")],  # alone on its node; an accelerator's ranks (not the CPU)
+)
+def test_threads_unchanged_without_idle_cpu_ranks(
+    one_thread, local_world_size: int, device: str
+) -> None:
+    with loop._node_threads(local_world_size, torch.device(device)):
+        assert torch.get_num_threads() == 1
+
+
+def test_threads_never_exceed_the_cores_this_process_may_use(one_thread) -> None:
+    with loop._node_threads(10_000, torch.device("cpu")):
+        assert torch.get_num_threads() == _cores()
+    assert torch.get_num_threads() == 1
+
+
+def test_threads_given_back_when_the_export_fails(one_thread) -> None:
+    with pytest.raises(RuntimeError), loop._node_threads(2, torch.device("cpu")):
+        raise RuntimeError("export failed")
+    assert torch.get_num_threads() == 1
