@@ -1,7 +1,8 @@
 """Per-layer allocation from a measured sensitivity profile against one setting for every layer
 (issue #14), one-shot on the fine-tuned MiniLM-L6, at equal size:
 
-- ``--family bits``: weight-only quantization of every Linear (groups of 64 inputs per scale,
+- ``--family bits``: weight-only quantization of every Linear (rounded to nearest, or GPTQ with
+  ``--quantize-method gptq``; groups of 64 inputs per scale,
   ``--group-size``, or one scale per output channel with ``--granularity channel``; embeddings
   at 8 bits), uniform at ``b`` bits
   or ``compress.quantize.allocate`` with the widths 2, 3, 4 and 8 (``--widths``) under a mean
@@ -26,7 +27,8 @@ The dense model is a MiniLM-L6 fine-tuned on the quickstart's data (``--dense``:
 
 Run: python benchmarks/allocation.py [--family bits|sparsity|rank] [--levels 2 3 4]
      [--dense /tmp/distill/dense] [--calib-batches 2] [--no-uniform] [--widths 2 3 4 8]
-     [--granularity group|channel] [--group-size 64] [--refine 0]
+     [--granularity group|channel] [--group-size 64] [--quantize-method weight_only|gptq]
+     [--refine 0]
 """
 
 from __future__ import annotations
@@ -70,11 +72,13 @@ def _stage(family: str, level: float, allocated: bool, args: argparse.Namespace)
 
 
 def _bits(args: argparse.Namespace) -> dict:
-    """The quantize section's settings but the widths: groups of ``--group-size`` inputs or one
-    scale per output channel."""
+    """The quantize section's settings but the widths: rounding to nearest or GPTQ
+    (``--quantize-method``), groups of ``--group-size`` inputs or one scale per output
+    channel."""
+    bits = BITS | {"method": args.quantize_method}
     if args.granularity == "channel":
-        return {k: v for k, v in BITS.items() if k != "group_size"} | {"granularity": "channel"}
-    return BITS | {"group_size": args.group_size}
+        return {k: v for k, v in bits.items() if k != "group_size"} | {"granularity": "channel"}
+    return bits | {"group_size": args.group_size}
 
 
 def _drop(m: dict[str, float], p: str) -> str:
@@ -141,6 +145,12 @@ def main() -> None:
         "--group-size", type=int, default=64, help="--family bits: inputs per scale"
     )
     parser.add_argument(
+        "--quantize-method",
+        choices=["weight_only", "gptq"],
+        default="weight_only",
+        help="--family bits: rounding to nearest, or GPTQ (in the profile as in the recipe)",
+    )
+    parser.add_argument(
         "--refine", type=int, default=0, help="allocate.refine: joint measurements after it"
     )
     args = parser.parse_args()
@@ -156,7 +166,7 @@ def main() -> None:
         f"MiniLM-L6 fine-tuned on MR ({bundle.sizes}), one-shot {WHAT[family]}; "
         f"{base.compress.calib_batches} calibration batches of the training split"
         + (
-            f"; {args.granularity} scales"
+            f"; {args.quantize_method}, {args.granularity} scales"
             + (f" of {args.group_size} inputs" if args.granularity == "group" else "")
             + f", allocated widths {args.widths}"
             if family == "bits"
