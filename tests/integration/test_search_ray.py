@@ -188,6 +188,24 @@ def test_run_directory_has_every_file(search_run: dict) -> None:
     assert str(run / "baseline" / "model") in job
 
 
+def test_the_dense_baseline_is_evaluated_once(search_run: dict) -> None:
+    """The baseline run caches the dense model's answers as it scores its saved model, under
+    the key the driver's measurement of that model (and every trial) looks them up by: the
+    answers under that key were written by the baseline run, before its final metrics."""
+    from orchestrator import finalize
+    from orchestrator.config.loader import load_job
+
+    run = search_run["run"]
+    spec = load_job(JOB, {"data": {"cache_dir": str(search_run["out"] / "cache")}})
+    key = finalize.saved_model_spec(spec, str(run / "baseline" / "model"))
+    cached = finalize._dense_answers_path(key)
+    assert cached.is_file()
+    assert cached.stat().st_mtime <= (run / "baseline" / "metrics.json").stat().st_mtime
+    baseline = json.loads((run / "baseline.json").read_text())
+    saved = json.loads(cached.read_text())["metrics"]
+    assert {k: baseline[k] for k in saved} == saved
+
+
 def test_mlflow_holds_the_search_and_a_run_per_trial(search_run: dict) -> None:
     """One search run (taken up again by --resume, not a second one) with the job, the dense
     and selected figures, the report and the selected model; a finished child run per trial with

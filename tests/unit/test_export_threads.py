@@ -4,6 +4,7 @@ CPU threads for that step (on the CPU only) and gives them back after."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ pytestmark = pytest.mark.unit
 
 
 @pytest.fixture
-def one_thread() -> object:
+def one_thread() -> Iterator[None]:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -22,7 +23,9 @@ def one_thread() -> object:
 
 
 def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def test_rank_zero_runs_on_the_threads_of_its_node_then_gives_them_back(one_thread) -> None:
