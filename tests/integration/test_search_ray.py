@@ -196,7 +196,7 @@ def test_the_dense_baseline_is_evaluated_once(search_run: dict) -> None:
     from orchestrator.config.loader import load_job
 
     run = search_run["run"]
-    spec = load_job(JOB, {"data": {"cache_dir": str(search_run["out"] / "cache")}})
+    spec = load_job(JOB, [f"data.cache_dir={search_run['out'] / 'cache'}"])  # as _command
     key = finalize.saved_model_spec(spec, str(run / "baseline" / "model"))
     cached = finalize._dense_answers_path(key)
     assert cached.is_file()
