@@ -21,19 +21,18 @@ Run: python benchmarks/export_time.py [--repeats 3] [--threads 1 2]
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import functools
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from orchestrator import data, finalize, models
 from orchestrator.compress import compress_, skeleton
+from orchestrator.compress.measure import torch_threads
 from orchestrator.config.loader import load_job
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "quickstart.yaml"
@@ -50,17 +49,6 @@ RECIPES = {
         "quantize": {"method": "dynamic_int8", "embedding_bits": 4},
     },
 }
-
-
-@contextlib.contextmanager
-def _threads(threads: int) -> Iterator[None]:
-    """Torch at ``threads`` intra-op threads, as before after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def main() -> None:
@@ -107,7 +95,7 @@ def main() -> None:
             rebuilt.append(time.perf_counter() - start)
 
             for t in args.threads:  # write, reload, evaluate, time the artifact
-                with _threads(t), tempfile.TemporaryDirectory() as tmp:
+                with torch_threads(t), tempfile.TemporaryDirectory() as tmp:
                     start = time.perf_counter()
                     folder = Path(tmp) / "model"
                     finalize.finalize(spec, model, copy.deepcopy(report), bundle, tokenizer, folder)
@@ -119,7 +107,7 @@ def main() -> None:
     answers: dict[int, list[float]] = {t: [] for t in args.threads}
     for _ in range(args.repeats):
         for t in args.threads:  # what dense_answers does on a node without its cache
-            with _threads(t):
+            with torch_threads(t):
                 start = time.perf_counter()
                 for split in ("validation", "test"):
                     finalize.evaluate_answers(dense, bundle, split)

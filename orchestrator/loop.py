@@ -10,7 +10,6 @@ writes the model that ships and measures that.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
@@ -20,7 +19,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import torch.distributed as dist
 from orchestrator import data as data_lib
 from orchestrator import finalize, models, strategies
 from orchestrator.compress import CompressionReport, skeleton
+from orchestrator.compress.measure import torch_threads
 from orchestrator.compress.technique import Workers
 from orchestrator.config.loader import dump_job
 from orchestrator.config.schema import JobSpec, TrainConfig
@@ -74,25 +74,20 @@ def _all_reduce_max(value: float, device: torch.device) -> float:
     return float(t.item())
 
 
-@contextlib.contextmanager
-def _node_threads(local_world_size: int, device: torch.device) -> Iterator[None]:
-    """Torch's intra-op threads raised to those of every rank on this node while rank 0 works
-    alone (the export: evaluating the artifact on validation and test) and the others wait
-    for it in a collective: each rank runs ``torch.get_num_threads()`` threads (Ray sets them to
-    the worker's CPUs), so the node's share of the run's CPUs is that times the local ranks.
-    Only on the CPU; latency is still timed at ``measure.threads`` (``measure_latency`` sets
-    its own)."""
+def _node_threads(local_world_size: int, device: torch.device) -> int | None:
+    """Torch's intra-op threads for rank 0 while it works alone (the export: evaluating the
+    artifact on validation and test) and the others wait for it in a collective: each rank runs
+    ``torch.get_num_threads()`` threads (Ray sets them to the worker's CPUs), so the node's
+    share of the run's CPUs is that times the local ranks, at most the cores this process may
+    use. None (leave them) off the CPU or when that is no more than now. Used as
+    ``torch_threads(_node_threads(...))``; latency is still timed at ``measure.threads``
+    (``measure_latency`` sets its own)."""
     before = torch.get_num_threads()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = min(before * max(1, local_world_size), cores or 1)
     if device.type != "cpu" or threads <= before:
-        yield
-        return
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+        return None
+    return threads
 
 
 def _broadcast(value: Any, is_main: bool) -> Any:
@@ -434,7 +429,7 @@ class Trainer:
         metrics = None
         if self.is_main:
             started = time.perf_counter()
-            with _node_threads(self.ctx.local_world_size, self.device):
+            with torch_threads(_node_threads(self.ctx.local_world_size, self.device)):
                 if self.creport is not None:
                     metrics = self.export_compressed(full, folder)
                 else:

@@ -3,13 +3,28 @@ models interleaved in one loop so machine noise hits both alike; speed-up is the
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 BATCH_SIZES = (1, 32)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Torch at ``threads`` intra-op threads inside the block (None: as it is), and back to the
+    count before it afterwards, also after an error."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def example_inputs(
@@ -47,13 +62,8 @@ def measure_latency(
     ``threads`` torch intra-op threads (default: the current count); fixed-length inputs of
     ``seq_len`` tokens (for token models), built once from the first model so that every model
     times the same batch."""
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         return _measure(models, seq_len, batch_sizes, repeats, warmup)
-    finally:
-        torch.set_num_threads(before)
 
 
 def _measure(
@@ -170,10 +180,7 @@ def measure_decode(
     ...}}``, the median over ``repeats`` of ``new_tokens`` generated after a ``prompt_len``-token
     prompt (prefill included, key-value cache on), the models interleaved as in
     ``measure_latency``. Exactly ``new_tokens`` are generated (no early stop at end of text)."""
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         first = next(iter(models.values()))
         inputs = example_inputs(first, 1, prompt_len)
         kwargs = dict(
@@ -195,5 +202,3 @@ def measure_decode(
             label: {"perf/decode_tokens_per_s": new_tokens / statistics.median(t)}
             for label, t in times.items()
         }
-    finally:
-        torch.set_num_threads(before)

@@ -1,5 +1,6 @@
 """Rank 0 exports alone while the other ranks of its node wait in a collective: it borrows their
-CPU threads for that step (on the CPU only) and gives them back after."""
+CPU threads for that step (on the CPU only) and gives them back after, also after a failure
+(``measure.torch_threads``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from orchestrator import loop
+from orchestrator.compress.measure import torch_threads
 
 pytestmark = pytest.mark.unit
 
@@ -29,7 +31,7 @@ def _cores() -> int:
 
 
 def test_rank_zero_runs_on_the_threads_of_its_node_then_gives_them_back(one_thread) -> None:
-    with loop._node_threads(2, torch.device("cpu")):
+    with torch_threads(loop._node_threads(2, torch.device("cpu"))):
         inside = torch.get_num_threads()
     assert inside == min(2, _cores())
     assert torch.get_num_threads() == 1
@@ -42,17 +44,18 @@ def test_rank_zero_runs_on_the_threads_of_its_node_then_gives_them_back(one_thre
 def test_threads_unchanged_without_idle_cpu_ranks(
     one_thread, local_world_size: int, device: str
 ) -> None:
-    with loop._node_threads(local_world_size, torch.device(device)):
+    assert loop._node_threads(local_world_size, torch.device(device)) is None
+    with torch_threads(None):
         assert torch.get_num_threads() == 1
 
 
 def test_threads_never_exceed_the_cores_this_process_may_use(one_thread) -> None:
-    with loop._node_threads(10_000, torch.device("cpu")):
+    with torch_threads(loop._node_threads(10_000, torch.device("cpu"))):
         assert torch.get_num_threads() == _cores()
     assert torch.get_num_threads() == 1
 
 
 def test_threads_given_back_when_the_export_fails(one_thread) -> None:
-    with pytest.raises(RuntimeError), loop._node_threads(2, torch.device("cpu")):
+    with pytest.raises(RuntimeError), torch_threads(2):
         raise RuntimeError("export failed")
     assert torch.get_num_threads() == 1
