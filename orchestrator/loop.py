@@ -444,7 +444,7 @@ class Trainer:
         def save(tmp: Path) -> None:
             self.strategy.module.save_pretrained(str(tmp), state_dict=full)
             if self.tokenizer is not None:  # image models (the MLP) have none
-                self.tokenizer.save_pretrained(str(tmp))
+                models.save_tokenizer(self.tokenizer, tmp)
 
         write_dir_atomic(folder / "model", save)
         saved = models.load_saved(folder / "model")

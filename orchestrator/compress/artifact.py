@@ -31,6 +31,7 @@ from orchestrator.compress.common import bitmap, unbitmap
 from orchestrator.compress.technique import Step
 from orchestrator.errors import CorruptFileError
 from orchestrator.files import write_dir_atomic
+from orchestrator.models.build import save_tokenizer
 from orchestrator.safeload import check_safetensors, load_json, load_safetensors
 
 FORMAT = "orchestrator-compressed/2"
@@ -147,9 +148,7 @@ def save_artifact(
                 config.architectures = [type(model).__name__]
             config.save_pretrained(str(tmp))
         if tokenizer is not None:
-            # A fast tokenizer's tokenizer.json is all it needs to load; the legacy vocabulary
-            # files would only repeat it (about 0.2 MB for a WordPiece vocabulary).
-            tokenizer.save_pretrained(str(tmp), legacy_format=False if tokenizer.is_fast else None)
+            save_tokenizer(tokenizer, tmp)
 
     # Written beside ``folder`` and swapped in whole: a kill mid-write leaves the old artifact.
     write_dir_atomic(folder, fill)

@@ -14,6 +14,7 @@ from orchestrator.models.build import (
     load_saved,
     model_dir,
     packaged_model_dir,
+    save_tokenizer,
     takes_pixels,
     task_of,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "load_saved",
     "model_dir",
     "packaged_model_dir",
+    "save_tokenizer",
     "takes_pixels",
     "task_of",
 ]

@@ -226,6 +226,18 @@ def build_tokenizer(spec: ModelConfig) -> PreTrainedTokenizerBase | None:
     return tok
 
 
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, folder: str | Path) -> None:
+    """``tokenizer`` saved into ``folder`` as a model folder ships it. A fast tokenizer writes
+    only ``tokenizer.json`` (all it needs to load; the legacy vocabulary files would repeat it),
+    and without the indentation ``save_pretrained`` gives it: the same JSON in about two
+    thirds of the bytes (MiniLM's: 466 KB instead of 712 KB, which is 2.7 % of a 10x smaller
+    artifact). Dense and compressed models are saved alike, so their size ratio compares like
+    with like."""
+    tokenizer.save_pretrained(str(folder), legacy_format=False if tokenizer.is_fast else None)
+    if tokenizer.is_fast:
+        tokenizer.backend_tokenizer.save(str(Path(folder) / "tokenizer.json"), pretty=False)
+
+
 def build_model(
     spec: ModelConfig,
     num_labels: int,

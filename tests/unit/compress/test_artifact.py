@@ -129,3 +129,21 @@ def test_not_an_artifact_is_refused(tmp_path) -> None:
     (tmp_path / "manifest.json").write_text('{"format": "orchestrator-compressed/1"}')
     with pytest.raises(CorruptFileError, match="export it again with this version"):
         load_artifact(tmp_path)
+
+
+def test_the_tokenizer_ships_compact_and_tokenizes_as_before(tokenizer, tmp_path) -> None:
+    """tokenizer.json without indentation: the same tokenizer in fewer bytes, alone (no legacy
+    vocabulary file repeating it), as the dense model's folder and every artifact ship it."""
+    from transformers import AutoTokenizer
+
+    from orchestrator.models import save_tokenizer
+
+    save_tokenizer(tokenizer, tmp_path / "compact")
+    tokenizer.save_pretrained(str(tmp_path / "pretty"), legacy_format=False)
+    compact = (tmp_path / "compact" / "tokenizer.json").read_bytes()
+    assert b"\n" not in compact
+    assert len(compact) < 0.8 * (tmp_path / "pretty" / "tokenizer.json").stat().st_size
+    assert not (tmp_path / "compact" / "vocab.txt").exists()
+    reloaded = AutoTokenizer.from_pretrained(str(tmp_path / "compact"), local_files_only=True)
+    text = ["An unforgettable, quietly devastating film.", "meh"]
+    assert reloaded(text)["input_ids"] == tokenizer(text)["input_ids"]
