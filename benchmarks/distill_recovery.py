@@ -7,12 +7,18 @@ dense model (``train.distill``), and the artifact is measured as every trial is:
 accuracy drop against the dense model on the validation and test splits, with its 95 % interval.
 One process (no Ray): recovery quality, not orchestration, is what is compared.
 
+``--teacher-precision fp32 bf16`` distils once per teacher precision (``train.distill.
+teacher_precision``), side by side: the same recovery with the teacher's weights in fp32 and in
+bf16, and each run's wall time; first it times the teacher's forward at each precision, as a
+worker of the quickstart runs it (``--time-teacher``: only that).
+
 Run: python benchmarks/distill_recovery.py [--seeds 0 1 2] [--steps 40] [--work /tmp/distill]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -106,6 +112,38 @@ def dense_model(work: Path, epochs: float) -> Path:
     return folder
 
 
+def teacher_forward_ms(dense: Path, precisions: list[str], repeats: int = 12) -> dict[str, float]:
+    """The teacher's forward (hidden states included, as distillation runs it) on the
+    quickstart's training batches as one of its workers sees them (16 sentences, one thread),
+    at each precision, interleaved so machine noise hits them alike: the median in ms."""
+    from orchestrator import data, models
+    from orchestrator.compress.measure import torch_threads
+    from orchestrator.distill import prepare_teacher
+
+    spec = validate_job(_job("time", Path("/tmp"), model={"name": None, "path": str(dense)}))
+    tokenizer = models.build_tokenizer(spec.model)
+    bundle = data.build(spec.data, tokenizer)
+    teachers = {
+        p: prepare_teacher(
+            models.build_model(spec.model, bundle.num_labels, tokenizer, seed=0).eval(),
+            p,
+            torch.device("cpu"),
+        )
+        for p in precisions
+    }
+    batches = list(itertools.islice(bundle.train_batches(16, 0, 2, 0, 0), repeats + 2))
+    times: dict[str, list[float]] = {p: [] for p in precisions}
+    with torch_threads(1), torch.inference_mode():
+        for i, batch in enumerate(batches):
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            for p, teacher in teachers.items():
+                start = time.perf_counter()
+                teacher(**inputs, output_hidden_states=True)
+                if i >= 2:  # after warm-up
+                    times[p].append(1000 * (time.perf_counter() - start))
+    return {p: statistics.median(t) for p, t in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -118,17 +156,34 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=DISTILL["alpha"], help="train.distill")
     parser.add_argument("--temperature", type=float, default=DISTILL["temperature"])
     parser.add_argument("--hidden", type=float, default=DISTILL["hidden"])
+    parser.add_argument(
+        "--teacher-precision", nargs="+", choices=["fp32", "bf16"], default=["fp32"]
+    )
+    parser.add_argument(
+        "--time-teacher", action="store_true", help="only time the teacher's forward, then stop"
+    )
     args = parser.parse_args()
     distill_cfg = {"alpha": args.alpha, "temperature": args.temperature, "hidden": args.hidden}
-    print(f"distillation: {distill_cfg}", flush=True)
+    print(f"distillation: {distill_cfg}, teacher {args.teacher_precision}", flush=True)
+    kds = [distill_cfg | {"teacher_precision": p} for p in args.teacher_precision]
     torch.set_num_threads(2)
     dense = dense_model(args.work, args.epochs)
+    if len(args.teacher_precision) > 1 or args.time_teacher:
+        ms = teacher_forward_ms(dense, args.teacher_precision)
+        print(
+            "teacher forward, 16 sentences, 1 thread (median ms): "
+            + ", ".join(f"{p} {v:.1f}" for p, v in ms.items()),
+            flush=True,
+        )
+        if args.time_teacher:
+            return
     rows = []
     for label in args.recipes:
         for seed in args.seeds:
-            modes = {"both": (None, distill_cfg), "distill": (distill_cfg,), "fine-tune": (None,)}
+            modes = {"both": [None, *kds], "distill": kds, "fine-tune": [None]}
             for distill in modes[args.only]:
-                name = f"r{list(RECIPES).index(label)}-s{seed}-{'kd' if distill else 'ft'}"
+                mode = f"kd-{distill['teacher_precision']}" if distill else "ft"
+                name = f"r{list(RECIPES).index(label)}-s{seed}-{mode}"
                 raw = _job(
                     name,
                     args.work,
@@ -143,6 +198,7 @@ def main() -> None:
                     "recipe": label,
                     "seed": seed,
                     "distill": bool(distill),
+                    "teacher": distill["teacher_precision"] if distill else None,
                     "wall_s": time.perf_counter() - start,
                     **{
                         k: v for k, v in m.items() if k.startswith(("eval/", "test/", "compress/s"))
@@ -150,19 +206,24 @@ def main() -> None:
                 }
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    print("\nrecipe | recovery | test drop, points (mean +- sd over seeds) | val drop | each seed")
+    print(
+        "\nrecipe | recovery | test drop, points (mean +- sd over seeds) | val drop | each seed"
+        " | wall s (mean)"
+    )
     for label in args.recipes:
-        for distill in (False, True):
-            these = [r for r in rows if r["recipe"] == label and r["distill"] == distill]
+        for teacher in (None, *args.teacher_precision):
+            these = [r for r in rows if r["recipe"] == label and r["teacher"] == teacher]
             if not these:
                 continue
             test = [100 * r["test/accuracy_drop"] for r in these]
             val = [100 * r["eval/accuracy_drop"] for r in these]
             sd = statistics.stdev(test) if len(test) > 1 else 0.0
+            how = f"distill ({teacher} teacher)" if teacher else "fine-tune"
             print(
-                f"{label} | {'distill' if distill else 'fine-tune'} | "
+                f"{label} | {how} | "
                 f"{statistics.mean(test):+.2f} +- {sd:.2f} | {statistics.mean(val):+.2f} | "
                 + ", ".join(f"{t:+.2f}" for t in test)
+                + f" | {statistics.mean(r['wall_s'] for r in these):.1f}"
             )
 
 

@@ -34,7 +34,7 @@ from orchestrator.compress.measure import torch_threads
 from orchestrator.compress.technique import Workers
 from orchestrator.config.loader import dump_job
 from orchestrator.config.schema import JobSpec, TrainConfig
-from orchestrator.distill import Distiller
+from orchestrator.distill import Distiller, emulated_bf16_note, prepare_teacher
 from orchestrator.files import write_atomic, write_dir_atomic
 from orchestrator.safeload import CHECKPOINT_FIX, load_json
 
@@ -219,10 +219,19 @@ class Trainer:
 
     def build_distiller(self) -> Distiller:
         """The frozen dense teacher (the job's model before compression: in a search, the dense
-        baseline), on this worker's device, running under the training precision's autocast."""
-        teacher = models.build_model(
-            self.spec.model, self.bundle.num_labels, self.tokenizer, seed=self.tspec.seed
-        ).to(self.device)
+        baseline), on this worker's device with its weights at ``distill.teacher_precision``,
+        running under the training precision's autocast."""
+        precision = self.tspec.distill.teacher_precision
+        teacher = prepare_teacher(
+            models.build_model(
+                self.spec.model, self.bundle.num_labels, self.tokenizer, seed=self.tspec.seed
+            ),
+            precision,
+            self.device,
+        )
+        note = emulated_bf16_note(precision, self.device)
+        if note is not None and self.is_main:
+            log(note)
         bf16 = self.tspec.precision == "bf16"
 
         def autocast() -> Any:

@@ -78,14 +78,20 @@ def test_masks_survive_recovery_training(tmp_path: Path, train: dict) -> None:
 
 
 @pytest.mark.parametrize(
-    "train",
-    [{"strategy": "ddp"}, {"strategy": "deepspeed", "zero_stage": 3, "precision": "bf16"}],
-    ids=["ddp", "zero3-bf16"],
+    ("train", "teacher_precision"),
+    [
+        ({"strategy": "ddp"}, "bf16"),
+        ({"strategy": "deepspeed", "zero_stage": 3, "precision": "bf16"}, "fp32"),
+    ],
+    ids=["ddp-bf16-teacher", "zero3-bf16"],
 )
-def test_distillation_from_the_dense_teacher(tmp_path: Path, train: dict) -> None:
+def test_distillation_from_the_dense_teacher(
+    tmp_path: Path, train: dict, teacher_precision: str
+) -> None:
     """A trimmed, shallower, structurally pruned student recovers with the dense model (a saved,
     trained one) as a frozen teacher on every worker: soft targets and block outputs matched to
-    the blocks it kept, DDP and ZeRO-3 bf16."""
+    the blocks it kept; DDP in fp32 with the teacher's weights in bf16, and ZeRO-3 bf16 with an
+    fp32 teacher under autocast."""
     from orchestrator import models
     from orchestrator.config.schema import ModelConfig
 
@@ -103,7 +109,12 @@ def test_distillation_from_the_dense_teacher(tmp_path: Path, train: dict) -> Non
             "max_steps": 6,
             "lr": 1e-3,
             "log_every": 3,
-            "distill": {"alpha": 0.7, "temperature": 2.0, "hidden": 1.0},
+            "distill": {
+                "alpha": 0.7,
+                "temperature": 2.0,
+                "hidden": 1.0,
+                "teacher_precision": teacher_precision,
+            },
             **train,
         },
         # Every stage that changes the structure: the trimmed table's integer id map is a buffer
