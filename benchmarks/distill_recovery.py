@@ -112,10 +112,12 @@ def dense_model(work: Path, epochs: float) -> Path:
     return folder
 
 
-def teacher_forward_ms(dense: Path, precisions: list[str], repeats: int = 12) -> dict[str, float]:
+def time_teachers(dense: Path, precisions: list[str], repeats: int = 12) -> dict[str, dict]:
     """The teacher's forward (hidden states included, as distillation runs it) on the
     quickstart's training batches as one of its workers sees them (16 sentences, one thread),
-    at each precision, interleaved so machine noise hits them alike: the median in ms."""
+    at each precision, interleaved so machine noise hits them alike: ``{precision: {"ms": the
+    median forward, "logits": the largest absolute logit difference from fp32's, "hidden": the
+    median relative error (in norm) of the last hidden state against fp32's}}``."""
     from orchestrator import data, models
     from orchestrator.compress.measure import torch_threads
     from orchestrator.distill import prepare_teacher
@@ -129,19 +131,34 @@ def teacher_forward_ms(dense: Path, precisions: list[str], repeats: int = 12) ->
             p,
             torch.device("cpu"),
         )
-        for p in precisions
+        for p in dict.fromkeys(["fp32", *precisions])
     }
     batches = list(itertools.islice(bundle.train_batches(16, 0, 2, 0, 0), repeats + 2))
-    times: dict[str, list[float]] = {p: [] for p in precisions}
+    out = {p: {"ms": [], "logits": [], "hidden": []} for p in teachers}
     with torch_threads(1), torch.inference_mode():
         for i, batch in enumerate(batches):
             inputs = {k: v for k, v in batch.items() if k != "labels"}
+            answers = {}
             for p, teacher in teachers.items():
                 start = time.perf_counter()
-                teacher(**inputs, output_hidden_states=True)
+                answers[p] = teacher(**inputs, output_hidden_states=True)
                 if i >= 2:  # after warm-up
-                    times[p].append(1000 * (time.perf_counter() - start))
-    return {p: statistics.median(t) for p, t in times.items()}
+                    out[p]["ms"].append(1000 * (time.perf_counter() - start))
+            ref = answers["fp32"]
+            for p, got in answers.items():
+                logits = (got.logits.float() - ref.logits).abs().max()
+                last, ref_last = got.hidden_states[-1].float(), ref.hidden_states[-1]
+                out[p]["logits"].append(float(logits))
+                out[p]["hidden"].append(float((last - ref_last).norm() / ref_last.norm()))
+    return {
+        p: {
+            "ms": statistics.median(v["ms"]),
+            "logits": max(v["logits"]),
+            "hidden": statistics.median(v["hidden"]),
+        }
+        for p, v in out.items()
+        if p in precisions
+    }
 
 
 def main() -> None:
@@ -169,12 +186,12 @@ def main() -> None:
     torch.set_num_threads(2)
     dense = dense_model(args.work, args.epochs)
     if len(args.teacher_precision) > 1 or args.time_teacher:
-        ms = teacher_forward_ms(dense, args.teacher_precision)
         print(
-            "teacher forward, 16 sentences, 1 thread (median ms): "
-            + ", ".join(f"{p} {v:.1f}" for p, v in ms.items()),
-            flush=True,
+            "teacher forward (16 sentences, 1 thread, 12 batches): precision | median ms | "
+            "largest logit difference from fp32 | last hidden state's error from fp32 (median)"
         )
+        for p, v in time_teachers(dense, args.teacher_precision).items():
+            print(f"{p} | {v['ms']:.1f} | {v['logits']:.4f} | {v['hidden']:.4f}", flush=True)
         if args.time_teacher:
             return
     rows = []
