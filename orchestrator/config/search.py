@@ -321,6 +321,88 @@ def _allocations_problems(
     return problems
 
 
+def _points_problems(search: SearchConfig) -> list[tuple[str, Any, str, str]]:
+    """Starting points the searcher can take: whole recipes of the space, each value in its
+    key's domain, no more (with the allocations' points) than the search has trials."""
+    if not search.points:
+        return []
+    grids = [k for k, d in search.space.items() if d.kind == "grid"]
+    if search.algorithm == "grid" or grids:
+        return [
+            (
+                "points",
+                search.points,
+                "a grid search tries every grid value itself; starting points are for a "
+                "sampled space",
+                "remove search.points, or sample: choice instead of grid with search.algorithm "
+                "optuna or random",
+            )
+        ]
+    for point in search.points:  # YAML 1.1 reads the labels off / on as booleans
+        for key, value in point.items():
+            dist = search.space.get(key)
+            if isinstance(value, bool) and dist and isinstance(dist.choice, dict):
+                point[key] = {False: "off", True: "on"}[value]
+    problems: list[tuple[str, Any, str, str]] = []
+    allocated = sum(len(d.allocations or []) for d in search.space.values())
+    if len(search.points) + allocated > search.samples:
+        problems.append(
+            (
+                "points",
+                len(search.points),
+                f"{len(search.points)} starting points"
+                + (f" and {allocated} allocations" if allocated else "")
+                + f" are more than the search's {search.samples} trials",
+                "list fewer points, or raise search.num_samples",
+            )
+        )
+    for i, point in enumerate(search.points):
+        missing = [k for k in search.space if k not in point]
+        if missing:
+            problems.append(
+                (
+                    f"points.{i}",
+                    point,
+                    f"gives no value for {', '.join(missing)}: the searcher starts from whole "
+                    "recipes of its space",
+                    f"add {missing[0]}: <value> to this point",
+                )
+            )
+        for key, value in point.items():
+            dist = search.space.get(key)
+            if dist is None:
+                close = difflib.get_close_matches(key, list(search.space), n=1, cutoff=0.6)
+                fix = f"did you mean {close[0]}?" if close else "give only keys of search.space"
+                problems.append((f"points.{i}.{key}", value, "is not a key of search.space", fix))
+                continue
+            outside = _outside(dist, value)
+            if outside:
+                problems.append((f"points.{i}.{key}", value, *outside))
+    return problems
+
+
+def _outside(dist: Distribution, value: Any) -> tuple[str, str] | None:
+    """(message, fix) when ``value`` is not one the searcher could draw from ``dist``."""
+    kind = dist.kind
+    if kind == "choice":
+        if isinstance(dist.choice, dict):
+            if isinstance(value, str) and value in dist.choice:
+                return None
+            return "is not a label of this choice", f"write one of {', '.join(dist.choice)}"
+        if any(value == c and isinstance(value, bool) == isinstance(c, bool) for c in dist.choice):
+            return None
+        return "is not one of this choice's values", f"write one of {dist.choice}"
+    lo, hi = getattr(dist, kind)
+    whole = isinstance(value, _Int) and not isinstance(value, bool)
+    number = whole or isinstance(value, float)
+    if kind == "int" and not whole:
+        return "is not a whole number", f"write a whole number between {lo} and {hi}"
+    if not number or not lo <= value <= hi:
+        span = f"[{lo:g}, {hi:g}]"
+        return f"is outside the {kind} range {span}", f"write a number in {span}"
+    return None
+
+
 class Objective(ConfigModel):
     metric: str = Field(description=f"a trial metric: one of {', '.join(TRIAL_METRICS)}")
     mode: Literal["max", "min"] = Field(description="max or min")
@@ -466,6 +548,13 @@ class SearchConfig(ConfigModel):
         description="trials to run (default 8); with algorithm=grid, how often the grid repeats "
         "(default 1)",
     )
+    points: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="recipes the searcher tries first, before it samples (Tune's "
+        "points_to_evaluate): each gives every key of the space a value in its domain (a label "
+        "for a labelled choice, one value for every layer of a per-layer key); with "
+        "algorithm optuna or random",
+    )
     time_budget_s: float | None = Field(
         default=None,
         gt=0,
@@ -515,6 +604,7 @@ class SearchConfig(ConfigModel):
                     )
         for key, dist in self.space.items():
             problems += _per_layer_problems(key, dist, self.algorithm, self.samples)
+        problems += _points_problems(self)
         if self.scheduler == "asha":
             if len(self.objectives) > 1:
                 problems.append(

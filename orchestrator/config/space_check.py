@@ -49,6 +49,7 @@ def search_problems(
     ]
     if not problems:  # the allocations need the stage's config from a valid combination
         problems += _allocation_problems(trials, search, validate)
+        problems += _point_problems(trials, search, validate)
     if search.baseline.overrides:
         for p in validate(baseline_base(job, search, exclusive or ())):
             key = f"search.baseline.overrides.{p.key}"
@@ -204,6 +205,24 @@ def _allocation_problems(
             ]
             if found:  # the other budgets share the cause
                 break
+    return problems
+
+
+def _point_problems(job: dict[str, Any], search: SearchConfig, validate: Validate) -> list[Problem]:
+    """Each starting point must make a valid trial job: a recipe inside every key's domain can
+    still combine into an invalid one (a range's middle the combinations do not try)."""
+    problems: list[Problem] = []
+    for i, point in enumerate(search.points):
+        raw = apply_overrides(job, trial_overrides(search.space, point))
+        problems += [
+            Problem(
+                f"search.points.{i}",
+                point,
+                f"makes an invalid trial job: {p.key} = {p.value!r}: {p.message}",
+                "change this point's values, or remove it",
+            )
+            for p in validate(raw)
+        ]
     return problems
 
 

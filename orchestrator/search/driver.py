@@ -207,7 +207,14 @@ def search(
     callbacks = [tracker.callback()] if tracker else []
     points = None
     if not (resume and folder.exists(TUNE_NAME)):  # a resumed searcher keeps its own
-        points = _allocation_points(spec, folder, layers, tokenizer, bundle)
+        points = space_lib.starting_points(spec.search, layers)
+        points += _allocation_points(spec, folder, layers, tokenizer, bundle) or []
+        if spec.search.points:
+            print(
+                f"[orchestrator] the searcher starts from the job's {len(spec.search.points)} "
+                "recipe(s) in search.points",
+                flush=True,
+            )
     tuner = build_tuner(
         spec, folder, parallel, total_steps, resume, verbose, callbacks, layers, points
     )

@@ -72,6 +72,21 @@ def per_layer_targets(
     return out
 
 
+def starting_points(search: SearchConfig, layers: dict[str, list[str]]) -> list[dict[str, Any]]:
+    """``search.points`` as the searcher's whole points: a per-layer key's one value given to
+    each of its layers' dimensions (``layer_key``)."""
+    out = []
+    for point in search.points:
+        flat: dict[str, Any] = {}
+        for key, value in point.items():
+            if search.space[key].per_layer:
+                flat.update({layer_key(key, n): value for n in layers[key]})
+            else:
+                flat[key] = value
+        out.append(flat)
+    return out
+
+
 def allocation_points(
     job: dict[str, Any],
     search: SearchConfig,
@@ -123,9 +138,9 @@ def searcher(
     search: SearchConfig, max_concurrent: int = 1, points: list[dict[str, Any]] | None = None
 ) -> Any:
     """Optuna (TPE, GP or NSGA-II, one or several objectives) or Tune's own random/grid
-    generator, trying ``points`` (partial configs: ``allocation_points``) first. Metrics and
-    modes go to the searcher only: also setting them in ``TuneConfig`` silently makes an Optuna
-    study single-objective (checked on Ray 2.60)."""
+    generator, trying ``points`` (whole configs: ``starting_points``, ``allocation_points``)
+    first. Metrics and modes go to the searcher only: also setting them in ``TuneConfig``
+    silently makes an Optuna study single-objective (checked on Ray 2.60)."""
     if search.algorithm != "optuna":
         from ray.tune.search.basic_variant import BasicVariantGenerator
 

@@ -145,6 +145,52 @@ def test_each_distribution_kind(text: str, kind: str) -> None:
             "search.baseline.overrides.train.epohcs",
             "did you mean train.epochs",
         ),
+        (
+            ("search.points=[{compress.prune.sparsity: 0.8, compress.quantize: int8}]",),
+            "search.points.0.compress.prune.sparsity",
+            "outside the uniform range [0.2, 0.7]",
+        ),
+        (
+            ("search.points=[{compress.prune.sparsity: 0.3, compress.quantize: int2}]",),
+            "search.points.0.compress.quantize",
+            "write one of off, int8, int4",
+        ),
+        (
+            ("search.points=[{compress.prune.sparsity: 0.3}]",),
+            "search.points.0",
+            "gives no value for compress.quantize",
+        ),
+        (
+            ("search.points=[{compress.prune.sparsty: 0.3, compress.quantize: off}]",),
+            "search.points.0.compress.prune.sparsty",
+            "did you mean compress.prune.sparsity",
+        ),
+        (
+            (
+                "search.points=[{compress.prune.sparsity: 0.3, compress.quantize: off}, "
+                "{compress.prune.sparsity: 0.5, compress.quantize: int8}, "
+                "{compress.prune.sparsity: 0.7, compress.quantize: int4}]",
+            ),
+            "search.points",
+            "more than the search's 2 trials",
+        ),
+        (
+            (
+                "search.algorithm=grid",
+                _space("{compress.prune.sparsity: {grid: [0.2, 0.5]}}"),
+                "search.points=[{compress.prune.sparsity: 0.2}]",
+            ),
+            "search.points",
+            "a grid search tries every grid value itself",
+        ),
+        (
+            (
+                _space("{train.max_steps: {int: [4, 8]}}"),
+                "search.points=[{train.max_steps: 5.5}]",
+            ),
+            "search.points.0.train.max_steps",
+            "is not a whole number",
+        ),
         (("search.max_failures=-2",), "search.max_failures", "greater than or equal to -1"),
         (("search.max_failures=x",), "search.max_failures", "valid integer"),
     ],
@@ -258,6 +304,78 @@ def test_param_space_and_searchers() -> None:
     assert space_lib.param_space(grid.search)["compress.prune.sparsity"] == {
         "grid_search": [0.2, 0.5]
     }
+
+
+def test_the_searcher_starts_from_the_jobs_points() -> None:
+    """``search.points``: each searcher is handed the job's recipes whole, Optuna's first trials
+    are exactly them (labels as labels), and then it samples."""
+    points = (
+        "search.points=[{compress.prune.sparsity: 0.7, compress.quantize: int4}, "
+        "{compress.prune.sparsity: 0.25, compress.quantize: off}]"
+    )
+    spec = load_job(JOB, [points, "search.num_samples=3"])
+    start = space_lib.starting_points(spec.search, {})
+    assert start == [
+        {"compress.prune.sparsity": 0.7, "compress.quantize": "int4"},
+        {"compress.prune.sparsity": 0.25, "compress.quantize": "off"},
+    ]
+    optuna = space_lib.searcher(spec.search, 1, start)
+    optuna.set_search_properties(None, None, space_lib.param_space(spec.search))
+    assert [optuna.suggest(f"t{i}") for i in range(2)] == start
+    third = optuna.suggest("t2")
+    assert 0.2 <= third["compress.prune.sparsity"] <= 0.7 and third not in start
+    random = space_lib.searcher(spec.search.model_copy(update={"algorithm": "random"}), 1, start)
+    assert random._points_to_evaluate == start
+    # The trial job of a point is the one a sampled recipe makes.
+    job = validate_job(
+        space_lib.trial_job(
+            spec.model_dump(mode="json"), spec.search, start[0], "t000", "/tmp/trials"
+        )
+    )
+    assert job.compress.prune.sparsity == 0.7 and job.compress.quantize.bits == 4
+
+
+def test_a_per_layer_point_gives_every_layer_its_value() -> None:
+    """A per-layer key's one value in a point becomes every layer's dimension."""
+    spec = load_job(
+        JOB,
+        [
+            _space(
+                "{compress.quantize: {choice: {w: {method: weight_only, granularity: group, "
+                "group_size: 32}}}, compress.quantize.bits: {choice: [4, 8], per_layer: true}}"
+            ),
+            "search.points=[{compress.quantize: w, compress.quantize.bits: 8}]",
+        ],
+    )
+    layers = {"compress.quantize.bits": ["a.query", "a.key"]}
+    (point,) = space_lib.starting_points(spec.search, layers)
+    assert point == {
+        "compress.quantize": "w",
+        "compress.quantize.bits:a.query": 8,
+        "compress.quantize.bits:a.key": 8,
+    }
+
+
+def test_a_point_that_makes_an_invalid_trial_job_is_named() -> None:
+    """Values inside their domains can still combine into an invalid trial job: the load-time
+    check validates each point's job (here with a validator that refuses 0.5 sparsity)."""
+    from orchestrator.config.space_check import search_problems
+    from orchestrator.errors import Problem
+
+    spec = load_job(
+        JOB, ["search.points=[{compress.prune.sparsity: 0.5, compress.quantize: int8}]"]
+    )
+
+    def refuse_half(raw: dict) -> list[Problem]:
+        prune = (raw.get("compress") or {}).get("prune") or {}
+        if prune.get("sparsity") == 0.5:
+            return [Problem("compress.prune.sparsity", 0.5, "refused here", "-")]
+        return []
+
+    base = spec.model_dump(mode="json", exclude={"search"})
+    (problem,) = search_problems(base, spec.search, refuse_half)
+    assert problem.key == "search.points.0"
+    assert "makes an invalid trial job: compress.prune.sparsity = 0.5" in problem.message
 
 
 def test_trial_counts_and_generator_concurrency() -> None:
