@@ -342,6 +342,13 @@ def _status_section(
         "uses one, the one-sided upper bound after &le;). Rule: "
         f"{escape(selection_rule(search))}.</p>"
     )
+    out.append(
+        '<p class="note" id="interval-scope">The interval covers the sampling noise of the '
+        "evaluation examples, not how much a recipe's own training or calibration varies with "
+        "another seed; near a constraint that can move a drop by about a point. To see it, "
+        "train a trial's <code>job.yaml</code> again with another <code>train.seed</code> "
+        "(<code>orchestrator train JOB.yaml train.seed=1</code>).</p>"
+    )
     return out
 
 

@@ -648,6 +648,8 @@ def test_held_on_test_and_the_rule_in_the_report(tmp_path: Path) -> None:
     html = (run / "report.html").read_text()
     assert "did not hold on test (test drop +3.00 [" in html
     assert "validation accuracy drop (point estimate) is at most 0.02" in html
+    # What the interval does not cover, and how to measure it.
+    assert 'id="interval-scope"' in html and "train.seed=1" in html
 
 
 def test_confidence_outside_the_open_interval_is_refused() -> None:
