@@ -207,14 +207,7 @@ def search(
     callbacks = [tracker.callback()] if tracker else []
     points = None
     if not (resume and folder.exists(TUNE_NAME)):  # a resumed searcher keeps its own
-        points = space_lib.starting_points(spec.search, layers)
-        points += _allocation_points(spec, folder, layers, tokenizer, bundle) or []
-        if spec.search.points:
-            print(
-                f"[orchestrator] the searcher starts from the job's {len(spec.search.points)} "
-                "recipe(s) in search.points",
-                flush=True,
-            )
+        points = _starting_points(spec, folder, layers, tokenizer, bundle)
     tuner = build_tuner(
         spec, folder, parallel, total_steps, resume, verbose, callbacks, layers, points
     )
@@ -254,23 +247,31 @@ def _per_layer_targets(spec: JobSpec, tokenizer: Any, bundle: Any) -> dict[str, 
     return space_lib.per_layer_targets(spec.model_dump(mode="json"), spec.search, model)
 
 
-def _allocation_points(
+def _starting_points(
     spec: JobSpec, folder: RunFolder, layers: dict[str, list[str]], tokenizer: Any, bundle: Any
-) -> list[dict[str, Any]] | None:
-    """The per-layer allocations the searcher tries first (``allocations`` on a per-layer
-    key), measured on the dense baseline the trials start from; None without any."""
+) -> list[dict[str, Any]]:
+    """What the searcher tries first: the job's ``search.points``, then the per-layer
+    allocations (``allocations`` on a per-layer key), measured on the dense baseline the
+    trials start from."""
+    points = space_lib.starting_points(spec.search, layers)
+    if points:
+        print(
+            f"[orchestrator] the searcher starts from the job's {len(points)} recipe(s) in "
+            "search.points",
+            flush=True,
+        )
     keys = [k for k, d in spec.search.space.items() if d.per_layer and d.allocations]
     if not keys:
-        return None
+        return points
     start = time.perf_counter()
     base = trial_base(spec.model_dump(mode="json"), spec.search, folder.uri("baseline", "model"))
-    points = space_lib.allocation_points(base, spec.search, layers, bundle, tokenizer)
+    allocated = space_lib.allocation_points(base, spec.search, layers, bundle, tokenizer)
     print(
-        f"[orchestrator] the searcher starts from {len(points)} per-layer allocations of "
+        f"[orchestrator] the searcher starts from {len(allocated)} per-layer allocations of "
         f"{', '.join(keys)}, measured on the dense model in {time.perf_counter() - start:.0f} s",
         flush=True,
     )
-    return points
+    return points + allocated
 
 
 def _start_tracker(spec: JobSpec, folder: RunFolder) -> tracking.Tracker | None:

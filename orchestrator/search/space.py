@@ -72,19 +72,23 @@ def per_layer_targets(
     return out
 
 
-def starting_points(search: SearchConfig, layers: dict[str, list[str]]) -> list[dict[str, Any]]:
-    """``search.points`` as the searcher's whole points: a per-layer key's one value given to
+def flat_point(
+    search: SearchConfig, values: dict[str, Any], layers: dict[str, list[str]]
+) -> dict[str, Any]:
+    """The searcher's point for ``values`` by space key: a per-layer key's one value given to
     each of its layers' dimensions (``layer_key``)."""
-    out = []
-    for point in search.points:
-        flat: dict[str, Any] = {}
-        for key, value in point.items():
-            if search.space[key].per_layer:
-                flat.update({layer_key(key, n): value for n in layers[key]})
-            else:
-                flat[key] = value
-        out.append(flat)
-    return out
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if search.space[key].per_layer:
+            flat.update({layer_key(key, n): value for n in layers[key]})
+        else:
+            flat[key] = value
+    return flat
+
+
+def starting_points(search: SearchConfig, layers: dict[str, list[str]]) -> list[dict[str, Any]]:
+    """``search.points`` as the searcher's whole points (``flat_point``)."""
+    return [flat_point(search, point, layers) for point in search.points]
 
 
 def allocation_points(
@@ -112,12 +116,7 @@ def allocation_points(
             continue
         values = list(dist.choice)
         stage_cfg, sampled = configs[key]
-        rest: dict[str, Any] = {}
-        for other, value in sampled.items():
-            if search.space[other].per_layer:
-                rest.update({layer_key(other, n): value for n in layers[other]})
-            else:
-                rest[other] = value
+        rest = flat_point(search, sampled, layers)
         for budget in dist.allocations:
             raw = allocation_job(job, key, values, stage_cfg, budget)
             spec = validate_job(raw, source=f"search.space.{key}.allocations")
