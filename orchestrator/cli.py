@@ -54,6 +54,21 @@ def _parser() -> argparse.ArgumentParser:
         description="(re)build the tables, plot and HTML report of a finished or partial search",
     )
     r.add_argument("run_dir", metavar="RUN_DIR", help="the search's run directory")
+    c = sub.add_parser(
+        "confirm",
+        help="train a finished trial of a search again with other seeds and report in how many "
+        "its constraint held",
+        description="train a finished trial of a search (default: the selected one) again with "
+        "each of --seeds (its job.yaml with train.seed changed), write the runs to "
+        "RUN_DIR/confirm.json and rebuild the report; seeds already measured are not trained "
+        "again",
+    )
+    c.add_argument("run_dir", metavar="RUN_DIR", help="the search's run directory")
+    c.add_argument(
+        "--seeds", type=int, nargs="+", required=True, metavar="S", help="train.seed values"
+    )
+    c.add_argument("--trial", metavar="ID", help="a trial by name (default: the selected one)")
+    c.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     e = sub.add_parser(
         "export",
         help="write a trial's compressed model (safetensors + config + manifest) to a folder",
@@ -102,8 +117,8 @@ def _modules_table(rows: list[dict]) -> str:
 
 
 def _run_dir_command(args: argparse.Namespace) -> int:
-    """``report`` and ``export``: they read a run directory (a folder or a storage URI), and
-    need no Ray."""
+    """``report``, ``export`` and ``confirm``: they read a run directory (a folder or a storage
+    URI); only ``confirm`` needs Ray (it trains)."""
     from orchestrator import results
     from orchestrator.storage import RunFolder, StorageError, unreachable
 
@@ -112,16 +127,30 @@ def _run_dir_command(args: argparse.Namespace) -> int:
         folder.pull_records()  # a run in storage: this machine's mirror of its records
     except StorageError as e:
         raise unreachable("RUN_DIR", args.run_dir, e, source="run directory") from None
-    if args.command == "report":
+    failed: list[str] = []
+    if args.command == "confirm":
+        from orchestrator.search.confirm import confirm_command
+
+        failed = confirm_command(folder, args.trial, args.seeds, args.address)
+    if args.command in ("report", "confirm"):
         summary = results.write_run_report(folder)
         import pyarrow.parquet as pq
 
-        print(results.format_pareto_table(pq.read_table(folder.local / "results.parquet")))
+        table = pq.read_table(folder.local / "results.parquet")
+        print(results.format_pareto_table(table, summary.confirmed))
         for note in summary.notes:
             print(f"note: {note}")
         print(f"report: {folder.uri('report.html')}")
         if folder.remote:
             print(f"local copy: {folder.local / 'report.html'}")
+        if failed:
+            print(
+                f"error: the run(s) with seed(s) {', '.join(failed)} failed (their errors are "
+                f"in the report and {folder.uri('confirm.json')}); the same command tries them "
+                "again",
+                file=sys.stderr,
+            )
+            return 1
         return 0
     out = args.out or folder.uri("best")
     record = results.export_trial(folder, out, None if args.best else args.trial, args.format)
@@ -150,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse exits 2 on usage errors, 0 on --help
         return int(e.code or 0)
     try:
-        if args.command in ("report", "export"):
+        if args.command in ("report", "export", "confirm"):
             return _run_dir_command(args)
         from orchestrator.config import dump_job, load_job
 

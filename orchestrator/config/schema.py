@@ -18,6 +18,11 @@ from orchestrator.config.search import SearchConfig
 from orchestrator.storage import check_uri, is_uri
 
 
+def _other_seeds(seed: int, n: int = 2) -> list[int]:
+    """``n`` seeds other than ``seed`` (an error's example of what to give)."""
+    return [s for s in range(n + 1) if s != seed][:n]
+
+
 def _storage_location(value: str | None) -> str | None:
     """A plain path as is; a storage URI only in a form this tool can open."""
     why = check_uri(value) if value is not None and is_uri(value) else None
@@ -451,6 +456,16 @@ class JobSpec(ConfigModel):
                         "compress.prune.method=structured",
                     )
                 )
+        if self.search is not None and self.train.seed in self.search.confirm_seeds:
+            problems.append(
+                (
+                    "search.confirm_seeds",
+                    self.search.confirm_seeds,
+                    f"holds {self.train.seed}, the train.seed every trial already trains with",
+                    "confirm with other seeds, e.g. search.confirm_seeds="
+                    f"[{', '.join(str(s) for s in _other_seeds(self.train.seed))}]",
+                )
+            )
         if (
             self.search is not None
             and self.search.scheduler == "asha"

@@ -573,6 +573,13 @@ class SearchConfig(ConfigModel):
         "trial whose node was preempted retries without counting",
     )
     seed: int = Field(default=0, ge=0, description="seed of the searcher")
+    confirm_seeds: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=list,
+        description="after the search, train the selected recipe again with each of these "
+        "train.seed values and report in how many its constraint held (the selection's "
+        "interval covers the evaluation's noise, not the recipe's own training); each seed "
+        "costs about one trial",
+    )
     baseline: BaselineConfig = BaselineConfig()
 
     @model_validator(mode="after")
@@ -605,6 +612,17 @@ class SearchConfig(ConfigModel):
         for key, dist in self.space.items():
             problems += _per_layer_problems(key, dist, self.algorithm, self.samples)
         problems += _points_problems(self)
+        repeated = sorted({s for s in self.confirm_seeds if self.confirm_seeds.count(s) > 1})
+        if repeated:
+            problems.append(
+                (
+                    "confirm_seeds",
+                    self.confirm_seeds,
+                    f"gives seed {repeated[0]} more than once: the same seed trains the same "
+                    "model again",
+                    "list each seed once, e.g. search.confirm_seeds=[1, 2]",
+                )
+            )
         if self.scheduler == "asha":
             if len(self.objectives) > 1:
                 problems.append(

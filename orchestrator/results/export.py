@@ -23,15 +23,15 @@ from typing import Any
 
 from orchestrator.errors import ConfigError, CorruptFileError, Problem
 from orchestrator.files import write_dir_atomic
-from orchestrator.results.report import read_run
+from orchestrator.results.report import RunData, read_run
 from orchestrator.results.table import best_trial, build_table
 from orchestrator.storage import RunFolder, StorageError, fetch, is_uri, kind, unreachable, upload
 
 RECORD = "trial.json"
 
 
-def _error(key: str, value: Any, message: str, fix: str) -> ConfigError:
-    return ConfigError(Problem(key, value, message, fix), source="export")
+def _error(key: str, value: Any, message: str, fix: str, source: str = "export") -> ConfigError:
+    return ConfigError(Problem(key, value, message, fix), source=source)
 
 
 def _json_safe(row: dict[str, Any]) -> dict[str, Any]:
@@ -56,19 +56,23 @@ def _check_out(out: str) -> None:
         )
 
 
-def _pick(rows: dict[str, dict[str, Any]], trial: str | None, best: dict | None) -> str:
-    """The trial name to export, or a ``ConfigError`` that says why none can be."""
+def pick_trial(
+    rows: dict[str, dict[str, Any]], trial: str | None, best: dict | None, command: str = "export"
+) -> str:
+    """The trial name ``command`` (export, confirm) takes: ``trial``, or the best one when it
+    is None; else a ``ConfigError`` that says why none can be."""
     if trial is None:
         if best is None:
             done = [r for r in rows.values() if r["status"] == "done"]
             broken = [f"{r['trial']}: {r.get('violations') or 'no selection metric'}" for r in done]
             why = "; ".join(broken) if done else "no trial has finished"
             raise _error(
-                "--best",
-                True,
+                "--best" if command == "export" else "--trial",
+                True if command == "export" else None,
                 f"no trial met the search constraints ({why})",
                 "pick a trial yourself with --trial NAME (see the trial table in report.html), "
                 "or relax search.constraints and search again",
+                command,
             )
         return best["trial"]
     if trial not in rows:
@@ -76,8 +80,29 @@ def _pick(rows: dict[str, dict[str, Any]], trial: str | None, best: dict | None)
         close = difflib.get_close_matches(trial, names, n=1, cutoff=0.5)
         known = ", ".join(names) if names else "none yet"
         hint = f"did you mean {close[0]}? " if close else ""
-        raise _error("--trial", trial, "no such trial in the run", f"{hint}known trials: {known}")
+        fix = f"{hint}known trials: {known}"
+        raise _error("--trial", trial, "no such trial in the run", fix, command)
     return trial
+
+
+def finished_trial(
+    run: RunData, trial: str | None, command: str, why: str
+) -> tuple[str, dict[str, dict[str, Any]]]:
+    """The finished trial ``command`` (export, confirm) takes, ``pick_trial``'s, and the
+    results-table rows by trial; a ``ConfigError`` saying ``why`` one not done will not do."""
+    table = build_table(run.trials, run.search, run.baseline)
+    rows = {r["trial"]: r for r in table.to_pylist()}
+    name = pick_trial(rows, trial, best_trial(table, run.search), command)
+    if rows[name]["status"] != "done":
+        finished = [n for n, r in rows.items() if r["status"] == "done"]
+        raise _error(
+            "--trial",
+            name,
+            f"is {rows[name]['status']}, not done, {why}",
+            f"{command} a finished trial: {', '.join(finished) or 'none has finished yet'}",
+            command,
+        )
+    return name, rows
 
 
 FORMATS = ("artifact", "onnx", "hf")
@@ -172,18 +197,8 @@ def export_trial(
     run = read_run(folder.local)
     out = str(out)
     _check_out(out)
-    table = build_table(run.trials, run.search, run.baseline)
-    rows = {r["trial"]: r for r in table.to_pylist()}
-    name = _pick(rows, trial, best_trial(table, run.search))
+    name, rows = finished_trial(run, trial, "export", "so it has no final model")
     record = next(t for t in run.trials if t["trial"] == name)
-    if record["status"] != "done":
-        finished = [n for n, r in rows.items() if r["status"] == "done"]
-        raise _error(
-            "--trial",
-            name,
-            f"is {record['status']}, not done, so it has no final model",
-            f"export a finished trial: {', '.join(finished) or 'none has finished yet'}",
-        )
     rel = f"trials/{name}/{record['artifact'] or ''}"
     if record["artifact"] is None or not folder.exists(rel):
         raise _error(

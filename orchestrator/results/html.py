@@ -16,6 +16,7 @@ from typing import Any
 import pyarrow as pa
 
 from orchestrator.config.search import TRIAL_METRICS, SearchConfig
+from orchestrator.results.confirm import Confirmation
 from orchestrator.results.quality import (
     ACCURACY_DROP,
     PERPLEXITY_INCREASE,
@@ -346,9 +347,40 @@ def _status_section(
         '<p class="note" id="interval-scope">The interval covers the sampling noise of the '
         "evaluation examples, not how much a recipe's own training or calibration varies with "
         "another seed; near a constraint that can move a drop by about a point. To see it, "
-        "train a trial's <code>job.yaml</code> again with another <code>train.seed</code> "
-        "(<code>orchestrator train JOB.yaml train.seed=1</code>).</p>"
+        "train a trial again with other seeds: <code>search.confirm_seeds</code> in the job "
+        "does it for the selected recipe after the search, <code>orchestrator confirm RUN_DIR "
+        "--seeds 1 2</code> for any finished trial afterwards.</p>"
     )
+    return out
+
+
+def _confirm_section(confirmed: list[Confirmation], q: Quality) -> list[str]:
+    """Each trial trained again with other seeds: in how many the constraint held, and a row
+    per seed (the trial's own first) with the figures the trials table shows."""
+    if not confirmed:
+        return []
+    out = [
+        '<h2 id="confirm-title">Trained again with other seeds</h2>',
+        "<p>The same recipe and job, only <code>train.seed</code> changed (the recovery's data "
+        "order and dropout), judged by the same rule as the trials.</p>",
+    ]
+    head = ["seed", *_metric_head(q), "within the constraint", "violations", "wall s", "error"]
+    for c in confirmed:
+        rows = []
+        for r in c.rows:
+            feasible = {True: "yes", False: "no", None: "&ndash;"}[r.get("feasible")]
+            error = f'<pre class="error">{escape(r["error"])}</pre>' if r.get("error") else ""
+            cells = [
+                _td(escape(str(r["seed"]))),
+                *_metric_cells(r),
+                _td(feasible),
+                _td(escape(r.get("violations") or "")),
+                _td(_num(r.get("wall_s"), ".0f"), num=True),
+                _td(error),
+            ]
+            rows.append(("infeasible" if r.get("feasible") is False else "", cells))
+        out.append(f'<p class="confirm-text">{escape(c.text())}.</p>')
+        out.append(_table(f"confirm-{c.trial}", head, rows))
     return out
 
 
@@ -400,9 +432,12 @@ def render_html(
     notes: list[str],
     running: bool,
     sensitivity_png: bytes | None = None,
+    confirmed: list[Confirmation] | None = None,
 ) -> str:
     """The whole page as a string (the caller writes it atomically). ``sensitivity_png``: the
-    selected recipe's per-layer allocation heatmaps, when it allocated any."""
+    selected recipe's per-layer allocation heatmaps, when it allocated any; ``confirmed``: the
+    trials trained again with other seeds (``results.confirm``)."""
+    confirmed = confirmed or []
     rows = table.to_pylist()
     q = quality_of(search)
     counts = status_counts(table)
@@ -413,6 +448,7 @@ def render_html(
     body.append(
         f'<div id="answer">{_answer_section(best, rows, baseline, str(run_dir), search)}</div>'
     )
+    body += _confirm_section(confirmed, q)
     body += _pareto_section(rows, q)
     data = base64.b64encode(png).decode("ascii")
     body.append(

@@ -21,6 +21,7 @@ from orchestrator.config.schema import JobSpec
 from orchestrator.config.search import SearchConfig
 from orchestrator.errors import ConfigError, Problem
 from orchestrator.files import write_atomic
+from orchestrator.results.confirm import confirmations
 from orchestrator.results.html import render_html, status_counts
 from orchestrator.results.plot import render_pareto_png, render_sensitivity_png
 from orchestrator.results.table import best_trial, build_table, load_baseline, load_trials
@@ -56,6 +57,7 @@ class ReportSummary:
     best: str | None
     notes: list[str]
     paths: list[Path]
+    confirmed: list[str] = field(default_factory=list)  # trials trained with other seeds
 
     @property
     def n_trials(self) -> int:
@@ -150,6 +152,8 @@ def write_report(
     notes = list(run.notes)
     if counts["done"] and best is None:
         notes.append("no finished trial met the constraints; see the violations column")
+    seed = run.spec.train.seed
+    confirmed = confirmations(run.run_dir, run.trials, seed, search, run.baseline, notes)
     page = render_html(
         job_name=run.spec.name,
         job_yaml=run.job_yaml,
@@ -162,6 +166,7 @@ def write_report(
         best=best,
         notes=notes,
         running=running,
+        confirmed=confirmed,
     )
     paths = [run.run_dir / name for name in OUTPUTS]
     _write_parquet(paths[0], table)
@@ -174,6 +179,7 @@ def write_report(
         best=None if best is None else best["trial"],
         notes=notes,
         paths=paths,
+        confirmed=[c.text() for c in confirmed],
     )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -425,10 +426,11 @@ def held_text(row: dict[str, Any]) -> str:
     return f"{verdict} ({loss})"
 
 
-def format_pareto_table(table: pa.Table) -> str:
+def format_pareto_table(table: pa.Table, confirmed: Sequence[str] = ()) -> str:
     """The Pareto rows as aligned plain text for the terminal (accuracy drops in points or
     perplexity increases in %, with their intervals), and a line for the best feasible trial
-    (or the reason there is none)."""
+    (or the reason there is none); then ``confirmed``: the trials trained again with other
+    seeds, in words (``results.confirm``)."""
     rows = table.to_pylist()
     front = [r for r in rows if r.get("pareto")]
     q = quality_of_columns(table.column_names)
@@ -480,4 +482,5 @@ def format_pareto_table(table: pa.Table) -> str:
         out.append("best feasible trial: none (no finished trial met the constraints)")
     else:
         out.append("best feasible trial: none yet (no trial has finished)")
+    out += [f"trained again with other seeds: {line}" for line in confirmed]
     return "\n".join(out)

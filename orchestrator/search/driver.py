@@ -20,6 +20,7 @@ from orchestrator.search import space as space_lib
 from orchestrator.search import tracking
 from orchestrator.search.baseline import run_baseline
 from orchestrator.search.callbacks import record_trials
+from orchestrator.search.confirm import confirm_trial
 from orchestrator.search.names import TrialNamer
 from orchestrator.search.records import TRIALS, check_records, read_trial, write_trial
 from orchestrator.search.snapshot import reconcile
@@ -220,7 +221,9 @@ def search(
         raise RunError(f"the search failed: {e}\n{traceback.format_exc(limit=3)}") from e
     close_lost_trials(folder, {Path(r.path).name for r in grid if r.path})
     summary = write_run_report(folder, running=False, spec=spec)
-    print(pareto_text(folder.local))
+    print(pareto_text(folder.local, summary))
+    if spec.search.confirm_seeds:
+        summary = _confirm_selected(spec, folder, summary, address)
     all_failed = bool(summary.counts["error"] and not summary.counts["done"])
     if tracker:
         tracker.finish(summary, "FAILED" if all_failed else "FINISHED")
@@ -274,6 +277,23 @@ def _starting_points(
     return points + allocated
 
 
+def _confirm_selected(
+    spec: JobSpec, folder: RunFolder, summary: ReportSummary, address: str | None
+) -> ReportSummary:
+    """``search.confirm_seeds``: the selected trial trained again with each seed, then the
+    report again with them (``search.confirm``)."""
+    from orchestrator.results import write_run_report
+
+    if summary.best is None:
+        print("[orchestrator] search.confirm_seeds: no trial was selected, nothing to confirm")
+        return summary
+    confirm_trial(folder, summary.best, spec.search.confirm_seeds, address)
+    summary = write_run_report(folder, running=False, spec=spec)
+    for line in summary.confirmed:
+        print(f"trained again with other seeds: {line}")
+    return summary
+
+
 def _start_tracker(spec: JobSpec, folder: RunFolder) -> tracking.Tracker | None:
     """The MLflow search run, when the job asks for one; None, after a warning, when MLflow
     fails here, after the check before the search (the search goes on without it)."""
@@ -307,10 +327,11 @@ def close_lost_trials(folder: RunFolder, known: set[str]) -> None:
             write_trial(folder, record)
 
 
-def pareto_text(folder: Path) -> str:
-    """The Pareto table for the terminal, from the results table just written."""
+def pareto_text(folder: Path, summary: ReportSummary) -> str:
+    """The Pareto table for the terminal, from the results table just written, and the
+    trials trained again with other seeds (``summary``)."""
     import pyarrow.parquet as pq
 
     from orchestrator.results import format_pareto_table
 
-    return format_pareto_table(pq.read_table(folder / "results.parquet"))
+    return format_pareto_table(pq.read_table(folder / "results.parquet"), summary.confirmed)

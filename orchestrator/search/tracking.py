@@ -54,7 +54,14 @@ PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOU
 # The driver's requests during the search (the user's own settings of these win).
 SEARCH_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 TRIAL_FILES = ("compress_report.json", "metrics.json", "job.yaml")
-RUN_FILES = ("job.yaml", "baseline.json", "results.parquet", "pareto.parquet", "pareto.png")
+RUN_FILES = (
+    "job.yaml",
+    "baseline.json",
+    "results.parquet",
+    "pareto.parquet",
+    "pareto.png",
+    "confirm.json",  # when the search trained its selection again with other seeds
+)
 
 
 def _say(line: str) -> None:

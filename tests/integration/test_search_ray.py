@@ -43,6 +43,7 @@ def _command(out: Path, *extra: str) -> list[str]:
         f"output.dir={out}",
         f"data.cache_dir={out / 'cache'}",
         f"search.num_samples={N_TRIALS}",
+        "search.confirm_seeds=[1]",
         *tracking,
         *extra,
     ]
@@ -188,6 +189,44 @@ def test_run_directory_has_every_file(search_run: dict) -> None:
     assert str(run / "baseline" / "model") in job
 
 
+def test_the_selected_trial_is_trained_again_with_the_confirm_seed(
+    search_run: dict, capsys: pytest.CaptureFixture
+) -> None:
+    """``search.confirm_seeds``: after the search, the selected trial's own job with only
+    train.seed changed, its metrics in confirm.json, judged in the report and the terminal;
+    ``orchestrator confirm`` with the same seed afterwards trains nothing."""
+    import yaml
+
+    run = search_run["run"]
+    best = next(r for r in pq.read_table(run / "results.parquet").to_pylist() if r["best"])
+    name = best["trial"]
+    record = json.loads((run / "confirm.json").read_text())
+    assert list(record) == [name] and list(record[name]) == ["1"]
+    assert record[name]["1"]["status"] == "done", record
+    again = run / "confirm" / f"{name}-seed1"
+    assert record[name]["1"]["run"] == str(again)
+    metrics = json.loads((again / "metrics.json").read_text())
+    assert record[name]["1"]["metrics"]["eval/accuracy"] == metrics["eval/accuracy"]
+    mine = yaml.safe_load((again / "job.yaml").read_text())
+    trial = yaml.safe_load((run / "trials" / name / "job.yaml").read_text())
+    assert mine["train"].pop("seed") == 1 and trial["train"].pop("seed") == 0
+    assert mine["name"] == f"{name}-seed1" and mine["output"]["dir"] == str(run / "confirm")
+    for job in (mine, trial):
+        del job["name"], job["output"]["dir"]
+    assert mine == trial  # the same recipe, data, recovery and measurement
+    assert (again / "model").is_dir()
+    assert (
+        f"trained again with other seeds: {name}, trained with seed 0 in the search"
+        in (search_run["stdout"])
+    )
+    assert f'id="confirm-{name}"' in (run / "report.html").read_text()
+    stamp = (run / "confirm.json").stat().st_mtime_ns
+    assert main(["confirm", str(run), "--seeds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"{name}: seed(s) 1 already measured" in out and "trained again with other seeds" in out
+    assert (run / "confirm.json").stat().st_mtime_ns == stamp
+
+
 def test_the_dense_baseline_is_evaluated_once(search_run: dict) -> None:
     """The baseline run caches the dense model's answers as it scores its saved model, under
     the key the driver's measurement of that model (and every trial) looks them up by: the
@@ -235,6 +274,7 @@ def test_mlflow_holds_the_search_and_a_run_per_trial(search_run: dict) -> None:
     assert parent.data.metrics["trials/done"] == N_TRIALS
     files = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"job.yaml", "report.html", "pareto.png", "pareto_table.json", "selected_model"} <= files
+    assert "confirm.json" in files  # search.confirm_seeds ran before the search run ended
     model = {a.path for a in client.list_artifacts(parent.info.run_id, "selected_model")}
     assert "selected_model/trial.json" in model and any(p.endswith(".safetensors") for p in model)
 

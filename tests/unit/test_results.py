@@ -649,7 +649,97 @@ def test_held_on_test_and_the_rule_in_the_report(tmp_path: Path) -> None:
     assert "did not hold on test (test drop +3.00 [" in html
     assert "validation accuracy drop (point estimate) is at most 0.02" in html
     # What the interval does not cover, and how to measure it.
-    assert 'id="interval-scope"' in html and "train.seed=1" in html
+    assert 'id="interval-scope"' in html and "orchestrator confirm RUN_DIR --seeds 1 2" in html
+    assert "search.confirm_seeds" in html
+
+
+def _confirmed_run(tmp_path: Path) -> Path:
+    """A run whose selected trial t_a (trained with seed 0) was trained again with seeds 1, 2
+    and 10: within the constraint with 1 (+0.08 on validation), not with 2 (+3 points), 10
+    failed."""
+    near = {
+        **_metrics(0.80, 1e6),
+        **_paired(4700, 40, 35, 1225),
+        **_paired(3600, 30, 40, 30, "test"),
+    }
+    far = {
+        **_metrics(0.77, 1e6),
+        **_paired(4600, 160, 20, 1220),
+        **_paired(3600, 40, 30, 30, "test"),
+    }
+    run = _write_run(tmp_path, [_trial("t_a", "done", _cfg(0.3), near)])
+    confirm = {
+        "t_a": {
+            "10": {"status": "error", "error": "training failed: <boom>", "wall_s": 3.0},
+            "2": {"status": "done", "metrics": far, "wall_s": 40.0},
+            "1": {"status": "done", "metrics": near, "wall_s": 41.0},
+        },
+        "t_gone": {"1": {"status": "done", "metrics": near}},  # not a trial of the run
+    }
+    (run / "confirm.json").write_text(json.dumps(confirm))
+    return run
+
+
+def test_a_trial_trained_again_with_other_seeds_is_judged_as_trials_are(tmp_path: Path) -> None:
+    from orchestrator.results.confirm import confirmations
+    from orchestrator.results.report import read_run
+
+    run = read_run(_confirmed_run(tmp_path))
+    [c] = confirmations(run.run_dir, run.trials, 0, run.search, run.baseline)
+    assert c.trial == "t_a"
+    # The trial's own run first, then the seeds in order (10 after 2, not as text).
+    assert [r["seed"] for r in c.rows] == [0, 1, 2, 10]
+    assert [r["status"] for r in c.rows] == ["done", "done", "done", "error"]
+    assert [r["feasible"] for r in c.rows] == [True, True, False, None]
+    assert c.rows[2]["accuracy_drop"] == pytest.approx(140 / 6000)
+    assert "accuracy drop 0.0233 > 0.02" in c.rows[2]["violations"]
+    assert c.rows[3]["error"] == "training failed: <boom>"
+    assert c.text() == (
+        "t_a, trained with seed 0 in the search and again with seeds 1, 2, 10 (1 run failed): "
+        "within the constraint on validation with 2 of 3 seeds, on test with 3 of 3; test drop "
+        f"{100 * (-10 / 3700 * 2 + 10 / 3700) / 3:+.2f} points on average (-0.27 to +0.27)"
+    )
+
+
+def test_the_report_and_the_terminal_show_the_seeds(tmp_path: Path) -> None:
+    run = _confirmed_run(tmp_path)
+    summary = write_report(run)
+    assert len(summary.confirmed) == 1 and summary.confirmed[0].startswith("t_a, trained with")
+    html = (run / "report.html").read_text()
+    assert 'id="confirm-title"' in html and 'id="confirm-t_a"' in html
+    assert "within the constraint on validation with 2 of 3 seeds" in html
+    assert "training failed: &lt;boom&gt;" in html  # escaped
+    assert "t_gone" not in html
+    text = format_pareto_table(pq.read_table(run / "results.parquet"), summary.confirmed)
+    assert text.splitlines()[-1].startswith("trained again with other seeds: t_a, trained with")
+    # An unreadable confirm.json costs a note, not the report.
+    (run / "confirm.json").write_text("{not json")
+    summary = write_report(run)
+    assert not summary.confirmed and any("confirm.json is unreadable" in n for n in summary.notes)
+
+
+def test_confirm_refuses_bad_seeds_and_trials_before_it_trains(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from orchestrator.cli import main
+
+    run = _write_run(tmp_path, _trials())
+    before = sorted(p.name for p in run.iterdir())
+    cases = [
+        (["--seeds", "0", "1"], "--seeds = [0, 1]: holds 0, the train.seed the trial was"),
+        (["--seeds", "1", "1"], "gives seed 1 more than once. Fix: give other seeds, each once"),
+        (["--seeds", "-1"], "holds a negative seed"),
+        (["--seeds", "1", "--trial", "t_zz"], "--trial = 't_zz': no such trial in the run"),
+        (["--seeds", "1", "--trial", "t_e"], "is running, not done, so there is no result"),
+    ]
+    for extra, message in cases:
+        assert main(["confirm", str(run), *extra]) == 2
+        assert message in capsys.readouterr().err
+    # Without --trial, the selected one; none is selected here when every trial is infeasible.
+    bad = _write_run(tmp_path / "bad", [_trial("t_d", "done", _cfg(0.7), _metrics(0.70, 1e6))])
+    assert main(["confirm", str(bad), "--seeds", "1"]) == 2
+    assert "--trial = None: no trial met the search constraints" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == before  # nothing written
 
 
 def test_confidence_outside_the_open_interval_is_refused() -> None:
