@@ -576,9 +576,16 @@ class SearchConfig(ConfigModel):
     confirm_seeds: list[Annotated[int, Field(ge=0)]] = Field(
         default_factory=list,
         description="after the search, train the selected recipe again with each of these "
-        "train.seed values and report in how many its constraint held (the selection's "
-        "interval covers the evaluation's noise, not the recipe's own training); each seed "
-        "costs about one trial",
+        "train.seed values (the selection's interval covers the evaluation's noise, not the "
+        "recipe's own training); one that breaks the constraints on validation with any of "
+        "them is passed over and the next selected is trained again, up to confirm_candidates "
+        "recipes; each seed costs about one trial",
+    )
+    confirm_candidates: int = Field(
+        default=2,
+        ge=1,
+        description="with confirm_seeds: how many selected recipes, one after another, are "
+        "trained again at most until one stays within the constraints with every seed",
     )
     baseline: BaselineConfig = BaselineConfig()
 
@@ -621,6 +628,18 @@ class SearchConfig(ConfigModel):
                     f"gives seed {repeated[0]} more than once: the same seed trains the same "
                     "model again",
                     "list each seed once, e.g. search.confirm_seeds=[1, 2]",
+                )
+            )
+        # Not "set": a dumped job writes every default out, and reads back valid.
+        default = type(self).model_fields["confirm_candidates"].default
+        if self.confirm_candidates != default and not self.confirm_seeds:
+            problems.append(
+                (
+                    "confirm_candidates",
+                    self.confirm_candidates,
+                    "has no effect without search.confirm_seeds: no recipe is trained again",
+                    "add the seeds to train them with, e.g. search.confirm_seeds=[1, 2], or "
+                    "remove confirm_candidates",
                 )
             )
         if self.scheduler == "asha":

@@ -11,7 +11,9 @@ values and record each run's final metrics in ``confirm.json`` of the run direct
 
 Here each run becomes a row of the results table (the same columns, judged by the same rules
 as the trials: ``table.build_table``), beside the trial's own run, and ``Confirmation`` counts
-the seeds with which the constraint held on validation and on test.
+the seeds with which the constraint held on validation and on test. A trial that broke the
+constraints on validation with any seed is ``confirmed`` false in the results table and never
+selected (``table.best_trial``); test never decides.
 """
 
 from __future__ import annotations
@@ -64,6 +66,15 @@ class Confirmation:
     @property
     def done(self) -> list[dict[str, Any]]:
         return [r for r in self.rows if r["status"] == "done"]
+
+    @property
+    def held(self) -> bool | None:
+        """Whether the trial stayed within the constraints (on validation, the selection's own
+        rule) with every seed: False as soon as one run broke them, None while a run failed."""
+        feasible = [r.get("feasible") for r in self.rows]
+        if False in feasible:
+            return False
+        return True if all(feasible) else None
 
     def count(self, column: str) -> int:
         return sum(bool(r.get(column)) for r in self.done)

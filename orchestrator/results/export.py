@@ -23,8 +23,8 @@ from typing import Any
 
 from orchestrator.errors import ConfigError, CorruptFileError, Problem
 from orchestrator.files import write_dir_atomic
-from orchestrator.results.report import RunData, read_run
-from orchestrator.results.table import best_trial, build_table
+from orchestrator.results.report import RunData, read_run, run_table
+from orchestrator.results.table import best_trial, not_selected_why
 from orchestrator.storage import RunFolder, StorageError, fetch, is_uri, kind, unreachable, upload
 
 RECORD = "trial.json"
@@ -64,7 +64,7 @@ def pick_trial(
     if trial is None:
         if best is None:
             done = [r for r in rows.values() if r["status"] == "done"]
-            broken = [f"{r['trial']}: {r.get('violations') or 'no selection metric'}" for r in done]
+            broken = [f"{r['trial']}: {not_selected_why(r, 'selection metric')}" for r in done]
             why = "; ".join(broken) if done else "no trial has finished"
             raise _error(
                 "--best" if command == "export" else "--trial",
@@ -90,7 +90,7 @@ def finished_trial(
 ) -> tuple[str, dict[str, dict[str, Any]]]:
     """The finished trial ``command`` (export, confirm) takes, ``pick_trial``'s, and the
     results-table rows by trial; a ``ConfigError`` saying ``why`` one not done will not do."""
-    table = build_table(run.trials, run.search, run.baseline)
+    table, _ = run_table(run)
     rows = {r["trial"]: r for r in table.to_pylist()}
     name = pick_trial(rows, trial, best_trial(table, run.search), command)
     if rows[name]["status"] != "done":

@@ -24,7 +24,14 @@ from orchestrator.results.quality import (
     quality_of,
     quality_of_columns,
 )
-from orchestrator.results.table import MB, STATUSES, held_text, row_drop_text, selection_rule
+from orchestrator.results.table import (
+    MB,
+    STATUSES,
+    held_text,
+    not_selected_why,
+    row_drop_text,
+    selection_rule,
+)
 from orchestrator.storage import join
 
 REFRESH_S = 15
@@ -249,7 +256,7 @@ def _answer_section(
         if not done:
             return "<p>No trial has finished yet, so there is no selected recipe.</p>"
         broken = "".join(
-            f"<li>{escape(r['trial'])}: {escape(r.get('violations') or 'no ' + sel.metric)}</li>"
+            f"<li>{escape(r['trial'])}: {escape(not_selected_why(r, sel.metric))}</li>"
             for r in done[:BROKEN_SHOWN]
         )
         more = len(done) - BROKEN_SHOWN
@@ -271,8 +278,26 @@ def _answer_section(
         f'<table id="answer-table">{head}{"".join(_answer_rows(best, baseline))}</table>'
         f'<p id="held-on-test">Selected on validation; the '
         f"{escape(quality_of_columns(best).words)} constraint {escape(held_text(best))}.</p>"
+        f"{_seeds_sentence(best, rows)}"
         f'<p>Export it with:</p><pre id="export-command">{escape(command)}</pre>'
     )
+
+
+def _seeds_sentence(best: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """What training with other seeds said of the selection (nothing when no trial was)."""
+    passed = [r["trial"] for r in rows if r.get("confirmed") is False]
+    if best.get("confirmed") is None and not passed:
+        return ""
+    if best.get("confirmed"):
+        text = "Trained again with other seeds, it stayed within the constraints with every one"
+    else:  # not trained again, or a run of it failed
+        text = "It has no finished runs with other seeds"
+    if passed:
+        text += (
+            f"; passed over: {', '.join(passed)}, which broke them when trained again with "
+            "another seed"
+        )
+    return f'<p id="seeds-verdict">{escape(text)} (below).</p>'
 
 
 def _constraints_text(search: SearchConfig) -> str:

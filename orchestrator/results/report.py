@@ -21,7 +21,7 @@ from orchestrator.config.schema import JobSpec
 from orchestrator.config.search import SearchConfig
 from orchestrator.errors import ConfigError, Problem
 from orchestrator.files import write_atomic
-from orchestrator.results.confirm import confirmations
+from orchestrator.results.confirm import Confirmation, confirmations
 from orchestrator.results.html import render_html, status_counts
 from orchestrator.results.plot import render_pareto_png, render_sensitivity_png
 from orchestrator.results.table import best_trial, build_table, load_baseline, load_trials
@@ -118,6 +118,17 @@ def read_run(
     return RunData(run_dir, spec, spec.search, text, baseline, trials, notes)
 
 
+def run_table(run: RunData, notes: list[str] | None = None) -> tuple[pa.Table, list[Confirmation]]:
+    """The results table of ``run`` (``build_table``), with what the trials trained again with
+    other seeds say (``results.confirm``; a trial that broke the constraints with one is not
+    selected), and those trials."""
+    confirmed = confirmations(
+        run.run_dir, run.trials, run.spec.train.seed, run.search, run.baseline, notes
+    )
+    verdicts = {c.trial: c.held for c in confirmed}
+    return build_table(run.trials, run.search, run.baseline, verdicts), confirmed
+
+
 def _write_bytes(path: Path, data: bytes) -> None:
     write_atomic(path, data)
 
@@ -143,17 +154,15 @@ def write_report(
     ``trials``: see ``read_run``."""
     run = read_run(run_dir, spec, trials)
     search = run.search
-    table = build_table(run.trials, search, run.baseline)
+    notes = list(run.notes)
+    table, confirmed = run_table(run, notes)
     best = best_trial(table, search)
     front = table.filter(table.column("pareto"))
     png = render_pareto_png(table, run.baseline, title=f"{run.spec.name}: compression search")
     allocations = [] if best is None else allocations_of(run.run_dir / "trials" / best["trial"])
     counts = status_counts(table)
-    notes = list(run.notes)
     if counts["done"] and best is None:
         notes.append("no finished trial met the constraints; see the violations column")
-    seed = run.spec.train.seed
-    confirmed = confirmations(run.run_dir, run.trials, seed, search, run.baseline, notes)
     page = render_html(
         job_name=run.spec.name,
         job_yaml=run.job_yaml,

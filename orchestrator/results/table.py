@@ -292,14 +292,20 @@ def metric_keys(trials: list[dict[str, Any]], search: SearchConfig) -> list[str]
 
 
 def build_table(
-    trials: list[dict[str, Any]], search: SearchConfig, baseline: dict[str, float] | None
+    trials: list[dict[str, Any]],
+    search: SearchConfig,
+    baseline: dict[str, float] | None,
+    confirmed: dict[str, bool | None] | None = None,
 ) -> pa.Table:
     """A row per trial (as ``load_trials`` returns them); see the module doc for the rules.
 
     Columns: ``trial``, ``status``, ``config/<key>`` per space key, ``recipe``, one float64
     column per metric key, the quality's loss (``accuracy_drop`` or ``perplexity_increase``,
     ``quality.Quality``) with its interval for validation and test, ``feasible`` (null unless
-    done), ``violations`` (null when none), ``pareto``, ``best``, ``error``, ``wall_s``."""
+    done), ``violations`` (null when none), ``confirmed`` (the argument's verdict by trial:
+    whether the trial, trained again with other seeds, stayed within the constraints with every
+    one, ``results.confirm``; null when it was not), ``pareto``, ``best``, ``error``,
+    ``wall_s``."""
     trials = sorted(trials, key=lambda t: t["trial"])
     configs = [effective_config(t["config"], search) for t in trials]
     keys = metric_keys(trials, search)
@@ -343,6 +349,7 @@ def build_table(
         violations.append("; ".join(broken) or None)
     columns["feasible"] = pa.array(feasible, pa.bool_())
     columns["violations"] = pa.array(violations, pa.string())
+    columns["confirmed"] = pa.array([(confirmed or {}).get(t["trial"]) for t in trials], pa.bool_())
     eligible = [i for i, f in enumerate(feasible) if f]
     front = pareto_front(
         [[trials[i]["metrics"].get(o.metric) for o in search.objectives] for i in eligible],
@@ -368,13 +375,17 @@ def _rank(value: float | None, mode: str) -> tuple[int, float]:
 def best_trial(table: pa.Table, search: SearchConfig) -> dict[str, Any] | None:
     """The row of the best done, feasible trial on ``search.selection`` (what ``export --best``
     ships), ties broken by the remaining objectives in order, then by name so the pick is
-    stable across re-runs of the report. None when no trial is feasible."""
+    stable across re-runs of the report; a trial that broke the constraints when trained with
+    another seed (``confirmed`` false) is passed over. None when no trial is feasible."""
     select = search.selection
     others = [o for o in search.objectives if o.metric != select.metric]
     rows = [
         r
         for r in table.to_pylist()
-        if r["status"] == "done" and r.get("feasible") and _number(r.get(select.metric)) is not None
+        if r["status"] == "done"
+        and r.get("feasible")
+        and r.get("confirmed") is not False
+        and _number(r.get(select.metric)) is not None
     ]
     if not rows:
         return None
@@ -384,6 +395,15 @@ def best_trial(table: pa.Table, search: SearchConfig) -> dict[str, Any] | None:
         return (*ranks, r["trial"])
 
     return min(rows, key=key)
+
+
+def not_selected_why(row: dict[str, Any], metric: str) -> str:
+    """Why a finished trial (a results-table row) was not selected, in words."""
+    if row.get("violations"):
+        return row["violations"]
+    if row.get("confirmed") is False:
+        return "broke the constraints when trained again with another seed (confirm.json)"
+    return f"no {metric}"
 
 
 def _cell(v: Any, fmt: str) -> str:

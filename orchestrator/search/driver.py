@@ -280,17 +280,30 @@ def _starting_points(
 def _confirm_selected(
     spec: JobSpec, folder: RunFolder, summary: ReportSummary, address: str | None
 ) -> ReportSummary:
-    """``search.confirm_seeds``: the selected trial trained again with each seed, then the
-    report again with them (``search.confirm``)."""
+    """``search.confirm_seeds``: the selected trial trained again with each seed; when it
+    breaks the constraints with one, the report selects the next trial, which is trained again
+    in turn, up to ``search.confirm_candidates`` trials (``search.confirm``)."""
     from orchestrator.results import write_run_report
 
-    if summary.best is None:
-        print("[orchestrator] search.confirm_seeds: no trial was selected, nothing to confirm")
-        return summary
-    confirm_trial(folder, summary.best, spec.search.confirm_seeds, address)
-    summary = write_run_report(folder, running=False, spec=spec)
+    search = spec.search
+    tried: list[str] = []
+    while summary.best is not None and summary.best not in tried:
+        if len(tried) == search.confirm_candidates:
+            break
+        tried.append(summary.best)
+        confirm_trial(folder, summary.best, search.confirm_seeds, address)
+        summary = write_run_report(folder, running=False, spec=spec)
     for line in summary.confirmed:
         print(f"trained again with other seeds: {line}")
+    if summary.best is None:
+        why = "no trial is feasible" if not tried else "the trials trained again broke them"
+        print(f"[orchestrator] search.confirm_seeds: no trial is selected ({why})")
+    elif summary.best not in tried:
+        print(
+            f"[orchestrator] selected: {summary.best}, not trained with other seeds: the "
+            f"{len(tried)} selected before it broke the constraints with another seed "
+            f"(search.confirm_candidates={search.confirm_candidates})"
+        )
     return summary
 
 

@@ -654,9 +654,9 @@ def test_held_on_test_and_the_rule_in_the_report(tmp_path: Path) -> None:
 
 
 def _confirmed_run(tmp_path: Path) -> Path:
-    """A run whose selected trial t_a (trained with seed 0) was trained again with seeds 1, 2
-    and 10: within the constraint with 1 (+0.08 on validation), not with 2 (+3 points), 10
-    failed."""
+    """A run whose smallest trial t_a (trained with seed 0) was trained again with seeds 1, 2
+    and 10: within the constraint with 1 (+0.08 on validation), not with 2 (+2.33 points), 10
+    failed; t_b, twice its size, was not trained again."""
     near = {
         **_metrics(0.80, 1e6),
         **_paired(4700, 40, 35, 1225),
@@ -667,7 +667,9 @@ def _confirmed_run(tmp_path: Path) -> Path:
         **_paired(4600, 160, 20, 1220),
         **_paired(3600, 40, 30, 30, "test"),
     }
-    run = _write_run(tmp_path, [_trial("t_a", "done", _cfg(0.3), near)])
+    bigger = {**near, "compress/size_bytes": 2e6, "compress/size_ratio": 2.0}
+    trials = [_trial("t_a", "done", _cfg(0.3), near), _trial("t_b", "done", _cfg(0.2), bigger)]
+    run = _write_run(tmp_path, trials)
     confirm = {
         "t_a": {
             "10": {"status": "error", "error": "training failed: <boom>", "wall_s": 3.0},
@@ -712,10 +714,91 @@ def test_the_report_and_the_terminal_show_the_seeds(tmp_path: Path) -> None:
     assert "t_gone" not in html
     text = format_pareto_table(pq.read_table(run / "results.parquet"), summary.confirmed)
     assert text.splitlines()[-1].startswith("trained again with other seeds: t_a, trained with")
+
+
+def test_a_trial_that_breaks_the_constraints_with_another_seed_is_not_selected(
+    tmp_path: Path,
+) -> None:
+    """t_a is the smallest feasible trial, but with seed 2 it broke the constraint: t_b is
+    selected and exported instead; trained again within the constraint, t_b says so."""
+    from orchestrator.results.export import finished_trial
+    from orchestrator.results.report import read_run
+
+    run = _confirmed_run(tmp_path)
+    summary = write_report(run)
+    assert summary.best == "t_b"
+    rows = {r["trial"]: r for r in pq.read_table(run / "results.parquet").to_pylist()}
+    assert rows["t_a"]["feasible"] and rows["t_a"]["confirmed"] is False
+    assert rows["t_b"]["confirmed"] is None and rows["t_b"]["best"]
+    assert finished_trial(read_run(run), None, "export", "")[0] == "t_b"
+    html = (run / "report.html").read_text()
+    assert (
+        "It has no finished runs with other seeds; passed over: t_a, which broke them when "
+        "trained again with another seed (below)."
+    ) in html
+    confirm = json.loads((run / "confirm.json").read_text())
+    t_b = json.loads((run / "trials" / "t_b" / "trial.json").read_text())["metrics"]
+    confirm["t_b"] = {"1": {"status": "done", "metrics": t_b, "wall_s": 1.0}}
+    (run / "confirm.json").write_text(json.dumps(confirm))
+    assert write_report(run).best == "t_b"
+    html = (run / "report.html").read_text()
+    assert "Trained again with other seeds, it stayed within the constraints with every one" in html
+    # With t_b infeasible too, there is nothing to select, and the answer says why t_a is not.
+    confirm["t_b"]["2"] = confirm["t_a"]["2"]
+    (run / "confirm.json").write_text(json.dumps(confirm))
+    assert write_report(run).best is None
+    html = (run / "report.html").read_text()
+    assert "t_a: broke the constraints when trained again with another seed" in html
     # An unreadable confirm.json costs a note, not the report.
     (run / "confirm.json").write_text("{not json")
     summary = write_report(run)
     assert not summary.confirmed and any("confirm.json is unreadable" in n for n in summary.notes)
+
+
+def test_the_search_trains_the_next_selected_trial_when_one_breaks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """``search.confirm_seeds``: the driver trains the selected trial again; t_a breaks the
+    constraint with seed 2, so t_b is selected and trained again in turn, and holds. Training
+    is replaced by the figures each seed's run would record (the real runs: the integration
+    test of the debug search)."""
+    from orchestrator.results.report import read_run
+    from orchestrator.search import driver
+    from orchestrator.storage import RunFolder
+
+    run = _confirmed_run(tmp_path)
+    confirm = json.loads((run / "confirm.json").read_text())
+    measured = {"t_a": confirm.pop("t_a")}
+    measured["t_b"] = {"1": dict(measured["t_a"]["1"]), "2": dict(measured["t_a"]["1"])}
+    (run / "confirm.json").write_text(json.dumps(confirm))
+    trained = []
+
+    def fake_confirm_trial(folder: RunFolder, trial: str, seeds: list[int], address: Any):
+        trained.append((trial, seeds))
+        record = json.loads((folder.local / "confirm.json").read_text())
+        record[trial] = {str(s): measured[trial][str(s)] for s in seeds}
+        (folder.local / "confirm.json").write_text(json.dumps(record))
+
+    monkeypatch.setattr(driver, "confirm_trial", fake_confirm_trial)
+    spec = read_run(run).spec
+    search = spec.search.model_copy(update={"confirm_seeds": [1, 2]})
+    spec = spec.model_copy(update={"search": search})
+    folder = RunFolder(str(run))
+    summary = driver._confirm_selected(spec, folder, write_report(run), None)
+    assert trained == [("t_a", [1, 2]), ("t_b", [1, 2])] and summary.best == "t_b"
+    out = capsys.readouterr().out
+    assert "trained again with other seeds: t_a, trained with seed 0" in out
+    assert "trained again with other seeds: t_b, trained with seed 0" in out
+    # With one candidate only, t_b is selected without being trained again, and that is said.
+    (run / "confirm.json").write_text(json.dumps(confirm))
+    trained.clear()
+    one = search.model_copy(update={"confirm_candidates": 1})
+    spec = spec.model_copy(update={"search": one})
+    summary = driver._confirm_selected(spec, folder, write_report(run), None)
+    assert trained == [("t_a", [1, 2])] and summary.best == "t_b"
+    assert "selected: t_b, not trained with other seeds: the 1 selected before it broke" in (
+        capsys.readouterr().out
+    )
 
 
 def test_confirm_refuses_bad_seeds_and_trials_before_it_trains(
