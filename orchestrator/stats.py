@@ -204,3 +204,29 @@ def ratio_upper_bound(
     the upper end of the two-sided interval at ``2 * confidence - 1``."""
     interval = ratio_interval(metrics, prefix, 2 * confidence - 1)
     return None if interval is None else interval[1]
+
+
+def pooled_over_seeds(
+    losses: list[float], bounds: list[float], confidence: float
+) -> tuple[float, float]:
+    """One recipe trained with several seeds, each run's loss (accuracy drop, perplexity
+    increase) measured on the same evaluation examples with its one-sided upper bound at
+    ``confidence``: the mean loss over the runs (what the recipe costs, whichever seed trains
+    it) and its one-sided upper bound at ``confidence``.
+
+    A normal approximation. Each run's standard error is read back from its bound
+    (``(bound - loss) / z``). The runs share their examples, so their sampling errors are taken
+    as fully correlated: the mean's sampling error is the runs' mean standard error, not that
+    over the square root of the runs (the conservative side). The seeds' own spread adds its
+    sample variance over the number of runs. With two or three runs that spread is itself
+    rough; more seeds tighten the bound, never widen it on average."""
+    k = len(losses)
+    if k < 2 or len(bounds) != k:
+        raise ValueError(f"need a bound for each of at least 2 runs, got {k} and {len(bounds)}")
+    if not 0.5 < confidence < 1.0:
+        raise ValueError(f"a one-sided confidence must be in (0.5, 1), got {confidence}")
+    z = NormalDist().inv_cdf(confidence)
+    mean = sum(losses) / k
+    sampling = sum((b - loss) / z for loss, b in zip(losses, bounds, strict=True)) / k
+    spread = sum((loss - mean) ** 2 for loss in losses) / (k - 1)
+    return mean, mean + z * math.sqrt(sampling**2 + spread / k)

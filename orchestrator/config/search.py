@@ -577,15 +577,15 @@ class SearchConfig(ConfigModel):
         default_factory=list,
         description="after the search, train the selected recipe again with each of these "
         "train.seed values (the selection's interval covers the evaluation's noise, not the "
-        "recipe's own training); one that breaks the constraints on validation with any of "
-        "them is passed over and the next selected is trained again, up to confirm_candidates "
-        "recipes; each seed costs about one trial",
+        "recipe's own training); one whose validation loss pooled over its runs breaks the "
+        "quality constraint is passed over and the next selected is trained again, up to "
+        "confirm_candidates recipes; each seed costs about one trial",
     )
     confirm_candidates: int = Field(
         default=2,
         ge=1,
         description="with confirm_seeds: how many selected recipes, one after another, are "
-        "trained again at most until one stays within the constraints with every seed",
+        "trained again at most until one stays within the constraint over its seeds",
     )
     baseline: BaselineConfig = BaselineConfig()
 

@@ -11,9 +11,11 @@ values and record each run's final metrics in ``confirm.json`` of the run direct
 
 Here each run becomes a row of the results table (the same columns, judged by the same rules
 as the trials: ``table.build_table``), beside the trial's own run, and ``Confirmation`` counts
-the seeds with which the constraint held on validation and on test. A trial that broke the
-constraints on validation with any seed is ``confirmed`` false in the results table and never
-selected (``table.best_trial``); test never decides.
+the seeds with which the constraint held on validation and on test. The runs' validation
+losses are pooled (``stats.pooled_over_seeds``: their mean and a one-sided bound that counts
+the seeds' spread besides the evaluation's noise); a trial whose pooled bound (its mean, without
+a confidence) breaks the quality constraint is ``confirmed`` false in the results table and
+never selected (``table.best_trial``). Test never decides.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config.search import SearchConfig
-from orchestrator.results.quality import Quality, quality_of
+from orchestrator.results.quality import DEFAULT_CONFIDENCE, Quality, quality_of
 from orchestrator.results.table import build_table
+from orchestrator.stats import pooled_over_seeds
 
 CONFIRM = "confirm.json"
 CONFIRM_DIR = "confirm"  # the runs' own folders: confirm/<trial>-seed<S>
@@ -56,32 +59,46 @@ def read_confirm(run_dir: str | Path, notes: list[str] | None = None) -> dict[st
 @dataclass
 class Confirmation:
     """A trial and its runs with other seeds: ``rows`` are results-table rows (``build_table``)
-    with a ``seed`` key, the trial's own run first."""
+    with a ``seed`` key, the trial's own run first. ``limit``: the quality constraint (None:
+    the search sets none); ``confidence``: the search's (None: the point estimate decides)."""
 
     trial: str
     rows: list[dict[str, Any]]
     quality: Quality
-    limit: float | None  # the quality constraint (None: the search sets none)
+    limit: float | None
+    confidence: float | None
 
     @property
     def done(self) -> list[dict[str, Any]]:
         return [r for r in self.rows if r["status"] == "done"]
 
-    @property
-    def held(self) -> bool | None:
-        """Whether the trial stayed within the constraints (on validation, the selection's own
-        rule) with every seed: False as soon as one run broke them, None while a run failed."""
-        feasible = [r.get("feasible") for r in self.rows]
-        if False in feasible:
-            return False
-        return True if all(feasible) else None
-
     def count(self, column: str) -> int:
         return sum(bool(r.get(column)) for r in self.done)
 
+    def pooled(self) -> tuple[float, float] | None:
+        """The validation loss over the finished runs and its pooled one-sided bound
+        (``stats.pooled_over_seeds``, at the search's confidence, else 95 %); None with fewer
+        than two runs that report one."""
+        q, level = self.quality, self.confidence or DEFAULT_CONFIDENCE
+        pairs = [(q.loss(r, None, "eval")[0], q.bound(r, level)) for r in self.done]
+        pairs = [(loss, b) for loss, b in pairs if loss is not None and b is not None]
+        if len(pairs) < 2:
+            return None
+        return pooled_over_seeds([p[0] for p in pairs], [p[1] for p in pairs], level)
+
+    @property
+    def held(self) -> bool | None:
+        """Whether the recipe is within the quality constraint over its seeds: the pooled
+        bound (with a confidence; else the mean loss) at most the limit. None without a
+        constraint, while a run failed, or with no other seed's run yet."""
+        pooled = self.pooled()
+        if self.limit is None or pooled is None or len(self.done) < len(self.rows):
+            return None
+        return pooled[1 if self.confidence else 0] <= self.limit + 1e-12
+
     def text(self) -> str:
-        """In words: the seeds, in how many of them the constraint held on validation and on
-        test, and the spread of the test loss over them."""
+        """In words: the seeds; the validation loss over them, its pooled bound and whether
+        that is within the constraint; the test loss's mean and range."""
         q, done = self.quality, self.done
         again = ", ".join(str(r["seed"]) for r in self.rows[1:])
         out = (
@@ -91,17 +108,24 @@ class Confirmation:
         failed = len(self.rows) - len(done)
         if failed:
             out += f" ({failed} run{'s' if failed > 1 else ''} failed)"
-        if self.limit is not None and done:
+        pooled = self.pooled()
+        if pooled is not None:
+            level = self.confidence or DEFAULT_CONFIDENCE
             out += (
-                f": within the constraint on validation with {self.count('feasible')} of "
-                f"{len(done)} seeds, on test with {self.count('held_on_test')} of {len(done)}"
+                f": validation {q.words} {100 * pooled[0]:+.2f} {q.unit} over the {len(done)} "
+                f"runs, pooled one-sided {level:.0%} bound {100 * pooled[1]:+.2f}"
             )
+            if self.held is not None:
+                verdict = "within the constraint" if self.held else "not within the constraint"
+                out += f": {verdict} ({self.count('feasible')} of {len(done)} runs alone)"
         losses = [r[f"test_{q.column}"] for r in done if r.get(f"test_{q.column}") is not None]
         if len(losses) > 1:
             out += (
                 f"; test {q.held_words} {100 * statistics.mean(losses):+.2f} {q.unit} on "
                 f"average ({100 * min(losses):+.2f} to {100 * max(losses):+.2f})"
             )
+            if self.limit is not None:
+                out += f", within the constraint in {self.count('held_on_test')} of {len(done)}"
         return out
 
 
@@ -133,7 +157,7 @@ def confirmation(
     rows = [{**row, "seed": by_name[row["trial"]]["seed"]} for row in table.to_pylist()]
     rows.sort(key=lambda r: (r["trial"] != record["trial"], r["seed"]))
     q = quality_of(search)
-    return Confirmation(record["trial"], rows, q, q.limit(search))
+    return Confirmation(record["trial"], rows, q, q.limit(search), search.constraints.confidence)
 
 
 def confirmations(

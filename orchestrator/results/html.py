@@ -289,13 +289,13 @@ def _seeds_sentence(best: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     if best.get("confirmed") is None and not passed:
         return ""
     if best.get("confirmed"):
-        text = "Trained again with other seeds, it stayed within the constraints with every one"
+        text = "Trained again with other seeds, it is within the constraint over them"
     else:  # not trained again, or a run of it failed
-        text = "It has no finished runs with other seeds"
+        text = "It is not confirmed over other seeds"
     if passed:
         text += (
-            f"; passed over: {', '.join(passed)}, which broke them when trained again with "
-            "another seed"
+            f"; passed over: {', '.join(passed)}, not within the constraint over the seeds "
+            "it was trained again with"
         )
     return f'<p id="seeds-verdict">{escape(text)} (below).</p>'
 
@@ -387,7 +387,12 @@ def _confirm_section(confirmed: list[Confirmation], q: Quality) -> list[str]:
     out = [
         '<h2 id="confirm-title">Trained again with other seeds</h2>',
         "<p>The same recipe and job, only <code>train.seed</code> changed (the recovery's data "
-        "order and dropout), judged by the same rule as the trials.</p>",
+        "order and dropout), each run judged by the same rule as the trials. The runs' "
+        "validation losses are pooled: their mean, and a one-sided bound that adds the seeds' "
+        "spread to the evaluation's noise (normal approximation; the runs share their "
+        "examples, so their sampling errors are not averaged away). A recipe whose pooled "
+        "bound (without a confidence: its mean) breaks the quality constraint is not "
+        "selected.</p>",
     ]
     head = ["seed", *_metric_head(q), "within the constraint", "violations", "wall s", "error"]
     for c in confirmed:

@@ -303,9 +303,9 @@ def build_table(
     column per metric key, the quality's loss (``accuracy_drop`` or ``perplexity_increase``,
     ``quality.Quality``) with its interval for validation and test, ``feasible`` (null unless
     done), ``violations`` (null when none), ``confirmed`` (the argument's verdict by trial:
-    whether the trial, trained again with other seeds, stayed within the constraints with every
-    one, ``results.confirm``; null when it was not), ``pareto``, ``best``, ``error``,
-    ``wall_s``."""
+    whether the trial, trained again with other seeds, is within the quality constraint over
+    them, ``results.confirm``; null when it was not trained again), ``pareto``, ``best``,
+    ``error``, ``wall_s``."""
     trials = sorted(trials, key=lambda t: t["trial"])
     configs = [effective_config(t["config"], search) for t in trials]
     keys = metric_keys(trials, search)
@@ -375,8 +375,9 @@ def _rank(value: float | None, mode: str) -> tuple[int, float]:
 def best_trial(table: pa.Table, search: SearchConfig) -> dict[str, Any] | None:
     """The row of the best done, feasible trial on ``search.selection`` (what ``export --best``
     ships), ties broken by the remaining objectives in order, then by name so the pick is
-    stable across re-runs of the report; a trial that broke the constraints when trained with
-    another seed (``confirmed`` false) is passed over. None when no trial is feasible."""
+    stable across re-runs of the report; a trial not within the quality constraint over the
+    seeds it was trained again with (``confirmed`` false) is passed over. None when no trial is
+    feasible."""
     select = search.selection
     others = [o for o in search.objectives if o.metric != select.metric]
     rows = [
@@ -402,7 +403,7 @@ def not_selected_why(row: dict[str, Any], metric: str) -> str:
     if row.get("violations"):
         return row["violations"]
     if row.get("confirmed") is False:
-        return "broke the constraints when trained again with another seed (confirm.json)"
+        return "not within the constraint over the seeds it was trained again with (confirm.json)"
     return f"no {metric}"
 
 

@@ -280,9 +280,9 @@ def _starting_points(
 def _confirm_selected(
     spec: JobSpec, folder: RunFolder, summary: ReportSummary, address: str | None
 ) -> ReportSummary:
-    """``search.confirm_seeds``: the selected trial trained again with each seed; when it
-    breaks the constraints with one, the report selects the next trial, which is trained again
-    in turn, up to ``search.confirm_candidates`` trials (``search.confirm``)."""
+    """``search.confirm_seeds``: the selected trial trained again with each seed; when it is
+    not within the constraint over them, the report selects the next trial, which is trained
+    again in turn, up to ``search.confirm_candidates`` trials (``search.confirm``)."""
     from orchestrator.results import write_run_report
 
     search = spec.search
@@ -296,12 +296,12 @@ def _confirm_selected(
     for line in summary.confirmed:
         print(f"trained again with other seeds: {line}")
     if summary.best is None:
-        why = "no trial is feasible" if not tried else "the trials trained again broke them"
+        why = "no trial is feasible" if not tried else "none trained again held over its seeds"
         print(f"[orchestrator] search.confirm_seeds: no trial is selected ({why})")
     elif summary.best not in tried:
         print(
             f"[orchestrator] selected: {summary.best}, not trained with other seeds: the "
-            f"{len(tried)} selected before it broke the constraints with another seed "
+            f"{len(tried)} selected before it were not within the constraint over their seeds "
             f"(search.confirm_candidates={search.confirm_candidates})"
         )
     return summary

@@ -97,3 +97,23 @@ def test_a_perplexity_interval_at_any_confidence_from_the_reported_one() -> None
         )
     assert ratio_upper_bound(reported, 0.9) == pytest.approx(paired.interval(0.8)[1])
     assert ratio_interval({"eval/perplexity_ratio": 1.1}, "eval") is None
+
+
+def test_pooled_over_seeds() -> None:
+    """The mean over the runs and a bound that adds the seeds' spread to the runs' shared
+    evaluation noise: runs that agree give back their own bound; more runs with the same
+    spread tighten it; the quickstart's selected recipe over its 3 seeds (BENCHMARKS.md)."""
+    from orchestrator.stats import pooled_over_seeds
+
+    assert pooled_over_seeds([0.01, 0.01], [0.02, 0.02], 0.95) == pytest.approx((0.01, 0.02))
+    two = pooled_over_seeds([0.0, 0.01], [0.008, 0.018], 0.95)
+    four = pooled_over_seeds([0.0, 0.01] * 2, [0.008, 0.018] * 2, 0.95)
+    assert two[0] == four[0] == pytest.approx(0.005) and four[1] < two[1]
+    # The shared noise is not averaged away: never below the mean run's own bound.
+    assert four[1] > 0.005 + 0.008
+    mean, bound = pooled_over_seeds([-0.00105, 0.00147, 0.00421], [0.00602, 0.00877, 0.0116], 0.95)
+    assert (round(100 * mean, 2), round(100 * bound, 2)) == (0.15, 0.92)
+    with pytest.raises(ValueError):
+        pooled_over_seeds([0.01], [0.02], 0.95)
+    with pytest.raises(ValueError):
+        pooled_over_seeds([0.01, 0.02], [0.02, 0.03], 0.4)
