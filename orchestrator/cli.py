@@ -128,12 +128,13 @@ def _run_dir_command(args: argparse.Namespace) -> int:
     except StorageError as e:
         raise unreachable("RUN_DIR", args.run_dir, e, source="run directory") from None
     failed: list[str] = []
+    spec = None  # the report reads and checks the run's job itself
     if args.command == "confirm":
         from orchestrator.search.confirm import confirm_command
 
-        failed = confirm_command(folder, args.trial, args.seeds, args.address)
+        failed, spec = confirm_command(folder, args.trial, args.seeds, args.address)
     if args.command in ("report", "confirm"):
-        summary = results.write_run_report(folder)
+        summary = results.write_run_report(folder, spec=spec)
         import pyarrow.parquet as pq
 
         table = pq.read_table(folder.local / "results.parquet")

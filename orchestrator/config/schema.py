@@ -14,13 +14,8 @@ from pydantic_core import PydanticCustomError
 
 from orchestrator.config.base import ConfigModel, cross_field_error
 from orchestrator.config.compress import CompressConfig
-from orchestrator.config.search import SearchConfig
+from orchestrator.config.search import SearchConfig, confirm_seeds_problem
 from orchestrator.storage import check_uri, is_uri
-
-
-def _other_seeds(seed: int, n: int = 2) -> list[int]:
-    """``n`` seeds other than ``seed`` (an error's example of what to give)."""
-    return [s for s in range(n + 1) if s != seed][:n]
 
 
 def _storage_location(value: str | None) -> str | None:
@@ -456,14 +451,16 @@ class JobSpec(ConfigModel):
                         "compress.prune.method=structured",
                     )
                 )
-        if self.search is not None and self.train.seed in self.search.confirm_seeds:
+        seeds = self.search.confirm_seeds if self.search is not None else []
+        if found := confirm_seeds_problem(seeds, self.train.seed):
+            why, others = found
             problems.append(
                 (
                     "search.confirm_seeds",
-                    self.search.confirm_seeds,
-                    f"holds {self.train.seed}, the train.seed every trial already trains with",
-                    "confirm with other seeds, e.g. search.confirm_seeds="
-                    f"[{', '.join(str(s) for s in _other_seeds(self.train.seed))}]",
+                    seeds,
+                    why,
+                    "list other seeds, each once, e.g. search.confirm_seeds="
+                    f"[{', '.join(map(str, others))}]",
                 )
             )
         if (

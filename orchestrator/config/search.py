@@ -509,6 +509,23 @@ class BaselineConfig(ConfigModel):
     )
 
 
+def confirm_seeds_problem(seeds: list[int], own: int) -> tuple[str, list[int]] | None:
+    """Why ``seeds`` cannot train again a recipe trained with ``train.seed`` = ``own`` (it holds
+    ``own`` itself, a seed twice or a negative one) and seeds to give instead; None when they
+    can. One rule for the job's ``search.confirm_seeds`` and ``orchestrator confirm --seeds``."""
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if own in seeds:
+        why = f"holds {own}, the recipe's own train.seed: that run is the trial itself"
+    elif repeated:
+        why = f"gives seed {repeated[0]} more than once: the same seed trains the same model again"
+    elif min(seeds, default=0) < 0:
+        why = "holds a negative seed; train.seed is 0 or more"
+    else:
+        return None
+    others = [s for s in dict.fromkeys(seeds) if s != own and s >= 0]
+    return why, others or [s for s in range(3) if s != own][:2]
+
+
 class SearchConfig(ConfigModel):
     """Ray Tune over dotted job keys; each trial compresses, recovers, evaluates, measures."""
 
@@ -619,17 +636,6 @@ class SearchConfig(ConfigModel):
         for key, dist in self.space.items():
             problems += _per_layer_problems(key, dist, self.algorithm, self.samples)
         problems += _points_problems(self)
-        repeated = sorted({s for s in self.confirm_seeds if self.confirm_seeds.count(s) > 1})
-        if repeated:
-            problems.append(
-                (
-                    "confirm_seeds",
-                    self.confirm_seeds,
-                    f"gives seed {repeated[0]} more than once: the same seed trains the same "
-                    "model again",
-                    "list each seed once, e.g. search.confirm_seeds=[1, 2]",
-                )
-            )
         # Not "set": a dumped job writes every default out, and reads back valid.
         default = type(self).model_fields["confirm_candidates"].default
         if self.confirm_candidates != default and not self.confirm_seeds:

@@ -91,7 +91,9 @@ class Confirmation:
         """Whether the recipe is within the quality constraint over its seeds: the pooled
         bound (with a confidence; else the mean loss) at most the limit. None without a
         constraint, while a run failed, or with no other seed's run yet."""
-        pooled = self.pooled()
+        return self._held(self.pooled())
+
+    def _held(self, pooled: tuple[float, float] | None) -> bool | None:
         if self.limit is None or pooled is None or len(self.done) < len(self.rows):
             return None
         return pooled[1 if self.confidence else 0] <= self.limit + 1e-12
@@ -115,8 +117,9 @@ class Confirmation:
                 f": validation {q.words} {100 * pooled[0]:+.2f} {q.unit} over the {len(done)} "
                 f"runs, pooled one-sided {level:.0%} bound {100 * pooled[1]:+.2f}"
             )
-            if self.held is not None:
-                verdict = "within the constraint" if self.held else "not within the constraint"
+            held = self._held(pooled)
+            if held is not None:
+                verdict = "within the constraint" if held else "not within the constraint"
                 out += f": {verdict} ({self.count('feasible')} of {len(done)} runs alone)"
         losses = [r[f"test_{q.column}"] for r in done if r.get(f"test_{q.column}") is not None]
         if len(losses) > 1:

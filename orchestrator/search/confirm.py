@@ -18,6 +18,7 @@ from typing import Any
 from orchestrator import launch
 from orchestrator.config.loader import read_yaml, validate_job
 from orchestrator.config.schema import JobSpec
+from orchestrator.config.search import confirm_seeds_problem
 from orchestrator.errors import ConfigError, Problem, RunError
 from orchestrator.results.confirm import CONFIRM, CONFIRM_DIR, read_confirm
 from orchestrator.results.table import TRIALS
@@ -68,30 +69,22 @@ def confirm_trial(
 
 def confirm_command(
     folder: RunFolder, trial: str | None, seeds: list[int], address: str | None = None
-) -> list[str]:
+) -> tuple[list[str], JobSpec]:
     """``orchestrator confirm``: check the run, the trial (default: the selected one; it must
     have finished) and the seeds before Ray starts, then ``confirm_trial``. Returns the seeds
-    whose run failed."""
+    whose run failed, and the run's job (read and checked once, for its report)."""
     from orchestrator.results import read_run
     from orchestrator.results.export import finished_trial
 
     run = read_run(folder.local)
     name, _ = finished_trial(run, trial, "confirm", "so there is no result to compare with")
-    own = run.spec.train.seed
-    again = sorted({s for s in seeds if seeds.count(s) > 1})
-    if own in seeds or again or min(seeds) < 0:
-        why = (
-            f"holds {own}, the train.seed the trial was trained with"
-            if own in seeds
-            else f"gives seed {again[0]} more than once"
-            if again
-            else "holds a negative seed; train.seed is 0 or more"
-        )
-        others = [s for s in dict.fromkeys(seeds) if s != own and s >= 0] or [own + 1]
+    found = confirm_seeds_problem(seeds, run.spec.train.seed)
+    if found:
+        why, others = found
         fix = f"give other seeds, each once, e.g. --seeds {' '.join(map(str, others))}"
         raise _error("--seeds", seeds, why, fix)
     runs = confirm_trial(folder, name, seeds, address)
-    return [str(s) for s in seeds if runs[str(s)]["status"] != "done"]
+    return [str(s) for s in seeds if runs[str(s)]["status"] != "done"], run.spec
 
 
 def _error(key: str, value: Any, message: str, fix: str) -> ConfigError:

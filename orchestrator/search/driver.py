@@ -286,15 +286,19 @@ def _confirm_selected(
     from orchestrator.results import write_run_report
 
     search = spec.search
+    shown = summary.confirmed  # already printed under the Pareto table (a resumed search)
     tried: list[str] = []
-    while summary.best is not None and summary.best not in tried:
-        if len(tried) == search.confirm_candidates:
-            break
+    while (
+        summary.best is not None
+        and summary.best not in tried
+        and len(tried) < search.confirm_candidates
+    ):
         tried.append(summary.best)
         confirm_trial(folder, summary.best, search.confirm_seeds, address)
         summary = write_run_report(folder, running=False, spec=spec)
     for line in summary.confirmed:
-        print(f"trained again with other seeds: {line}")
+        if line not in shown:
+            print(f"trained again with other seeds: {line}")
     if summary.best is None:
         why = "no trial is feasible" if not tried else "none trained again held over its seeds"
         print(f"[orchestrator] search.confirm_seeds: no trial is selected ({why})")

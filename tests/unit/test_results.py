@@ -817,8 +817,8 @@ def test_confirm_refuses_bad_seeds_and_trials_before_it_trains(
     run = _write_run(tmp_path, _trials())
     before = sorted(p.name for p in run.iterdir())
     cases = [
-        (["--seeds", "0", "1"], "--seeds = [0, 1]: holds 0, the train.seed the trial was"),
-        (["--seeds", "1", "1"], "gives seed 1 more than once. Fix: give other seeds, each once"),
+        (["--seeds", "0", "1"], "--seeds = [0, 1]: holds 0, the recipe's own train.seed"),
+        (["--seeds", "1", "1"], "same model again. Fix: give other seeds, each once"),
         (["--seeds", "-1"], "holds a negative seed"),
         (["--seeds", "1", "--trial", "t_zz"], "--trial = 't_zz': no such trial in the run"),
         (["--seeds", "1", "--trial", "t_e"], "is running, not done, so there is no result"),

@@ -192,7 +192,7 @@ def test_each_distribution_kind(text: str, kind: str) -> None:
             "is not a whole number",
         ),
         (("search.confirm_seeds=[1, 2, 1]",), "search.confirm_seeds", "gives seed 1 more than"),
-        (("search.confirm_seeds=[0, 1]",), "search.confirm_seeds", "holds 0, the train.seed"),
+        (("search.confirm_seeds=[0, 1]",), "search.confirm_seeds", "holds 0, the recipe's own"),
         (("search.confirm_seeds=[-1]",), "search.confirm_seeds.0", "greater than or equal to 0"),
         (("search.max_failures=-2",), "search.max_failures", "greater than or equal to -1"),
         (("search.max_failures=x",), "search.max_failures", "valid integer"),
