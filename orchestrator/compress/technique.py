@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,7 +130,7 @@ class Step:
         return cls(technique_config(raw["stage"], raw["config"]), dict(raw.get("entry") or {}))
 
 
-class Technique:
+class Technique(ABC):
     """Base of the handlers; see the module docstring for what each method owns."""
 
     config_type: ClassVar[type[TechniqueConfig]]
@@ -160,11 +161,13 @@ class Technique:
         """Module types ``include`` / ``exclude`` select among for ``cfg``."""
         return self.module_types
 
+    @abstractmethod
     def apply_(self, model: nn.Module, cfg: TechniqueConfig, ctx: Context) -> Applied:
-        raise NotImplementedError
+        """Change ``model`` in place as ``cfg`` says; what changed, for the manifest."""
 
     def rebuild_(self, model: nn.Module, cfg: TechniqueConfig, entry: dict[str, Any]) -> None:
         """Nothing to rebuild by default (the weights alone carry the change)."""
+        return None
 
     def to_inference_(self, model: nn.Module, cfg: TechniqueConfig) -> list[ModuleRow]:
         """The training form is the inference form by default."""
@@ -195,8 +198,10 @@ class Technique:
         distillation matches them); None: it keeps them all."""
         return None
 
+    @abstractmethod
     def note(self, cfg: TechniqueConfig) -> str:
-        raise NotImplementedError
+        """In words, what ``cfg`` does to the model's bytes and latency (the compress
+        report's note)."""
 
 
 _HANDLERS: dict[type[TechniqueConfig], Technique] = {}

@@ -108,113 +108,123 @@ class ReportSchedule:
 
 
 def record_trials(run_dir: RunFolder, spec: JobSpec) -> Any:
-    """The Tune callback that keeps the records and the report."""
+    """The Tune callback that keeps the records and the report (``TrialRecords``); Ray is
+    imported only here, when a search starts."""
     from ray import tune
 
-    from orchestrator.results import write_run_report
+    class RecordTrials(TrialRecords, tune.Callback):
+        pass
 
-    keys = list(spec.search.space)
+    return RecordTrials(run_dir, spec)
 
-    class RecordTrials(tune.Callback):
-        def __init__(self) -> None:
-            self.records: dict[str, dict[str, Any]] = {}
-            self.schedule = ReportSchedule()
-            self.total = space_lib.num_trials(spec.search)
-            self.baseline: dict[str, float] | None = None
 
-        def setup(self, **info: Any) -> None:
-            # The records of a resumed search's earlier trials, read once when the experiment
-            # starts (not when this callback is made: a resumed experiment unpickles the one
-            # its first start made); from here on the driver, their only writer, keeps them in
-            # memory.
-            self.records = {t["trial"]: t for t in load_trials(run_dir.local)}
+class TrialRecords:
+    """Tune's trial events -> ``trial.json`` records, a line on the terminal per trial, and the
+    report rebuilt on ``ReportSchedule``. The driver is the records' only writer."""
 
-        def _progress(self) -> str:
-            ended = sum(r.get("status") != "running" for r in self.records.values())
-            return f"({ended} of {self.total})"
+    def __init__(self, run_dir: RunFolder, spec: JobSpec) -> None:
+        self.run_dir, self.spec = run_dir, spec
+        self.records: dict[str, dict[str, Any]] = {}
+        self.schedule = ReportSchedule()
+        self.total = space_lib.num_trials(spec.search)
+        self.baseline: dict[str, float] | None = None
 
-        def _record(self, trial: Any, status: str, **extra: Any) -> None:
-            name = str(trial)  # the trial_name_creator's name
-            old = self.records.get(name, {})
-            if old.get("status") == "done":
-                return  # finished before a resume: its record stands as it was
-            sampled = sampled_values(spec.search.space, trial.config)
-            record = {
-                "trial": name,
-                "status": status,
-                "config": {k: sampled.get(k) for k in keys},
-                "metrics": old.get("metrics", {}),
-                "error": None,
-                "artifact": None,
-                "wall_s": old.get("wall_s"),
-                "started": old.get("started", time.time()),
-            }
-            record.update(extra)
-            write_trial(run_dir, record)
-            self.records[name] = record
+    def setup(self, **info: Any) -> None:
+        # The records of a resumed search's earlier trials, read once when the experiment
+        # starts (not when this callback is made: a resumed experiment unpickles the one its
+        # first start made); from here on the driver, their only writer, keeps them in memory.
+        self.records = {t["trial"]: t for t in load_trials(self.run_dir.local)}
 
-        def _wall(self, name: str) -> float:
-            return time.time() - self.records.get(name, {}).get("started", time.time())
+    def _progress(self) -> str:
+        ended = sum(r.get("status") != "running" for r in self.records.values())
+        return f"({ended} of {self.total})"
 
-        def _report(self) -> None:
-            notes: list[str] = []
-            trials = [normalize_record(n, r, notes) for n, r in sorted(self.records.items())]
-            write_run_report(
-                run_dir, running=True, spec=spec, trials=[t for t in trials if t is not None]
-            )
+    def _record(self, trial: Any, status: str, **extra: Any) -> None:
+        name = str(trial)  # the trial_name_creator's name
+        old = self.records.get(name, {})
+        if old.get("status") == "done":
+            return  # finished before a resume: its record stands as it was
+        sampled = sampled_values(self.spec.search.space, trial.config)
+        record = {
+            "trial": name,
+            "status": status,
+            "config": {k: sampled.get(k) for k in self.spec.search.space},
+            "metrics": old.get("metrics", {}),
+            "error": None,
+            "artifact": None,
+            "wall_s": old.get("wall_s"),
+            "started": old.get("started", time.time()),
+        }
+        record.update(extra)
+        write_trial(self.run_dir, record)
+        self.records[name] = record
 
-        def _trial_ended(self) -> None:
-            self.schedule.dirty = True
-            if self.schedule.due():
-                self.schedule.run(self._report)
+    def _wall(self, name: str) -> float:
+        return time.time() - self.records.get(name, {}).get("started", time.time())
 
-        def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
-            if self.schedule.due():
-                self.schedule.run(self._report)
+    def _report(self) -> None:
+        from orchestrator.results import write_run_report
 
-        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            if self.records.get(str(trial), {}).get("status") != "done":
-                _say(started_line(str(trial), trial.config, spec.search))
-            self._record(trial, "running", started=time.time())
+        notes: list[str] = []
+        trials = [normalize_record(n, r, notes) for n, r in sorted(self.records.items())]
+        write_run_report(
+            self.run_dir, running=True, spec=self.spec, trials=[t for t in trials if t is not None]
+        )
 
-        def on_trial_result(
-            self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
-        ) -> None:
-            self._record(trial, "running", metrics=numbers(result))
+    def _trial_ended(self) -> None:
+        self.schedule.dirty = True
+        if self.schedule.due():
+            self.schedule.run(self._report)
 
-        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            name = str(trial)
-            rel = f"{TRIALS}/{name}"
-            wall = self._wall(name)
-            # Written by the trial, maybe on another node (the report reads the selected
-            # trial's compress report for its allocation heatmap).
-            run_dir.pull(f"{rel}/metrics.json")
-            run_dir.pull(f"{rel}/compress_report.json")
-            final = run_dir.local / rel / "metrics.json"
-            if final.is_file() and run_dir.exists(f"{rel}/{ARTIFACT}"):
-                metrics = numbers(json.loads(final.read_text()))
-                last = trial.last_result or {}
-                metrics.update({k: float(last[k]) for k in (FIT_S, TRIAL_FN_S) if k in last})
-                self._record(trial, "done", metrics=metrics, artifact=ARTIFACT, wall_s=wall)
-                if self.baseline is None:  # written before the first trial started
-                    self.baseline = load_baseline(run_dir.local)
-                line = finished_line(name, metrics, spec.search, self.baseline, self._progress())
-            else:
-                # Ended without its final artifact: the scheduler stopped it early.
-                last = numbers(trial.last_result or {})
-                self._record(trial, "stopped", metrics=last, wall_s=wall)
-                step = last.get("train/step")
-                at = "" if step is None else f" at step {step:.0f}"
-                line = f"trial {name} stopped early by the scheduler{at} {self._progress()}"
-            _say(line)
-            self._trial_ended()
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if self.schedule.due():
+            self.schedule.run(self._report)
 
-        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            wall = self._wall(str(trial))
-            error = error_text(trial)
-            self._record(trial, "error", error=error, wall_s=wall)
-            last = error.strip().splitlines()[-1] if error.strip() else "see the log above"
-            _say(f"trial {trial} failed {self._progress()}: {last}")
-            self._trial_ended()
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if self.records.get(str(trial), {}).get("status") != "done":
+            _say(started_line(str(trial), trial.config, self.spec.search))
+        self._record(trial, "running", started=time.time())
 
-    return RecordTrials()
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+    ) -> None:
+        self._record(trial, "running", metrics=numbers(result))
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        name = str(trial)
+        rel = f"{TRIALS}/{name}"
+        wall = self._wall(name)
+        # Written by the trial, maybe on another node (the report reads the selected trial's
+        # compress report for its allocation heatmap).
+        self.run_dir.pull(f"{rel}/metrics.json")
+        self.run_dir.pull(f"{rel}/compress_report.json")
+        final = self.run_dir.local / rel / "metrics.json"
+        if final.is_file() and self.run_dir.exists(f"{rel}/{ARTIFACT}"):
+            _say(self._done(trial, json.loads(final.read_text()), wall))
+        else:
+            # Ended without its final artifact: the scheduler stopped it early.
+            last = numbers(trial.last_result or {})
+            self._record(trial, "stopped", metrics=last, wall_s=wall)
+            step = last.get("train/step")
+            at = "" if step is None else f" at step {step:.0f}"
+            _say(f"trial {name} stopped early by the scheduler{at} {self._progress()}")
+        self._trial_ended()
+
+    def _done(self, trial: Any, final: dict[str, Any], wall: float) -> str:
+        """Record a trial that finished with its artifact; its line for the terminal."""
+        metrics = numbers(final)
+        last = trial.last_result or {}
+        metrics.update({k: float(last[k]) for k in (FIT_S, TRIAL_FN_S) if k in last})
+        self._record(trial, "done", metrics=metrics, artifact=ARTIFACT, wall_s=wall)
+        if self.baseline is None:  # written before the first trial started
+            self.baseline = load_baseline(self.run_dir.local)
+        search = self.spec.search
+        return finished_line(str(trial), metrics, search, self.baseline, self._progress())
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        wall = self._wall(str(trial))
+        error = error_text(trial)
+        self._record(trial, "error", error=error, wall_s=wall)
+        last = error.strip().splitlines()[-1] if error.strip() else "see the log above"
+        _say(f"trial {trial} failed {self._progress()}: {last}")
+        self._trial_ended()

@@ -322,95 +322,106 @@ class Tracker:
 def trial_runs(
     spec: JobSpec, folder: RunFolder, cfg: MlflowConfig, experiment: str, parent: str
 ) -> Any:
-    """The Tune callback: Ray's ``MLflowLoggerCallback`` with the search run as parent, each
-    result sent as one batch, and the trial's own files and final figures logged when it ends.
-    A failure warns once and turns logging off (the search goes on)."""
+    """The Tune callback (``TrialRuns`` on Ray's ``MLflowLoggerCallback``); Ray is imported
+    only here, when a search starts."""
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-    from orchestrator.results.table import (
-        check_constraints,
-        effective_config,
-        load_baseline,
-        recipe,
-    )
+    class TrialRuns(_TrialRuns, MLflowLoggerCallback):
+        pass
 
-    class TrialRuns(MLflowLoggerCallback):
-        def __init__(self) -> None:
-            super().__init__(
-                tracking_uri=cfg.tracking_uri,
-                experiment_name=experiment,
-                tags={"mlflow.parentRunId": parent, ROLE_TAG: "trial"},
+    return TrialRuns(spec, folder, cfg, experiment, parent)
+
+
+class _TrialRuns:
+    """Ray's ``MLflowLoggerCallback`` with the search run as parent, each result sent as one
+    batch, and the trial's own files and final figures logged when it ends. A failure warns
+    once and turns logging off (the search goes on)."""
+
+    def __init__(
+        self, spec: JobSpec, folder: RunFolder, cfg: MlflowConfig, experiment: str, parent: str
+    ) -> None:
+        super().__init__(  # MLflowLoggerCallback's
+            tracking_uri=cfg.tracking_uri,
+            experiment_name=experiment,
+            tags={"mlflow.parentRunId": parent, ROLE_TAG: "trial"},
+        )
+        self._spec, self._folder = spec, folder
+        self.failed: str | None = None
+        self.baseline: dict[str, float] | None = None
+
+    def _guard(self, what: str, fn: Any) -> None:
+        if self.failed is not None:
+            return
+        try:
+            fn()
+        except Exception as e:
+            self.failed = _first_line(e)
+            _say_stopped(what, self.failed, self._folder)
+
+    def setup(self, *args: Any, **kwargs: Any) -> None:
+        # A resumed search unpickles this callback as the first start made it: its search run
+        # is the one the driver just took up (or made anew), as mlflow.json says.
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            state = json.loads((self._folder.local / STATE).read_text())
+            self.tags = {**(self.tags or {}), "mlflow.parentRunId": state["run_id"]}
+        base = super()
+        self._guard("setup", lambda: base.setup(*args, **kwargs))
+
+    def log_trial_start(self, trial: Any) -> None:
+        from orchestrator.results.table import effective_config, recipe
+
+        base = super()
+
+        def start() -> None:
+            base.log_trial_start(trial)
+            shown = effective_config(trial.config, self._spec.search)
+            self._client().set_tag(self._trial_runs[trial], "orchestrator.recipe", recipe(shown))
+
+        self._guard(f"trial {trial} started", start)
+
+    def _client(self) -> Any:
+        return self.mlflow_util._get_client()
+
+    def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
+        def log() -> None:
+            values = numbers(result)
+            step = int(values.get("train/step", result.get("training_iteration", iteration)))
+            _log_batch(self._client(), self._trial_runs[trial], metrics=values, step=step)
+
+        if trial in getattr(self, "_trial_runs", {}):
+            self._guard(f"trial {trial} result", log)
+
+    def log_trial_end(self, trial: Any, failed: bool = False) -> None:
+        if trial in getattr(self, "_trial_runs", {}):
+            self._guard(f"trial {trial} ended", lambda: self._end(trial, failed))
+
+    def _end(self, trial: Any, failed: bool) -> None:
+        """The trial's final figures, whether they meet the constraints (a tag), and its
+        files; then its MLflow run is closed."""
+        from orchestrator.results.table import check_constraints, load_baseline
+
+        run_id = self._trial_runs.pop(trial)
+        client, folder = self._client(), self._folder
+        rel = f"{TRIALS}/{trial}"
+        for name in TRIAL_FILES:
+            folder.pull(f"{rel}/{name}")
+        path = folder.local / rel
+        tags = {"orchestrator.status": "failed" if failed else "stopped"}
+        if (path / "metrics.json").is_file() and not failed:
+            final = numbers(json.loads((path / "metrics.json").read_text()))
+            if self.baseline is None:  # written before the first trial started
+                self.baseline = load_baseline(folder.local)
+            broken = check_constraints(final, self._spec.search, self.baseline)
+            tags = {
+                "orchestrator.status": "done",
+                "orchestrator.feasible": "yes" if not broken else f"no: {broken[0]}",
+            }
+            _log_batch(
+                client, run_id, metrics=final, tags=tags, step=int(final.get("train/step", 0))
             )
-            self.failed: str | None = None
-            self.baseline: dict[str, float] | None = None
-
-        def _guard(self, what: str, fn: Any) -> None:
-            if self.failed is not None:
-                return
-            try:
-                fn()
-            except Exception as e:
-                self.failed = _first_line(e)
-                _say_stopped(what, self.failed, folder)
-
-        def setup(self, *args: Any, **kwargs: Any) -> None:
-            # A resumed search unpickles this callback as the first start made it: its search
-            # run is the one the driver just took up (or made anew), as mlflow.json says.
-            with contextlib.suppress(OSError, ValueError, KeyError):
-                state = json.loads((folder.local / STATE).read_text())
-                self.tags = {**(self.tags or {}), "mlflow.parentRunId": state["run_id"]}
-            self._guard("setup", lambda: super(TrialRuns, self).setup(*args, **kwargs))
-
-        def log_trial_start(self, trial: Any) -> None:
-            def start() -> None:
-                super(TrialRuns, self).log_trial_start(trial)
-                shown = effective_config(trial.config, spec.search)
-                self._client().set_tag(
-                    self._trial_runs[trial], "orchestrator.recipe", recipe(shown)
-                )
-
-            self._guard(f"trial {trial} started", start)
-
-        def _client(self) -> Any:
-            return self.mlflow_util._get_client()
-
-        def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
-            def log() -> None:
-                values = numbers(result)
-                step = int(values.get("train/step", result.get("training_iteration", iteration)))
-                _log_batch(self._client(), self._trial_runs[trial], metrics=values, step=step)
-
-            if trial in getattr(self, "_trial_runs", {}):
-                self._guard(f"trial {trial} result", log)
-
-        def log_trial_end(self, trial: Any, failed: bool = False) -> None:
-            def end() -> None:
-                run_id = self._trial_runs.pop(trial)
-                client = self._client()
-                rel = f"{TRIALS}/{trial}"
-                for name in TRIAL_FILES:
-                    folder.pull(f"{rel}/{name}")
-                path = folder.local / rel
-                tags = {"orchestrator.status": "failed" if failed else "stopped"}
-                if (path / "metrics.json").is_file() and not failed:
-                    final = numbers(json.loads((path / "metrics.json").read_text()))
-                    if self.baseline is None:  # written before the first trial started
-                        self.baseline = load_baseline(folder.local)
-                    broken = check_constraints(final, spec.search, self.baseline)
-                    tags = {
-                        "orchestrator.status": "done",
-                        "orchestrator.feasible": "yes" if not broken else f"no: {broken[0]}",
-                    }
-                    step = int(final.get("train/step", 0))
-                    _log_batch(client, run_id, metrics=final, tags=tags, step=step)
-                else:
-                    _log_batch(client, run_id, tags=tags)
-                for name in TRIAL_FILES:
-                    if (path / name).is_file():
-                        client.log_artifact(run_id, str(path / name))
-                client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
-
-            if trial in getattr(self, "_trial_runs", {}):
-                self._guard(f"trial {trial} ended", end)
-
-    return TrialRuns()
+        else:
+            _log_batch(client, run_id, tags=tags)
+        for name in TRIAL_FILES:
+            if (path / name).is_file():
+                client.log_artifact(run_id, str(path / name))
+        client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")

@@ -212,6 +212,60 @@ class NodeLossRun:
         return "\n".join(self.events)
 
 
+def _start_search(
+    cmd: list[str], env: dict[str, str], cwd: Path
+) -> tuple[subprocess.Popen, queue.Queue[tuple[float, str] | None]]:
+    """Start the search; a thread puts each line of its output on the queue with the time it
+    came, then None when the output ends."""
+    lines: queue.Queue[tuple[float, str] | None] = queue.Queue()
+    proc = subprocess.Popen(
+        cmd,
+        # Ray folds identical lines from several processes into one and prints the count
+        # later ("[repeated 3x across cluster]"): a late copy would read as a new event.
+        env={**env, "RAY_DEDUP_LOGS": "0"},
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+    )
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put((time.monotonic(), line))
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    return proc, lines
+
+
+def _kill_node(
+    node: SecondNode,
+    run: NodeLossRun,
+    step: int,
+    started: float,
+    preempt: bool,
+    restart: bool,
+    rng: random.Random,
+) -> Kill:
+    """Kill ``node`` at the trial's ``step`` (after a preemption notice with ``preempt``) and,
+    with ``restart``, start it again after a seeded 0-3 s; the events go to ``run``."""
+    if preempt:
+        # A notice ahead of the kill, as clouds give (30 s to 2 min): Ray Train's preemption
+        # watcher (polling every 5 s) sees the node draining in time.
+        node.drain_as_preempted(PREEMPTION_NOTICE_S)
+        time.sleep(PREEMPTION_NOTICE_S)
+    kill = Kill(time=node.kill(), last_step=step, preempted=preempt)
+    run.events.append(f"{kill.time - started:7.1f} KILLED the node at step {step}")
+    run.kills.append(kill)
+    if restart:
+        time.sleep(rng.uniform(0, 3))
+        node.start()
+        run.events.append(f"{time.monotonic() - started:7.1f} node started again")
+    return kill
+
+
 def search_with_node_kills(
     cmd: list[str],
     node: SecondNode,
@@ -237,27 +291,8 @@ def search_with_node_kills(
     ``PREEMPTION_NOTICE_S`` after the node was drained as preempted. ``restart=False``: the
     node never comes back."""
     rng = random.Random(seed)
-    lines: queue.Queue[tuple[float, str] | None] = queue.Queue()
     started = time.monotonic()
-    proc = subprocess.Popen(
-        cmd,
-        # Ray folds identical lines from several processes into one and prints the count
-        # later ("[repeated 3x across cluster]"): a late copy would read as a new event.
-        env={**env, "RAY_DEDUP_LOGS": "0"},
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        bufsize=1,
-    )
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.put((time.monotonic(), line))
-        lines.put(None)
-
-    threading.Thread(target=read, daemon=True).start()
+    proc, lines = _start_search(cmd, env, cwd)
     run = NodeLossRun(returncode=-1, wall_s=0.0)
     out: list[str] = []
     trials_started = False
@@ -301,20 +336,7 @@ def search_with_node_kills(
         if threshold is None:
             threshold = base + checkpoint_every + rng.randint(1, checkpoint_every - 1)
         if waiting is None and len(run.kills) < kills and threshold <= step <= max_steps - 5:
-            if preempt:
-                # A notice ahead of the kill, as clouds give (30 s to 2 min): Ray Train's
-                # preemption watcher (polling every 5 s) sees the node draining in time.
-                node.drain_as_preempted(PREEMPTION_NOTICE_S)
-                time.sleep(PREEMPTION_NOTICE_S)
-            kill = Kill(time=node.kill(), last_step=step, preempted=preempt)
-            run.events.append(f"{kill.time - started:7.1f} KILLED the node at step {step}")
-            run.kills.append(kill)
-            waiting = kill
-            if not restart:
-                continue
-            time.sleep(rng.uniform(0, 3))
-            node.start()
-            run.events.append(f"{time.monotonic() - started:7.1f} node started again")
+            waiting = _kill_node(node, run, step, started, preempt, restart, rng)
     proc.wait(timeout=60)
     run.returncode = proc.returncode
     run.wall_s = time.monotonic() - started
