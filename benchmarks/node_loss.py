@@ -113,7 +113,7 @@ def main() -> None:
                     seed=args.seed,
                     env=run_env,
                     cwd=work,
-                    preempt=args.preempt,
+                    preempt=args.kills if args.preempt else 0,
                 )
             finally:
                 node.stop()

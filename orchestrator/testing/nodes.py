@@ -276,7 +276,7 @@ def search_with_node_kills(
     seed: int,
     env: dict[str, str],
     cwd: Path,
-    preempt: bool = False,
+    preempt: int = 0,
     restart: bool = True,
     timeout_s: float = 1500.0,
 ) -> NodeLossRun:
@@ -287,8 +287,8 @@ def search_with_node_kills(
     started or resumed from, so every kill has a checkpoint to resume from and costs the steps
     since it; and at most at step ``max_steps`` - 5, since a kill while a finished trial
     copies its model restarts no training. The trials must run one at a time (their workers
-    span both nodes), with ``train.log_every=1``. ``preempt``: each kill comes
-    ``PREEMPTION_NOTICE_S`` after the node was drained as preempted. ``restart=False``: the
+    span both nodes), with ``train.log_every=1``. ``preempt``: the first ``preempt`` kills
+    come ``PREEMPTION_NOTICE_S`` after the node was drained as preempted. ``restart=False``: the
     node never comes back."""
     rng = random.Random(seed)
     started = time.monotonic()
@@ -336,7 +336,8 @@ def search_with_node_kills(
         if threshold is None:
             threshold = base + checkpoint_every + rng.randint(1, checkpoint_every - 1)
         if waiting is None and len(run.kills) < kills and threshold <= step <= max_steps - 5:
-            waiting = _kill_node(node, run, step, started, preempt, restart, rng)
+            preempted = len(run.kills) < preempt
+            waiting = _kill_node(node, run, step, started, preempted, restart, rng)
     proc.wait(timeout=60)
     run.returncode = proc.returncode
     run.wall_s = time.monotonic() - started
