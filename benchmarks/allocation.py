@@ -160,6 +160,12 @@ def main() -> None:
     levels = args.levels or DEFAULT_LEVELS[family]
     dense = {"model": {"path": str(args.dense)}}
     base = load_job(JOB, {**dense, "compress": {"vocab": None}})
+    # The profile draws its batches from the job's calibration batches: more for the profile
+    # than the job has raises both (the joint check and calibrated methods then use them too).
+    pool = {}
+    if args.calib_batches > base.compress.calib_batches:
+        pool = {"calib_batches": args.calib_batches}
+        base = load_job(JOB, {**dense, "compress": {"vocab": None, **pool}})
     tokenizer = models.build_tokenizer(base.model)
     bundle = data.build(base.data, tokenizer)
     print(
@@ -184,7 +190,7 @@ def main() -> None:
         for allocated in (False, True):
             if not allocated and (args.no_uniform or (family == "bits" and level % 1)):
                 continue
-            compress = {"vocab": None, "prune": None, "quantize": None}
+            compress = {"vocab": None, "prune": None, "quantize": None, **pool}
             compress.update(_stage(family, budget, allocated, args))
             spec = load_job(JOB, {**dense, "compress": compress})
             calib = finalize.calibration_batches(spec, bundle)
