@@ -40,7 +40,7 @@ def search_problems(
     """Problems of ``search`` against ``job`` (the job's raw form);
     ``validate(raw)`` returns the problems of a raw job, empty when it is valid; ``exclusive``:
     the groups of exclusive keys the baseline's overrides replace (see ``apply_overrides``)."""
-    # The jobs as the search builds them: trials start from the dense baseline (a placeholder
+    # The jobs as the search builds them: trials start from the dense baseline (a stand-in
     # path here: where it will be), the baseline is the dense job with its own overrides.
     trials = trial_base(job, search, "baseline/model")
     problems = [

@@ -53,6 +53,8 @@ def _table(model: nn.Module, key: str) -> tuple[str, nn.Embedding]:
     """The model's input embedding table and its name; ConfigError when it has none."""
     try:
         table = model.get_input_embeddings()
+    # transformers' base class raises NotImplementedError for a model that does not say which
+    # module is its input embedding; a plain nn.Module has no such method at all.
     except (AttributeError, NotImplementedError):
         table = None
     if not isinstance(table, nn.Embedding):
