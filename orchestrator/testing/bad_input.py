@@ -1,5 +1,7 @@
 """The table of bad inputs and limits a user can hit when a job meets a cluster (issue #5): each
-case runs the real CLI in a subprocess and records its exit code and error message. The
+case runs the real CLI (``orchestrator.cli.main``) and records its exit code and error message:
+in a process of its own where the case reaches Ray, else in the caller's process (the check
+fails before Ray starts, and a process of its own would spend its seconds importing torch). The
 integration test checks every row; ``benchmarks/faults.py`` prints the table for
 BENCHMARKS.md. Cases that need a small or read-only file system mount a tmpfs, which needs root;
 they are skipped elsewhere."""
@@ -7,6 +9,7 @@ they are skipped elsewhere."""
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -32,6 +35,9 @@ class Case:
     says: tuple[str, ...]  # substrings the error message must contain
     mount: str = ""  # tmpfs options for <work dir>/mnt (root only), e.g. "size=1m"
     run_dir: str = "debug-ddp"  # must not exist after an exit-2 case (nothing half-written)
+    # Runs in a process of its own: it reaches Ray (a caller connected to Ray already, as the
+    # integration tier is, would lend the case its connection) or trains.
+    own_process: bool = False
 
 
 def _cli(verb: str, job: str, *extra: str, env: dict[str, str] | None = None):
@@ -76,24 +82,28 @@ CASES = [
         _unreachable,
         2,
         ("RAY_ADDRESS = '127.0.0.1:", "nothing answers there", "Connection refused"),
+        own_process=True,
     ),
     Case(
         "--address that is not an address",
         _train("--address", "head-node"),
         2,
         ("--address = 'head-node'", "is not a Ray address"),
+        own_process=True,
     ),
     Case(
         "more workers than the cluster has CPUs",
         _train("train.num_workers=8"),
         2,
         ("train.num_workers = 8", "needs 8 CPUs", "the cluster has at most 2"),
+        own_process=True,
     ),
     Case(
         "GPU workers on a cluster without GPUs",
         _train("resources.gpus_per_worker=1"),
         2,
         ("resources.gpus_per_worker = 1", "needs 2 GPUs", "has at most 0"),
+        own_process=True,
     ),
     Case(
         "tracking.mlflow.tracking_uri where no MLflow server runs",
@@ -186,6 +196,7 @@ CASES = [
         # Room for the preflight's estimate (one checkpoint with its optimizer state, 24 MiB)
         # and the step-6 checkpoint, none for the final one and the model copied out of it.
         mount="size=28m",
+        own_process=True,
     ),
 ]
 
@@ -216,18 +227,45 @@ def run_case(case: Case, work: Path, cluster: str, timeout_s: float = 600) -> tu
     """Run one case's CLI command; returns (exit code, the error message on stderr)."""
     args, env = case.command(work, cluster)
     with prepared(case, work):
-        proc = subprocess.run(
-            [sys.executable, "-m", "orchestrator", *args],
-            cwd=work,
-            env={**os.environ, **env},
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-        )
+        if case.own_process:
+            proc = subprocess.run(
+                [sys.executable, "-m", "orchestrator", *args],
+                cwd=work,
+                env={**os.environ, **env},
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
+            )
+            code, stderr = proc.returncode, proc.stderr
+        else:
+            code, stderr = _in_process(args, env, work)
         message = "\n".join(
-            line for line in proc.stderr.splitlines() if line.startswith(("error:", "  - "))
+            line for line in stderr.splitlines() if line.startswith(("error:", "  - "))
         )
         half_written = (work / "mnt" / "runs" / case.run_dir).exists()
-    if proc.returncode == 2 and half_written:
+    if code == 2 and half_written:
         message += "\n(a run directory was written)"
-    return proc.returncode, message or proc.stderr[-3000:]
+    return code, message or stderr[-3000:]
+
+
+def _in_process(args: list[str], env: dict[str, str], work: Path) -> tuple[int, str]:
+    """``orchestrator.cli.main(args)`` in ``work`` with ``env`` set: (exit code, stderr)."""
+    from orchestrator.cli import main
+
+    saved = {k: os.environ.get(k) for k in env}
+    err = io.StringIO()
+    try:
+        os.environ.update(env)
+        with (
+            contextlib.chdir(work),
+            contextlib.redirect_stderr(err),
+            contextlib.redirect_stdout(io.StringIO()),
+        ):
+            code = main(args)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return code, err.getvalue()

@@ -42,7 +42,9 @@ def debug_search(
     """The command of the debug search (``jobs/debug/search.yaml``) that the node-loss test
     and benchmark kill nodes under: 4 DDP workers per trial (2 on each 2-CPU node, so every
     trial spans both and they run one at a time), a progress line every step, both failure
-    budgets ``failures``; its run folder is ``work/runs/name``."""
+    budgets ``failures``; its run folder is ``work/runs/name``. The dense baseline is the job's
+    model evaluated as it is (``search.baseline.train=false``): the kills come in the trials,
+    and a fine-tuning run of its own before them would only lengthen the run."""
     return [
         sys.executable,
         "-m",
@@ -59,6 +61,7 @@ def debug_search(
         f"train.max_failures={failures}",
         f"search.max_failures={failures}",
         f"search.num_samples={trials}",
+        "search.baseline.train=false",
     ]
 
 

@@ -1,5 +1,6 @@
 """Bad input and limits where a job meets a cluster: each row of
-``orchestrator.testing.bad_input.CASES`` through the real CLI against the tier's Ray head: the
+``orchestrator.testing.bad_input.CASES`` through the real CLI against the tier's Ray head (a
+case that reaches Ray in a process of its own, one refused before Ray starts in this one): the
 exit code, an error naming the key or path and the fix, and (exit 2) no run directory written.
 benchmarks/faults.py prints the same table into BENCHMARKS.md."""
 

@@ -74,6 +74,9 @@ def test_submitted_search_writes_its_run_directory(ray_head, tmp_path: Path) -> 
         f"output.dir={out}",
         f"data.cache_dir={tmp_path / 'cache'}",
         "search.num_samples=1",
+        # The baseline evaluated as it is: the trial is the Ray Train run started from the
+        # submitted driver (the search tests show the baseline's own fine-tuning run).
+        "search.baseline.train=false",
     )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-5000:]

@@ -300,34 +300,35 @@ def test_mlflow_holds_the_search_and_a_run_per_trial(search_run: dict) -> None:
     assert "View run" not in search_run["stdout"]  # MLflow's own link per run is turned off
 
 
-def _search_again(search_run: dict, *extra: str) -> subprocess.CompletedProcess:
-    """The module's search command once more (with ``extra`` overrides), to its end."""
-    return subprocess.run(
-        _command(search_run["out"], *extra),
-        cwd=search_run["out"],
-        env=search_run["env"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def _search_again(search_run: dict, capsys: pytest.CaptureFixture, *extra: str) -> tuple[int, str]:
+    """The module's search command once more (with ``extra`` overrides), refused before Ray
+    starts: run in this process (``cli.main``); returns (exit code, stderr)."""
+    args = _command(search_run["out"], *extra)[3:]  # past `python -m orchestrator`
+    capsys.readouterr()
+    code = main(args)
+    return code, capsys.readouterr().err
 
 
-def test_a_deleted_mlflow_experiment_is_refused(search_run: dict) -> None:
+def test_a_deleted_mlflow_experiment_is_refused(
+    search_run: dict, capsys: pytest.CaptureFixture
+) -> None:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(search_run["mlflow"])
     client.delete_experiment(client.create_experiment("gone"))
     out = search_run["out"] / "deleted"
-    proc = _search_again(search_run, "tracking.mlflow.experiment=gone", f"output.dir={out}")
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "tracking.mlflow.experiment = 'gone'" in proc.stderr and "restore" in proc.stderr
+    code, err = _search_again(
+        search_run, capsys, "tracking.mlflow.experiment=gone", f"output.dir={out}"
+    )
+    assert code == 2, err[-2000:]
+    assert "tracking.mlflow.experiment = 'gone'" in err and "restore" in err
     assert not out.exists()
 
 
-def test_same_search_again_needs_resume(search_run: dict) -> None:
-    proc = _search_again(search_run)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "--resume" in proc.stderr
+def test_same_search_again_needs_resume(search_run: dict, capsys: pytest.CaptureFixture) -> None:
+    code, err = _search_again(search_run, capsys)
+    assert code == 2, err[-2000:]
+    assert "--resume" in err
 
 
 def test_report_rebuilds_the_files(search_run: dict, capsys: pytest.CaptureFixture) -> None:
@@ -421,7 +422,8 @@ def test_asha_stops_the_poor_trial_at_its_first_rung(ray_cluster: str, tmp_path:
     """Early stopping end to end: a grid of a sane and a diverging learning rate, validation
     loss every 2 steps, ASHA with rungs at steps 2, 4 and 8. The diverging trial is stopped
     at the first rung (its last result is step 2, its record "stopped"); the sane one runs to
-    the end and ships its artifact."""
+    the end and ships its artifact. The dense baseline is the job's model as it is (no
+    fine-tuning run of its own: the module's first search shows that one)."""
     out = tmp_path
     cmd = _command(
         out,
@@ -437,6 +439,7 @@ def test_asha_stops_the_poor_trial_at_its_first_rung(ray_cluster: str, tmp_path:
         "search.objectives=[{metric: eval/loss, mode: min}]",
         "search.select=null",
         "search.constraints={}",
+        "search.baseline.train=false",
     )
     env = {**os.environ, "RAY_ADDRESS": ray_cluster}
     proc = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=900)
@@ -458,13 +461,15 @@ def test_a_search_whose_every_trial_fails_exits_1(
     """A recipe that cannot apply to the model (more blocks removed than the tiny BERT has,
     which only the model can tell): the trial fails, and with no trial done the search is a
     failed run (exit 1) that shows the trial's error, not a search that found nothing; its
-    MLflow run ends FAILED, its trial's run too."""
+    MLflow run ends FAILED, its trial's run too. The dense baseline is only evaluated, not
+    fine-tuned: the trial fails whatever it starts from."""
     (tmp_path / "mlflow-uri").write_text(mlflow_uri)
     cmd = _command(
         tmp_path,
         "name=debug-fails",
         "search.space={compress.depth: {choice: {five: {method: named, remove: [0, 1, 2, 3, 4]}}}}",
         "search.num_samples=1",
+        "search.baseline.train=false",
     )
     env = {**os.environ, "RAY_ADDRESS": ray_cluster}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
