@@ -253,16 +253,15 @@ def _in_process(args: list[str], env: dict[str, str], work: Path) -> tuple[int, 
     from orchestrator.cli import main
 
     saved = {k: os.environ.get(k) for k in env}
+    cwd = os.getcwd()
     err = io.StringIO()
     try:
         os.environ.update(env)
-        with (
-            contextlib.chdir(work),
-            contextlib.redirect_stderr(err),
-            contextlib.redirect_stdout(io.StringIO()),
-        ):
+        os.chdir(work)
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
             code = main(args)
     finally:
+        os.chdir(cwd)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

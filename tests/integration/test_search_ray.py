@@ -107,7 +107,6 @@ def search_run(ray_cluster: str, mlflow_uri: str, tmp_path_factory: pytest.TempP
         "out": out,
         "before": before,
         "stamps": stamps,
-        "env": env,
         "stdout": resumed.stdout,
         "mlflow": mlflow_uri,
     }
