@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 from orchestrator.testing.distributed import free_port
 
@@ -238,7 +239,7 @@ def run_case(case: Case, work: Path, cluster: str, timeout_s: float = 600) -> tu
             )
             code, stderr = proc.returncode, proc.stderr
         else:
-            code, stderr = _in_process(args, env, work)
+            code, stderr = cli_in_process(args, env, work)
         message = "\n".join(
             line for line in stderr.splitlines() if line.startswith(("error:", "  - "))
         )
@@ -248,23 +249,18 @@ def run_case(case: Case, work: Path, cluster: str, timeout_s: float = 600) -> tu
     return code, message or stderr[-3000:]
 
 
-def _in_process(args: list[str], env: dict[str, str], work: Path) -> tuple[int, str]:
-    """``orchestrator.cli.main(args)`` in ``work`` with ``env`` set: (exit code, stderr)."""
+def cli_in_process(args: list[str], env: dict[str, str], work: Path) -> tuple[int, str]:
+    """``orchestrator.cli.main(args)`` in this process, in ``work`` with ``env`` set (both
+    restored after): (exit code, stderr). For commands refused before Ray starts."""
     from orchestrator.cli import main
 
-    saved = {k: os.environ.get(k) for k in env}
     cwd = os.getcwd()
     err = io.StringIO()
-    try:
-        os.environ.update(env)
-        os.chdir(work)
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            code = main(args)
-    finally:
-        os.chdir(cwd)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with mock.patch.dict(os.environ, env):
+        try:
+            os.chdir(work)
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                code = main(args)
+        finally:
+            os.chdir(cwd)
     return code, err.getvalue()

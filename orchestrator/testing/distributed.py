@@ -23,8 +23,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# Imported once, by the fork server every worker is forked from (see ``run_workers``).
-PRELOAD = ["torch", "torch.distributed", "transformers", "deepspeed", "orchestrator.loop"]
+# Imported once, by the fork server every worker is forked from (see ``run_workers``): the
+# loop brings torch, torch.distributed and transformers; DeepSpeed it imports only when used.
+PRELOAD = ["orchestrator.loop", "deepspeed"]
 
 
 def _entry(

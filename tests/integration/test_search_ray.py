@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from orchestrator.cli import main
+from orchestrator.testing.bad_input import cli_in_process
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -299,33 +300,27 @@ def test_mlflow_holds_the_search_and_a_run_per_trial(search_run: dict) -> None:
     assert "View run" not in search_run["stdout"]  # MLflow's own link per run is turned off
 
 
-def _search_again(search_run: dict, capsys: pytest.CaptureFixture, *extra: str) -> tuple[int, str]:
+def _search_again(search_run: dict, *extra: str) -> tuple[int, str]:
     """The module's search command once more (with ``extra`` overrides), refused before Ray
-    starts: run in this process (``cli.main``); returns (exit code, stderr)."""
+    starts: run in this process; returns (exit code, stderr)."""
     args = _command(search_run["out"], *extra)[3:]  # past `python -m orchestrator`
-    capsys.readouterr()
-    code = main(args)
-    return code, capsys.readouterr().err
+    return cli_in_process(args, {}, search_run["out"])
 
 
-def test_a_deleted_mlflow_experiment_is_refused(
-    search_run: dict, capsys: pytest.CaptureFixture
-) -> None:
+def test_a_deleted_mlflow_experiment_is_refused(search_run: dict) -> None:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(search_run["mlflow"])
     client.delete_experiment(client.create_experiment("gone"))
     out = search_run["out"] / "deleted"
-    code, err = _search_again(
-        search_run, capsys, "tracking.mlflow.experiment=gone", f"output.dir={out}"
-    )
+    code, err = _search_again(search_run, "tracking.mlflow.experiment=gone", f"output.dir={out}")
     assert code == 2, err[-2000:]
     assert "tracking.mlflow.experiment = 'gone'" in err and "restore" in err
     assert not out.exists()
 
 
-def test_same_search_again_needs_resume(search_run: dict, capsys: pytest.CaptureFixture) -> None:
-    code, err = _search_again(search_run, capsys)
+def test_same_search_again_needs_resume(search_run: dict) -> None:
+    code, err = _search_again(search_run)
     assert code == 2, err[-2000:]
     assert "--resume" in err
 
