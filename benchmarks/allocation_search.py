@@ -10,10 +10,11 @@ measure the artifact. The two spaces differ only in how each layer's setting is 
 
 - ``sparsity``: magnitude pruning of every Linear; uniform: ``compress.prune.sparsity`` in
   [lo, hi] for every layer; allocated: the same key as the mean, each layer's sparsity from
-  the measured profile (``compress.prune.allocate``).
+  the measured profile (``compress.prune.allocate``). ``--range`` (default 0.4 0.85).
 - ``bits``: packed weights with fake-quant recovery, 4-bit embedding rows; uniform:
-  ``compress.quantize.bits`` one of 2, 3, 4, 8 for every layer; allocated:
-  ``compress.quantize.allocate.avg_bits`` in [2, 8] (mixed precision).
+  ``compress.quantize.bits`` one of the widths 2, 3, 4, 8 within [lo, hi] for every layer;
+  allocated: ``compress.quantize.allocate.avg_bits`` in [lo, hi] (mixed precision, each layer
+  at 2, 3, 4 or 8). ``--range`` (default 2 8).
 
 Hypervolume is 2-D over (artifact bytes / dense bytes, validation accuracy), reference (1.0,
 chance); the same trials' test accuracy gives a second one. Data: the first 3,000 sentences of
@@ -21,7 +22,7 @@ MR's seeded permutation (900 validation, 900 test, 1,200 for recovery), all from
 model's own test split, so none was trained on.
 
 Run: python benchmarks/allocation_search.py --family sparsity --seeds 0 1 2 --trials 8 \
-       --model /tmp/distill/dense --work /tmp/as
+       --model /tmp/distill/dense --work /tmp/as [--range 0.4 0.85]
 The table of the searches finished in a --work folder (of the seeds given), running nothing:
      python benchmarks/allocation_search.py --family sparsity --table-from /tmp/as
 """
@@ -46,40 +47,36 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from search_efficiency import hypervolume_2d  # noqa: E402
 
-# family -> space -> (the job's compress section, its search space).
-SPACES: dict[str, dict[str, tuple[dict[str, Any], dict[str, Any]]]] = {
-    "sparsity": {
-        "uniform": (
-            {"prune": {"method": "magnitude", "sparsity": 0.5}},
-            {"compress.prune.sparsity": {"uniform": [0.4, 0.85]}},
-        ),
+# The searched key's range per family unless --range says otherwise.
+RANGES = {"sparsity": (0.4, 0.85), "bits": (2.0, 8.0)}
+WIDTHS = [2, 3, 4, 8]
+
+
+def spaces(family: str, lo: float, hi: float) -> dict[str, tuple[dict, dict]]:
+    """space -> (the job's compress section, its search space), the searched key within [lo,
+    hi]: for bits, the uniform space takes the widths in [lo, hi] and the allocated one a mean
+    width in [lo, hi] (its layers may still take any of 2, 3, 4, 8)."""
+    if family == "sparsity":
+        searched = {"compress.prune.sparsity": {"uniform": [lo, hi]}}
+        prune = {"method": "magnitude", "sparsity": 0.5}
+        return {
+            "uniform": ({"prune": prune}, searched),
+            "allocated": ({"prune": {**prune, "allocate": {}}}, searched),
+        }
+    quantize = {"method": "fake", "granularity": "group", "embedding_bits": 4}
+    widths = [w for w in WIDTHS if lo <= w <= hi]
+    return {
+        "uniform": ({"quantize": quantize}, {"compress.quantize.bits": {"choice": widths}}),
         "allocated": (
-            {"prune": {"method": "magnitude", "sparsity": 0.5, "allocate": {}}},
-            {"compress.prune.sparsity": {"uniform": [0.4, 0.85]}},
+            # The job's own value (the search replaces it): 4 bits, or the range's nearest.
+            {"quantize": {**quantize, "allocate": {"avg_bits": min(max(4.0, lo), hi)}}},
+            {"compress.quantize.allocate.avg_bits": {"uniform": [lo, hi]}},
         ),
-    },
-    "bits": {
-        "uniform": (
-            {"quantize": {"method": "fake", "granularity": "group", "embedding_bits": 4}},
-            {"compress.quantize.bits": {"choice": [2, 3, 4, 8]}},
-        ),
-        "allocated": (
-            {
-                "quantize": {
-                    "method": "fake",
-                    "granularity": "group",
-                    "embedding_bits": 4,
-                    "allocate": {"avg_bits": 4.0},
-                }
-            },
-            {"compress.quantize.allocate.avg_bits": {"uniform": [2.0, 8.0]}},
-        ),
-    },
-}
+    }
 
 
 def job(args: argparse.Namespace, space: str, seed: int, out: Path) -> dict[str, Any]:
-    compress, searched = SPACES[args.family][space]
+    compress, searched = spaces(args.family, *args.range)[space]
     return {
         "name": f"{args.family}-{space}-seed{seed}",
         "model": {"path": str(args.model)},
@@ -184,7 +181,7 @@ def print_table(
     wall = f"wall time {wall_min:.1f} min" if wall_min is not None else "printed from the runs"
     print(f"- date: {datetime.date.today().isoformat()}; {os.cpu_count()} CPUs; {wall}")
     print(f"- command: `python {' '.join(sys.argv)}`")
-    for space, (compress, searched) in SPACES[args.family].items():
+    for space, (compress, searched) in spaces(args.family, *args.range).items():
         print(f"- {space}: compress {compress}, search.space {searched}")
     print(
         "- hypervolume over (artifact bytes / dense bytes, validation accuracy), reference "
@@ -208,7 +205,7 @@ def print_table(
         f"{statistics.mean(tests):.3f} +- {tspread:.3f} |"
     )
     for r in rows:
-        for space in SPACES[args.family]:
+        for space in ("uniform", "allocated"):
             print(f"\nseed {r['seed']}, {space}: size / dense, validation, test accuracy")
             for t in sorted(r[space]["trials"], key=lambda t: t["size"]):
                 print(f"    {t['recipe']}: {t['size']:.3f}, {t['eval']:.4f}, {t['test']:.4f}")
@@ -216,7 +213,15 @@ def print_table(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--family", choices=list(SPACES), default="sparsity")
+    ap.add_argument("--family", choices=list(RANGES), default="sparsity")
+    ap.add_argument(
+        "--range",
+        type=float,
+        nargs=2,
+        metavar=("LO", "HI"),
+        default=None,
+        help="the searched key's range (default: sparsity 0.4 0.85, bits 2 8)",
+    )
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--trials", type=int, default=8, help="trial budget of each search")
     ap.add_argument("--steps", type=int, default=40, help="recovery steps of each trial")
@@ -234,12 +239,18 @@ def main() -> None:
         help="a --work folder: print the table of the searches finished there, run nothing",
     )
     args = ap.parse_args()
+    args.range = tuple(args.range or RANGES[args.family])
+    lo, hi = args.range
+    if not lo < hi:
+        ap.error(f"--range {lo} {hi}: LO must be below HI")
+    if args.family == "bits" and len([w for w in WIDTHS if lo <= w <= hi]) < 2:
+        ap.error(f"--range {lo} {hi}: the uniform space needs two of the widths {WIDTHS}")
     if args.table_from is not None:
         rows = []
         for seed in args.seeds:
             runs = {
                 space: args.table_from / "runs" / f"{args.family}-{space}-seed{seed}"
-                for space in SPACES[args.family]
+                for space in ("uniform", "allocated")
             }
             if all((r / "results.parquet").is_file() for r in runs.values()):
                 row = {space: summary(read_trials(r), None) for space, r in runs.items()}
