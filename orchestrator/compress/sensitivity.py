@@ -83,10 +83,22 @@ def _logits(model: nn.Module, batch: Batch) -> torch.Tensor:
     return logits.detach().float().reshape(-1, logits.shape[-1])
 
 
-def _kl(ref_logp: torch.Tensor, logits: torch.Tensor) -> float:
-    """Mean over rows of KL(ref || other), both given as logits / log-probabilities."""
+# How ``_kl`` measures: part of a cached profile's key (2: in float64; 1 was float32).
+KL_VERSION = 2
+
+
+def _kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean over rows of KL(ref || other), both given as logits. In float64: in float32 each
+    log-probability carries a rounding error of about 1e-8 nats, as large as the whole KL of a
+    layer at 8 bits, and the profile could not tell 8 bits from 2 on a model whose outputs
+    move little."""
     return float(
-        F.kl_div(F.log_softmax(logits, -1), ref_logp, log_target=True, reduction="batchmean")
+        F.kl_div(
+            F.log_softmax(logits.double(), -1),
+            F.log_softmax(ref_logits.double(), -1),
+            log_target=True,
+            reduction="batchmean",
+        )
     )
 
 
@@ -102,7 +114,9 @@ def _digest(
     technique's change included), the calibration batches, the layers, the settings and
     ``recipe`` (how a setting changes a weight)."""
     h = hashlib.blake2b(digest_size=20)
-    h.update(json.dumps([[n for n, _ in layers], setting, list(values), recipe]).encode())
+    # KL_VERSION: profiles measured before the KL was taken in float64 are not read back.
+    key = [[n for n, _ in layers], setting, list(values), recipe, KL_VERSION]
+    h.update(json.dumps(key).encode())
     h.update(tensors_digest(model.state_dict()).encode())
     h.update(batches_digest(batches).encode())
     return h.hexdigest()
@@ -337,8 +351,8 @@ def joint_kl(
 
 
 def _references(model: nn.Module, batches: Sequence[Batch]) -> list[torch.Tensor]:
-    """The unchanged model's log-probabilities on ``batches``."""
-    return [F.log_softmax(_logits(model, b), -1) for b in batches]
+    """The unchanged model's logits on ``batches`` (float32; ``_kl`` takes them to float64)."""
+    return [_logits(model, b) for b in batches]
 
 
 def _joint_kl(
