@@ -50,6 +50,12 @@ from search_efficiency import hypervolume_2d  # noqa: E402
 # The searched key's range per family unless --range says otherwise.
 RANGES = {"sparsity": (0.4, 0.85), "bits": (2.0, 8.0)}
 WIDTHS = [2, 3, 4, 8]
+SPACE_NAMES = ("uniform", "allocated")
+
+
+def uniform_widths(lo: float, hi: float) -> list[int]:
+    """The bit widths the uniform space takes within [lo, hi]."""
+    return [w for w in WIDTHS if lo <= w <= hi]
 
 
 def spaces(family: str, lo: float, hi: float) -> dict[str, tuple[dict, dict]]:
@@ -64,9 +70,11 @@ def spaces(family: str, lo: float, hi: float) -> dict[str, tuple[dict, dict]]:
             "allocated": ({"prune": {**prune, "allocate": {}}}, searched),
         }
     quantize = {"method": "fake", "granularity": "group", "embedding_bits": 4}
-    widths = [w for w in WIDTHS if lo <= w <= hi]
     return {
-        "uniform": ({"quantize": quantize}, {"compress.quantize.bits": {"choice": widths}}),
+        "uniform": (
+            {"quantize": quantize},
+            {"compress.quantize.bits": {"choice": uniform_widths(lo, hi)}},
+        ),
         "allocated": (
             # The job's own value (the search replaces it): 4 bits, or the range's nearest.
             {"quantize": {**quantize, "allocate": {"avg_bits": min(max(4.0, lo), hi)}}},
@@ -205,7 +213,7 @@ def print_table(
         f"{statistics.mean(tests):.3f} +- {tspread:.3f} |"
     )
     for r in rows:
-        for space in ("uniform", "allocated"):
+        for space in SPACE_NAMES:
             print(f"\nseed {r['seed']}, {space}: size / dense, validation, test accuracy")
             for t in sorted(r[space]["trials"], key=lambda t: t["size"]):
                 print(f"    {t['recipe']}: {t['size']:.3f}, {t['eval']:.4f}, {t['test']:.4f}")
@@ -243,14 +251,14 @@ def main() -> None:
     lo, hi = args.range
     if not lo < hi:
         ap.error(f"--range {lo} {hi}: LO must be below HI")
-    if args.family == "bits" and len([w for w in WIDTHS if lo <= w <= hi]) < 2:
+    if args.family == "bits" and len(uniform_widths(lo, hi)) < 2:
         ap.error(f"--range {lo} {hi}: the uniform space needs two of the widths {WIDTHS}")
     if args.table_from is not None:
         rows = []
         for seed in args.seeds:
             runs = {
                 space: args.table_from / "runs" / f"{args.family}-{space}-seed{seed}"
-                for space in ("uniform", "allocated")
+                for space in SPACE_NAMES
             }
             if all((r / "results.parquet").is_file() for r in runs.values()):
                 row = {space: summary(read_trials(r), None) for space, r in runs.items()}
@@ -266,7 +274,7 @@ def main() -> None:
         rows = []
         for seed in args.seeds:
             row: dict[str, Any] = {"seed": seed}
-            for space in ("uniform", "allocated"):
+            for space in SPACE_NAMES:
                 t0 = time.perf_counter()
                 trials = run_search(job(args, space, seed, work / "runs"), work)
                 row[space] = summary(trials, (time.perf_counter() - t0) / 60)

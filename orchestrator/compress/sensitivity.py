@@ -351,7 +351,10 @@ def joint_kl(
 
 
 def _references(model: nn.Module, batches: Sequence[Batch]) -> list[torch.Tensor]:
-    """The unchanged model's logits on ``batches`` (float32; ``_kl`` takes them to float64)."""
+    """The unchanged model's logits on ``batches`` (float32; ``_kl`` takes them to float64).
+    ``_kl`` redoes their log-softmax at each call, a small cost beside the forward pass it
+    follows; float64 log-probabilities kept for every batch would double this memory, which
+    on a 49k-token vocabulary is hundreds of MB."""
     return [_logits(model, b) for b in batches]
 
 
