@@ -157,6 +157,26 @@ def hypervolume(trials: list[dict[str, Any]], key: str) -> float:
     return hypervolume_2d(points, (1.0, 0.5))
 
 
+def front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The non-dominated (size ratio, accuracy) points: size minimised, accuracy maximised."""
+    return sorted(
+        p for p in set(points) if not any(q != p and q[0] <= p[0] and q[1] >= p[1] for q in points)
+    )
+
+
+def coverage(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> tuple[int, int]:
+    """(how many of b's front points are weakly dominated by a point of a's front, how many
+    b's front has): Zitzler's set coverage C(a, b) as a count. The fronts dominate each other
+    point by point when C(a, b) is all of b and C(b, a) only the points they share."""
+    fa, fb = front(a), front(b)
+    covered = sum(any(p[0] <= q[0] and p[1] >= q[1] for p in fa) for q in fb)
+    return covered, len(fb)
+
+
+def _points(trials: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
+    return [(t["size"], t[key]) for t in trials]
+
+
 def summary(trials: list[dict[str, Any]], minutes: float | None) -> dict[str, Any]:
     """One search: its hypervolumes, failures, wall time and finished trials."""
     return {
@@ -212,6 +232,17 @@ def print_table(
         f"| mean +- sd | | | **{statistics.mean(ratios):.3f} +- {spread:.3f}** | | | "
         f"{statistics.mean(tests):.3f} +- {tspread:.3f} |"
     )
+    print(
+        "\nSet coverage: of each front's points, how many a point of the other front weakly "
+        "dominates\n"
+    )
+    print("| seed | split | uniform points covered by allocated | allocated covered by uniform |")
+    print("|---|---|---|---|")
+    for r in rows:
+        for key, split in (("eval", "validation"), ("test", "test")):
+            u, a = (_points(r[space]["trials"], key) for space in SPACE_NAMES)
+            (cu, nu), (ca, na) = coverage(a, u), coverage(u, a)
+            print(f"| {r['seed']} | {split} | {cu} of {nu} | {ca} of {na} |")
     for r in rows:
         for space in SPACE_NAMES:
             print(f"\nseed {r['seed']}, {space}: size / dense, validation, test accuracy")
