@@ -22,7 +22,7 @@ MR's seeded permutation (900 validation, 900 test, 1,200 for recovery), all from
 model's own test split, so none was trained on.
 
 Run: python benchmarks/allocation_search.py --family sparsity --seeds 0 1 2 --trials 8 \
-       --model /tmp/distill/dense --work /tmp/as [--range 0.4 0.85]
+       --model /tmp/distill/dense --work /tmp/as [--range 0.4 0.85] [--sparsities 0 ... 0.95]
 The table of the searches finished in a --work folder (of the seeds given), running nothing:
      python benchmarks/allocation_search.py --family sparsity --table-from /tmp/as
 """
@@ -58,16 +58,21 @@ def uniform_widths(lo: float, hi: float) -> list[int]:
     return [w for w in WIDTHS if lo <= w <= hi]
 
 
-def spaces(family: str, lo: float, hi: float) -> dict[str, tuple[dict, dict]]:
+def spaces(
+    family: str, lo: float, hi: float, sparsities: list[float] | None = None
+) -> dict[str, tuple[dict, dict]]:
     """space -> (the job's compress section, its search space), the searched key within [lo,
     hi]: for bits, the uniform space takes the widths in [lo, hi] and the allocated one a mean
-    width in [lo, hi] (its layers may still take any of 2, 3, 4, 8)."""
+    width in [lo, hi] (its layers may still take any of 2, 3, 4, 8). ``sparsities``: the
+    allocated space's candidates (``compress.prune.allocate.sparsities``; None: the
+    product's default, up to 0.875)."""
     if family == "sparsity":
         searched = {"compress.prune.sparsity": {"uniform": [lo, hi]}}
         prune = {"method": "magnitude", "sparsity": 0.5}
+        allocate = {} if sparsities is None else {"sparsities": sparsities}
         return {
             "uniform": ({"prune": prune}, searched),
-            "allocated": ({"prune": {**prune, "allocate": {}}}, searched),
+            "allocated": ({"prune": {**prune, "allocate": allocate}}, searched),
         }
     quantize = {"method": "fake", "granularity": "group", "embedding_bits": 4}
     return {
@@ -84,7 +89,7 @@ def spaces(family: str, lo: float, hi: float) -> dict[str, tuple[dict, dict]]:
 
 
 def job(args: argparse.Namespace, space: str, seed: int, out: Path) -> dict[str, Any]:
-    compress, searched = spaces(args.family, *args.range)[space]
+    compress, searched = spaces(args.family, *args.range, args.sparsities)[space]
     return {
         "name": f"{args.family}-{space}-seed{seed}",
         "model": {"path": str(args.model)},
@@ -209,7 +214,7 @@ def print_table(
     wall = f"wall time {wall_min:.1f} min" if wall_min is not None else "printed from the runs"
     print(f"- date: {datetime.date.today().isoformat()}; {os.cpu_count()} CPUs; {wall}")
     print(f"- command: `python {' '.join(sys.argv)}`")
-    for space, (compress, searched) in spaces(args.family, *args.range).items():
+    for space, (compress, searched) in spaces(args.family, *args.range, args.sparsities).items():
         print(f"- {space}: compress {compress}, search.space {searched}")
     print(
         "- hypervolume over (artifact bytes / dense bytes, validation accuracy), reference "
@@ -261,6 +266,14 @@ def main() -> None:
         default=None,
         help="the searched key's range (default: sparsity 0.4 0.85, bits 2 8)",
     )
+    ap.add_argument(
+        "--sparsities",
+        type=float,
+        nargs="+",
+        default=None,
+        help="sparsity family: the allocated space's candidate sparsities per layer (default: "
+        "the product's, 0 to 0.875; a range above 0.875 needs a larger one)",
+    )
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--trials", type=int, default=8, help="trial budget of each search")
     ap.add_argument("--steps", type=int, default=40, help="recovery steps of each trial")
@@ -282,6 +295,8 @@ def main() -> None:
     lo, hi = args.range
     if not lo < hi:
         ap.error(f"--range {lo} {hi}: LO must be below HI")
+    if args.sparsities is not None and args.family != "sparsity":
+        ap.error("--sparsities is for --family sparsity")
     if args.family == "bits" and len(uniform_widths(lo, hi)) < 2:
         ap.error(f"--range {lo} {hi}: the uniform space needs two of the widths {WIDTHS}")
     if args.table_from is not None:
