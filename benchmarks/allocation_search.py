@@ -195,6 +195,8 @@ def summary(trials: list[dict[str, Any]], minutes: float | None) -> dict[str, An
                 "size": t["compress/size_bytes"] / t["compress/dense_size_bytes"],
                 "eval": t["eval/accuracy"],
                 "test": t["test/accuracy"],
+                # The searched value as drawn (one config/ column: the space has one key).
+                "drawn": next(v for k, v in t.items() if k.startswith("config/")),
             }
             for t in trials
             if t["status"] == "done"
@@ -248,6 +250,25 @@ def print_table(
             u, a = (_points(r[space]["trials"], key) for space in SPACE_NAMES)
             (cu, nu), (ca, na) = coverage(a, u), coverage(u, a)
             print(f"| {r['seed']} | {split} | {cu} of {nu} | {ca} of {na} |")
+    pairs = [
+        (r["seed"], u, a)
+        for r in rows
+        for u in r["uniform"]["trials"]
+        for a in r["allocated"]["trials"]
+        if u["drawn"] == a["drawn"]
+    ]
+    if pairs:
+        print(
+            "\nThe same value drawn in both searches of a seed (the searchers' seeded first "
+            "draws): allocated minus uniform, accuracy points\n"
+        )
+        print("| seed | drawn | size uniform / allocated | validation | test |")
+        print("|---|---|---|---|---|")
+        for seed, u, a in pairs:
+            print(
+                f"| {seed} | {u['drawn']:.4g} | {u['size']:.3f} / {a['size']:.3f} | "
+                f"{100 * (a['eval'] - u['eval']):+.2f} | {100 * (a['test'] - u['test']):+.2f} |"
+            )
     for r in rows:
         for space in SPACE_NAMES:
             print(f"\nseed {r['seed']}, {space}: size / dense, validation, test accuracy")
