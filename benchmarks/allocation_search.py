@@ -22,7 +22,8 @@ MR's seeded permutation (900 validation, 900 test, 1,200 for recovery), all from
 model's own test split, so none was trained on.
 
 Run: python benchmarks/allocation_search.py --family sparsity --seeds 0 1 2 --trials 8 \
-       --model /tmp/distill/dense --work /tmp/as [--range 0.4 0.85] [--sparsities 0 ... 0.95]
+       --model /tmp/distill/dense --work /tmp/as [--range 0.4 0.85] [--sparsities 0 ... 0.95] \
+       [--points 0.6 0.7 ...]
 The table of the searches finished in a --work folder (of the seeds given), running nothing:
      python benchmarks/allocation_search.py --family sparsity --table-from /tmp/as
 """
@@ -124,6 +125,8 @@ def job(args: argparse.Namespace, space: str, seed: int, out: Path) -> dict[str,
             "num_samples": args.trials,
             "seed": seed,
             "baseline": {"train": False},
+            # The same starting points in both spaces: the searched key at each value.
+            **({"points": [{k: v} for v in args.points for k in searched]} if args.points else {}),
         },
         "output": {"dir": str(out)},
     }
@@ -294,6 +297,14 @@ def main() -> None:
         default=None,
         help="sparsity family: the allocated space's candidate sparsities per layer (default: "
         "the product's, 0 to 0.875; a range above 0.875 needs a larger one)",
+    )
+    ap.add_argument(
+        "--points",
+        type=float,
+        nargs="+",
+        default=None,
+        help="starting points of both searches (search.points): the searched key at each "
+        "value, then the searcher draws the rest of the trials",
     )
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--trials", type=int, default=8, help="trial budget of each search")
