@@ -48,10 +48,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from search_efficiency import hypervolume_2d  # noqa: E402
 
+from orchestrator.results.pareto import pareto_front  # noqa: E402
+
 # The searched key's range per family unless --range says otherwise.
 RANGES = {"sparsity": (0.4, 0.85), "bits": (2.0, 8.0)}
 WIDTHS = [2, 3, 4, 8]
 SPACE_NAMES = ("uniform", "allocated")
+# The hypervolume's reference point: (size ratio, accuracy) of the dense size at chance.
+HV_REF = (1.0, 0.5)
 
 
 def uniform_widths(lo: float, hi: float) -> list[int]:
@@ -156,20 +160,10 @@ def run_search(raw: dict[str, Any], work: Path) -> list[dict[str, Any]]:
     return read_trials(Path(raw["output"]["dir"]) / raw["name"])
 
 
-def hypervolume(trials: list[dict[str, Any]], key: str) -> float:
-    points = [
-        (t["compress/size_bytes"] / t["compress/dense_size_bytes"], t[key])
-        for t in trials
-        if t["status"] == "done" and t.get(key) is not None
-    ]
-    return hypervolume_2d(points, (1.0, 0.5))
-
-
 def front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The non-dominated (size ratio, accuracy) points: size minimised, accuracy maximised."""
-    return sorted(
-        p for p in set(points) if not any(q != p and q[0] <= p[0] and q[1] >= p[1] for q in points)
-    )
+    """The non-dominated (size ratio, accuracy) points, each once (the product's rule)."""
+    kept = pareto_front(points, ("min", "max"))
+    return sorted({p for p, keep in zip(points, kept, strict=True) if keep})
 
 
 def coverage(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> tuple[int, int]:
@@ -182,28 +176,30 @@ def coverage(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> tupl
 
 
 def _points(trials: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
-    return [(t["size"], t[key]) for t in trials]
+    """(size ratio, accuracy on ``key``'s split) of a summary's trials that have it."""
+    return [(t["size"], t[key]) for t in trials if t[key] is not None]
 
 
 def summary(trials: list[dict[str, Any]], minutes: float | None) -> dict[str, Any]:
     """One search: its hypervolumes, failures, wall time and finished trials."""
+    done = [
+        {
+            "recipe": t["recipe"],
+            "size": t["compress/size_bytes"] / t["compress/dense_size_bytes"],
+            "eval": t["eval/accuracy"],
+            "test": t["test/accuracy"],
+            # The searched value as drawn (one config/ column: the space has one key).
+            "drawn": next(v for k, v in t.items() if k.startswith("config/")),
+        }
+        for t in trials
+        if t["status"] == "done"
+    ]
     return {
-        "hv": hypervolume(trials, "eval/accuracy"),
-        "hv_test": hypervolume(trials, "test/accuracy"),
-        "failed": sum(t["status"] != "done" for t in trials),
+        "hv": hypervolume_2d(_points(done, "eval"), HV_REF),
+        "hv_test": hypervolume_2d(_points(done, "test"), HV_REF),
+        "failed": len(trials) - len(done),
         "minutes": minutes,
-        "trials": [
-            {
-                "recipe": t["recipe"],
-                "size": t["compress/size_bytes"] / t["compress/dense_size_bytes"],
-                "eval": t["eval/accuracy"],
-                "test": t["test/accuracy"],
-                # The searched value as drawn (one config/ column: the space has one key).
-                "drawn": next(v for k, v in t.items() if k.startswith("config/")),
-            }
-            for t in trials
-            if t["status"] == "done"
-        ],
+        "trials": done,
     }
 
 
@@ -223,7 +219,7 @@ def print_table(
         print(f"- {space}: compress {compress}, search.space {searched}")
     print(
         "- hypervolume over (artifact bytes / dense bytes, validation accuracy), reference "
-        "(1.0, 0.5)\n"
+        f"{HV_REF}\n"
     )
     print(
         "| seed | HV uniform | HV allocated | ratio | HV test uniform | HV test allocated | "
